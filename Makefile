@@ -1,0 +1,37 @@
+# Two commands for a newcomer: `make serve` and `make test`. Everything else is a helper of those two.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+MODEL_DIR ?= models/default
+
+.PHONY: serve test lint models install-runtime install-dev lock
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install-runtime: $(BIN)/python
+	$(PIP) -e .
+
+install-dev: $(BIN)/python
+	$(PIP) -e ".[build,dev]"
+
+## Builds the default models unless they are already built (needs the build extra: torch, onnx).
+models:
+	@if [ -f $(MODEL_DIR)/manifest.json ]; then echo "models: $(MODEL_DIR) is built"; \
+	else $(MAKE) --no-print-directory install-dev && $(BIN)/python -m model_build build --preset default --out $(MODEL_DIR); fi
+
+## Installs, builds the default models if missing, starts the service on http://127.0.0.1:8000
+serve: install-runtime models
+	MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m app
+
+## Installs everything and runs the linter and the whole test suite.
+test: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+## Re-pins every dependency (run after changing pyproject.toml).
+lock:
+	rm -rf /tmp/lock-venv && $(PYTHON) -m venv /tmp/lock-venv
+	/tmp/lock-venv/bin/pip install --quiet -e ".[build,dev]"
+	/tmp/lock-venv/bin/pip freeze --exclude-editable | sed "s/+cpu$$//" | sort > constraints.txt
