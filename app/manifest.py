@@ -10,6 +10,7 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST_NAME = "manifest.json"
@@ -42,6 +43,12 @@ class InputSpec(_Strict):
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     resize: Literal["stretch"] = "stretch"
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB pixels [N, height, width, 3] to the model's float32 input [N, 3, height, width]."""
+        x = pixels.astype(np.float32) * np.float32(self.scale)
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 class FileEntry(_Strict):

@@ -1,0 +1,73 @@
+"""Build configurations: what to train, how long, at which resolution. Presets are named instances."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.manifest import InputSpec
+
+
+class TrainingConfig(BaseModel):
+    """How one member is trained; with its seed and width it fully determines the member's weights."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_size: int = Field(64, ge=16, le=512, multiple_of=16)
+    batch_size: int = Field(16, ge=1, le=256)
+    steps: int = Field(1500, ge=4)
+    learning_rate: float = Field(3e-3, gt=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    classification_loss_weight: float = Field(2.0, ge=0)
+    threads: int = Field(1, ge=1, le=64)
+
+
+class MemberConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    width_scale: int = Field(ge=1, le=16)
+    seed: int = Field(ge=0, lt=1_000_000)
+
+    @property
+    def name(self) -> str:
+        return f"unet-w{self.width_scale}-s{self.seed}"
+
+
+class BuildConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "shapes-ensemble"
+    members: tuple[MemberConfig, ...] = Field(min_length=1)
+    training: TrainingConfig = TrainingConfig()
+    test_images: int = Field(500, ge=1)
+    opset: int = Field(20, ge=17)
+    parallel_training: bool = True
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec(height=self.training.image_size, width=self.training.image_size)
+
+    def member_fingerprint(self, member: MemberConfig) -> str:
+        """Changes whenever anything that shapes this member's weights or its export changes."""
+        payload = {"member": member.model_dump(), "training": self.training.model_dump(), "opset": self.opset}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+PRESETS: dict[str, BuildConfig] = {
+    # Tiny and fast, for the test suite: two width-2 members, 32x32, a few steps.
+    "test": BuildConfig(
+        name="shapes-test",
+        members=(MemberConfig(width_scale=2, seed=1), MemberConfig(width_scale=2, seed=2)),
+        training=TrainingConfig(image_size=32, batch_size=8, steps=12, learning_rate=3e-3),
+        test_images=48,
+    ),
+    # What the service serves out of the box: two width-2 members trained at once, one core each.
+    "default": BuildConfig(
+        name="shapes-ensemble",
+        members=(MemberConfig(width_scale=2, seed=1), MemberConfig(width_scale=2, seed=2)),
+        training=TrainingConfig(image_size=64, batch_size=16, steps=1500),
+    ),
+}

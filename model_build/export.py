@@ -1,0 +1,43 @@
+"""Exports a trained member to ONNX: input `image`, outputs class and mask probabilities, dynamic batch axis."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from app.manifest import CLASS_PROBS, INPUT_NAME, MASK_PROBS
+from model_build.unet import Probabilities, UNet
+
+
+def export_member(unet: UNet, path: Path, image_size: int, opset: int, metadata: dict[str, str]) -> None:
+    """Writes the member to `path` as one self-contained ONNX file carrying `metadata` in its metadata_props."""
+    model = Probabilities(unet).eval()
+    example = torch.zeros(2, 3, image_size, image_size)
+    # The exporter reports its progress on stdout and warns of optional packages; the build shows its own.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[CLASS_PROBS, MASK_PROBS],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            opset_version=opset,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
+    proto = program.model_proto
+    proto.graph.name = path.stem
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.checker.check_model(proto, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, path)

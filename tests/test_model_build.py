@@ -1,0 +1,178 @@
+"""The build step end to end on the `test` preset, and fusion of members a user brings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from app.manifest import (
+    CLASS_PROBS,
+    INPUT_NAME,
+    MASK_PROBS,
+    MEMBER_CLASS_PROBS,
+    Manifest,
+    ManifestError,
+    load_manifest,
+    sha256_of,
+)
+from model_build.build import build
+from model_build.config import PRESETS
+from model_build.shapes import LABELS, held_out_set
+
+
+def run(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, {INPUT_NAME: images}), strict=True))
+
+
+def assert_fused_is_mean_of_members(model_dir: Path, manifest: Manifest, images: np.ndarray) -> None:
+    fused = run(model_dir / manifest.ensemble.path, images)
+    members = [run(model_dir / m.file.path, images) for m in manifest.members]
+    np.testing.assert_allclose(fused[CLASS_PROBS], np.mean([m[CLASS_PROBS] for m in members], axis=0), atol=1e-4)
+    np.testing.assert_allclose(fused[MASK_PROBS], np.mean([m[MASK_PROBS] for m in members], axis=0), atol=1e-4)
+    np.testing.assert_allclose(fused[MEMBER_CLASS_PROBS], np.stack([m[CLASS_PROBS] for m in members], 1), atol=1e-4)
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "model_build", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_manifest_describes_the_build(model_dir: Path, manifest: Manifest) -> None:
+    config = PRESETS["test"]
+    assert manifest.labels == LABELS
+    assert manifest.input.height == manifest.input.width == config.training.image_size
+    assert [m.width_scale for m in manifest.members] == [m.width_scale for m in config.members]
+    assert all(m.parameters and m.parameters > 2_000_000 for m in manifest.members)
+    assert all(m.metrics and m.metrics.images == config.test_images for m in manifest.members)
+    assert manifest.ensemble_metrics is not None
+    assert set(manifest.versions) == {"torch", "onnx", "onnxruntime"}
+    assert manifest.build_config == config.model_dump(mode="json")
+    for entry in (*(m.file for m in manifest.members), manifest.ensemble):
+        path = model_dir / entry.path
+        assert sha256_of(path) == entry.sha256
+        assert path.stat().st_size == entry.size_bytes
+    onnx.checker.check_model(onnx.load(model_dir / manifest.ensemble.path), full_check=True)
+
+
+def test_fused_graph_equals_mean_of_members(model_dir: Path, manifest: Manifest) -> None:
+    size = manifest.input.height
+    random_images = np.random.default_rng(7).normal(0, 1, (5, 3, size, size)).astype(np.float32)
+    assert_fused_is_mean_of_members(model_dir, manifest, random_images)
+    assert_fused_is_mean_of_members(model_dir, manifest, manifest.input.normalise(held_out_set(size, 16).images))
+
+
+def test_outputs_are_probabilities(model_dir: Path, manifest: Manifest) -> None:
+    size = manifest.input.height
+    out = run(model_dir / manifest.ensemble.path, np.zeros((3, 3, size, size), np.float32))
+    assert out[CLASS_PROBS].shape == (3, len(LABELS))
+    assert out[MASK_PROBS].shape == (3, len(LABELS) + 1, size, size)
+    assert out[MEMBER_CLASS_PROBS].shape == (3, len(manifest.members), len(LABELS))
+    np.testing.assert_allclose(out[MASK_PROBS].sum(axis=1), 1, atol=1e-5)
+    assert ((out[CLASS_PROBS] >= 0) & (out[CLASS_PROBS] <= 1)).all()
+
+
+def test_same_config_gives_same_weights_and_rebuild_reuses(model_dir: Path, manifest: Manifest, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    shutil.copytree(model_dir / "members", again / "members")
+    (again / "members" / f"{manifest.members[1].name}.onnx").unlink()  # this one must be retrained
+    rebuilt = build(PRESETS["test"], again)
+    assert [m.file.sha256 for m in rebuilt.members] == [m.file.sha256 for m in manifest.members]
+    assert rebuilt.ensemble.sha256 == manifest.ensemble.sha256
+    before = (again / "manifest.json").stat().st_mtime_ns
+    assert build(PRESETS["test"], again) == rebuilt
+    assert (again / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_tampered_file_fails_verification(model_dir: Path, manifest: Manifest, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    member = copy / manifest.members[0].file.path
+    member.write_bytes(member.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ManifestError, match="sha256"):
+        load_manifest(copy)
+
+
+def user_member(path: Path, size: int, labels: int, seed: int, output: str = CLASS_PROBS) -> Path:
+    """A member made without torch or this project's build: a 1x1 conv segmenter and a pooled classifier."""
+    rng = np.random.default_rng(seed)
+    conv = numpy_helper.from_array(rng.normal(size=(labels + 1, 3, 1, 1)).astype(np.float32), "conv_w")
+    dense = numpy_helper.from_array(rng.normal(size=(3, labels)).astype(np.float32), "dense_w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", [INPUT_NAME, "conv_w"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], [MASK_PROBS], axis=1),
+            helper.make_node("GlobalAveragePool", [INPUT_NAME], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "dense_w"], ["class_logits"]),
+            helper.make_node("Sigmoid", ["class_logits"], [output]),
+        ],
+        "user_member",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, size, size])],
+        [
+            helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", labels]),
+            helper.make_tensor_value_info(MASK_PROBS, TensorProto.FLOAT, ["N", labels + 1, size, size]),
+        ],
+        initializer=[conv, dense],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, path)
+    return path
+
+
+def test_user_members_fuse_with_the_cli(tmp_path: Path) -> None:
+    members = [user_member(tmp_path / f"user{i}.onnx", 24, 3, seed=i) for i in range(3)]
+    result = run_cli("fuse", *members, "--out", tmp_path / "out", "--labels", "cat,dog,bird", "--name", "pets")
+    assert result.returncode == 0, result.stderr
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest.name == "pets"
+    assert manifest.labels == ("cat", "dog", "bird")
+    assert [m.name for m in manifest.members] == ["user0", "user1", "user2"]
+    images = np.random.default_rng(1).normal(size=(4, 3, 24, 24)).astype(np.float32)
+    assert_fused_is_mean_of_members(tmp_path / "out", manifest, images)
+
+
+def test_our_members_fuse_without_labels(model_dir: Path, manifest: Manifest, tmp_path: Path) -> None:
+    """Members built here carry labels and the input spec in their metadata."""
+    files = [model_dir / m.file.path for m in manifest.members]
+    result = run_cli("fuse", *files, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    fused = load_manifest(tmp_path / "out")
+    assert (fused.labels, fused.input) == (manifest.labels, manifest.input)
+    assert fused.ensemble.sha256 == manifest.ensemble.sha256
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        (lambda p: user_member(p, 32, 3, seed=1), "different signatures"),
+        (lambda p: user_member(p, 24, 4, seed=1), "different signatures"),
+        (lambda p: user_member(p, 24, 3, seed=1, output="scores"), "lacks output(s) ['class_probs']"),
+        (lambda p: p.write_bytes(b"\x08\x07garbage" * 50) and p, "not a readable ONNX model"),
+    ],
+    ids=["input-size", "label-count", "output-name", "corrupt-file"],
+)
+def test_unfusable_members_fail_clearly(tmp_path: Path, second, message: str) -> None:
+    first = user_member(tmp_path / "first.onnx", 24, 3, seed=0)
+    result = run_cli("fuse", first, second(tmp_path / "second.onnx"), "--out", tmp_path / "out", "--labels", "a,b,c")
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_cli_help_lists_both_commands() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "build" in result.stdout and "fuse" in result.stdout
+    assert json.dumps(sorted(PRESETS)) and "--preset" in run_cli("build", "--help").stdout
