@@ -1,0 +1,78 @@
+"""`python -m app` (console script `ensemble-serve`): one uvicorn worker serving the app on HOST:PORT.
+
+On SIGTERM (or Ctrl-C) readiness turns false at once, the listening socket closes, requests in flight get
+SHUTDOWN_GRACE_S to finish, and the process exits 0. A second signal while draining (Ctrl-C twice) stops at
+once. Start-up failures (bad setting: exit 2; unusable model directory: exit 3) print one line saying why.
+"""
+
+from __future__ import annotations
+
+import copy
+import signal
+import sys
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from uvicorn.config import LOGGING_CONFIG
+
+from app.errors import StartupError
+from app.main import create_app
+from app.settings import Settings
+
+STARTUP_FAILURE = 3  # uvicorn's own exit code when the app's lifespan fails
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """Uvicorn's logging, plus the service's own logger `app` on the same handler."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["app"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+class DrainingServer(uvicorn.Server):
+    """Uvicorn's server, which on the first SIGTERM or SIGINT first turns the app's readiness false.
+
+    Uvicorn re-raises the signal it caught after its graceful shutdown, so that the process dies of it
+    (exit status 143 for SIGTERM); a graceful stop is a success here, so it exits 0 instead.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+            return
+        dataplane = getattr(self.app.state, "dataplane", None)
+        if dataplane is not None:
+            dataplane.drain()
+        self.should_exit = True
+
+
+def main() -> None:
+    try:
+        settings = Settings.from_env()
+    except StartupError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        sys.exit(2)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=log_config(settings.log_level),
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+        server_header=False,  # no `server: uvicorn` in every response
+    )
+    server = DrainingServer(config, app)
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The core every protocol shares: admission, mode choice, preprocess -> infer -> postprocess, measurements.
+
+The HTTP routers only translate between their wire format and the calls here (as MLServer's data plane).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import anyio
+import anyio.to_thread
+import numpy as np
+
+from app import imaging
+from app.admission import Admission
+from app.errors import InferenceFailed, InferenceTimeout, Overloaded, ServiceError
+from app.manifest import Manifest
+from app.metrics import Metrics
+from app.modes import Mode, ModeChoice, ModeSelector
+from app.runtime import EnsembleOutputs, EnsembleRuntime
+from app.settings import Settings, available_cores
+from app.stats import RecentLatencies
+
+
+@dataclass(frozen=True)
+class Timings:
+    decode_s: float
+    preprocess_s: float
+    queue_s: float
+    inference_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class Inference:
+    """The outputs of one batch, the mode that computed them, and how long it took."""
+
+    mode: Mode
+    outputs: EnsembleOutputs
+    queue_s: float
+    inference_s: float
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    mode: Mode
+    class_probs: np.ndarray  # float32 [C]
+    member_class_probs: np.ndarray  # float32 [M, C]
+    mask_png: bytes | None  # palette PNG of argmax(mask_probs), at model resolution
+    timings: Timings
+
+
+class DataPlane:
+    def __init__(self, settings: Settings, runtime: EnsembleRuntime, metrics: Metrics) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.metrics = metrics
+        self.manifest: Manifest = runtime.manifest
+        self.admission = Admission(settings.max_concurrent_inferences, settings.max_queue)
+        self.selector = ModeSelector(settings.default_mode)
+        self.recent = RecentLatencies(settings.stats_window_s)
+        # Decoding and mask encoding run off the event loop, a few at a time (they are CPU-bound too).
+        self._image_threads = anyio.CapacityLimiter(available_cores())
+        self.ready = True
+        self._draining_since: float | None = None
+
+    async def predict_image(
+        self, data: bytes, *, mode: ModeChoice | None, with_mask: bool, arrived: float
+    ) -> ImagePrediction:
+        """One encoded image to label probabilities (and a mask). `arrived`: time.perf_counter() at arrival."""
+        chosen = self.selector.pick(mode)
+        with self._outcome(chosen), self.admission.ticket():
+            start = time.perf_counter()
+            batch, decode_s, preprocess_s = await anyio.to_thread.run_sync(
+                self._decode_and_preprocess, data, limiter=self._image_threads
+            )
+            self.metrics.decode_seconds.observe(decode_s)
+            self.metrics.preprocess_seconds.observe(preprocess_s)
+            inference = await self._infer(batch, chosen)
+        mask_png = None
+        if with_mask:
+            mask_png = await anyio.to_thread.run_sync(
+                self._mask_png, inference.outputs.mask_probs[0], limiter=self._image_threads
+            )
+        self._record(inference, arrived)
+        return ImagePrediction(
+            chosen,
+            inference.outputs.class_probs[0],
+            inference.outputs.member_class_probs[0],
+            mask_png,
+            Timings(decode_s, preprocess_s, inference.queue_s, inference.inference_s, time.perf_counter() - start),
+        )
+
+    async def infer_tensor(self, batch: np.ndarray, *, mode: ModeChoice | None, arrived: float) -> Inference:
+        """A preprocessed batch, float32 [N, 3, H, W], to the raw ensemble outputs."""
+        chosen = self.selector.pick(mode)
+        with self._outcome(chosen), self.admission.ticket():
+            inference = await self._infer(batch, chosen)
+        self._record(inference, arrived)
+        return inference
+
+    async def _infer(self, batch: np.ndarray, mode: Mode) -> Inference:
+        try:
+            admitted = await self.admission.run(
+                lambda: self._timed_inference(batch, mode), self.settings.request_timeout_s
+            )
+        except ServiceError:
+            raise
+        except Exception as exc:  # ONNX Runtime's own error types: a JSON 500 naming the request id, cause in the log
+            raise InferenceFailed(f"the {mode} inference failed") from exc
+        outputs, inference_s = admitted.value
+        return Inference(mode, outputs, admitted.waited_s, inference_s)
+
+    @contextmanager
+    def _outcome(self, mode: Mode) -> Iterator[None]:
+        """Counts a failed prediction by why it failed; successes are counted by _record."""
+        try:
+            yield
+        except Exception as exc:
+            if isinstance(exc, Overloaded | InferenceTimeout):
+                outcome = exc.code
+            elif isinstance(exc, ServiceError) and exc.status < 500:
+                outcome = "bad_input"
+            else:
+                outcome = "error"
+            self.metrics.predictions.labels(mode, outcome).inc()
+            raise
+
+    def _record(self, inference: Inference, arrived: float) -> None:
+        mode, request_s = inference.mode, time.perf_counter() - arrived
+        self.metrics.predictions.labels(mode, "ok").inc()
+        self.metrics.slot_wait_seconds.labels(mode).observe(inference.queue_s)
+        self.metrics.inference_seconds.labels(mode).observe(inference.inference_s)
+        self.metrics.request_seconds.labels(mode).observe(request_s)
+        self.recent.record(mode, request_s, inference.inference_s)
+
+    def drain(self) -> None:
+        """The server is stopping: readiness turns false and requests that arrive from now on are refused with
+        503, while the ones already in flight (even if their body is still uploading) finish."""
+        self.ready = False
+        self._draining_since = time.perf_counter()
+
+    def serves(self, arrived: float) -> bool:
+        """Whether a request that arrived at `arrived` (time.perf_counter()) is served."""
+        return self.ready or (self._draining_since is not None and arrived < self._draining_since)
+
+    def close(self) -> None:
+        self.ready = False
+        self.admission.close()
+        self.runtime.close()
+
+    def _timed_inference(self, batch: np.ndarray, mode: Mode) -> tuple[EnsembleOutputs, float]:
+        start = time.perf_counter()
+        outputs = self.runtime.infer(batch, mode)
+        return outputs, time.perf_counter() - start
+
+    def _decode_and_preprocess(self, data: bytes) -> tuple[np.ndarray, float, float]:
+        spec = self.manifest.input
+        start = time.perf_counter()
+        image = imaging.decode(data, max_pixels=self.settings.max_image_pixels, target_size=(spec.width, spec.height))
+        decoded = time.perf_counter()
+        batch = imaging.preprocess(image, spec)
+        return batch, decoded - start, time.perf_counter() - decoded
+
+    def _mask_png(self, mask_probs: np.ndarray) -> bytes:
+        return imaging.encode_mask_png(mask_probs.argmax(axis=0).astype(np.uint8), len(self.manifest.mask_classes))

@@ -1,0 +1,92 @@
+"""Pictures in and out: decoding an upload, turning it into the model's input, encoding a class mask.
+
+The preprocessing contract comes only from the manifest's InputSpec: RGB, stretched to width x height
+(bilinear), then InputSpec.normalise, the function the build step trains and scores with. Transparent
+pixels are composited on white (the synthetic training images have no alpha), EXIF orientation is
+applied, 16-bit grayscale is scaled to 8 bits.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
+from app.manifest import InputSpec
+
+# Pillow format names we decode, and the media types that announce them.
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg", "image/webp", "image/bmp", "image/x-ms-bmp"})
+WHITE = (255, 255, 255, 255)
+SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+
+# Mask colours: background black, then well-separated colours (repeated if there are more classes).
+_PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
+            (70, 240, 240), (245, 130, 48), (240, 50, 230), (210, 245, 60), (128, 128, 128))  # fmt: skip
+
+
+def check_media_type(content_type: str) -> None:
+    """Refuses (415) a declared media type we do not decode."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type not in MEDIA_TYPES:
+        raise UnsupportedMediaType(
+            f"unsupported media type {media_type or '(none)'!r}: send a PNG, JPEG, WebP or BMP image as the body "
+            "(Content-Type image/png, image/jpeg, image/webp or image/bmp) or as the multipart field 'file'"
+        )
+
+
+def decode(data: bytes, *, max_pixels: int, target_size: tuple[int, int]) -> Image.Image:
+    """The upload as an upright 8-bit RGB picture.
+
+    Raises PayloadTooLarge before decoding any pixel if the header announces more than max_pixels, and
+    BadImage for anything Pillow cannot read. target_size lets a large JPEG decode at a reduced scale
+    (never below the model's input size).
+    """
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise BadImage("the body is not a PNG, JPEG, WebP or BMP image") from None
+    except Image.DecompressionBombError:
+        raise PayloadTooLarge(f"the image has more than {max_pixels} pixels") from None
+    except Exception as exc:  # a corrupt header can raise nearly anything inside a Pillow plugin
+        raise BadImage(f"the image header cannot be read ({type(exc).__name__})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise PayloadTooLarge(f"the image is {width}x{height} = {width * height} pixels, more than {max_pixels}")
+    try:
+        if image.format == "JPEG":
+            side = max(target_size)  # either side may end up as the width once EXIF rotation is applied
+            image.draft("RGB", (side, side))
+        image.load()
+        return _to_rgb(ImageOps.exif_transpose(image))
+    except Exception as exc:  # truncated or corrupt pixel data: the client's fault, never a 500
+        raise BadImage(f"the image cannot be decoded ({type(exc).__name__}: {exc})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in SIXTEEN_BIT_MODES:  # Pillow's own conversion would clip at 255, not scale
+        scaled = np.asarray(image, dtype=np.float32) / 257
+        image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    if image.has_transparency_data:
+        background = Image.new("RGBA", image.size, WHITE)
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """An RGB picture as the model's input batch of one: float32 [1, 3, height, width]."""
+    resized = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    return spec.normalise(np.asarray(resized, dtype=np.uint8)[np.newaxis])
+
+
+def encode_mask_png(mask: np.ndarray, classes: int) -> bytes:
+    """A class-index mask (uint8 [H, W]) as a palette PNG whose index i is mask class i."""
+    height, width = mask.shape
+    image = Image.frombytes("P", (width, height), np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+    colours = [_PALETTE[0]] + [_PALETTE[1 + (i - 1) % (len(_PALETTE) - 1)] for i in range(1, classes)]
+    image.putpalette([channel for colour in colours for channel in colour])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()

@@ -1,0 +1,94 @@
+"""Every Prometheus metric of the service, on a registry passed in (tests use a fresh one each).
+
+Latency histograms use geometric buckets from 1 ms to 10 s with a ratio of 1.12, so histogram_quantile
+can tell apart two modes whose latencies differ by 10 %. Label values are bounded: the three modes,
+route templates, status classes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from app.modes import Mode
+from app.runtime import EnsembleRuntime
+
+PREFIX = "ensemble"
+OUTCOMES = ("ok", "bad_input", "overloaded", "timeout", "error")
+
+
+def geometric_buckets(start: float = 0.001, stop: float = 10.0, ratio: float = 1.12) -> tuple[float, ...]:
+    count = math.ceil(math.log(stop / start) / math.log(ratio))
+    return (*(float(f"{start * ratio**i:.6g}") for i in range(count)), stop)
+
+
+LATENCY_BUCKETS = geometric_buckets()
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        mode_histogram = {"labelnames": ["mode"], "buckets": LATENCY_BUCKETS, "registry": registry}
+        self.request_seconds = Histogram(
+            f"{PREFIX}_request_seconds",
+            "Successful predictions, from the request's arrival to the result (upload, decode, queue, inference).",
+            **mode_histogram,
+        )
+        self.inference_seconds = Histogram(
+            f"{PREFIX}_inference_seconds", "ONNX Runtime time of one inference, all members.", **mode_histogram
+        )
+        self.slot_wait_seconds = Histogram(
+            f"{PREFIX}_inference_slot_wait_seconds", "Time waiting for a free inference slot.", **mode_histogram
+        )
+        self.decode_seconds = Histogram(
+            f"{PREFIX}_decode_seconds", "Image decoding time.", buckets=LATENCY_BUCKETS, registry=registry
+        )
+        self.preprocess_seconds = Histogram(
+            f"{PREFIX}_preprocess_seconds",
+            "Resize and normalization time of a decoded image.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.predictions = Counter(
+            f"{PREFIX}_predictions", "Inference requests by mode and outcome.", ["mode", "outcome"], registry=registry
+        )
+        self.http_requests = Counter(
+            f"{PREFIX}_http_requests",
+            "HTTP requests by route template, method and status class.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(f"{PREFIX}_http_requests_in_flight", "HTTP requests being served.", registry=registry)
+        self.model = Info(
+            f"{PREFIX}_model", "The model served and the session options of each mode.", registry=registry
+        )
+        for mode in Mode:  # every mode's series exist from the start, at zero
+            for histogram in (self.request_seconds, self.inference_seconds, self.slot_wait_seconds):
+                histogram.labels(mode)
+            for outcome in OUTCOMES:
+                self.predictions.labels(mode, outcome)
+
+    @classmethod
+    def with_process_collectors(cls) -> Metrics:
+        """On a new registry that also reports the process (memory, CPU, file descriptors) and the GC."""
+        registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        return cls(registry)
+
+    def describe_model(self, runtime: EnsembleRuntime, max_concurrent_inferences: int) -> None:
+        manifest = runtime.manifest
+        self.model.info(
+            {
+                "name": manifest.name,
+                "sha256": manifest.ensemble.sha256,
+                "members": ",".join(member.name for member in manifest.members),
+                "max_concurrent_inferences": str(max_concurrent_inferences),
+                **{f"{mode}_session": plan.describe() for mode, plan in runtime.plans.items()},
+            }
+        )

@@ -1,0 +1,38 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from app.deps import DataPlaneDep
+from app.errors import error_responses
+from app.modes import Mode
+
+router = APIRouter(tags=["health"])
+
+
+class Alive(BaseModel):
+    status: str = "alive"
+
+
+class Ready(BaseModel):
+    status: str = "ready"
+    model: str
+    sha256: str
+    modes: list[Mode]
+
+
+@router.get("/healthz", summary="The process answers", responses=error_responses(500))
+async def healthz() -> Alive:
+    return Alive()
+
+
+@router.get(
+    "/readyz",
+    summary="Sessions are loaded and warmed up",
+    responses=error_responses(500, 503, s503="Not ready: the models are loading, or the server is stopping."),
+)
+async def readyz(dataplane: DataPlaneDep) -> Ready:
+    manifest = dataplane.manifest
+    return Ready(model=manifest.name, sha256=manifest.ensemble.sha256, modes=list(Mode))

@@ -1,0 +1,206 @@
+"""POST /predict: one image in (multipart field `file`, or the raw body with an image/* type), labels out."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+
+from app import imaging
+from app.dataplane import ImagePrediction, Timings
+from app.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep
+from app.errors import InvalidParameter, error_responses
+from app.manifest import Manifest
+from app.modes import Mode, ModeChoice
+
+router = APIRouter(tags=["predict"])
+
+UPLOAD_FIELD = "file"
+GENERIC_PART_TYPES = frozenset({"", "application/octet-stream"})  # what clients send when they do not know
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "The image: PNG, JPEG, WebP or BMP, any size or aspect ratio, grayscale, colour or with alpha.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [UPLOAD_FIELD],
+                    "properties": {UPLOAD_FIELD: {"type": "string", "format": "binary"}},
+                }
+            },
+            **{media_type: _BINARY for media_type in ("image/png", "image/jpeg", "image/webp", "image/bmp")},
+        },
+    }
+}
+
+
+class Label(BaseModel):
+    name: str
+    probability: float = Field(ge=0, le=1, description="Ensemble probability (mean of the members).")
+    present: bool = Field(description="probability >= the configured threshold.")
+
+
+class MemberProbabilities(BaseModel):
+    name: str
+    probabilities: dict[str, float]
+
+
+class Mask(BaseModel):
+    png_base64: str = Field(description="Palette PNG at model resolution; pixel value i is mask class i.")
+    width: int
+    height: int
+    classes: list[str] = Field(description="Mask class names by pixel value; 0 is the background.")
+
+
+class ModelRef(BaseModel):
+    name: str
+    sha256: str = Field(description="sha256 of the fused graph, ensemble.onnx.")
+
+
+class TimingsMs(BaseModel):
+    decode: float
+    preprocess: float
+    queue: float = Field(description="Waiting for an inference slot.")
+    inference: float
+    total: float = Field(description="From the start of decoding to the result.")
+
+    @classmethod
+    def of(cls, timings: Timings) -> TimingsMs:
+        return cls(
+            decode=timings.decode_s * 1000,
+            preprocess=timings.preprocess_s * 1000,
+            queue=timings.queue_s * 1000,
+            inference=timings.inference_s * 1000,
+            total=timings.total_s * 1000,
+        )
+
+
+class Prediction(BaseModel):
+    request_id: str
+    model: ModelRef
+    mode: Mode = Field(description="The mode that ran this request.")
+    threshold: float
+    labels: list[Label]
+    members: list[MemberProbabilities] | None = Field(None, description="With ?members=true.")
+    mask: Mask | None = Field(None, description="With ?mask=true.")
+    timings_ms: TimingsMs
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "request_id": "4f1c0c7e2b0a4d7e9a52f0b1c8e3d6a1",
+                    "model": {"name": "shapes", "sha256": "9b6f" + "0" * 60},
+                    "mode": "fused",
+                    "threshold": 0.5,
+                    "labels": [
+                        {"name": "circle", "probability": 0.97, "present": True},
+                        {"name": "square", "probability": 0.03, "present": False},
+                    ],
+                    "members": None,
+                    "mask": None,
+                    "timings_ms": {"decode": 0.4, "preprocess": 0.2, "queue": 0.0, "inference": 13.1, "total": 14.0},
+                }
+            ]
+        }
+    }
+
+    @classmethod
+    def of(
+        cls, result: ImagePrediction, manifest: Manifest, *, threshold: float, request_id: str, with_members: bool
+    ) -> Prediction:
+        labels = manifest.labels
+        members = None
+        if with_members:
+            members = [
+                MemberProbabilities(name=member.name, probabilities=dict(zip(labels, map(float, row), strict=True)))
+                for member, row in zip(manifest.members, result.member_class_probs, strict=True)
+            ]
+        mask = None
+        if result.mask_png is not None:
+            mask = Mask(
+                png_base64=base64.b64encode(result.mask_png).decode("ascii"),
+                width=manifest.input.width,
+                height=manifest.input.height,
+                classes=list(manifest.mask_classes),
+            )
+        return cls(
+            request_id=request_id,
+            model=ModelRef(name=manifest.name, sha256=manifest.ensemble.sha256),
+            mode=result.mode,
+            threshold=threshold,
+            labels=[
+                Label(name=name, probability=float(p), present=bool(p >= threshold))
+                for name, p in zip(labels, result.class_probs, strict=True)
+            ],
+            members=members,
+            mask=mask,
+            timings_ms=TimingsMs.of(result.timings),
+        )
+
+
+def server_timing(timings: Timings) -> str:
+    parts = {
+        "decode": timings.decode_s,
+        "preprocess": timings.preprocess_s,
+        "queue": timings.queue_s,
+        "inference": timings.inference_s,
+        "total": timings.total_s,
+    }
+    return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in parts.items())
+
+
+async def read_image(request: Request) -> bytes:
+    """The image bytes from a multipart upload or a raw image/* body; 415 for any other declared type."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
+        imaging.check_media_type(content_type)
+        return await request.body()
+    async with request.form(max_files=1, max_fields=8) as form:
+        upload = form.get(UPLOAD_FIELD)
+        if not isinstance(upload, UploadFile):
+            raise InvalidParameter(f"the multipart body has no file field named {UPLOAD_FIELD!r}")
+        part_type = (upload.content_type or "").split(";", 1)[0].strip().lower()
+        if part_type not in GENERIC_PART_TYPES:
+            imaging.check_media_type(part_type)
+        return await upload.read()
+
+
+@router.post(
+    "/predict",
+    summary="Labels (and optionally a mask) for one image",
+    openapi_extra=REQUEST_BODY | OPTIONAL_BEARER,
+    dependencies=[Authorized],
+    responses=error_responses(
+        *(400, 401, 408, 413, 415, 422, 500, 503, 504),
+        s400="The body is not a decodable PNG, JPEG, WebP or BMP image.",
+        s422="Invalid query parameter, or no `file` field in a multipart body.",
+    ),
+)
+async def predict(
+    request: Request,
+    response: Response,
+    dataplane: DataPlaneDep,
+    arrived: ArrivalDep,
+    mode: Annotated[
+        ModeChoice | None,
+        Query(description="fused, sequential, parallel, or compare (rotate); default: DEFAULT_MODE."),
+    ] = None,
+    members: Annotated[bool, Query(description="Include each member's probabilities.")] = False,
+    mask: Annotated[bool, Query(description="Include the predicted mask as a base64 palette PNG.")] = False,
+) -> Prediction:
+    data = await read_image(request)
+    result = await dataplane.predict_image(data, mode=mode, with_mask=mask, arrived=arrived)
+    response.headers["Server-Timing"] = server_timing(result.timings)
+    return Prediction.of(
+        result,
+        dataplane.manifest,
+        threshold=dataplane.settings.probability_threshold,
+        request_id=request.state.request_id,
+        with_members=members,
+    )

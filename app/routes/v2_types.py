@@ -1,0 +1,97 @@
+"""Messages of the Open Inference Protocol (KServe v2) REST API, JSON tensors only."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+FP32 = "FP32"
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str] = Field(default_factory=list)
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for the batch dimension.")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str] = Field(default_factory=list)
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class InputTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] = Field(description="Row-major elements, flat or nested.")
+
+
+class RequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description='{"mode": "fused" | "sequential" | "parallel" | "compare"}; default: DEFAULT_MODE.'
+    )
+    inputs: list[InputTensor] = Field(min_length=1)
+    outputs: list[RequestedOutput] | None = Field(None, description="Default: every output.")
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "id": "42",
+                    "parameters": {"mode": "parallel"},
+                    "inputs": [{"name": "image", "shape": [1, 3, 2, 2], "datatype": "FP32", "data": [0.0] * 12}],
+                    "outputs": [{"name": "class_probs"}],
+                }
+            ]
+        }
+    }
+
+
+class OutputTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: Literal["FP32"] = FP32
+    data: list[float]
+
+    @classmethod
+    def of(cls, name: str, array: np.ndarray) -> OutputTensor:
+        return cls(name=name, shape=list(array.shape), data=array.ravel().tolist())
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str
+    parameters: dict[str, Any] = Field(default_factory=dict, description='{"mode": the mode that ran}')
+    outputs: list[OutputTensor]

@@ -1,0 +1,212 @@
+"""The service's configuration, read from environment variables (the README's Configuration section lists them)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.errors import StartupError
+from app.modes import Mode, ModeChoice
+
+# Pillow's own decompression-bomb guard; ours must stop an image before Pillow's warning fires.
+PILLOW_MAX_IMAGE_PIXELS = 89_478_485
+MIN_API_KEY_LENGTH = 16
+ORIGIN = re.compile(r"https?://[^/\s]+/?")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), which can be fewer than the machine has."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _describe(error: Any) -> str:
+    """'MAX_QUEUE=-1: Input should be ...', never showing a secret's value nor the whole environment."""
+    if not error["loc"]:
+        return str(error["msg"]).removeprefix("Value error, ")
+    name = ".".join(map(str, error["loc"])).upper()
+    shown = "(hidden)" if name.startswith("API_KEY") else repr(error["input"])
+    return f"{name}={shown}: {error['msg']}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
+
+    model_dir: Path = Field(
+        Path("models/default"),
+        description="Directory holding manifest.json, members/*.onnx and ensemble.onnx.",
+    )
+    default_mode: ModeChoice = Field(
+        ModeChoice.FUSED,
+        description="Mode for requests that do not ask for one: fused, sequential, parallel, or compare "
+        "(rotate over the three, so traffic splits evenly).",
+    )
+    fused_intra_op_threads: int | None = Field(
+        None, ge=1, le=256, description="Intra-op threads of the fused-graph session. Unset: all cores."
+    )
+    sequential_intra_op_threads: int | None = Field(
+        None, ge=1, le=256, description="Intra-op threads of each member session of sequential mode. Unset: all cores."
+    )
+    parallel_intra_op_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Intra-op threads of each member session of parallel mode. "
+        "Unset: max(1, cores // members), so the members running at once share the cores.",
+    )
+    inter_op_threads: int = Field(
+        1, ge=1, le=256, description="Inter-op threads of every session (used only by graphs with parallel branches)."
+    )
+    allow_spinning: bool = Field(
+        False,
+        description="Let ONNX Runtime's thread pools spin after each run. Off: idle pools of one mode "
+        "do not steal cores from the session that is running.",
+    )
+    max_concurrent_inferences: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Inference slots shared by all modes: how many inferences run at once in this process.",
+    )
+    max_queue: int = Field(
+        8,
+        ge=0,
+        le=10_000,
+        description="Requests admitted beyond the inference slots (decoding or waiting for a slot); "
+        "more are refused at once with 503 and Retry-After.",
+    )
+    request_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="Longest wait for an inference slot plus the inference itself; beyond, 504.",
+    )
+    max_upload_bytes: int = Field(
+        20 * 2**20,
+        ge=1024,
+        le=512 * 2**20,
+        description="Largest request body in bytes (uploads and v2 JSON tensors); beyond, 413.",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="Longest time from a request's arrival to the last byte of its body; beyond, 408 and the "
+        "connection is closed (a stalled upload never holds a queue place or an inference slot).",
+    )
+    max_image_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        le=PILLOW_MAX_IMAGE_PIXELS,
+        description="Largest image (width x height) accepted, checked from the header before decoding; beyond, 413.",
+    )
+    probability_threshold: float = Field(
+        0.5, gt=0, lt=1, description="A label is `present` when its ensemble probability is at least this."
+    )
+    stats_window_s: float = Field(
+        60.0, gt=0, le=3600, description="Window of recent requests that GET /stats summarizes, in seconds."
+    )
+    host: str = Field(
+        "127.0.0.1", min_length=1, description="Address `python -m app` listens on (0.0.0.0 in a container)."
+    )
+    port: int = Field(8000, ge=1, le=65535, description="Port `python -m app` listens on.")
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="If set, /metrics (and the probes /healthz and /readyz) are also served on this port, on HOST, "
+        "and /metrics is no longer served on PORT. Unset: everything on PORT.",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description=f"If set, POST /predict and POST /v2/models/{{name}}/infer need `Authorization: Bearer <key>` "
+        f"(at least {MIN_API_KEY_LENGTH} characters); without it, 401. Unset: no authentication. Probes, "
+        "metadata, /stats and /metrics stay open.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser on another origin, comma-separated "
+        "(`https://a.example,https://b.example`, or `*`). Empty: no CORS headers, so browsers allow same-origin only.",
+    )
+    shutdown_grace_s: float = Field(
+        8.0,
+        ge=0,
+        le=600,
+        description="On SIGTERM: readiness turns false at once, no new connection is accepted, and requests in "
+        "flight get this long to finish before they are cancelled. Keep it below the orchestrator's kill "
+        "timeout (docker stop: 10 s).",
+    )
+    workers: int = Field(
+        1,
+        description="Uvicorn worker processes. Must be 1: scale by running more replicas, so that each replica's "
+        "/metrics and inference slots cover all of its traffic.",
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level of the server and the service."
+    )
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """The settings from the environment; StartupError naming every bad variable if any is invalid."""
+        try:
+            return cls()
+        except ValidationError as exc:
+            raise StartupError(f"invalid configuration: {'; '.join(map(_describe, exc.errors()))}") from None
+
+    @field_validator("api_key")
+    @classmethod
+    def _long_enough(cls, key: SecretStr | None) -> SecretStr | None:
+        value = "" if key is None else key.get_secret_value()
+        if key is not None and (len(value) < MIN_API_KEY_LENGTH or not value.isprintable() or " " in value):
+            raise ValueError(
+                f"must be at least {MIN_API_KEY_LENGTH} printable characters without spaces "
+                "(unset it to leave the endpoints open)"
+            )
+        return key
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin: give scheme://host[:port], without a path, or *")
+        return [origin.rstrip("/") for origin in origins]
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Settings:
+        if self.metrics_port == self.port:
+            raise ValueError(f"METRICS_PORT must differ from PORT ({self.port}), or be unset")
+        return self
+
+    @field_validator("workers")
+    @classmethod
+    def _one_worker(cls, workers: int) -> int:
+        if workers != 1:
+            raise ValueError(
+                "must be 1: run one worker per process and scale by replicas, so that each replica's "
+                "/metrics and inference slots cover all of its traffic"
+            )
+        return workers
+
+    def intra_op_threads(self, mode: Mode, members: int) -> int:
+        """The intra-op thread count of each session `mode` runs, with the unset ones resolved."""
+        cores = available_cores()
+        configured = {
+            Mode.FUSED: self.fused_intra_op_threads,
+            Mode.SEQUENTIAL: self.sequential_intra_op_threads,
+            Mode.PARALLEL: self.parallel_intra_op_threads,
+        }[mode]
+        if configured is not None:
+            return configured
+        return max(1, cores // members) if mode is Mode.PARALLEL else cores

@@ -1,0 +1,65 @@
+"""Recent latencies per mode, kept in memory for GET /stats (a quick live view; Prometheus keeps the history)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.modes import Mode
+
+MAX_SAMPLES_PER_MODE = 10_000  # bounds memory whatever the request rate
+
+
+@dataclass(frozen=True)
+class Sample:
+    at: float  # time.monotonic() when the request finished
+    request_s: float
+    inference_s: float
+
+
+@dataclass(frozen=True)
+class Percentiles:
+    p50_ms: float | None
+    p95_ms: float | None
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Percentiles:
+        if not seconds:
+            return cls(None, None)
+        p50, p95 = np.percentile(np.asarray(seconds) * 1000, [50, 95])
+        return cls(round(float(p50), 3), round(float(p95), 3))
+
+
+@dataclass(frozen=True)
+class ModeSummary:
+    requests: int
+    request: Percentiles
+    inference: Percentiles
+
+
+class RecentLatencies:
+    """The last `window_s` seconds of successful predictions, per mode (at most MAX_SAMPLES_PER_MODE each)."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._samples = {mode: deque[Sample](maxlen=MAX_SAMPLES_PER_MODE) for mode in Mode}
+
+    def record(self, mode: Mode, request_s: float, inference_s: float) -> None:
+        self._samples[mode].append(Sample(time.monotonic(), request_s, inference_s))
+
+    def summary(self) -> dict[Mode, ModeSummary]:
+        since = time.monotonic() - self.window_s
+        result = {}
+        for mode, samples in self._samples.items():
+            while samples and samples[0].at < since:
+                samples.popleft()
+            recent = list(samples)
+            result[mode] = ModeSummary(
+                len(recent),
+                Percentiles.of([s.request_s for s in recent]),
+                Percentiles.of([s.inference_s for s in recent]),
+            )
+        return result

@@ -1,0 +1,137 @@
+"""Helpers of the tests: a real uvicorn server in a background thread, test pictures, /metrics parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from PIL import Image
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.dataplane import DataPlane
+from app.main import create_app
+from app.settings import Settings
+
+START_TIMEOUT_S = 60
+T = TypeVar("T")
+
+
+@dataclass
+class LiveServer:
+    """A uvicorn server running the app in a background thread, with its own event loop."""
+
+    app: FastAPI
+    url: str
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def dataplane(self) -> DataPlane:
+        return self.app.state.dataplane
+
+    def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Runs a coroutine on the server's event loop (where its asyncio objects live) and waits for it."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=START_TIMEOUT_S)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+
+@contextmanager
+def live_server(settings: Settings) -> Iterator[LiveServer]:
+    app = create_app(settings, registry=CollectorRegistry())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    host, port = sock.getsockname()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(sockets=[sock]),), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield LiveServer(app, f"http://{host}:{port}", loop)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=START_TIMEOUT_S)
+        loop.close()
+        sock.close()
+
+
+def encode(image: Image.Image, format: str, **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def picture(width: int = 48, height: int = 40, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """A random picture with some structure (a bright square on noise)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    pixels[height // 4 : height // 2, width // 4 : width // 2] = 250
+    return Image.fromarray(pixels).convert(mode)
+
+
+def png_bytes(seed: int = 0) -> bytes:
+    return encode(picture(seed=seed), "PNG")
+
+
+class Scrape:
+    """One parsed /metrics page."""
+
+    def __init__(self, text: str) -> None:
+        self.samples = {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def scrape(client: httpx.Client) -> Scrape:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    return Scrape(response.text)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG announcing width x height pixels with almost no data behind it: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def infer_json(
+    client: httpx.Client, model: str, batch: np.ndarray, outputs: list[str] | None = None, **parameters: str
+) -> dict[str, dict[str, Any]]:
+    """POSTs a v2 JSON inference request; the outputs by name."""
+    body: dict[str, Any] = {
+        "inputs": [{"name": "image", "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}],
+        "parameters": parameters,
+    }
+    if outputs:
+        body["outputs"] = [{"name": name} for name in outputs]
+    response = client.post(f"/v2/models/{model}/infer", json=body)
+    assert response.status_code == 200, response.text
+    return {output["name"]: output for output in response.json()["outputs"]}

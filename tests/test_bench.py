@@ -1,0 +1,162 @@
+"""The benchmarks: each command end to end in its quick form (functional, not timed), and their pure parts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.cli import parser
+from bench.load import server_timing
+from bench.markdown import table, update_section
+from bench.stats import Summary
+from bench.targets import Check
+from bench.timing import time_calls
+from bench.zoo import ensemble, single
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMAND_TIMEOUT_S = 300
+
+
+def bench(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`python -m bench ARGS --quick --runs 5` from the repository root; fails the test with its output."""
+    command = [sys.executable, "-m", "bench", *map(str, args), "--quick", "--runs", "5"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stderr[-3000:]}"
+    return done
+
+
+def test_sweep_quick_builds_measures_charts_and_writes_the_docs(model_dir: Path, tmp_path: Path) -> None:
+    # The quick sweep trains like the test preset, so the conftest's members are reused, not retrained; the
+    # conftest's model stands in for models/default as the model the targets are checked on.
+    docs = tmp_path / "docs" / "benchmarks.md"
+    docs.parent.mkdir()
+    docs.write_text("# Benchmarks\n\nMethod, written by hand.\n")
+    out = tmp_path / "out"
+    bench(
+        "sweep",
+        "--widths",
+        "2",
+        "--ensembles",
+        "2xw2",
+        "--reuse-members",
+        model_dir,
+        "--targets-model-dir",
+        model_dir,
+        "--out",
+        out,
+        "--docs",
+        docs,
+    )
+    with (out / "sweep.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    configs = {(r["model"], r["config"]) for r in rows}
+    target = "test:2xw2@32px"
+    assert {("w2", c) for c in ("separate-default", "separate-nospin", "fused-default", "fused-nospin")} <= configs
+    for model in ("2xw2", target):
+        assert {(model, c) for c in ("separate-default", "parallel", "fused-default", "alone:0", "alone:1")} <= configs
+    assert all(float(r["median_ms"]) > 0 and int(r["runs"]) == 5 and r["cpu"] and r["onnxruntime"] for r in rows)
+    assert all(0 < float(r["mean_label_accuracy"]) <= 1 for r in rows)
+    for png in (out / "sweep.png", docs.parent / "sweep.png"):
+        assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
+    text = (out / "sweep.md").read_text()
+    assert "| 2xw2 |" in text and f"Targets (on `{target}`" in text
+    assert "separate sessions in a loop, default options ÷ fused" in text
+    published = docs.read_text()
+    assert published.startswith("# Benchmarks\n\nMethod, written by hand.")
+    assert "<!-- bench:sweep:start -->" in published and "![sweep](sweep.png)" in published
+    assert "cores, onnxruntime" in published and "python -m bench sweep" in published
+
+
+def test_load_quick_against_the_service_and_the_baseline(model_dir: Path, tmp_path: Path) -> None:
+    bench("load", "--model-dir", model_dir, "--out", tmp_path, "--requests", "4", "--rate", "20")
+    report = json.loads((tmp_path / "load.json").read_text())
+    assert set(report["floor"]) == {"fused", "sequential", "parallel"}
+    points = {(r["target"], r["mode"], r["pattern"], r["concurrency"]) for r in report["results"]}
+    for mode in ("fused", "sequential", "parallel", "compare"):
+        assert {("service", mode, "closed", c) for c in (1, 2, 4, 8)} <= points
+        assert ("service", mode, "open", None) in points
+    assert ("baseline", "default", "closed", 1) in points
+    closed = [r for r in report["results"] if r["pattern"] == "closed"]
+    assert all(r["error_rate"] == 0 and r["ok"] > 0 for r in closed), [r["statuses"] for r in closed]
+    compare = next(r for r in closed if r["mode"] == "compare" and r["concurrency"] == 4)
+    assert set(compare["by_mode"]) <= {"fused", "sequential", "parallel"} and compare["by_mode"]
+    assert report["service_rss_idle_bytes"] > 0
+    service_c1 = [r for r in closed if r["target"] == "service" and r["concurrency"] == 1]
+    assert all({"inference", "total"} <= set(r["server_timing_p50_ms"]) for r in service_c1)
+    assert "Where a request's time goes" in (tmp_path / "load.md").read_text()
+
+
+def test_interference_quick(model_dir: Path, tmp_path: Path) -> None:
+    bench("interference", "--model-dir", model_dir, "--out", tmp_path)
+    rows = json.loads((tmp_path / "interference.json").read_text())
+    assert {(r["allow_spinning"], r["mode"]) for r in rows} == {
+        (spinning, mode) for spinning in (False, True) for mode in ("fused", "sequential", "parallel")
+    }
+    assert "interleaved ÷ alone" in (tmp_path / "interference.md").read_text()
+
+
+def test_quant_quick_scores_int8_next_to_fp32(model_dir: Path, tmp_path: Path) -> None:
+    bench("quant", "--model-dir", model_dir, "--out", tmp_path, "--calibration-images", "4")
+    variants = {v["name"]: v for v in json.loads((tmp_path / "quant.json").read_text())}
+    assert set(variants) == {"fp32", "int8-dynamic", "int8-static"}
+    assert variants["int8-static"]["size_bytes"] < variants["fp32"]["size_bytes"] / 2
+    assert all(v["metrics"]["images"] == variants["fp32"]["metrics"]["images"] for v in variants.values())
+
+
+@pytest.mark.parametrize("command", [None, "sweep", "load", "interference", "quant"])
+def test_every_command_has_help(command: str | None, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parser().parse_args([command, "--help"] if command else ["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert "--quick" in text if command else all(c in text for c in ("sweep", "load", "interference", "quant"))
+
+
+def test_server_timing_header_is_parsed() -> None:
+    assert server_timing("preprocess;dur=0.5, queue;dur=0.012,inference;dur=2, total;dur=2.6") == {
+        "preprocess": 0.5,
+        "queue": 0.012,
+        "inference": 2.0,
+        "total": 2.6,
+    }
+    assert server_timing("") == {} and server_timing("cache;desc=hit, x;dur=nan?") == {}
+
+
+def test_ensemble_labels_give_members_distinct_seeds() -> None:
+    spec = ensemble("2xw2+w3")
+    assert [(m.width_scale, m.seed) for m in spec.members] == [(2, 1), (2, 2), (3, 1)]
+    assert spec.dir_name == "2xw2_w3" and spec.widths == "2+2+3" and spec.is_ensemble
+    assert single(5).members[0].name == "unet-w5-s1" and not single(5).is_ensemble
+    for bad in ("w2", "2w2", "x3"):
+        with pytest.raises(ValueError):
+            ensemble(bad)
+
+
+def test_time_calls_rotates_and_respects_its_bounds() -> None:
+    order: list[str] = []
+    samples = time_calls([lambda: order.append("a"), lambda: order.append("b")], warmup=1, runs=3, max_seconds=60)
+    assert order == ["a", "b"] * 4 and [len(s) for s in samples] == [3, 3]
+    assert len(time_calls([lambda: None], warmup=0, runs=10**9, max_seconds=0.01)[0]) < 10**9
+
+
+def test_summary_and_checks() -> None:
+    summary = Summary.of([0.001 * i for i in range(1, 101)])
+    assert summary.count == 100 and summary.median_ms == pytest.approx(50.5) and summary.p95_ms > summary.median_ms
+    assert Check("x", 1.05, 1.10).verdict == "met" and Check("x", 1.2, 1.5, at_most=False).verdict == "MISSED"
+    assert Check("x", float("nan"), 1.0).verdict == "not measured"
+
+
+def test_update_section_replaces_only_its_own_section(tmp_path: Path) -> None:
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nHand-written method.\n")
+    update_section(docs, "sweep", table(["a"], [[1.0]]))
+    update_section(docs, "load", "first")
+    update_section(docs, "load", "second")
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nHand-written method.")
+    assert "| 1.00 |" in text and "second" in text and "first" not in text

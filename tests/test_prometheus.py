@@ -1,0 +1,151 @@
+"""A real Prometheus scrapes the real service and evaluates the repo's recording rules on its latencies.
+
+Needs Debian's `prometheus` package (/usr/bin/prometheus, promtool); .ci/run installs it.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import LiveServer
+
+REPO = Path(__file__).resolve().parents[1]
+PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
+LOADGEN = REPO / "deploy" / "loadgen.py"
+MODES = ("fused", "sequential", "parallel")
+REQUEST_P50 = 'histogram_quantile(0.5, sum by (le, mode) (rate(ensemble_request_seconds_bucket{job="app"}[30s])))'
+DEADLINE_S = 120  # a guard against hanging, not a performance expectation
+
+PROMETHEUS = shutil.which("prometheus")
+PROMTOOL = shutil.which("promtool")
+needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install prometheus)")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="no promtool (apt-get install prometheus)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@needs_promtool
+def test_repo_config_and_rules_are_valid() -> None:
+    for command in ("config", "rules"):
+        target = PROMETHEUS_DIR / ("prometheus.yml" if command == "config" else "rules.yml")
+        result = subprocess.run([PROMTOOL, "check", command, str(target)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture
+def prometheus(server: LiveServer, tmp_path: Path) -> Iterator[httpx.Client]:
+    """Prometheus scraping `server` every second with the repo's rules; a client of its HTTP API."""
+    assert PROMETHEUS is not None
+    target = server.url.removeprefix("http://")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: ['{PROMETHEUS_DIR / 'rules.yml'}']\n"
+        f"scrape_configs: [{{job_name: app, static_configs: [{{targets: ['{target}']}}]}}]\n"
+    )
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("wb")
+    process = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as api:
+            wait_for(lambda: target_health(api) == "up", process, "the scrape target to be up")
+            yield api
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert process.poll() is None, f"prometheus exited with {process.returncode} while waiting for {what}"
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.5)
+
+
+def target_health(api: httpx.Client) -> str | None:
+    try:
+        response = api.get("/api/v1/targets")
+    except httpx.TransportError:
+        return None  # not listening yet
+    if response.status_code != 200:
+        return None  # 503 until its storage is ready
+    targets = response.json()["data"]["activeTargets"]
+    return targets[0]["health"] if targets else None
+
+
+def finite_values_by_mode(api: httpx.Client, query: str) -> dict[str, float]:
+    response = api.get("/api/v1/query", params={"query": query})
+    assert response.status_code == 200, response.text
+    result = response.json()["data"]["result"]
+    values = {series["metric"].get("mode", ""): float(series["value"][1]) for series in result}
+    return {mode: value for mode, value in values.items() if math.isfinite(value)}
+
+
+def compare_traffic(server: LiveServer, requests: int = 3) -> str:
+    """Runs deploy/loadgen.py against the server in compare mode (which rotates over the modes); its summary."""
+    command = [sys.executable, str(LOADGEN), "--url", server.url, "--mode", "compare", "--count", str(requests)]
+    result = subprocess.run(
+        [*command, "--rate", "50", "--wait", "30"],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@needs_prometheus
+def test_prometheus_computes_latency_quantiles_of_every_mode(server: LiveServer, prometheus: httpx.Client) -> None:
+    summary = compare_traffic(server)
+    assert all(f"{mode}: 1 ok" in summary for mode in MODES), summary
+
+    # rate() needs two scrapes that saw the counters grow: keep the traffic going until they have.
+    deadline = time.monotonic() + DEADLINE_S
+    while set(finite_values_by_mode(prometheus, REQUEST_P50)) < set(MODES):
+        assert time.monotonic() < deadline, f"no request p50 of every mode from {REQUEST_P50}"
+        compare_traffic(server)
+        time.sleep(0.5)
+
+    # The recording rules (evaluated every second) give every mode's quantiles, and fused's ratio is 1.
+    recorded = [
+        f"mode:ensemble_{histogram}_seconds:{suffix}"
+        for histogram in ("request", "inference")
+        for suffix in ("p50_1m", "p95_1m", "p99_1m", "p50_1m_ratio_to_fused")
+    ]
+    while not all(set(finite_values_by_mode(prometheus, name)) >= set(MODES) for name in recorded):
+        assert time.monotonic() < deadline, f"recording rules without a value for every mode: {recorded}"
+        compare_traffic(server)
+        time.sleep(0.5)
+    for histogram in ("request", "inference"):
+        ratios = finite_values_by_mode(prometheus, f"mode:ensemble_{histogram}_seconds:p50_1m_ratio_to_fused")
+        assert ratios["fused"] == pytest.approx(1.0)
+        assert all(ratio > 0 for ratio in ratios.values())

@@ -1,0 +1,84 @@
+"""The three modes compute the same ensemble; a broken model directory stops start-up with a clear reason."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.errors import StartupError
+from app.manifest import FileEntry, Manifest, load_manifest
+from app.modes import Mode
+from app.runtime import EnsembleRuntime
+from app.settings import Settings
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def runtime(model_dir: Path) -> Iterator[EnsembleRuntime]:
+    loaded = EnsembleRuntime.load(Settings(model_dir=model_dir))
+    yield loaded
+    loaded.close()
+
+
+def test_the_modes_agree(runtime: EnsembleRuntime, manifest: Manifest) -> None:
+    spec = manifest.input
+    batch = np.random.default_rng(0).normal(size=(3, 3, spec.height, spec.width)).astype(np.float32)
+    fused = runtime.infer(batch, Mode.FUSED)
+    members, labels = len(manifest.members), len(manifest.labels)
+    assert fused.class_probs.shape == (3, labels)
+    assert fused.mask_probs.shape == (3, labels + 1, spec.height, spec.width)
+    assert fused.member_class_probs.shape == (3, members, labels)
+    for mode in (Mode.SEQUENTIAL, Mode.PARALLEL):
+        other = runtime.infer(batch, mode)
+        for name in ("class_probs", "mask_probs", "member_class_probs"):
+            np.testing.assert_allclose(getattr(other, name), getattr(fused, name), atol=TOLERANCE, err_msg=name)
+
+
+def test_each_mode_has_its_thread_plan(runtime: EnsembleRuntime) -> None:
+    settings = Settings()
+    members = len(runtime.manifest.members)
+    for mode, plan in runtime.plans.items():
+        assert plan.intra_op_threads == settings.intra_op_threads(mode, members)
+        assert plan.allow_spinning is False
+        assert "spinning=off" in plan.describe()
+
+
+@pytest.fixture
+def copy_of_models(model_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(model_dir, tmp_path / "models"))
+
+
+def test_missing_manifest_is_a_startup_error(tmp_path: Path) -> None:
+    with pytest.raises(StartupError, match=r"no manifest\.json"):
+        EnsembleRuntime.load(Settings(model_dir=tmp_path))
+
+
+def test_altered_member_is_a_startup_error(copy_of_models: Path) -> None:
+    member = copy_of_models / load_manifest(copy_of_models).members[0].file.path
+    data = bytearray(member.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    member.write_bytes(bytes(data))
+    with pytest.raises(StartupError, match="does not match its sha256"):
+        EnsembleRuntime.load(Settings(model_dir=copy_of_models))
+
+
+def test_unloadable_model_with_a_matching_checksum_is_a_startup_error(copy_of_models: Path) -> None:
+    manifest = load_manifest(copy_of_models)
+    fused = copy_of_models / manifest.ensemble.path
+    fused.write_bytes(b"this is not an ONNX model")
+    manifest.model_copy(update={"ensemble": FileEntry.of(copy_of_models, fused)}).write(copy_of_models)
+    with pytest.raises(StartupError, match="ONNX Runtime cannot load"):
+        EnsembleRuntime.load(Settings(model_dir=copy_of_models))
+
+
+def test_a_model_that_does_not_fit_the_manifest_is_a_startup_error(copy_of_models: Path) -> None:
+    manifest = load_manifest(copy_of_models)
+    wrong = manifest.model_copy(update={"labels": (*manifest.labels, "hexagon")})
+    wrong.write(copy_of_models)
+    with pytest.raises(StartupError, match="class_probs"):
+        EnsembleRuntime.load(Settings(model_dir=copy_of_models))

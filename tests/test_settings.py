@@ -1,0 +1,115 @@
+"""Settings come from the environment, refuse unsafe values, and are all documented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.config_docs import configuration_table
+from app.errors import StartupError
+from app.modes import Mode, ModeChoice
+from app.settings import PILLOW_MAX_IMAGE_PIXELS, Settings, available_cores
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_START, TABLE_END = "<!-- configuration-table:start -->", "<!-- configuration-table:end -->"
+REGENERATE = '.venv/bin/python -c "from app.config_docs import configuration_table; print(configuration_table())"'
+
+
+def readme_table() -> str:
+    """The README's configuration table: what stands between its markers."""
+    text = README.read_text()
+    assert text.count(TABLE_START) == 1 and text.count(TABLE_END) == 1, (
+        f"README.md needs one {TABLE_START} ... {TABLE_END}"
+    )
+    return text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip()
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    settings = Settings()
+    assert settings.model_dir == Path("models/default")
+    assert settings.default_mode is ModeChoice.FUSED
+    assert settings.allow_spinning is False
+    assert settings.max_concurrent_inferences == 1
+    assert settings.probability_threshold == 0.5
+    assert settings.port == 8000
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODEL_DIR", "/srv/models")
+    monkeypatch.setenv("DEFAULT_MODE", "compare")
+    monkeypatch.setenv("ALLOW_SPINNING", "true")
+    monkeypatch.setenv("MAX_QUEUE", "0")
+    settings = Settings.from_env()
+    assert settings.model_dir == Path("/srv/models")
+    assert settings.default_mode is ModeChoice.COMPARE
+    assert settings.allow_spinning is True
+    assert settings.max_queue == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("default_mode", "fastest"),
+        ("fused_intra_op_threads", 0),
+        ("inter_op_threads", -1),
+        ("max_concurrent_inferences", 0),
+        ("max_queue", -1),
+        ("request_timeout_s", 0),
+        ("max_upload_bytes", 10),
+        ("max_image_pixels", PILLOW_MAX_IMAGE_PIXELS + 1),
+        ("probability_threshold", 0),
+        ("probability_threshold", 1),
+        ("port", 70_000),
+        ("workers", 4),
+    ],
+)
+def test_unsafe_values_are_refused(field: str, value: object) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**{field: value})
+
+
+def test_a_bad_environment_is_one_startup_error_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKERS", "2")
+    with pytest.raises(StartupError, match=r"WORKERS='2'.*scale by replicas"):
+        Settings.from_env()
+
+
+def test_unset_thread_counts_split_the_cores() -> None:
+    settings = Settings()
+    cores = available_cores()
+    assert settings.intra_op_threads(Mode.FUSED, members=2) == cores
+    assert settings.intra_op_threads(Mode.SEQUENTIAL, members=2) == cores
+    assert settings.intra_op_threads(Mode.PARALLEL, members=2) == max(1, cores // 2)
+    assert settings.intra_op_threads(Mode.PARALLEL, members=cores * 4) == 1
+    assert Settings(parallel_intra_op_threads=3).intra_op_threads(Mode.PARALLEL, members=2) == 3
+
+
+@pytest.mark.parametrize("name", list(Settings.model_fields))
+def test_every_setting_is_described_and_documented(name: str) -> None:
+    assert Settings.model_fields[name].description
+    assert f"\n| `{name.upper()}` |" in readme_table()
+
+
+def test_the_readme_configuration_table_is_the_generated_one() -> None:
+    assert readme_table() == configuration_table(), (
+        f"README.md's configuration table is out of date: replace what stands between {TABLE_START} and "
+        f"{TABLE_END} with the output of\n    {REGENERATE}"
+    )
+
+
+def test_the_configuration_table_has_one_row_per_setting() -> None:
+    header, rule, *rows = configuration_table().splitlines()
+    assert header == "| Variable | Default | Description |"
+    assert rule == "| --- | --- | --- |"
+    assert [row.split(" | ")[0] for row in rows] == [f"| `{name.upper()}`" for name in Settings.model_fields]
+    assert "| `MODEL_DIR` | `models/default` |" in rows[0]
+    assert "| `FUSED_INTRA_OP_THREADS` | unset |" in rows[2]
+    assert any(row.startswith("| `ALLOW_SPINNING` | `false` |") for row in rows)

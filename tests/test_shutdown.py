@@ -1,0 +1,60 @@
+"""SIGTERM on the real entry point (`python -m app`): readiness turns false at once, no new connection is
+taken, the request in flight finishes, and the process exits 0 within its grace period."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service_process import free_port, service_process
+from tests.slow_client import PartialRequest
+from tests.support import Scrape, png_bytes
+
+GRACE_S = 10
+
+
+def wait_for(condition: object, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    pytest.fail(f"{condition} did not hold within {timeout_s} s")
+
+
+def refuses_connections(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/healthz", timeout=2)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+def test_sigterm_drains_and_exits_zero(model_dir: Path, tmp_path: Path) -> None:
+    ops_port = free_port()
+    image = png_bytes()
+    with service_process(model_dir, tmp_path, metrics_port=ops_port, shutdown_grace_s=GRACE_S) as service:
+        ops = httpx.Client(base_url=f"http://127.0.0.1:{ops_port}", timeout=5)
+        with service.client() as client:
+            banner = client.get("/healthz").headers
+        assert "server" not in banner  # no server name or version
+        headers = {"Content-Type": "image/png", "Content-Length": str(len(image))}
+        with PartialRequest(service.url, "/predict", headers) as in_flight:
+            in_flight.send(image[:100])
+            # The ops port's own requests are not counted: in flight means this upload.
+            wait_for(lambda: Scrape(ops.get("/metrics").text).value("ensemble_http_requests_in_flight") == 1)
+            service.terminate()
+            wait_for(lambda: ops.get("/readyz").status_code == 503)  # the load balancer stops sending
+            wait_for(lambda: refuses_connections(service.url))
+            in_flight.send(image[100:])
+            answer = in_flight.answer()
+        assert answer.status == 200, answer.body
+        assert set(answer.json()["labels"][0]) >= {"name", "probability", "present"}
+        started = time.monotonic()
+        assert service.wait(GRACE_S + 5) == 0, service.output()
+        assert time.monotonic() - started < GRACE_S + 5
+        ops.close()
+    assert "Traceback" not in service.output()
