@@ -1,0 +1,32 @@
+"""The service's own runtime (app.runtime) in this process: the in-process floor of each service mode."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from app.modes import Mode
+from app.runtime import EnsembleRuntime
+from app.settings import Settings
+from bench.engines import Runner
+
+SERVICE_PREFIX = "service:"
+SERVICE_MODES: tuple[str, ...] = tuple(mode.value for mode in Mode)
+
+
+def service_runner_name(mode: Mode | str) -> str:
+    return f"{SERVICE_PREFIX}{Mode(mode).value}"
+
+
+def open_service_runners(model_dir: Path, names: Sequence[str], allow_spinning: bool | None) -> dict[str, Runner]:
+    """One EnsembleRuntime, loaded as the service loads it (its default settings unless spinning is given),
+    and a runner per `service:<mode>` name."""
+    overrides: dict[str, object] = {"model_dir": model_dir}
+    if allow_spinning is not None:
+        overrides["allow_spinning"] = allow_spinning
+    runtime = EnsembleRuntime.load(Settings(**overrides))
+    runners: dict[str, Runner] = {}
+    for name in names:
+        mode = Mode(name.removeprefix(SERVICE_PREFIX))
+        runners[name] = lambda batch, mode=mode: runtime.infer(batch, mode)
+    return runners

@@ -1,0 +1,41 @@
+"""Latency summaries: median and tail percentiles of a list of durations."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from pydantic import BaseModel
+
+
+class Summary(BaseModel):
+    """Durations in milliseconds."""
+
+    count: int
+    median_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> Summary:
+        if not seconds:
+            raise ValueError("no samples to summarise")
+        ms = np.asarray(seconds, dtype=np.float64) * 1000
+        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+        return cls(
+            count=len(ms),
+            median_ms=float(p50),
+            p95_ms=float(p95),
+            p99_ms=float(p99),
+            mean_ms=float(ms.mean()),
+            min_ms=float(ms.min()),
+        )
+
+    def brief(self) -> str:
+        return f"p50 {self.median_ms:.2f} ms, p95 {self.p95_ms:.2f} ms (n={self.count})"
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else float("nan")

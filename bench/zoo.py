@@ -1,0 +1,123 @@
+"""The sweep's models: single UNets of several widths and ensembles of them, built with model_build.
+
+Every distinct member is built once, as a single-member model directory (`OUT/<member name>/`). An
+ensemble's directory gets copies of its members' files before its build, so the build reuses them (same
+fingerprint) and only fuses and scores. Re-running skips whatever is up to date.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.manifest import load_manifest
+from model_build.config import BuildConfig, MemberConfig, TrainingConfig
+
+_TERM = re.compile(r"^(?:(\d+)x)?w(\d+)$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model of the sweep: its label ("w3", "2xw2", "w2+w7") and its members."""
+
+    label: str
+    members: tuple[MemberConfig, ...]
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.members) > 1
+
+    @property
+    def dir_name(self) -> str:
+        return self.label.replace("+", "_") if self.is_ensemble else self.members[0].name
+
+    @property
+    def widths(self) -> str:
+        return "+".join(str(m.width_scale) for m in self.members)
+
+
+def single(width: int) -> ModelSpec:
+    return ModelSpec(f"w{width}", (MemberConfig(width_scale=width, seed=1),))
+
+
+def ensemble(label: str) -> ModelSpec:
+    """Parses "2xw2", "w2+w3", "3xw2+w5": members of a width repeat with seeds 1, 2, ..."""
+    seeds: Counter[int] = Counter()
+    members = []
+    for term in label.split("+"):
+        match = _TERM.match(term.strip())
+        if not match:
+            raise ValueError(f"ensemble {label!r}: {term!r} is not like 'w3' or '2xw3'")
+        count, width = int(match[1] or 1), int(match[2])
+        for _ in range(count):
+            seeds[width] += 1
+            members.append(MemberConfig(width_scale=width, seed=seeds[width]))
+    if len(members) < 2:
+        raise ValueError(f"ensemble {label!r} has fewer than two members")
+    return ModelSpec(label, tuple(members))
+
+
+def of_model_dir(model_dir: Path) -> ModelSpec:
+    """A model built elsewhere (e.g. models/default), measured as it is: labelled like "default:2xw2@48px"."""
+    manifest = load_manifest(model_dir)
+    widths = [m.width_scale for m in manifest.members]
+    if None in widths:
+        raise ValueError(f"{model_dir}: the manifest does not give every member's width_scale")
+    counts = Counter(widths)
+    terms = "+".join(f"{n}xw{w}" if n > 1 else f"w{w}" for w, n in counts.items())
+    members = tuple(MemberConfig(width_scale=m.width_scale, seed=m.seed or 0) for m in manifest.members)
+    return ModelSpec(f"{model_dir.name}:{terms}@{manifest.input.height}px", members)
+
+
+def build_config(spec: ModelSpec, training: TrainingConfig, test_images: int) -> BuildConfig:
+    name = f"sweep-{spec.dir_name}"
+    return BuildConfig(name=name, members=spec.members, training=training, test_images=test_images)
+
+
+def _member_file(root: Path, member: MemberConfig) -> Path:
+    return root / "members" / f"{member.name}.onnx"
+
+
+def _seed_members(out: Path, members: Iterable[MemberConfig], sources: Sequence[Path]) -> None:
+    """Copies member files that `out` lacks from `sources` (model directories); the build checks them."""
+    for member in members:
+        target = _member_file(out, member)
+        for source in (_member_file(s, member) for s in sources):
+            if not target.exists() and source.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+
+
+def _build(spec: ModelSpec, training: TrainingConfig, test_images: int, out: Path, sources: Sequence[Path]) -> None:
+    from model_build.build import build  # torch is imported only where a build runs
+
+    _seed_members(out, spec.members, sources)
+    build(build_config(spec, training, test_images), out)  # skips what is up to date, reuses matching members
+
+
+def build_all(
+    specs: Sequence[ModelSpec],
+    training: TrainingConfig,
+    test_images: int,
+    root: Path,
+    reuse_from: Sequence[Path] = (),
+) -> dict[str, Path]:
+    """Builds every model of `specs` under `root`; returns each label's model directory.
+
+    Members train one after another, each on `training.threads` threads."""
+    members = list(dict.fromkeys(m for spec in specs for m in spec.members))
+    member_dirs = {m: root / m.name for m in members}
+    for member in members:
+        _build(ModelSpec(member.name, (member,)), training, test_images, member_dirs[member], reuse_from)
+    dirs = {}
+    for spec in specs:
+        if spec.is_ensemble:
+            dirs[spec.label] = root / spec.dir_name
+            _build(spec, training, test_images, dirs[spec.label], [member_dirs[m] for m in spec.members])
+        else:
+            dirs[spec.label] = member_dirs[spec.members[0]]
+    return dirs
