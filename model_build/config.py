@@ -64,10 +64,11 @@ PRESETS: dict[str, BuildConfig] = {
         training=TrainingConfig(image_size=32, batch_size=8, steps=12, learning_rate=3e-3),
         test_images=48,
     ),
-    # What the service serves out of the box: two width-2 members trained at once, one core each.
+    # What the service serves out of the box: two width-2 members at 48x48, trained at once, one core each
+    # (on 2 cores, 1.4x the throughput of training them one after the other on 2 threads each).
     "default": BuildConfig(
         name="shapes-ensemble",
         members=(MemberConfig(width_scale=2, seed=1), MemberConfig(width_scale=2, seed=2)),
-        training=TrainingConfig(image_size=64, batch_size=16, steps=1500),
+        training=TrainingConfig(image_size=48, batch_size=16, steps=1600),
     ),
 }

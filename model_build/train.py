@@ -13,7 +13,8 @@ from model_build.unet import UNet
 
 
 def _loss(unet: UNet, batch: Batch, spec: InputSpec, classification_weight: float) -> torch.Tensor:
-    class_logits, mask_logits = unet(torch.from_numpy(spec.normalise(batch.images)))
+    images = torch.from_numpy(spec.normalise(batch.images)).contiguous(memory_format=torch.channels_last)
+    class_logits, mask_logits = unet(images)
     segmentation = nn.functional.cross_entropy(mask_logits, torch.from_numpy(batch.masks).long())
     classification = nn.functional.binary_cross_entropy_with_logits(class_logits, torch.from_numpy(batch.presence))
     return segmentation + classification_weight * classification
@@ -24,7 +25,8 @@ def train_member(member: MemberConfig, training: TrainingConfig, progress_positi
     torch.manual_seed(member.seed)
     torch.set_num_threads(training.threads)
     torch.use_deterministic_algorithms(True)
-    unet = UNet(member.width_scale, len(LABELS))
+    # Channels-last: oneDNN's convolutions run about 20 % faster on the CPU in that layout.
+    unet = UNet(member.width_scale, len(LABELS)).to(memory_format=torch.channels_last)
     optimiser = torch.optim.AdamW(unet.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay)
     # Warm up, then anneal to zero: converges much further in a fixed budget than a constant rate.
     schedule = torch.optim.lr_scheduler.OneCycleLR(

@@ -1,6 +1,6 @@
 """The UNet family: one class whose size is set by a width scale, with a segmentation and a classification head.
 
-    image ─ in ─ down1 ─ down2 ─ down3 ─ down4 (bottleneck) ─ pool ─ linear ─▶ class logits
+    image ─ in ─ down1 ─ down2 ─ down3 ─ down4 (bottleneck) ─ max-pool ─ linear ─▶ class logits
              │      │       │       │           │
              └──────┴───────┴───────┴─ up1..up4 ┘ ─ 1x1 conv ─▶ mask logits
 
@@ -74,7 +74,8 @@ class UNet(nn.Module):
         self.downs = nn.ModuleList(Down(a, b) for a, b in itertools.pairwise(channels))
         self.ups = nn.ModuleList(Up(b, a) for a, b in reversed(list(itertools.pairwise(channels))))
         self.mask_head = nn.Conv2d(channels[0], num_labels + 1, 1)
-        self.class_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels[-1], num_labels))
+        # Global max pooling: a shape anywhere lights its features up, where an average dilutes a small one.
+        self.class_head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(channels[-1], num_labels))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         skips = [self.inc(image)]
