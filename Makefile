@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 MODEL_DIR ?= models/default
 
-.PHONY: serve test lint models install-runtime install-dev lock
+.PHONY: serve test audit models install-runtime install-dev lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ install-runtime: $(BIN)/python
 	$(PIP) -e .
 
 install-dev: $(BIN)/python
-	$(PIP) -e ".[build,dev]"
+	$(PIP) -e ".[build,bench,dev]"
 
 ## Builds the default models unless they are already built (needs the build extra: torch, onnx).
 models:
@@ -30,8 +30,12 @@ test: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+## Checks every pinned dependency against PyPI's vulnerability data (pip-audit).
+audit: install-dev
+	$(BIN)/pip-audit --disable-pip --no-deps --requirement constraints.txt
+
 ## Re-pins every dependency (run after changing pyproject.toml).
 lock:
 	rm -rf /tmp/lock-venv && $(PYTHON) -m venv /tmp/lock-venv
-	/tmp/lock-venv/bin/pip install --quiet -e ".[build,dev]"
+	/tmp/lock-venv/bin/pip install --quiet -e ".[build,bench,dev]"
 	/tmp/lock-venv/bin/pip freeze --exclude-editable | sed "s/+cpu$$//" | sort > constraints.txt

@@ -1,0 +1,21 @@
+"""Container health check: exits 0 when the service on $PORT answers /readyz with 200, else 1 (stdlib only)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import urllib.request
+
+
+def main() -> int:
+    url = f"http://127.0.0.1:{os.environ.get('PORT', '8000')}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=4) as response:
+            return 0 if response.status == 200 else 1
+    except OSError as exc:  # URLError and HTTPError (503 while loading or stopping) are OSErrors
+        print(f"{url}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
