@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from app.errors import InferenceTimeout, Overloaded
+from app.priority import lower_thread_priority
 
 T = TypeVar("T")
 
@@ -35,7 +36,7 @@ class Admission:
         self.capacity = slots + max_queue
         self.admitted = 0
         self._free_slots = asyncio.Semaphore(slots)
-        self._executor = ThreadPoolExecutor(slots, thread_name_prefix="inference")
+        self._executor = ThreadPoolExecutor(slots, thread_name_prefix="inference", initializer=lower_thread_priority)
 
     @contextmanager
     def ticket(self) -> Iterator[None]:

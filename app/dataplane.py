@@ -5,13 +5,14 @@ The HTTP routers only translate between their wire format and the calls here (as
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
-import anyio
-import anyio.to_thread
 import numpy as np
 
 from app import imaging
@@ -20,9 +21,12 @@ from app.errors import InferenceFailed, InferenceTimeout, Overloaded, ServiceErr
 from app.manifest import Manifest
 from app.metrics import Metrics
 from app.modes import Mode, ModeChoice, ModeSelector
+from app.priority import lower_thread_priority
 from app.runtime import EnsembleOutputs, EnsembleRuntime
 from app.settings import Settings, available_cores
 from app.stats import RecentLatencies
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,9 @@ class DataPlane:
         self.selector = ModeSelector(settings.default_mode)
         self.recent = RecentLatencies(settings.stats_window_s)
         # Decoding and mask encoding run off the event loop, a few at a time (they are CPU-bound too).
-        self._image_threads = anyio.CapacityLimiter(available_cores())
+        self._image_pool = ThreadPoolExecutor(
+            available_cores(), thread_name_prefix="image", initializer=lower_thread_priority
+        )
         self.ready = True
         self._draining_since: float | None = None
 
@@ -74,17 +80,13 @@ class DataPlane:
         chosen = self.selector.pick(mode)
         with self._outcome(chosen), self.admission.ticket():
             start = time.perf_counter()
-            batch, decode_s, preprocess_s = await anyio.to_thread.run_sync(
-                self._decode_and_preprocess, data, limiter=self._image_threads
-            )
+            batch, decode_s, preprocess_s = await self._off_loop(self._decode_and_preprocess, data)
             self.metrics.decode_seconds.observe(decode_s)
             self.metrics.preprocess_seconds.observe(preprocess_s)
             inference = await self._infer(batch, chosen)
         mask_png = None
         if with_mask:
-            mask_png = await anyio.to_thread.run_sync(
-                self._mask_png, inference.outputs.mask_probs[0], limiter=self._image_threads
-            )
+            mask_png = await self._off_loop(self._mask_png, inference.outputs.mask_probs[0])
         self._record(inference, arrived)
         return ImagePrediction(
             chosen,
@@ -149,8 +151,12 @@ class DataPlane:
 
     def close(self) -> None:
         self.ready = False
+        self._image_pool.shutdown(wait=False, cancel_futures=True)
         self.admission.close()
         self.runtime.close()
+
+    async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._image_pool, function, *args)
 
     def _timed_inference(self, batch: np.ndarray, mode: Mode) -> tuple[EnsembleOutputs, float]:
         start = time.perf_counter()

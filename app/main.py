@@ -15,6 +15,7 @@ from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import BodyLimits, CORSFromSettings, QuietStartupFailure, RequestContext
 from app.ops import OpsServer
+from app.priority import lower_thread_priority
 from app.routes import health, monitoring, predict, ui, v2
 from app.runtime import EnsembleRuntime
 from app.settings import Settings
@@ -29,6 +30,11 @@ another) and **parallel** (the members' sessions at the same time). Choose per r
 """
 
 
+def _load_at_worker_priority(settings: Settings) -> EnsembleRuntime:
+    lower_thread_priority()  # ONNX Runtime's pool threads, which the sessions start here, inherit it
+    return EnsembleRuntime.load(settings)
+
+
 def create_app(settings: Settings | None = None, *, registry: CollectorRegistry | None = None) -> FastAPI:
     """The app; without settings they are read from the environment when it starts (in the lifespan)."""
     metrics = Metrics(registry) if registry is not None else Metrics.with_process_collectors()
@@ -36,7 +42,7 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or Settings.from_env()
-        runtime = await anyio.to_thread.run_sync(EnsembleRuntime.load, resolved)
+        runtime = await anyio.to_thread.run_sync(_load_at_worker_priority, resolved)
         dataplane = DataPlane(resolved, runtime, metrics)
         metrics.describe_model(runtime, resolved.max_concurrent_inferences)
         app.state.settings, app.state.dataplane = resolved, dataplane

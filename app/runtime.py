@@ -18,6 +18,7 @@ import onnxruntime as ort
 from app.errors import StartupError
 from app.manifest import CLASS_PROBS, INPUT_NAME, MASK_PROBS, MEMBER_CLASS_PROBS, Manifest, load_manifest
 from app.modes import Mode
+from app.priority import lower_thread_priority
 from app.settings import Settings
 
 MEMBER_OUTPUTS = (CLASS_PROBS, MASK_PROBS)
@@ -84,7 +85,9 @@ class EnsembleRuntime:
         self.plans = dict(plans)
         self._fused = fused
         self._members = dict(members)
-        self._member_pool = ThreadPoolExecutor(len(manifest.members), thread_name_prefix="member")
+        self._member_pool = ThreadPoolExecutor(
+            len(manifest.members), thread_name_prefix="member", initializer=lower_thread_priority
+        )
 
     @classmethod
     def load(cls, settings: Settings) -> EnsembleRuntime:

@@ -148,6 +148,8 @@ def test_app_container_is_locked_down(stack: Stack) -> None:
     assert host["Memory"] == 2**30  # APP_MEMORY=1g
     assert host["RestartPolicy"]["Name"] == "unless-stopped"
     docker("exec", app, "python", "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)")
+    image_env = json.loads(docker("image", "inspect", "--format", "{{json .Config.Env}}", IMAGE))
+    assert not [variable for variable in image_env if variable.startswith("API_KEY")]  # no secret baked in
 
 
 def test_predicts_through_the_published_port(stack: Stack) -> None:
