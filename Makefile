@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 MODEL_DIR ?= models/default
 
-.PHONY: serve test audit models install-runtime install-dev lock
+.PHONY: serve test audit models install-runtime install-build install-dev lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,13 +13,16 @@ $(BIN)/python:
 install-runtime: $(BIN)/python
 	$(PIP) -e .
 
+install-build: $(BIN)/python
+	$(PIP) -e ".[build]"
+
 install-dev: $(BIN)/python
 	$(PIP) -e ".[build,bench,dev]"
 
 ## Builds the default models unless they are already built (needs the build extra: torch, onnx).
 models:
 	@if [ -f $(MODEL_DIR)/manifest.json ]; then echo "models: $(MODEL_DIR) is built"; \
-	else $(MAKE) --no-print-directory install-dev && $(BIN)/python -m model_build build --preset default --out $(MODEL_DIR); fi
+	else $(MAKE) --no-print-directory install-build && $(BIN)/python -m model_build build --preset default --out $(MODEL_DIR); fi
 
 ## Installs, builds the default models if missing, starts the service on http://127.0.0.1:8000
 serve: install-runtime models

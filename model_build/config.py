@@ -69,6 +69,6 @@ PRESETS: dict[str, BuildConfig] = {
     "default": BuildConfig(
         name="shapes-ensemble",
         members=(MemberConfig(width_scale=2, seed=1), MemberConfig(width_scale=2, seed=2)),
-        training=TrainingConfig(image_size=48, batch_size=16, steps=1600),
+        training=TrainingConfig(image_size=48, batch_size=16, steps=1400),
     ),
 }
