@@ -122,16 +122,21 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
-def infer_json(
-    client: httpx.Client, model: str, batch: np.ndarray, outputs: list[str] | None = None, **parameters: str
-) -> dict[str, dict[str, Any]]:
-    """POSTs a v2 JSON inference request; the outputs by name."""
+def infer_body(batch: np.ndarray, outputs: list[str] | None = None, **parameters: str) -> dict[str, Any]:
+    """A v2 JSON inference request for one float32 batch."""
     body: dict[str, Any] = {
         "inputs": [{"name": "image", "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}],
         "parameters": parameters,
     }
     if outputs:
         body["outputs"] = [{"name": name} for name in outputs]
-    response = client.post(f"/v2/models/{model}/infer", json=body)
+    return body
+
+
+def infer_json(
+    client: httpx.Client, model: str, batch: np.ndarray, outputs: list[str] | None = None, **parameters: str
+) -> dict[str, dict[str, Any]]:
+    """POSTs a v2 JSON inference request; the outputs by name."""
+    response = client.post(f"/v2/models/{model}/infer", json=infer_body(batch, outputs, **parameters))
     assert response.status_code == 200, response.text
     return {output["name"]: output for output in response.json()["outputs"]}

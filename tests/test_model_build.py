@@ -12,7 +12,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from app.manifest import (
     CLASS_PROBS,
@@ -27,6 +26,7 @@ from app.manifest import (
 from model_build.build import build
 from model_build.config import PRESETS
 from model_build.shapes import LABELS, held_out_set
+from tests.onnx_members import hand_made_member
 
 
 def run(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -103,35 +103,8 @@ def test_tampered_file_fails_verification(model_dir: Path, manifest: Manifest, t
         load_manifest(copy)
 
 
-def user_member(path: Path, size: int, labels: int, seed: int, output: str = CLASS_PROBS) -> Path:
-    """A member made without torch or this project's build: a 1x1 conv segmenter and a pooled classifier."""
-    rng = np.random.default_rng(seed)
-    conv = numpy_helper.from_array(rng.normal(size=(labels + 1, 3, 1, 1)).astype(np.float32), "conv_w")
-    dense = numpy_helper.from_array(rng.normal(size=(3, labels)).astype(np.float32), "dense_w")
-    graph = helper.make_graph(
-        [
-            helper.make_node("Conv", [INPUT_NAME, "conv_w"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], [MASK_PROBS], axis=1),
-            helper.make_node("GlobalAveragePool", [INPUT_NAME], ["pooled"]),
-            helper.make_node("Flatten", ["pooled"], ["flat"]),
-            helper.make_node("MatMul", ["flat", "dense_w"], ["class_logits"]),
-            helper.make_node("Sigmoid", ["class_logits"], [output]),
-        ],
-        "user_member",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, size, size])],
-        [
-            helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", labels]),
-            helper.make_tensor_value_info(MASK_PROBS, TensorProto.FLOAT, ["N", labels + 1, size, size]),
-        ],
-        initializer=[conv, dense],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(model, path)
-    return path
-
-
 def test_user_members_fuse_with_the_cli(tmp_path: Path) -> None:
-    members = [user_member(tmp_path / f"user{i}.onnx", 24, 3, seed=i) for i in range(3)]
+    members = [hand_made_member(tmp_path / f"user{i}.onnx", 24, 3, seed=i) for i in range(3)]
     result = run_cli("fuse", *members, "--out", tmp_path / "out", "--labels", "cat,dog,bird", "--name", "pets")
     assert result.returncode == 0, result.stderr
     manifest = load_manifest(tmp_path / "out")
@@ -155,15 +128,15 @@ def test_our_members_fuse_without_labels(model_dir: Path, manifest: Manifest, tm
 @pytest.mark.parametrize(
     ("second", "message"),
     [
-        (lambda p: user_member(p, 32, 3, seed=1), "different signatures"),
-        (lambda p: user_member(p, 24, 4, seed=1), "different signatures"),
-        (lambda p: user_member(p, 24, 3, seed=1, output="scores"), "lacks output(s) ['class_probs']"),
+        (lambda p: hand_made_member(p, 32, 3, seed=1), "different signatures"),
+        (lambda p: hand_made_member(p, 24, 4, seed=1), "different signatures"),
+        (lambda p: hand_made_member(p, 24, 3, seed=1, output="scores"), "lacks output(s) ['class_probs']"),
         (lambda p: p.write_bytes(b"\x08\x07garbage" * 50) and p, "not a readable ONNX model"),
     ],
     ids=["input-size", "label-count", "output-name", "corrupt-file"],
 )
 def test_unfusable_members_fail_clearly(tmp_path: Path, second, message: str) -> None:
-    first = user_member(tmp_path / "first.onnx", 24, 3, seed=0)
+    first = hand_made_member(tmp_path / "first.onnx", 24, 3, seed=0)
     result = run_cli("fuse", first, second(tmp_path / "second.onnx"), "--out", tmp_path / "out", "--labels", "a,b,c")
     assert result.returncode == 1
     assert message in result.stderr

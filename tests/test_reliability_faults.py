@@ -14,16 +14,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-from app.manifest import CLASS_PROBS, INPUT_NAME, MASK_PROBS, FileEntry, Manifest, load_manifest
+from app.manifest import FileEntry, Manifest, load_manifest
 from app.modes import Mode
 from app.settings import Settings
+from tests.onnx_members import hand_made_member
 from tests.service_process import REPO, free_port, run_to_exit
-from tests.support import LiveServer, live_server, scrape
+from tests.support import LiveServer, infer_body, live_server, scrape
 
 # ---------------------------------------------------------------------------------------------------------------
 # Start-up refuses a broken model directory
@@ -132,36 +131,7 @@ def member_failing_on_large_values(path: Path, seed: int) -> Path:
     It looks up floor(max(image)) in a table of TABLE entries (Gather); any value from a normalised picture or
     the build's random check inputs is a valid index, 1000 is not, and ONNX Runtime raises at run time.
     """
-    rng = np.random.default_rng(seed)
-    initializers = [
-        numpy_helper.from_array(rng.normal(size=(LABELS + 1, 3, 1, 1)).astype(np.float32), "conv_w"),
-        numpy_helper.from_array(rng.normal(size=(3, LABELS)).astype(np.float32), "dense_w"),
-        numpy_helper.from_array(np.zeros(TABLE, np.float32), "table"),
-    ]
-    graph = helper.make_graph(
-        [
-            helper.make_node("Conv", [INPUT_NAME, "conv_w"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], [MASK_PROBS], axis=1),
-            helper.make_node("GlobalAveragePool", [INPUT_NAME], ["pooled"]),
-            helper.make_node("Flatten", ["pooled"], ["flat"]),
-            helper.make_node("MatMul", ["flat", "dense_w"], ["class_logits"]),
-            helper.make_node("ReduceMax", [INPUT_NAME], ["largest"], keepdims=0),
-            helper.make_node("Floor", ["largest"], ["floor"]),
-            helper.make_node("Cast", ["floor"], ["index"], to=TensorProto.INT64),
-            helper.make_node("Gather", ["table", "index"], ["looked_up"]),
-            helper.make_node("Add", ["class_logits", "looked_up"], ["shifted"]),
-            helper.make_node("Sigmoid", ["shifted"], [CLASS_PROBS]),
-        ],
-        "fragile_member",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
-        [
-            helper.make_tensor_value_info(CLASS_PROBS, TensorProto.FLOAT, ["N", LABELS]),
-            helper.make_tensor_value_info(MASK_PROBS, TensorProto.FLOAT, ["N", LABELS + 1, SIZE, SIZE]),
-        ],
-        initializer=initializers,
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
+    return hand_made_member(path, SIZE, LABELS, seed, lookup_table=TABLE)
 
 
 @pytest.fixture(scope="module")
@@ -187,10 +157,8 @@ def fragile_server(fragile_models: Path) -> Iterator[LiveServer]:
         yield live
 
 
-def infer_body(value: float, **parameters: str) -> dict[str, object]:
-    data = np.full((1, 3, SIZE, SIZE), value, np.float32)
-    image = {"name": "image", "shape": list(data.shape), "datatype": "FP32", "data": data.ravel().tolist()}
-    return {"inputs": [image], "parameters": parameters}
+def filled_body(value: float, **parameters: str) -> dict[str, object]:
+    return infer_body(np.full((1, 3, SIZE, SIZE), value, np.float32), **parameters)
 
 
 def assert_no_internals(text: str) -> None:
@@ -205,9 +173,9 @@ def test_an_onnx_runtime_error_is_a_json_500_with_the_request_id_and_is_counted(
     name = load_manifest(fragile_server.app.state.settings.model_dir).name
     with fragile_server.client() as client:
         before = scrape(client)
-        failed = client.post(f"/v2/models/{name}/infer", json=infer_body(1000.0, mode=mode.value))
+        failed = client.post(f"/v2/models/{name}/infer", json=filled_body(1000.0, mode=mode.value))
         after = scrape(client)
-        served = client.post(f"/v2/models/{name}/infer", json=infer_body(0.5, mode=mode.value))
+        served = client.post(f"/v2/models/{name}/infer", json=filled_body(0.5, mode=mode.value))
     assert failed.status_code == 500
     assert failed.headers["content-type"] == "application/json"
     request_id = failed.headers["X-Request-ID"]

@@ -14,7 +14,7 @@ import pytest
 from app.manifest import Manifest
 from app.settings import Settings
 from tests.service_process import free_port
-from tests.support import LiveServer, live_server, png_bytes
+from tests.support import LiveServer, infer_body, live_server, png_bytes
 
 API_KEY = "a-test-key-of-at-least-16-characters"
 ORIGIN = "https://dashboard.example"
@@ -33,9 +33,7 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def tensor_request(manifest: Manifest) -> dict[str, object]:
-    shape = [1, 3, manifest.input.height, manifest.input.width]
-    data = np.zeros(shape, np.float32).ravel().tolist()
-    return {"inputs": [{"name": "image", "shape": shape, "datatype": "FP32", "data": data}]}
+    return infer_body(np.zeros((1, 3, manifest.input.height, manifest.input.width), np.float32))
 
 
 @pytest.mark.parametrize("headers", [{}, bearer("wrong-key-of-at-least-16-chars"), {"Authorization": "Basic eDp5"}])

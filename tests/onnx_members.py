@@ -1,0 +1,57 @@
+"""Hand-made ONNX members with our signature, built without torch or this project's build step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from app.manifest import CLASS_PROBS, INPUT_NAME, MASK_PROBS
+
+
+def hand_made_member(
+    path: Path, size: int, labels: int, seed: int, *, output: str = CLASS_PROBS, lookup_table: int | None = None
+) -> Path:
+    """A 1x1 conv segmenter and a pooled classifier, saved to `path`.
+
+    With `lookup_table=T` the class logits are shifted by table[floor(max(image))], a table of T zeros: the same
+    answers, but ONNX Runtime fails at run time on an input holding a value of T or more.
+    """
+    rng = np.random.default_rng(seed)
+    initializers = [
+        numpy_helper.from_array(rng.normal(size=(labels + 1, 3, 1, 1)).astype(np.float32), "conv_w"),
+        numpy_helper.from_array(rng.normal(size=(3, labels)).astype(np.float32), "dense_w"),
+    ]
+    nodes = [
+        helper.make_node("Conv", [INPUT_NAME, "conv_w"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], [MASK_PROBS], axis=1),
+        helper.make_node("GlobalAveragePool", [INPUT_NAME], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "dense_w"], ["class_logits"]),
+    ]
+    class_logits = "class_logits"
+    if lookup_table is not None:
+        initializers.append(numpy_helper.from_array(np.zeros(lookup_table, np.float32), "table"))
+        nodes += [
+            helper.make_node("ReduceMax", [INPUT_NAME], ["largest"], keepdims=0),
+            helper.make_node("Floor", ["largest"], ["floor"]),
+            helper.make_node("Cast", ["floor"], ["index"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["table", "index"], ["looked_up"]),
+            helper.make_node("Add", ["class_logits", "looked_up"], ["shifted"]),
+        ]
+        class_logits = "shifted"
+    nodes.append(helper.make_node("Sigmoid", [class_logits], [output]))
+    graph = helper.make_graph(
+        nodes,
+        "hand_made_member",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, size, size])],
+        [
+            helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", labels]),
+            helper.make_tensor_value_info(MASK_PROBS, TensorProto.FLOAT, ["N", labels + 1, size, size]),
+        ],
+        initializer=initializers,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
