@@ -18,7 +18,8 @@ from app.manifest import InputSpec
 
 # Pillow format names we decode, and the media types that announce them.
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
-MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg", "image/webp", "image/bmp", "image/x-ms-bmp"})
+MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp")  # the documented ones
+ACCEPTED_MEDIA_TYPES = frozenset({*MEDIA_TYPES, "image/jpg", "image/x-ms-bmp"})  # and aliases clients send
 WHITE = (255, 255, 255, 255)
 SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 
@@ -30,7 +31,7 @@ _PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 2
 def check_media_type(content_type: str) -> None:
     """Refuses (415) a declared media type we do not decode."""
     media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type not in MEDIA_TYPES:
+    if media_type not in ACCEPTED_MEDIA_TYPES:
         raise UnsupportedMediaType(
             f"unsupported media type {media_type or '(none)'!r}: send a PNG, JPEG, WebP or BMP image as the body "
             "(Content-Type image/png, image/jpeg, image/webp or image/bmp) or as the multipart field 'file'"

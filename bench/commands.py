@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from pydantic import BaseModel
+
 from bench.machine import Machine
 from bench.markdown import update_section
 from bench.targets import Check
@@ -56,6 +58,11 @@ def _out(args: argparse.Namespace) -> Path:
     out: Path = args.out or ARTIFACTS / (args.command + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _write_json_list(path: Path, rows: Sequence[BaseModel]) -> None:
+    """A JSON array, one row per line."""
+    path.write_text("[" + ",\n".join(row.model_dump_json() for row in rows) + "]\n")
 
 
 def _header(argv: Sequence[str], what: str) -> str:
@@ -149,7 +156,7 @@ def interference(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
     budget, out = _budget(args), _out(args)
     rows = run(args.model_dir, budget)
-    (out / "interference.json").write_text("[" + ",\n".join(r.model_dump_json() for r in rows) + "]\n")
+    _write_json_list(out / "interference.json", rows)
     header = _header(
         argv,
         f"Model {args.model_dir}; the service's runtime in-process (no HTTP), each configuration in its own "
@@ -167,7 +174,7 @@ def quant(args: argparse.Namespace, argv: Sequence[str]) -> None:
     budget, out = _budget(args), _out(args)
     calibration = args.calibration_images or _pick(args, QUANT_CALIBRATION_IMAGES)
     variants = run(args.model_dir, out, budget, calibration, args.test_images)
-    (out / "quant.json").write_text("[" + ",\n".join(v.model_dump_json() for v in variants) + "]\n")
+    _write_json_list(out / "quant.json", variants)
     header = _header(
         argv,
         f"The fused graph of {args.model_dir}; accuracy on {variants[0].metrics.images} held-out images. Static: "

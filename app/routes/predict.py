@@ -33,7 +33,7 @@ REQUEST_BODY: dict[str, Any] = {
                     "properties": {UPLOAD_FIELD: {"type": "string", "format": "binary"}},
                 }
             },
-            **{media_type: _BINARY for media_type in ("image/png", "image/jpeg", "image/webp", "image/bmp")},
+            **{media_type: _BINARY for media_type in imaging.MEDIA_TYPES},
         },
     }
 }
