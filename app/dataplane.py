@@ -64,8 +64,8 @@ class DataPlane:
         self.metrics = metrics
         self.manifest: Manifest = runtime.manifest
         self.admission = Admission(settings.max_concurrent_inferences, settings.max_queue)
-        self.selector = ModeSelector(settings.default_mode)
-        self.recent = RecentLatencies(settings.stats_window_s)
+        self.selector = ModeSelector(settings.default_mode, runtime.modes)
+        self.recent = RecentLatencies(settings.stats_window_s, runtime.modes)
         # Decoding and mask encoding run off the event loop, a few at a time (they are CPU-bound too).
         self._image_pool = ThreadPoolExecutor(
             available_cores(), thread_name_prefix="image", initializer=lower_thread_priority

@@ -139,18 +139,22 @@ def internal_message(request_id: str | None, what: str = "internal error") -> st
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    message = exc.message
-    if exc.status == 500:
+    message, status = exc.message, _protocol_status(request, exc.status)
+    if status == 500:
         request_id = getattr(request.state, "request_id", None)
         logger.error("request %s failed: %s", request_id, message, exc_info=exc.__cause__ or exc)
         message = internal_message(request_id, message)
-    return error_response(request, exc.status, exc.code, message, exc.headers)
+    return error_response(request, status, exc.code, message, exc.headers)
+
+
+def _protocol_status(request: Request, status: int) -> int:
+    """The protocol of /v2 answers every invalid request with 400; our own API invalid parameters with 422."""
+    return 400 if status == 422 and request.url.path.startswith(V2_PREFIX) else status
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    # The protocol of /v2 answers malformed requests with 400; our own API with 422, as FastAPI does.
-    status = 400 if request.url.path.startswith(V2_PREFIX) else 422
+    status = _protocol_status(request, InvalidParameter.status)
     return error_response(request, status, InvalidParameter.code, _describe_validation(exc.errors()))
 
 

@@ -23,10 +23,11 @@ from app.settings import Settings
 logger = logging.getLogger("app")
 
 DESCRIPTION = """
-Serves an ensemble of segmentation models three ways and lets you compare them live:
+Serves an ensemble of segmentation models in several ways and lets you compare them live:
 **fused** (one ONNX Runtime session on the fused graph), **sequential** (the members' sessions one after
-another) and **parallel** (the members' sessions at the same time). Choose per request with `?mode=`, or
-`compare` to rotate over the three. Latencies per mode: `/metrics` (Prometheus) and `/stats`.
+another), **parallel** (the members' sessions at the same time) and, when the build shipped it,
+**fused-int8** (the fused graph quantised to int8). Choose per request with `?mode=`, or `compare` to rotate
+over the modes served. Latencies per mode: `/metrics` (Prometheus) and `/stats`.
 """
 
 

@@ -103,6 +103,9 @@ class Manifest(_Strict):
     members: tuple[Member, ...] = Field(min_length=1)
     ensemble: FileEntry
     ensemble_metrics: Metrics | None = None
+    # The fused graph quantised to int8, when the build made it and it kept the accuracy: the fused-int8 mode.
+    ensemble_int8: FileEntry | None = None
+    ensemble_int8_metrics: Metrics | None = None
     opset: int
     versions: dict[str, str]
     build_config: dict[str, object] = Field(default_factory=dict)
@@ -146,6 +149,7 @@ def load_manifest(model_dir: Path, *, verify_files: bool = True) -> Manifest:
         first = str(exc).splitlines()
         raise ManifestError(f"{path} is not a valid manifest: {' '.join(first[:3])}") from None
     if verify_files:
-        for entry in (*(m.file for m in manifest.members), manifest.ensemble):
-            entry.verify(Path(model_dir))
+        for entry in (*(m.file for m in manifest.members), manifest.ensemble, manifest.ensemble_int8):
+            if entry is not None:
+                entry.verify(Path(model_dir))
     return manifest

@@ -1,7 +1,7 @@
 """Every Prometheus metric of the service, on a registry passed in (tests use a fresh one each).
 
 Latency histograms use geometric buckets from 1 ms to 10 s with a ratio of 1.12, so histogram_quantile
-can tell apart two modes whose latencies differ by 10 %. Label values are bounded: the three modes,
+can tell apart two modes whose latencies differ by 10 %. Label values are bounded: the modes served,
 route templates, status classes.
 """
 
@@ -14,7 +14,6 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from app.modes import Mode
 from app.runtime import EnsembleRuntime
 
 PREFIX = "ensemble"
@@ -66,11 +65,6 @@ class Metrics:
         self.model = Info(
             f"{PREFIX}_model", "The model served and the session options of each mode.", registry=registry
         )
-        for mode in Mode:  # every mode's series exist from the start, at zero
-            for histogram in (self.request_seconds, self.inference_seconds, self.slot_wait_seconds):
-                histogram.labels(mode)
-            for outcome in OUTCOMES:
-                self.predictions.labels(mode, outcome)
 
     @classmethod
     def with_process_collectors(cls) -> Metrics:
@@ -82,7 +76,13 @@ class Metrics:
         return cls(registry)
 
     def describe_model(self, runtime: EnsembleRuntime, max_concurrent_inferences: int) -> None:
+        """The model's info, and every served mode's series, at zero from the start."""
         manifest = runtime.manifest
+        for mode in runtime.modes:
+            for histogram in (self.request_seconds, self.inference_seconds, self.slot_wait_seconds):
+                histogram.labels(mode)
+            for outcome in OUTCOMES:
+                self.predictions.labels(mode, outcome)
         self.model.info(
             {
                 "name": manifest.name,

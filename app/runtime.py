@@ -1,8 +1,9 @@
-"""The model runtime: ONNX Runtime sessions for the fused graph and for the members, and the three modes.
+"""The model runtime: ONNX Runtime sessions for the fused graphs and for the members, and the modes.
 
 Every mode takes the same input batch and returns the same EnsembleOutputs, so pre- and post-processing
-never know which mode ran. Sequential and parallel mode each have their own member sessions, because
-their thread budgets differ (parallel: the members share the cores).
+never know which mode ran. The graph modes (fused, and fused-int8 when the build shipped it) run one session;
+sequential and parallel mode each have their own member sessions, because their thread budgets differ
+(parallel: the members share the cores).
 """
 
 from __future__ import annotations
@@ -64,10 +65,19 @@ class EnsembleOutputs:
         return cls(stacked.mean(axis=1), masks, stacked)
 
 
-def thread_plans(settings: Settings, members: int) -> dict[Mode, ThreadPlan]:
+GRAPH_MODES = (Mode.FUSED, Mode.FUSED_INT8)
+MEMBER_MODES = (Mode.SEQUENTIAL, Mode.PARALLEL)
+
+
+def served_modes(manifest: Manifest) -> tuple[Mode, ...]:
+    """Every mode but fused-int8, which needs the int8 graph the build ships only when it keeps the accuracy."""
+    return tuple(mode for mode in Mode if mode is not Mode.FUSED_INT8 or manifest.ensemble_int8 is not None)
+
+
+def thread_plans(settings: Settings, members: int, modes: Sequence[Mode]) -> dict[Mode, ThreadPlan]:
     return {
         mode: ThreadPlan(settings.intra_op_threads(mode, members), settings.inter_op_threads, settings.allow_spinning)
-        for mode in Mode
+        for mode in modes
     }
 
 
@@ -77,13 +87,14 @@ class EnsembleRuntime:
     def __init__(
         self,
         manifest: Manifest,
-        fused: ort.InferenceSession,
+        graphs: Mapping[Mode, ort.InferenceSession],
         members: Mapping[Mode, Sequence[ort.InferenceSession]],
         plans: Mapping[Mode, ThreadPlan],
     ) -> None:
         self.manifest = manifest
         self.plans = dict(plans)
-        self._fused = fused
+        self.modes = tuple(mode for mode in Mode if mode in graphs or mode in members)
+        self._graphs = dict(graphs)
         self._members = dict(members)
         self._member_pool = ThreadPoolExecutor(
             len(manifest.members), thread_name_prefix="member", initializer=lower_thread_priority
@@ -97,22 +108,28 @@ class EnsembleRuntime:
             manifest = load_manifest(root)
         except Exception as exc:  # ManifestError, or an unreadable directory
             raise StartupError(f"model directory {root} is unusable: {exc}") from None
-        plans = thread_plans(settings, len(manifest.members))
+        modes = served_modes(manifest)
+        plans = thread_plans(settings, len(manifest.members), modes)
         contract = _contract(manifest)
-        fused = _open(root / manifest.ensemble.path, plans[Mode.FUSED], contract[Mode.FUSED])
+        graph_files = {Mode.FUSED: manifest.ensemble, Mode.FUSED_INT8: manifest.ensemble_int8}
+        graphs = {
+            mode: _open(root / file.path, plans[mode], contract[mode])
+            for mode, file in graph_files.items()
+            if mode in modes and file is not None
+        }
         members = {
             mode: [_open(root / member.file.path, plans[mode], contract[mode]) for member in manifest.members]
-            for mode in (Mode.SEQUENTIAL, Mode.PARALLEL)
+            for mode in MEMBER_MODES
         }
-        runtime = cls(manifest, fused, members, plans)
+        runtime = cls(manifest, graphs, members, plans)
         runtime.warm_up()
         return runtime
 
     def infer(self, batch: np.ndarray, mode: Mode) -> EnsembleOutputs:
         """batch: float32 [N, 3, H, W], preprocessed."""
         feed = {INPUT_NAME: batch}
-        if mode is Mode.FUSED:
-            return EnsembleOutputs(*self._fused.run(list(FUSED_OUTPUTS), feed))
+        if mode in self._graphs:
+            return EnsembleOutputs(*self._graphs[mode].run(list(FUSED_OUTPUTS), feed))
         run_all = self._member_pool.map if mode is Mode.PARALLEL else map
         return EnsembleOutputs.average(
             list(run_all(lambda session: session.run(list(MEMBER_OUTPUTS), feed), self._members[mode]))
@@ -123,7 +140,7 @@ class EnsembleRuntime:
         spec = self.manifest.input
         batch = np.zeros((1, 3, spec.height, spec.width), dtype=np.float32)
         expected = _contract(self.manifest)[Mode.FUSED]
-        for mode in Mode:
+        for mode in self.modes:
             outputs = self.infer(batch, mode)
             for name in FUSED_OUTPUTS:
                 actual, wanted = getattr(outputs, name).shape, (1, *expected[name][1:])
@@ -145,11 +162,8 @@ def _contract(manifest: Manifest) -> dict[Mode, dict[str, tuple[int | None, ...]
         CLASS_PROBS: (None, labels),
         MASK_PROBS: (None, labels + 1, spec.height, spec.width),
     }
-    return {
-        Mode.FUSED: member | {MEMBER_CLASS_PROBS: (None, len(manifest.members), labels)},
-        Mode.SEQUENTIAL: member,
-        Mode.PARALLEL: member,
-    }
+    graph = member | {MEMBER_CLASS_PROBS: (None, len(manifest.members), labels)}
+    return {mode: graph for mode in GRAPH_MODES} | {mode: member for mode in MEMBER_MODES}
 
 
 def _open(path: Path, plan: ThreadPlan, contract: Mapping[str, tuple[int | None, ...]]) -> ort.InferenceSession:

@@ -42,11 +42,11 @@ class Settings(BaseSettings):
     )
     default_mode: ModeChoice = Field(
         ModeChoice.FUSED,
-        description="Mode for requests that do not ask for one: fused, sequential, parallel, or compare "
-        "(rotate over the three, so traffic splits evenly).",
+        description="Mode for requests that do not ask for one: fused, sequential, parallel, fused-int8 (when the "
+        "build shipped the int8 graph), or compare (rotate over the modes served, so traffic splits evenly).",
     )
     fused_intra_op_threads: int | None = Field(
-        None, ge=1, le=256, description="Intra-op threads of the fused-graph session. Unset: all cores."
+        None, ge=1, le=256, description="Intra-op threads of each fused-graph session (fp32, int8). Unset: all cores."
     )
     sequential_intra_op_threads: int | None = Field(
         None, ge=1, le=256, description="Intra-op threads of each member session of sequential mode. Unset: all cores."
@@ -204,6 +204,7 @@ class Settings(BaseSettings):
         cores = available_cores()
         configured = {
             Mode.FUSED: self.fused_intra_op_threads,
+            Mode.FUSED_INT8: self.fused_intra_op_threads,
             Mode.SEQUENTIAL: self.sequential_intra_op_threads,
             Mode.PARALLEL: self.parallel_intra_op_threads,
         }[mode]

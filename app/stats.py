@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,11 +42,11 @@ class ModeSummary:
 
 
 class RecentLatencies:
-    """The last `window_s` seconds of successful predictions, per mode (at most MAX_SAMPLES_PER_MODE each)."""
+    """The last `window_s` seconds of successful predictions of each of `modes` (at most MAX_SAMPLES_PER_MODE each)."""
 
-    def __init__(self, window_s: float) -> None:
+    def __init__(self, window_s: float, modes: Sequence[Mode]) -> None:
         self.window_s = window_s
-        self._samples = {mode: deque[Sample](maxlen=MAX_SAMPLES_PER_MODE) for mode in Mode}
+        self._samples = {mode: deque[Sample](maxlen=MAX_SAMPLES_PER_MODE) for mode in modes}
 
     def record(self, mode: Mode, request_s: float, inference_s: float) -> None:
         self._samples[mode].append(Sample(time.monotonic(), request_s, inference_s))

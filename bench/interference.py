@@ -1,5 +1,5 @@
 """Interference between modes in one process: each service mode timed alone, then interleaved with the others
-(fused, sequential, parallel in turn, one inference at a time, as `compare` traffic does with one slot).
+(the served modes in turn, one inference at a time, as `compare` traffic does with one slot).
 
 Runs the service's own runtime in-process (no HTTP), one process per configuration, with the service's
 default settings and with spinning flipped, so the effect of idle pools spinning shows.
@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from app.settings import Settings
 from bench.isolated import measure_isolated
 from bench.markdown import table
-from bench.service_runtime import SERVICE_MODES, service_runner_name
+from bench.service_runtime import service_modes, service_runner_name
 from bench.stats import Summary, ratio
 from bench.targets import Check, checks_table
 from bench.timing import Budget
@@ -43,7 +43,8 @@ def run(
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> list[InterferenceRow]:
     rows = []
-    names = [service_runner_name(m) for m in SERVICE_MODES]
+    modes = service_modes(model_dir)
+    names = [service_runner_name(m) for m in modes]
     for spinning in (SERVICE_DEFAULT_SPINNING, not SERVICE_DEFAULT_SPINNING):
 
         def measure(rotation: tuple[str, ...], spinning: bool = spinning) -> dict[str, Summary]:
@@ -58,7 +59,7 @@ def run(
             return measure_isolated(spec).results
 
         interleaved = measure(tuple(names))
-        for mode, name in zip(SERVICE_MODES, names, strict=True):
+        for mode, name in zip(modes, names, strict=True):
             rows.append(
                 InterferenceRow(
                     allow_spinning=spinning, mode=mode, alone=measure((name,))[name], interleaved=interleaved[name]

@@ -7,7 +7,6 @@ import math
 from bench.load import LoadResult
 from bench.markdown import table
 from bench.online import LoadReport
-from bench.service_runtime import SERVICE_MODES
 from bench.stats import ratio
 from bench.targets import Check, checks_table
 
@@ -48,7 +47,7 @@ def checks(report: LoadReport) -> list[Check]:
         ),
         Check("service parallel ÷ fused, p50 at c=1", ratio(_p50(_at_c1(report, "service", "parallel")), fused), 1.0),
     ]
-    for mode in SERVICE_MODES:
+    for mode in report.floor:
         floor = report.floor[mode]
         alone = _p50(_at_c1(report, "service", mode))
         result += [
@@ -75,7 +74,7 @@ def _mb(value: int | None) -> str:
 def _split_at_c1(report: LoadReport) -> str:
     """Where the time of one request at c=1 goes: the client's latency against the service's Server-Timing."""
     rows = []
-    for mode in SERVICE_MODES:
+    for mode in report.floor:
         result = _at_c1(report, "service", mode)
         server = result.server_timing_p50_ms if result else {}
         rows.append(
@@ -139,7 +138,7 @@ def markdown(report: LoadReport, header: str) -> str:
                 _compare_split(report, m),
                 ratio(_compare_split(report, m), _p50(_at_c1(report, "service", m))),
             ]
-            for m in SERVICE_MODES
+            for m in report.floor
         ],
     )
     baseline = ratio(_p50(_at_c1(report, "baseline", "default")), _p50(_at_c1(report, "service", "fused")))

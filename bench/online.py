@@ -19,7 +19,7 @@ from bench.isolated import measure_isolated
 from bench.load import LoadResult, Payload, closed_loop, open_loop, warm_up
 from bench.machine import Machine
 from bench.server import LOOPBACK, Server, free_port, resident_bytes, started, wait_ready
-from bench.service_runtime import SERVICE_MODES, service_runner_name
+from bench.service_runtime import service_modes, service_runner_name
 from bench.stats import Summary
 from bench.timing import Budget
 from bench.worker import MeasureSpec
@@ -62,7 +62,7 @@ def shapes_png(size: int = IMAGE_SIZE) -> bytes:
 def measure_floor(model_dir: Path, plan: LoadPlan) -> dict[str, Summary]:
     """Each service mode in-process through the service's own runtime, one process per mode."""
     floor = {}
-    for mode in SERVICE_MODES:
+    for mode in service_modes(model_dir):
         name = service_runner_name(mode)
         spec = MeasureSpec(
             model_dir=model_dir,
@@ -140,7 +140,7 @@ def run_service(
     out: Path,
     log: Callable[[str], None],
 ) -> tuple[str, list[LoadResult], int | None, int | None]:
-    modes = [*SERVICE_MODES, "compare"]
+    modes = [*service_modes(model_dir), "compare"]
     if url:
         server = Server(url.rstrip("/"), None)
         wait_ready(server.url, "/readyz", 30)
@@ -172,7 +172,7 @@ def run(
 ) -> LoadReport:
     manifest = load_manifest(model_dir)
     payload = Payload.png(shapes_png())
-    log(f"[load] in-process floor of {', '.join(SERVICE_MODES)} on {model_dir}")
+    log(f"[load] in-process floor of {', '.join(service_modes(model_dir))} on {model_dir}")
     floor = measure_floor(model_dir, plan)
     for mode, summary in floor.items():
         log(f"[load] in-process {mode:<10} {summary.brief()}")

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from bench.markdown import table
-from bench.quant import LATENCY_CONFIGS, MAX_ACCURACY_LOSS, Variant
+from bench.quant import LATENCY_CONFIGS, Variant
 from bench.stats import ratio
 from bench.targets import Check, checks_table
+from model_build.quantize import MAX_ACCURACY_LOSS, accuracy_loss
 
 
 def checks(variants: list[Variant]) -> list[Check]:
-    fp32 = variants[0].metrics.mean_label_accuracy
+    fp32 = variants[0].metrics
     return [
         Check(
             f"{v.name}: mean label accuracy lost (points)",
-            (fp32 - v.metrics.mean_label_accuracy) * 100,
+            accuracy_loss(fp32, v.metrics) * 100,
             MAX_ACCURACY_LOSS * 100,
             unit=" pt",
         )

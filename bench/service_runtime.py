@@ -5,13 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from app.manifest import load_manifest
 from app.modes import Mode
-from app.runtime import EnsembleRuntime
+from app.runtime import EnsembleRuntime, served_modes
 from app.settings import Settings
 from bench.engines import Runner
 
 SERVICE_PREFIX = "service:"
-SERVICE_MODES: tuple[str, ...] = tuple(mode.value for mode in Mode)
+
+
+def service_modes(model_dir: Path) -> tuple[str, ...]:
+    """The modes the service serves for this model directory (fused-int8 only if the build shipped it)."""
+    return tuple(mode.value for mode in served_modes(load_manifest(model_dir, verify_files=False)))
 
 
 def service_runner_name(mode: Mode | str) -> str:

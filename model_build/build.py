@@ -3,6 +3,7 @@ the manifest. `build` does it from a config; `fuse_files` does the second half f
 
     OUT/members/<member>.onnx   one file per member
     OUT/ensemble.onnx           the fused graph
+    OUT/ensemble.int8.onnx      the fused graph quantised to int8, if it keeps the accuracy (config.int8)
     OUT/manifest.json           app.manifest.Manifest: the contract the service reads
 """
 
@@ -30,16 +31,19 @@ from app.manifest import (
     Metrics,
     load_manifest,
 )
-from model_build.config import BuildConfig, MemberConfig
-from model_build.evaluate import score
+from model_build.config import BuildConfig, Int8Config, MemberConfig
+from model_build.evaluate import score_model
 from model_build.export import export_member
 from model_build.fuse import FusionError, fuse, signature
+from model_build.quantize import accuracy_loss, quantize_static_int8
 from model_build.shapes import LABELS, Batch, held_out_set
 from model_build.train import train_member
 from model_build.unet import UNet, parameter_count
-from model_build.verify import check_fused_matches_members, run_in_batches
+from model_build.verify import check_fused_matches_members
 
 RANDOM_CHECK_INPUTS = 8
+ENSEMBLE_FILE = "ensemble.onnx"
+INT8_FILE = "ensemble.int8.onnx"
 
 
 def log(message: str) -> None:
@@ -102,7 +106,7 @@ def _write_ensemble(out: Path, member_paths: Sequence[Path], check_inputs: np.nd
     names = [p.stem for p in member_paths]
     fused = fuse([onnx.load(p) for p in member_paths], names)
     onnx.helper.set_model_props(fused, {"members": json.dumps(names)})
-    path = out / "ensemble.onnx"
+    path = out / ENSEMBLE_FILE
     onnx.save(fused, path)
     worst = check_fused_matches_members(path, member_paths, check_inputs)
     log(f"fused {len(member_paths)} members into {path}; largest difference from their mean {worst:.1e}")
@@ -115,10 +119,29 @@ def _random_inputs(spec: InputSpec, seed: int = 0) -> np.ndarray:
     )
 
 
-def _scores(path: Path, test: Batch, inputs: np.ndarray) -> Metrics:
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    class_probs, mask_probs = run_in_batches(session, inputs)[:2]
-    return score(class_probs, mask_probs, test)
+def _write_int8(
+    config: Int8Config, out: Path, spec: InputSpec, fp32_metrics: Metrics, test: Batch, test_inputs: np.ndarray
+) -> tuple[FileEntry, Metrics] | None:
+    """Quantises OUT/ensemble.onnx to OUT/ensemble.int8.onnx and keeps it if it loses at most
+    config.max_accuracy_loss of mean label accuracy on the held-out set."""
+    path = out / INT8_FILE
+    path.unlink(missing_ok=True)
+    if not config.enabled:
+        return None
+    log(f"quantising the fused graph to int8, calibrated on {config.calibration_images} training images")
+    quantize_static_int8(out / ENSEMBLE_FILE, path, spec, config.calibration_images)
+    metrics = score_model(path, test, test_inputs)
+    loss = accuracy_loss(fp32_metrics, metrics)
+    verdict = (
+        f"mean label accuracy {-loss * 100:+.2f} points against fp32 "
+        f"(may lose {config.max_accuracy_loss * 100:g} at most)"
+    )
+    if loss > config.max_accuracy_loss:
+        log(f"int8 ensemble not kept: {verdict}")
+        path.unlink()
+        return None
+    log(f"int8 ensemble: {_describe(metrics)}; {verdict}")
+    return FileEntry.of(out, path), metrics
 
 
 def build(config: BuildConfig, out: Path) -> Manifest:
@@ -140,7 +163,7 @@ def build(config: BuildConfig, out: Path) -> Manifest:
     ensemble = _write_ensemble(out, member_paths, np.concatenate([_random_inputs(spec), test_inputs[:32]]))
     members = []
     for member, path in zip(config.members, member_paths, strict=True):
-        metrics = _scores(path, test, test_inputs)
+        metrics = score_model(path, test, test_inputs)
         members.append(
             Member(
                 name=member.name,
@@ -152,8 +175,9 @@ def build(config: BuildConfig, out: Path) -> Manifest:
             )
         )
         log(f"{member.name}: {members[-1].parameters:,} parameters, {_describe(metrics)}")
-    ensemble_metrics = _scores(out / ensemble.path, test, test_inputs)
+    ensemble_metrics = score_model(out / ensemble.path, test, test_inputs)
     log(f"ensemble: {_describe(ensemble_metrics)}")
+    int8 = _write_int8(config.int8, out, spec, ensemble_metrics, test, test_inputs)
     manifest = Manifest(
         name=config.name,
         labels=LABELS,
@@ -161,6 +185,8 @@ def build(config: BuildConfig, out: Path) -> Manifest:
         members=tuple(members),
         ensemble=ensemble,
         ensemble_metrics=ensemble_metrics,
+        ensemble_int8=int8[0] if int8 else None,
+        ensemble_int8_metrics=int8[1] if int8 else None,
         opset=config.opset,
         versions=versions(),
         build_config=config_json,

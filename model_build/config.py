@@ -8,6 +8,7 @@ import json
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.manifest import InputSpec
+from model_build.quantize import MAX_ACCURACY_LOSS
 
 
 class TrainingConfig(BaseModel):
@@ -36,6 +37,16 @@ class MemberConfig(BaseModel):
         return f"unet-w{self.width_scale}-s{self.seed}"
 
 
+class Int8Config(BaseModel):
+    """Whether the build also ships the fused graph quantised to int8 (static QDQ), and when it keeps it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    calibration_images: int = Field(200, ge=1, le=10_000)
+    max_accuracy_loss: float = Field(MAX_ACCURACY_LOSS, ge=0, le=1)
+
+
 class BuildConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -43,6 +54,7 @@ class BuildConfig(BaseModel):
     members: tuple[MemberConfig, ...] = Field(min_length=1)
     training: TrainingConfig = TrainingConfig()
     test_images: int = Field(500, ge=1)
+    int8: Int8Config = Int8Config()
     opset: int = Field(20, ge=17)
     parallel_training: bool = True
 
@@ -63,6 +75,8 @@ PRESETS: dict[str, BuildConfig] = {
         members=(MemberConfig(width_scale=2, seed=1), MemberConfig(width_scale=2, seed=2)),
         training=TrainingConfig(image_size=32, batch_size=8, steps=12, learning_rate=3e-3),
         test_images=48,
+        # Kept whatever a few steps of training let it lose, so that the suite always serves the int8 mode.
+        int8=Int8Config(calibration_images=16, max_accuracy_loss=1.0),
     ),
     # What the service serves out of the box: two width-2 members at 48x48, trained at once, one core each
     # (on 2 cores, 1.4x the throughput of training them one after the other on 2 threads each).

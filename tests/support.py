@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import shutil
 import socket
 import threading
 import time
@@ -11,6 +12,7 @@ import zlib
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -24,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.dataplane import DataPlane
 from app.main import create_app
+from app.manifest import load_manifest
 from app.settings import Settings
 
 START_TIMEOUT_S = 60
@@ -72,6 +75,10 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
         thread.join(timeout=START_TIMEOUT_S)
         loop.close()
         sock.close()
+
+
+# How far fused-int8's probabilities may be from the fp32 modes' (which agree to 1e-4) on images like the tests'.
+INT8_ATOL = 0.05
 
 
 def encode(image: Image.Image, format: str, **options: Any) -> bytes:
@@ -140,3 +147,13 @@ def infer_json(
     response = client.post(f"/v2/models/{model}/infer", json=infer_body(batch, outputs, **parameters))
     assert response.status_code == 200, response.text
     return {output["name"]: output for output in response.json()["outputs"]}
+
+
+def copy_without_int8(model_dir: Path, target: Path) -> Path:
+    """A copy of a model directory as the build leaves it when the int8 graph loses too much accuracy."""
+    copy = Path(shutil.copytree(model_dir, target))
+    manifest = load_manifest(copy)
+    assert manifest.ensemble_int8 is not None
+    (copy / manifest.ensemble_int8.path).unlink()
+    manifest.model_copy(update={"ensemble_int8": None, "ensemble_int8_metrics": None}).write(copy)
+    return copy

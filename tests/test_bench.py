@@ -20,6 +20,7 @@ from bench.zoo import ensemble, single
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND_TIMEOUT_S = 300
+MODES = ("fused", "sequential", "parallel", "fused-int8")  # the test build ships the int8 graph
 
 
 def bench(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -75,16 +76,16 @@ def test_sweep_quick_builds_measures_charts_and_writes_the_docs(model_dir: Path,
 def test_load_quick_against_the_service_and_the_baseline(model_dir: Path, tmp_path: Path) -> None:
     bench("load", "--model-dir", model_dir, "--out", tmp_path, "--requests", "4", "--rate", "20")
     report = json.loads((tmp_path / "load.json").read_text())
-    assert set(report["floor"]) == {"fused", "sequential", "parallel"}
+    assert set(report["floor"]) == set(MODES)
     points = {(r["target"], r["mode"], r["pattern"], r["concurrency"]) for r in report["results"]}
-    for mode in ("fused", "sequential", "parallel", "compare"):
+    for mode in (*MODES, "compare"):
         assert {("service", mode, "closed", c) for c in (1, 2, 4, 8)} <= points
         assert ("service", mode, "open", None) in points
     assert ("baseline", "default", "closed", 1) in points
     closed = [r for r in report["results"] if r["pattern"] == "closed"]
     assert all(r["error_rate"] == 0 and r["ok"] > 0 for r in closed), [r["statuses"] for r in closed]
     compare = next(r for r in closed if r["mode"] == "compare" and r["concurrency"] == 4)
-    assert set(compare["by_mode"]) <= {"fused", "sequential", "parallel"} and compare["by_mode"]
+    assert set(compare["by_mode"]) <= set(MODES) and compare["by_mode"]
     assert report["service_rss_idle_bytes"] > 0
     service_c1 = [r for r in closed if r["target"] == "service" and r["concurrency"] == 1]
     assert all({"inference", "total"} <= set(r["server_timing_p50_ms"]) for r in service_c1)
@@ -95,7 +96,7 @@ def test_interference_quick(model_dir: Path, tmp_path: Path) -> None:
     bench("interference", "--model-dir", model_dir, "--out", tmp_path)
     rows = json.loads((tmp_path / "interference.json").read_text())
     assert {(r["allow_spinning"], r["mode"]) for r in rows} == {
-        (spinning, mode) for spinning in (False, True) for mode in ("fused", "sequential", "parallel")
+        (spinning, mode) for spinning in (False, True) for mode in MODES
     }
     assert "interleaved ÷ alone" in (tmp_path / "interference.md").read_text()
 

@@ -26,7 +26,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "onnx-ensemble-serving:test"  # docker-compose.yml's image name with MODEL_PRESET=test
 BASE_IMAGES = ("python:3.11-slim", "prom/prometheus:v2.53.0")
-MODES = {"fused", "sequential", "parallel"}
+MODES = {"fused", "sequential", "parallel", "fused-int8"}  # the test build ships the int8 graph
 DEADLINE_S = 180  # guards against hanging, not a performance expectation
 BUILD_TIMEOUT_S = 1200  # a first build downloads every dependency
 
@@ -126,7 +126,7 @@ def stack(image: str) -> Iterator[Stack]:
         "PROMETHEUS_PORT": str(free_port()),
         "APP_CPUS": "1",
         "APP_MEMORY": "1g",
-        "LOADGEN_COUNT": "9",
+        "LOADGEN_COUNT": str(3 * len(MODES)),
         "LOADGEN_RATE": "20",
     }
     stack = Stack(project=f"ensembletest{os.getpid()}", env=env)
@@ -178,7 +178,7 @@ def test_prometheus_scrapes_the_app_and_sees_the_load_generator(stack: Stack) ->
         }
 
     wait_until(app_target_up, "Prometheus to scrape the app")
-    summary = stack.compose("--profile", "loadgen", "run", "--rm", "loadgen")  # 9 requests in compare mode
+    summary = stack.compose("--profile", "loadgen", "run", "--rm", "loadgen")  # 3 per mode, in compare mode
     assert all(f"{mode}: 3 ok" in summary for mode in MODES), summary
     wait_until(lambda: modes_counted() == MODES, "Prometheus to count the load generator's requests of every mode")
 

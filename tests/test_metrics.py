@@ -1,11 +1,16 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from app.metrics import LATENCY_BUCKETS, Metrics
 from app.modes import Mode
+from app.runtime import EnsembleRuntime
+from app.settings import Settings
 
 
 def test_latency_buckets_span_1ms_to_10s_finely() -> None:
@@ -15,15 +20,26 @@ def test_latency_buckets_span_1ms_to_10s_finely() -> None:
     assert all(1 < ratio <= 1.15 for ratio in ratios)
 
 
-def test_every_mode_has_its_series_from_the_start() -> None:
+@pytest.fixture(scope="module")
+def runtime(model_dir: Path) -> Iterator[EnsembleRuntime]:
+    loaded = EnsembleRuntime.load(Settings(model_dir=model_dir))
+    yield loaded
+    loaded.close()
+
+
+def test_every_served_mode_has_its_series_from_the_start(runtime: EnsembleRuntime) -> None:
     registry = CollectorRegistry()
-    Metrics(registry)
-    for mode in Mode:
+    Metrics(registry).describe_model(runtime, max_concurrent_inferences=1)
+    assert runtime.modes == tuple(Mode)
+    for mode in runtime.modes:
         assert registry.get_sample_value("ensemble_inference_seconds_count", {"mode": mode}) == 0
         assert registry.get_sample_value("ensemble_predictions_total", {"mode": mode, "outcome": "ok"}) == 0
 
 
-def test_two_apps_can_have_their_own_registries() -> None:
+def test_two_apps_can_have_their_own_registries(runtime: EnsembleRuntime) -> None:
     first, second = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
+    for metrics in (first, second):
+        metrics.describe_model(runtime, max_concurrent_inferences=1)
     first.inference_seconds.labels(Mode.FUSED).observe(0.01)
+    assert first.registry.get_sample_value("ensemble_inference_seconds_count", {"mode": "fused"}) == 1
     assert second.registry.get_sample_value("ensemble_inference_seconds_count", {"mode": "fused"}) == 0

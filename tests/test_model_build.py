@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,9 @@ from app.manifest import (
     sha256_of,
 )
 from model_build.build import build
-from model_build.config import PRESETS
+from model_build.config import PRESETS, Int8Config
+from model_build.evaluate import score_model
+from model_build.quantize import accuracy_loss
 from model_build.shapes import LABELS, held_out_set
 from tests.onnx_members import hand_made_member
 
@@ -82,6 +85,38 @@ def test_outputs_are_probabilities(model_dir: Path, manifest: Manifest) -> None:
     assert ((out[CLASS_PROBS] >= 0) & (out[CLASS_PROBS] <= 1)).all()
 
 
+def test_int8_graph_is_quantised_and_scored(model_dir: Path, manifest: Manifest) -> None:
+    assert manifest.ensemble_int8 is not None and manifest.ensemble_int8_metrics is not None
+    path = model_dir / manifest.ensemble_int8.path
+    assert sha256_of(path) == manifest.ensemble_int8.sha256
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    ops = Counter(node.op_type for node in model.graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    assert path.stat().st_size < manifest.ensemble.size_bytes / 3  # int8 weights
+    # The manifest's metrics are this file's, on the same held-out set as fp32's.
+    test = held_out_set(manifest.input.height, PRESETS["test"].test_images)
+    assert score_model(path, test, manifest.input.normalise(test.images)) == manifest.ensemble_int8_metrics
+    assert manifest.ensemble_int8_metrics.images == manifest.ensemble_metrics.images
+
+
+def test_int8_can_be_turned_off(model_dir: Path, manifest: Manifest, tmp_path: Path) -> None:
+    out = tmp_path / "fp32"
+    shutil.copytree(model_dir, out)  # members reused: only fusion, scoring and quantisation run again
+    config = PRESETS["test"].model_copy(update={"int8": Int8Config(enabled=False)})
+    rebuilt = build(config, out)
+    assert rebuilt.ensemble_int8 is None and rebuilt.ensemble_int8_metrics is None
+    assert not (out / manifest.ensemble_int8.path).exists()
+    assert rebuilt.ensemble_metrics == manifest.ensemble_metrics
+
+
+def test_accuracy_loss_is_in_points_of_mean_label_accuracy(manifest: Manifest) -> None:
+    fp32 = manifest.ensemble_metrics
+    worse = fp32.model_copy(update={"mean_label_accuracy": fp32.mean_label_accuracy - 0.02})
+    assert accuracy_loss(fp32, worse) == pytest.approx(0.02)
+    assert accuracy_loss(worse, fp32) == pytest.approx(-0.02)
+
+
 def test_same_config_gives_same_weights_and_rebuild_reuses(model_dir: Path, manifest: Manifest, tmp_path: Path) -> None:
     again = tmp_path / "again"
     shutil.copytree(model_dir / "members", again / "members")
@@ -89,6 +124,7 @@ def test_same_config_gives_same_weights_and_rebuild_reuses(model_dir: Path, mani
     rebuilt = build(PRESETS["test"], again)
     assert [m.file.sha256 for m in rebuilt.members] == [m.file.sha256 for m in manifest.members]
     assert rebuilt.ensemble.sha256 == manifest.ensemble.sha256
+    assert rebuilt.ensemble_int8_metrics == manifest.ensemble_int8_metrics
     before = (again / "manifest.json").stat().st_mtime_ns
     assert build(PRESETS["test"], again) == rebuilt
     assert (again / "manifest.json").stat().st_mtime_ns == before

@@ -22,7 +22,7 @@ from tests.support import LiveServer
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 LOADGEN = REPO / "deploy" / "loadgen.py"
-MODES = ("fused", "sequential", "parallel")
+MODES = ("fused", "sequential", "parallel", "fused-int8")  # the test build ships the int8 graph
 REQUEST_P50 = 'histogram_quantile(0.5, sum by (le, mode) (rate(ensemble_request_seconds_bucket{job="app"}[30s])))'
 DEADLINE_S = 120  # a guard against hanging, not a performance expectation
 
@@ -110,7 +110,7 @@ def finite_values_by_mode(api: httpx.Client, query: str) -> dict[str, float]:
     return {mode: value for mode, value in values.items() if math.isfinite(value)}
 
 
-def compare_traffic(server: LiveServer, requests: int = 3) -> str:
+def compare_traffic(server: LiveServer, requests: int = len(MODES)) -> str:
     """Runs deploy/loadgen.py against the server in compare mode (which rotates over the modes); its summary."""
     command = [sys.executable, str(LOADGEN), "--url", server.url, "--mode", "compare", "--count", str(requests)]
     result = subprocess.run(

@@ -166,7 +166,8 @@ def assert_no_internals(text: str) -> None:
         assert leak not in text, f"{leak!r} leaks in {text!r}"
 
 
-@pytest.mark.parametrize("mode", list(Mode))
+# `fuse` ships no int8 graph (it has no held-out set to check its accuracy on), so fused-int8 is not served here.
+@pytest.mark.parametrize("mode", [Mode.FUSED, Mode.SEQUENTIAL, Mode.PARALLEL])
 def test_an_onnx_runtime_error_is_a_json_500_with_the_request_id_and_is_counted(
     fragile_server: LiveServer, mode: Mode, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1,4 +1,5 @@
-"""The three modes compute the same ensemble; a broken model directory stops start-up with a clear reason."""
+"""The fp32 modes compute the same ensemble, fused-int8 runs the int8 graph the build shipped; a broken model
+directory stops start-up with a clear reason."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from app.errors import StartupError
-from app.manifest import FileEntry, Manifest, load_manifest
+from app.manifest import INPUT_NAME, FileEntry, Manifest, load_manifest
 from app.modes import Mode
-from app.runtime import EnsembleRuntime
+from app.runtime import FUSED_OUTPUTS, EnsembleRuntime
 from app.settings import Settings
+from model_build.shapes import held_out_set
+from tests.support import copy_without_int8
 
 TOLERANCE = 1e-4
+INT8_TOLERANCE = 0.05  # int8 against fp32 probabilities, on in-distribution images
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +42,21 @@ def test_the_modes_agree(runtime: EnsembleRuntime, manifest: Manifest) -> None:
         other = runtime.infer(batch, mode)
         for name in ("class_probs", "mask_probs", "member_class_probs"):
             np.testing.assert_allclose(getattr(other, name), getattr(fused, name), atol=TOLERANCE, err_msg=name)
+
+
+def test_fused_int8_runs_the_int8_graph_close_to_fp32(
+    runtime: EnsembleRuntime, manifest: Manifest, model_dir: Path
+) -> None:
+    assert manifest.ensemble_int8 is not None
+    assert runtime.modes == tuple(Mode)
+    batch = manifest.input.normalise(held_out_set(manifest.input.height, 8).images)
+    int8 = runtime.infer(batch, Mode.FUSED_INT8)
+    plain = ort.InferenceSession(model_dir / manifest.ensemble_int8.path, providers=["CPUExecutionProvider"])
+    expected = plain.run(list(FUSED_OUTPUTS), {INPUT_NAME: batch})
+    fused = runtime.infer(batch, Mode.FUSED)
+    for name, direct in zip(FUSED_OUTPUTS, expected, strict=True):
+        np.testing.assert_allclose(getattr(int8, name), direct, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(getattr(int8, name), getattr(fused, name), atol=INT8_TOLERANCE, err_msg=name)
 
 
 def test_each_mode_has_its_thread_plan(runtime: EnsembleRuntime) -> None:
@@ -82,3 +102,12 @@ def test_a_model_that_does_not_fit_the_manifest_is_a_startup_error(copy_of_model
     wrong.write(copy_of_models)
     with pytest.raises(StartupError, match="class_probs"):
         EnsembleRuntime.load(Settings(model_dir=copy_of_models))
+
+
+def test_without_an_int8_graph_the_other_modes_are_served(model_dir: Path, tmp_path: Path) -> None:
+    runtime = EnsembleRuntime.load(Settings(model_dir=copy_without_int8(model_dir, tmp_path / "fp32-only")))
+    try:
+        assert runtime.modes == (Mode.FUSED, Mode.SEQUENTIAL, Mode.PARALLEL)
+        assert set(runtime.plans) == set(runtime.modes)
+    finally:
+        runtime.close()

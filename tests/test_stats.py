@@ -7,7 +7,7 @@ from app.stats import MAX_SAMPLES_PER_MODE, RecentLatencies
 
 
 def test_percentiles_per_mode() -> None:
-    recent = RecentLatencies(window_s=60)
+    recent = RecentLatencies(window_s=60, modes=list(Mode))
     for ms in range(1, 101):
         recent.record(Mode.PARALLEL, request_s=ms / 1000, inference_s=ms / 2000)
     summary = recent.summary()
@@ -20,10 +20,10 @@ def test_percentiles_per_mode() -> None:
 
 
 def test_samples_leave_the_window_and_memory_is_bounded() -> None:
-    recent = RecentLatencies(window_s=1e-9)
+    recent = RecentLatencies(window_s=1e-9, modes=list(Mode))
     recent.record(Mode.FUSED, 0.01, 0.005)
     assert recent.summary()[Mode.FUSED].requests == 0
-    bounded = RecentLatencies(window_s=60)
+    bounded = RecentLatencies(window_s=60, modes=list(Mode))
     for _ in range(MAX_SAMPLES_PER_MODE + 10):
         bounded.record(Mode.FUSED, 0.01, 0.005)
     assert bounded.summary()[Mode.FUSED].requests == MAX_SAMPLES_PER_MODE

@@ -35,4 +35,4 @@ async def healthz() -> Alive:
 )
 async def readyz(dataplane: DataPlaneDep) -> Ready:
     manifest = dataplane.manifest
-    return Ready(model=manifest.name, sha256=manifest.ensemble.sha256, modes=list(Mode))
+    return Ready(model=manifest.name, sha256=manifest.ensemble.sha256, modes=list(dataplane.runtime.modes))

@@ -189,7 +189,10 @@ async def predict(
     arrived: ArrivalDep,
     mode: Annotated[
         ModeChoice | None,
-        Query(description="fused, sequential, parallel, or compare (rotate); default: DEFAULT_MODE."),
+        Query(
+            description="fused, sequential, parallel, fused-int8 (if the build shipped it), or compare (rotate "
+            "over the modes served); default: DEFAULT_MODE."
+        ),
     ] = None,
     members: Annotated[bool, Query(description="Include each member's probabilities.")] = False,
     mask: Annotated[bool, Query(description="Include the predicted mask as a base64 palette PNG.")] = False,

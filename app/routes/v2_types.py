@@ -59,7 +59,8 @@ class RequestedOutput(BaseModel):
 class InferenceRequest(BaseModel):
     id: str | None = None
     parameters: dict[str, Any] | None = Field(
-        None, description='{"mode": "fused" | "sequential" | "parallel" | "compare"}; default: DEFAULT_MODE.'
+        None,
+        description='{"mode": "fused" | "sequential" | "parallel" | "fused-int8" | "compare"}; default: DEFAULT_MODE.',
     )
     inputs: list[InputTensor] = Field(min_length=1)
     outputs: list[RequestedOutput] | None = Field(None, description="Default: every output.")

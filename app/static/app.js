@@ -2,14 +2,14 @@
 // each mode's latency from GET /stats. Plain DOM and <canvas>, no dependencies: it must work offline.
 "use strict";
 
-const MODES = ["fused", "sequential", "parallel"];
-const COLOURS = { fused: "#1f77b4", sequential: "#d62728", parallel: "#2ca02c" };
+const COLOURS = { fused: "#1f77b4", sequential: "#d62728", parallel: "#2ca02c", "fused-int8": "#9467bd" };
 const POLL_MS = 2000;
 const HISTORY_MS = 5 * 60 * 1000;
 const BURST = 20;
 
 const $ = (id) => document.getElementById(id);
 const samples = []; // {at: ms since epoch, modes: {mode: {requests, p50, p95}}}, oldest first
+let servedModes = []; // from GET /readyz, in the service's order
 let lastFile = null;
 let busy = false;
 
@@ -241,7 +241,7 @@ async function burst() {
 
 function renderLegend(latest) {
   $("legend").replaceChildren(
-    ...MODES.map((mode) => {
+    ...servedModes.map((mode) => {
       const stats = latest ? latest.modes[mode] : null;
       const swatch = element("span", { className: "swatch" });
       swatch.style.background = COLOURS[mode];
@@ -279,7 +279,7 @@ function drawChart() {
   const now = Date.now();
   const span = Math.min(HISTORY_MS, Math.max(60000, samples.length ? now - samples[0].at : 0));
   const x = (at) => left + ((at - (now - span)) / span) * (width - left - right);
-  const values = samples.flatMap((point) => MODES.flatMap((mode) => [point.modes[mode].p50, point.modes[mode].p95]));
+  const values = samples.flatMap((point) => servedModes.flatMap((mode) => [point.modes[mode].p50, point.modes[mode].p95]));
   const highest = Math.max(1, ...values.filter((v) => v != null));
   const step = niceStep(highest, 5);
   const topMs = Math.ceil((highest * 1.05) / step) * step;
@@ -309,7 +309,7 @@ function drawChart() {
   }
 
   const drawn = [];
-  for (const mode of MODES) {
+  for (const mode of servedModes) {
     let any = false;
     for (const [key, dash] of [["p50", []], ["p95", [6, 4]]]) {
       context.strokeStyle = context.fillStyle = COLOURS[mode];
@@ -349,8 +349,7 @@ function drawChart() {
 function record(stats) {
   const now = Date.now();
   const modes = {};
-  for (const mode of MODES) {
-    const entry = stats.modes[mode] || { requests: 0, request_ms: { p50: null, p95: null } };
+  for (const [mode, entry] of Object.entries(stats.modes)) {
     modes[mode] = { requests: entry.requests, p50: entry.request_ms.p50, p95: entry.request_ms.p95 };
   }
   samples.push({ at: now, modes });
@@ -386,6 +385,14 @@ async function showModel() {
   try {
     const ready = await api("readyz");
     $("model").textContent = `model ${ready.model} · sha256 ${ready.sha256.slice(0, 12)}`;
+    servedModes = ready.modes;
+    const choice = $("mode").value;
+    $("mode").replaceChildren(
+      ...servedModes.map((mode) => element("option", { value: mode }, mode)),
+      element("option", { value: "compare" }, "compare (rotate)"),
+    );
+    $("mode").value = choice;
+    renderLegend(samples[samples.length - 1] || null);
   } catch (error) {
     $("model").textContent = `not ready (${error.message}); retrying…`;
     setTimeout(showModel, POLL_MS);

@@ -13,7 +13,7 @@ from PIL import Image
 from app.imaging import decode, preprocess
 from app.manifest import Manifest
 from app.modes import Mode
-from tests.support import LiveServer, encode, infer_json, picture, png_bytes, png_header_only
+from tests.support import INT8_ATOL, LiveServer, encode, infer_json, picture, png_bytes, png_header_only
 
 TOLERANCE = 1e-4
 
@@ -83,15 +83,16 @@ def test_the_modes_agree_and_the_members_average_to_the_ensemble(client: httpx.C
         assert response.json()["mode"] == mode
         results[mode] = response.json()
     fused = [label["probability"] for label in results[Mode.FUSED]["labels"]]
-    for mode in (Mode.SEQUENTIAL, Mode.PARALLEL):
-        np.testing.assert_allclose([label["probability"] for label in results[mode]["labels"]], fused, atol=TOLERANCE)
+    for mode in (Mode.SEQUENTIAL, Mode.PARALLEL, Mode.FUSED_INT8):
+        atol = INT8_ATOL if mode is Mode.FUSED_INT8 else TOLERANCE
+        np.testing.assert_allclose([label["probability"] for label in results[mode]["labels"]], fused, atol=atol)
     members = results[Mode.FUSED]["members"]
     mean = np.mean([list(member["probabilities"].values()) for member in members], axis=0)
     np.testing.assert_allclose(mean, fused, atol=TOLERANCE)
 
 
-def test_compare_rotates_over_the_three_modes(client: httpx.Client) -> None:
-    modes = {predict(client, png_bytes(), mode="compare").json()["mode"] for _ in range(3)}
+def test_compare_rotates_over_the_modes(client: httpx.Client) -> None:
+    modes = {predict(client, png_bytes(), mode="compare").json()["mode"] for _ in range(len(Mode))}
     assert modes == {mode.value for mode in Mode}
 
 
