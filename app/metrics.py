@@ -89,6 +89,6 @@ class Metrics:
                 "sha256": manifest.ensemble.sha256,
                 "members": ",".join(member.name for member in manifest.members),
                 "max_concurrent_inferences": str(max_concurrent_inferences),
-                **{f"{mode}_session": plan.describe() for mode, plan in runtime.plans.items()},
+                **{f"{mode.replace('-', '_')}_session": plan.describe() for mode, plan in runtime.plans.items()},
             }
         )

@@ -157,11 +157,12 @@ def interference(args: argparse.Namespace, argv: Sequence[str]) -> None:
     budget, out = _budget(args), _out(args)
     rows = run(args.model_dir, budget)
     _write_json_list(out / "interference.json", rows)
+    modes = ", ".join(dict.fromkeys(row.mode for row in rows))
     header = _header(
         argv,
         f"Model {args.model_dir}; the service's runtime in-process (no HTTP), each configuration in its own "
         f"process: {budget.warmup} warm-up rounds, then {budget.runs} timed rounds (at most "
-        f"{budget.max_seconds:g} s). Interleaved: fused, sequential, parallel in turn, one inference at a time, "
+        f"{budget.max_seconds:g} s). Interleaved: {modes} in turn, one inference at a time, "
         "as `compare` traffic runs with one inference slot. Latencies are p50 (p95) in ms.",
     )
     _publish(args, out, markdown(rows, header), checks(rows))
