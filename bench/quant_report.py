@@ -6,7 +6,8 @@ from bench.markdown import table
 from bench.quant import LATENCY_CONFIGS, Variant
 from bench.stats import ratio
 from bench.targets import Check, checks_table
-from model_build.quantize import MAX_ACCURACY_LOSS, accuracy_loss
+from model_build.config import MAX_ACCURACY_LOSS
+from model_build.quantize import accuracy_loss
 
 
 def checks(variants: list[Variant]) -> list[Check]:

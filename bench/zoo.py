@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.manifest import load_manifest
-from model_build.config import BuildConfig, MemberConfig, TrainingConfig
+from model_build.config import BuildConfig, Int8Config, MemberConfig, TrainingConfig
 
 _TERM = re.compile(r"^(?:(\d+)x)?w(\d+)$")
 
@@ -75,7 +75,9 @@ def of_model_dir(model_dir: Path) -> ModelSpec:
 
 def build_config(spec: ModelSpec, training: TrainingConfig, test_images: int) -> BuildConfig:
     name = f"sweep-{spec.dir_name}"
-    return BuildConfig(name=name, members=spec.members, training=training, test_images=test_images)
+    # No int8 graph: the sweep times fp32 configurations; `python -m bench quant` covers int8.
+    no_int8 = Int8Config(enabled=False)
+    return BuildConfig(name=name, members=spec.members, training=training, test_images=test_images, int8=no_int8)
 
 
 def _member_file(root: Path, member: MemberConfig) -> Path:

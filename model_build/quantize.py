@@ -24,8 +24,6 @@ from onnxruntime.quantization import (
 from app.manifest import INPUT_NAME, InputSpec, Metrics
 from model_build.shapes import make_batch
 
-MAX_ACCURACY_LOSS = 0.01  # one point of mean label accuracy: more, and the build does not ship the int8 graph
-
 
 class _ImagesReader(CalibrationDataReader):
     """Feeds calibration images one at a time, as batch-1 inputs."""
