@@ -93,7 +93,7 @@ class EnsembleRuntime:
     ) -> None:
         self.manifest = manifest
         self.plans = dict(plans)
-        self.modes = tuple(mode for mode in Mode if mode in graphs or mode in members)
+        self.modes = served_modes(manifest)
         self._graphs = dict(graphs)
         self._members = dict(members)
         self._member_pool = ThreadPoolExecutor(
@@ -115,7 +115,7 @@ class EnsembleRuntime:
         graphs = {
             mode: _open(root / file.path, plans[mode], contract[mode])
             for mode, file in graph_files.items()
-            if mode in modes and file is not None
+            if file is not None
         }
         members = {
             mode: [_open(root / member.file.path, plans[mode], contract[mode]) for member in manifest.members]

@@ -98,8 +98,8 @@ def _add_interference(commands: Subparsers) -> None:
         "interference",
         help="each service mode alone vs interleaved with the other modes",
         description="Runs the service's runtime in-process, with the service's settings and with spinning "
-        "flipped: each mode alone, then fused, sequential and parallel interleaved, each in its own process. "
-        "About 2 min on 2 cores.",
+        "flipped: each mode alone, then all the modes served interleaved, each in its own process. "
+        "About 4 min on 2 cores.",
     )
     _add_common(p, "interference", "a few runs per configuration")
     _add_model_dir(p)

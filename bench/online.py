@@ -140,26 +140,27 @@ def run_service(
     out: Path,
     log: Callable[[str], None],
 ) -> tuple[str, list[LoadResult], int | None, int | None]:
-    modes = [*service_modes(model_dir), "compare"]
+    """Loads the service at `url`, or one started here on `model_dir`, in every mode it serves and `compare`."""
     if url:
         server = Server(url.rstrip("/"), None)
         wait_ready(server.url, "/readyz", 30)
-        _check_same_model(server, model_dir, log)
-        idle = service_rss(server)
-        results = asyncio.run(load_target(server, "service", modes, payload, plan, rate, log))
-        return server.url, results, idle, service_rss(server)
+        return _load_service(server, model_dir, payload, plan, rate, log)
     port = free_port()
     env = {"MODEL_DIR": str(model_dir), "PORT": str(port), "HOST": LOOPBACK, "LOG_LEVEL": "warning"}
     with started("app", [], env, port, out / "service.log", "/readyz") as server:
-        idle = service_rss(server)
-        results = asyncio.run(load_target(server, "service", modes, payload, plan, rate, log))
-        return server.url, results, idle, service_rss(server)
+        return _load_service(server, model_dir, payload, plan, rate, log)
 
 
-def _check_same_model(server: Server, model_dir: Path, log: Callable[[str], None]) -> None:
-    served = httpx.get(server.url + "/readyz", timeout=5).json().get("sha256")
-    if served != load_manifest(model_dir).ensemble.sha256:
+def _load_service(
+    server: Server, model_dir: Path, payload: Payload, plan: LoadPlan, rate: float, log: Callable[[str], None]
+) -> tuple[str, list[LoadResult], int | None, int | None]:
+    ready = httpx.get(server.url + "/readyz", timeout=5).json()
+    if ready.get("sha256") != load_manifest(model_dir).ensemble.sha256:
         log(f"[load] warning: {server.url} serves another model than {model_dir}; the floor and baseline differ")
+    modes = [*ready["modes"], "compare"]
+    idle = service_rss(server)
+    results = asyncio.run(load_target(server, "service", modes, payload, plan, rate, log))
+    return server.url, results, idle, service_rss(server)
 
 
 def run(

@@ -33,5 +33,7 @@ def open_service_runners(model_dir: Path, names: Sequence[str], allow_spinning: 
     runners: dict[str, Runner] = {}
     for name in names:
         mode = Mode(name.removeprefix(SERVICE_PREFIX))
+        if mode not in runtime.modes:
+            raise ValueError(f"{model_dir} does not serve {mode}: it serves {', '.join(runtime.modes)}")
         runners[name] = lambda batch, mode=mode: runtime.infer(batch, mode)
     return runners

@@ -235,6 +235,7 @@ def fuse_files(member_files: Sequence[Path], out: Path, name: str, labels: Seque
         if source.resolve() != copy.resolve():
             shutil.copyfile(source, copy)
     ensemble = _write_ensemble(out, copies, _random_inputs(spec))
+    (out / INT8_FILE).unlink(missing_ok=True)  # no held-out set to check an int8 graph on: none is shipped
     manifest = Manifest(
         name=name,
         labels=labels,

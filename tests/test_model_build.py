@@ -24,7 +24,7 @@ from app.manifest import (
     load_manifest,
     sha256_of,
 )
-from model_build.build import build
+from model_build.build import _write_int8, build
 from model_build.config import PRESETS, Int8Config
 from model_build.evaluate import score_model
 from model_build.quantize import accuracy_loss
@@ -108,6 +108,16 @@ def test_int8_can_be_turned_off(model_dir: Path, manifest: Manifest, tmp_path: P
     assert rebuilt.ensemble_int8 is None and rebuilt.ensemble_int8_metrics is None
     assert not (out / manifest.ensemble_int8.path).exists()
     assert rebuilt.ensemble_metrics == manifest.ensemble_metrics
+
+
+def test_an_int8_graph_that_loses_too_much_is_not_shipped(model_dir: Path, manifest: Manifest, tmp_path: Path) -> None:
+    out = tmp_path / "strict"
+    shutil.copytree(model_dir, out)
+    perfect = manifest.ensemble_metrics.model_copy(update={"mean_label_accuracy": 1.0})
+    test = held_out_set(manifest.input.height, 16)
+    strict = Int8Config(calibration_images=4, max_accuracy_loss=0.0)
+    assert _write_int8(strict, out, manifest.input, perfect, test, manifest.input.normalise(test.images)) is None
+    assert not (out / manifest.ensemble_int8.path).exists()
 
 
 def test_accuracy_loss_is_in_points_of_mean_label_accuracy(manifest: Manifest) -> None:

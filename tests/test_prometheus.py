@@ -17,12 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.modes import Mode
 from tests.support import LiveServer
 
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 LOADGEN = REPO / "deploy" / "loadgen.py"
-MODES = ("fused", "sequential", "parallel", "fused-int8")  # the test build ships the int8 graph
+MODES = tuple(mode.value for mode in Mode)  # the test build ships the int8 graph: every mode is served
 REQUEST_P50 = 'histogram_quantile(0.5, sum by (le, mode) (rate(ensemble_request_seconds_bucket{job="app"}[30s])))'
 DEADLINE_S = 120  # a guard against hanging, not a performance expectation
 

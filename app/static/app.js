@@ -279,7 +279,7 @@ function drawChart() {
   const now = Date.now();
   const span = Math.min(HISTORY_MS, Math.max(60000, samples.length ? now - samples[0].at : 0));
   const x = (at) => left + ((at - (now - span)) / span) * (width - left - right);
-  const values = samples.flatMap((point) => servedModes.flatMap((mode) => [point.modes[mode].p50, point.modes[mode].p95]));
+  const values = samples.flatMap((point) => servedModes.flatMap((mode) => [point.modes[mode]?.p50, point.modes[mode]?.p95]));
   const highest = Math.max(1, ...values.filter((v) => v != null));
   const step = niceStep(highest, 5);
   const topMs = Math.ceil((highest * 1.05) / step) * step;
@@ -318,7 +318,7 @@ function drawChart() {
       context.beginPath();
       let pen = false;
       for (const point of samples) {
-        const ms = point.modes[mode][key];
+        const ms = point.modes[mode]?.[key];
         if (ms == null) {
           pen = false; // no requests in the window: a gap
           continue;
@@ -332,7 +332,7 @@ function drawChart() {
       context.setLineDash([]);
       if (key === "p50") {
         for (const point of samples) {
-          const ms = point.modes[mode].p50;
+          const ms = point.modes[mode]?.p50;
           if (ms == null) continue;
           context.beginPath();
           context.arc(x(point.at), y(ms), 2.5, 0, 2 * Math.PI);

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from app.manifest import Manifest
+from app.modes import Mode
 from app.settings import Settings
 from tests.support import copy_without_int8, infer_body, live_server, png_bytes, scrape
 
-FP32_MODES = ["fused", "sequential", "parallel"]
+FP32_MODES = [mode.value for mode in Mode if mode is not Mode.FUSED_INT8]
 PNG = {"Content-Type": "image/png"}
 
 
