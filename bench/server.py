@@ -27,6 +27,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM, and SIGKILL if the process has not exited `timeout_s` later."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def resident_bytes(pid: int) -> int | None:
     """Resident memory of a process (VmRSS), or None where /proc is not available."""
     try:
@@ -84,9 +96,4 @@ def started(
         except ServerError as exc:
             raise ServerError(f"{exc}; its log: {log}") from None
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, timeout_s=15)

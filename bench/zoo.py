@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,21 +84,21 @@ def _member_file(root: Path, member: MemberConfig) -> Path:
     return root / "members" / f"{member.name}.onnx"
 
 
-def _seed_members(out: Path, members: Iterable[MemberConfig], sources: Sequence[Path]) -> None:
-    """Copies member files that `out` lacks from `sources` (model directories); the build checks them."""
-    for member in members:
-        target = _member_file(out, member)
-        for source in (_member_file(s, member) for s in sources):
-            if not target.exists() and source.is_file():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, target)
-
-
 def _build(spec: ModelSpec, training: TrainingConfig, test_images: int, out: Path, sources: Sequence[Path]) -> None:
-    from model_build.build import build  # torch is imported only where a build runs
+    """Builds `spec` into `out`, first copying in each member that `out` lacks (or holds from another
+    configuration) from the first of `sources` (model directories) that has it built with this one."""
+    from model_build.build import build, is_built  # torch is imported only where a build runs
 
-    _seed_members(out, spec.members, sources)
-    build(build_config(spec, training, test_images), out)  # skips what is up to date, reuses matching members
+    config = build_config(spec, training, test_images)
+    for member in config.members:
+        target = _member_file(out, member)
+        if is_built(target, config, member):
+            continue
+        source = next((p for p in (_member_file(s, member) for s in sources) if is_built(p, config, member)), None)
+        if source is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    build(config, out)  # skips what is up to date, reuses matching members
 
 
 def build_all(

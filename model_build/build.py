@@ -58,6 +58,11 @@ def _member_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
 
 
+def is_built(path: Path, config: BuildConfig, member: MemberConfig) -> bool:
+    """Whether `path` holds `member` as `config` builds it (the fingerprint its export recorded matches)."""
+    return path.is_file() and _member_metadata(path).get("fingerprint") == config.member_fingerprint(member)
+
+
 def _train_and_export(config: BuildConfig, member: MemberConfig, path: Path, progress_position: int) -> Path:
     """One member from seed to ONNX file; runs in a worker process when members train at once."""
     unet = UNet(member.width_scale, len(LABELS))
@@ -81,9 +86,7 @@ def _build_members(config: BuildConfig, members_dir: Path) -> list[Path]:
     With parallel_training the members train at once in separate processes, one core each."""
     paths = [members_dir / f"{m.name}.onnx" for m in config.members]
     todo = [
-        (member, path)
-        for member, path in zip(config.members, paths, strict=True)
-        if not path.is_file() or _member_metadata(path).get("fingerprint") != config.member_fingerprint(member)
+        (member, path) for member, path in zip(config.members, paths, strict=True) if not is_built(path, config, member)
     ]
     if len(todo) < len(paths):
         log(f"reusing {len(paths) - len(todo)} member(s) built from the same config")

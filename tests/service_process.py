@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,10 @@ import httpx
 import pytest
 
 from app.settings import Settings
+from bench.server import free_port, stop
 
 START_TIMEOUT_S = 60
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def service_environment(model_dir: Path, **settings: object) -> dict[str, str]:
@@ -96,13 +90,7 @@ def service_process(
         _wait_until_ready(service)
         yield service
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process, timeout_s=30)
 
 
 def _wait_until_ready(service: ServiceProcess) -> None:

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ import pytest
 from PIL import Image
 
 from app.modes import Mode
+from bench.server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "onnx-ensemble-serving:test"  # docker-compose.yml's image name with MODEL_PRESET=test
@@ -71,12 +71,6 @@ def docker(*args: str, timeout: float = DEADLINE_S) -> str:
 
 def inspect(container: str) -> dict[str, Any]:
     return json.loads(docker("inspect", container))[0]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import httpx
 import pytest
 
 from app.modes import Mode
+from bench.server import free_port, stop
 from tests.support import LiveServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,12 +31,6 @@ PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install prometheus)")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="no promtool (apt-get install prometheus)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @needs_promtool
@@ -75,12 +69,7 @@ def prometheus(server: LiveServer, tmp_path: Path) -> Iterator[httpx.Client]:
             wait_for(lambda: target_health(api) == "up", process, "the scrape target to be up")
             yield api
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout_s=30)
         log.close()
 
 
