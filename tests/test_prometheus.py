@@ -104,7 +104,7 @@ def compare_traffic(server: LiveServer, requests: int = len(MODES)) -> str:
     """Runs deploy/loadgen.py against the server in compare mode (which rotates over the modes); its summary."""
     command = [sys.executable, str(LOADGEN), "--url", server.url, "--mode", "compare", "--count", str(requests)]
     result = subprocess.run(
-        [*command, "--rate", "50", "--wait", "30"],
+        [*command, "--rate", "50", "--concurrency", "1", "--wait", "30"],  # one at a time: the server queues one
         capture_output=True,
         text=True,
         timeout=DEADLINE_S,
