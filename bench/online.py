@@ -59,10 +59,10 @@ def shapes_png(size: int = IMAGE_SIZE) -> bytes:
     return buffer.getvalue()
 
 
-def measure_floor(model_dir: Path, plan: LoadPlan) -> dict[str, Summary]:
-    """Each service mode in-process through the service's own runtime, one process per mode."""
+def measure_floor(model_dir: Path, modes: Sequence[str], plan: LoadPlan) -> dict[str, Summary]:
+    """Each of the service's `modes` in-process through its own runtime, one process per mode."""
     floor = {}
-    for mode in service_modes(model_dir):
+    for mode in modes:
         name = service_runner_name(mode)
         spec = MeasureSpec(
             model_dir=model_dir,
@@ -173,8 +173,9 @@ def run(
 ) -> LoadReport:
     manifest = load_manifest(model_dir)
     payload = Payload.png(shapes_png())
-    log(f"[load] in-process floor of {', '.join(service_modes(model_dir))} on {model_dir}")
-    floor = measure_floor(model_dir, plan)
+    modes = service_modes(model_dir)
+    log(f"[load] in-process floor of {', '.join(modes)} on {model_dir}")
+    floor = measure_floor(model_dir, modes, plan)
     for mode, summary in floor.items():
         log(f"[load] in-process {mode:<10} {summary.brief()}")
     rate = rate or round(OPEN_LOOP_LOAD * 1000 / max(s.mean_ms for s in floor.values()), 1)

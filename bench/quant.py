@@ -51,6 +51,7 @@ def run(
     images = test_images or (manifest.ensemble_metrics.images if manifest.ensemble_metrics else 500)
     fp32 = model_dir / manifest.ensemble.path
     test = held_out_set(manifest.input.height, images)
+    test_inputs = manifest.input.normalise(test.images)
     files = {"fp32": fp32, **quantize(fp32, manifest.input, out, calibration_images)}
     variants = []
     for name, path in files.items():
@@ -65,7 +66,7 @@ def run(
                 fused_file=None if name == "fp32" else path.resolve(),
             )
             latency[config] = measure_isolated(spec).results[config]
-        metrics = score_model(path, test, manifest.input.normalise(test.images))
+        metrics = score_model(path, test, test_inputs)
         variants.append(
             Variant(name=name, file=str(path), size_bytes=path.stat().st_size, metrics=metrics, latency=latency)
         )

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from app.manifest import Metrics
 from model_build.shapes import Batch
-from model_build.verify import run_in_batches
+from model_build.verify import cpu_session, run_in_batches
 
 
 def score(class_probs: np.ndarray, mask_probs: np.ndarray, truth: Batch, threshold: float = 0.5) -> Metrics:
@@ -33,6 +32,5 @@ def score(class_probs: np.ndarray, mask_probs: np.ndarray, truth: Batch, thresho
 
 def score_model(path: Path, truth: Batch, inputs: np.ndarray) -> Metrics:
     """Scores the ONNX model at `path` (a member, or a fused graph) on `inputs`, the normalised `truth.images`."""
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    class_probs, mask_probs = run_in_batches(session, inputs)[:2]
+    class_probs, mask_probs = run_in_batches(cpu_session(path), inputs)[:2]
     return score(class_probs, mask_probs, truth)

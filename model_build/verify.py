@@ -17,7 +17,7 @@ class FusedMismatchError(AssertionError):
     """The fused graph's outputs differ from the mean of its members': the build must fail."""
 
 
-def _session(path: Path) -> ort.InferenceSession:
+def cpu_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
@@ -29,11 +29,11 @@ def run_in_batches(session: ort.InferenceSession, images: np.ndarray, batch: int
 
 def check_fused_matches_members(fused: Path, members: Sequence[Path], inputs: np.ndarray) -> float:
     """Returns the largest absolute difference found; raises FusedMismatchError above TOLERANCE."""
-    fused_session = _session(fused)
+    fused_session = cpu_session(fused)
     names = [o.name for o in fused_session.get_outputs()]
     got = dict(zip(names, run_in_batches(fused_session, inputs), strict=True))
     per_member = [
-        dict(zip((CLASS_PROBS, MASK_PROBS), run_in_batches(_session(m), inputs)[:2], strict=True)) for m in members
+        dict(zip((CLASS_PROBS, MASK_PROBS), run_in_batches(cpu_session(m), inputs)[:2], strict=True)) for m in members
     ]
     expected = {
         CLASS_PROBS: np.mean([m[CLASS_PROBS] for m in per_member], axis=0),

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from app.manifest import Manifest, load_manifest
+from app.runtime import EnsembleRuntime
 from app.settings import Settings
 from model_build.build import build
 from model_build.config import PRESETS
@@ -27,6 +28,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def manifest(model_dir: Path) -> Manifest:
     return load_manifest(model_dir)
+
+
+@pytest.fixture(scope="session")
+def runtime(model_dir: Path) -> Iterator[EnsembleRuntime]:
+    """The service's runtime on the test models, in this process (no HTTP)."""
+    loaded = EnsembleRuntime.load(Settings(model_dir=model_dir))
+    yield loaded
+    loaded.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,12 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 from app.metrics import LATENCY_BUCKETS, Metrics
 from app.modes import Mode
 from app.runtime import EnsembleRuntime
-from app.settings import Settings
 
 
 def test_latency_buckets_span_1ms_to_10s_finely() -> None:
@@ -18,13 +14,6 @@ def test_latency_buckets_span_1ms_to_10s_finely() -> None:
     assert LATENCY_BUCKETS[-1] == 10.0
     ratios = [b / a for a, b in itertools.pairwise(LATENCY_BUCKETS)]
     assert all(1 < ratio <= 1.15 for ratio in ratios)
-
-
-@pytest.fixture(scope="module")
-def runtime(model_dir: Path) -> Iterator[EnsembleRuntime]:
-    loaded = EnsembleRuntime.load(Settings(model_dir=model_dir))
-    yield loaded
-    loaded.close()
 
 
 def test_every_served_mode_has_its_series_from_the_start(runtime: EnsembleRuntime) -> None:

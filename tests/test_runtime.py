@@ -4,7 +4,6 @@ directory stops start-up with a clear reason."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,6 @@ from model_build.shapes import held_out_set
 from tests.support import INT8_ATOL, copy_without_int8
 
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def runtime(model_dir: Path) -> Iterator[EnsembleRuntime]:
-    loaded = EnsembleRuntime.load(Settings(model_dir=model_dir))
-    yield loaded
-    loaded.close()
 
 
 def test_the_modes_agree(runtime: EnsembleRuntime, manifest: Manifest) -> None:
