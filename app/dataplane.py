@@ -17,14 +17,15 @@ import numpy as np
 
 from app import imaging
 from app.admission import Admission
-from app.errors import InferenceFailed, InferenceTimeout, Overloaded, ServiceError
-from app.manifest import Manifest
+from app.errors import InferenceFailed, InferenceTimeout, NotAnImageModel, Overloaded, ServiceError
 from app.metrics import Metrics
-from app.modes import Mode, ModeChoice, ModeSelector
+from app.modes import ModeSelector
 from app.priority import lower_thread_priority
-from app.runtime import EnsembleOutputs, EnsembleRuntime
+from app.runtime import EnsembleRuntime, Tensors
 from app.settings import Settings, available_cores
 from app.stats import RecentLatencies
+from ensemble_contract.manifest import ImageSpec, Manifest
+from ensemble_contract.modes import Mode, ModeChoice
 
 T = TypeVar("T")
 
@@ -43,7 +44,7 @@ class Inference:
     """The outputs of one batch, the mode that computed them, and how long it took."""
 
     mode: Mode
-    outputs: EnsembleOutputs
+    outputs: Tensors
     queue_s: float
     inference_s: float
 
@@ -51,9 +52,9 @@ class Inference:
 @dataclass(frozen=True)
 class ImagePrediction:
     mode: Mode
-    class_probs: np.ndarray  # float32 [C]
-    member_class_probs: np.ndarray  # float32 [M, C]
-    mask_png: bytes | None  # palette PNG of argmax(mask_probs), at model resolution
+    probabilities: np.ndarray | None  # [labels], when the model scores labels
+    member_probabilities: np.ndarray | None  # [M, labels], when the fused graph gives each member's scores
+    mask_png: bytes | None  # palette PNG of the mask output's argmax, at model resolution
     timings: Timings
 
 
@@ -77,6 +78,7 @@ class DataPlane:
         self, data: bytes, *, mode: ModeChoice | None, with_mask: bool, arrived: float
     ) -> ImagePrediction:
         """One encoded image to label probabilities (and a mask). `arrived`: time.perf_counter() at arrival."""
+        image = self.image_spec()
         chosen = self.selector.pick(mode)
         with self._outcome(chosen), self.admission.ticket():
             start = time.perf_counter()
@@ -85,29 +87,47 @@ class DataPlane:
             self.metrics.preprocess_seconds.observe(preprocess_s)
             inference = await self._infer(batch, chosen)
         mask_png = None
-        if with_mask:
-            mask_png = await self._off_loop(self._mask_png, inference.outputs.mask_probs[0])
+        if with_mask and image.mask_output is not None:
+            mask_png = await self._off_loop(self._mask_png, inference.outputs[image.mask_output][0])
         self._record(inference, arrived)
+        scores, member_scores = None, None
+        if image.scores_output is not None:
+            scores = image.probabilities(inference.outputs[image.scores_output][0])
+            stacked = self._members_output(image.scores_output)
+            member_scores = image.probabilities(inference.outputs[stacked][0]) if stacked else None
         return ImagePrediction(
             chosen,
-            inference.outputs.class_probs[0],
-            inference.outputs.member_class_probs[0],
+            scores,
+            member_scores,
             mask_png,
             Timings(decode_s, preprocess_s, inference.queue_s, inference.inference_s, time.perf_counter() - start),
         )
 
-    async def infer_tensor(self, batch: np.ndarray, *, mode: ModeChoice | None, arrived: float) -> Inference:
-        """A preprocessed batch, float32 [N, 3, H, W], to the raw ensemble outputs."""
+    def image_spec(self) -> ImageSpec:
+        """How /predict reads an image; NotAnImageModel when the model takes none."""
+        if self.manifest.image is None:
+            inputs = ", ".join(t.describe() for t in self.manifest.signature.inputs)
+            raise NotAnImageModel(
+                f"model {self.manifest.name} takes tensors ({inputs}), not images: POST them to "
+                f"/v2/models/{self.manifest.name}/infer"
+            )
+        return self.manifest.image
+
+    def _members_output(self, output: str) -> str | None:
+        return next((c.members_output for c in self.manifest.combine if c.output == output), None)
+
+    async def infer_tensor(self, feeds: Tensors, *, mode: ModeChoice | None, arrived: float) -> Inference:
+        """Inputs by name, checked against the signature, to the ensemble's outputs by name."""
         chosen = self.selector.pick(mode)
         with self._outcome(chosen), self.admission.ticket():
-            inference = await self._infer(batch, chosen)
+            inference = await self._infer(feeds, chosen)
         self._record(inference, arrived)
         return inference
 
-    async def _infer(self, batch: np.ndarray, mode: Mode) -> Inference:
+    async def _infer(self, feeds: Tensors, mode: Mode) -> Inference:
         try:
             admitted = await self.admission.run(
-                lambda: self._timed_inference(batch, mode), self.settings.request_timeout_s
+                lambda: self._timed_inference(feeds, mode), self.settings.request_timeout_s
             )
         except ServiceError:
             raise
@@ -158,18 +178,22 @@ class DataPlane:
     async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._image_pool, function, *args)
 
-    def _timed_inference(self, batch: np.ndarray, mode: Mode) -> tuple[EnsembleOutputs, float]:
+    def _timed_inference(self, feeds: Tensors, mode: Mode) -> tuple[Tensors, float]:
         start = time.perf_counter()
-        outputs = self.runtime.infer(batch, mode)
+        outputs = self.runtime.infer(feeds, mode)
         return outputs, time.perf_counter() - start
 
-    def _decode_and_preprocess(self, data: bytes) -> tuple[np.ndarray, float, float]:
-        spec = self.manifest.input
+    def _decode_and_preprocess(self, data: bytes) -> tuple[Tensors, float, float]:
+        spec = self.image_spec()
         start = time.perf_counter()
         image = imaging.decode(data, max_pixels=self.settings.max_image_pixels, target_size=(spec.width, spec.height))
         decoded = time.perf_counter()
-        batch = imaging.preprocess(image, spec)
-        return batch, decoded - start, time.perf_counter() - decoded
+        input_spec = self.manifest.signature.input(spec.input)
+        assert input_spec is not None  # the manifest's validator checks it
+        batch = imaging.preprocess(image, spec, input_spec.dtype)
+        return {spec.input: batch}, decoded - start, time.perf_counter() - decoded
 
-    def _mask_png(self, mask_probs: np.ndarray) -> bytes:
-        return imaging.encode_mask_png(mask_probs.argmax(axis=0).astype(np.uint8), len(self.manifest.mask_classes))
+    def _mask_png(self, mask_scores: np.ndarray) -> bytes:
+        """mask_scores: [classes, H, W] of one image."""
+        classes = self.image_spec().mask_classes
+        return imaging.encode_mask_png(mask_scores.argmax(axis=0).astype(np.uint8), len(classes))

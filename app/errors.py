@@ -83,6 +83,12 @@ class InvalidParameter(ServiceError):
     status, code = 422, "invalid_parameter"
 
 
+class NotAnImageModel(ServiceError):
+    """POST /predict on a model that takes no image: the answer points to /v2."""
+
+    status, code = 404, "not_an_image_model"
+
+
 class InferenceFailed(ServiceError):
     """ONNX Runtime failed during a request: the model's fault or ours, never the client's."""
 

@@ -1,7 +1,7 @@
 """Pictures in and out: decoding an upload, turning it into the model's input, encoding a class mask.
 
-The preprocessing contract comes only from the manifest's InputSpec: RGB, stretched to width x height
-(bilinear), then InputSpec.normalise, the function the build step trains and scores with. Transparent
+The preprocessing contract comes only from the manifest's ImageSpec: RGB, stretched to width x height
+(bilinear), then ImageSpec.normalise, the function the build step trains and scores with. Transparent
 pixels are composited on white (the synthetic training images have no alpha), EXIF orientation is
 applied, 16-bit grayscale is scaled to 8 bits.
 """
@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
-from app.manifest import InputSpec
+from ensemble_contract.manifest import ImageSpec
 
 # Pillow format names we decode, and the media types that announce them.
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
@@ -76,10 +76,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def preprocess(image: Image.Image, spec: InputSpec) -> np.ndarray:
-    """An RGB picture as the model's input batch of one: float32 [1, 3, height, width]."""
+def preprocess(image: Image.Image, spec: ImageSpec, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """An RGB picture as the model's input batch of one, in the spec's layout, as `dtype`."""
     resized = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-    return spec.normalise(np.asarray(resized, dtype=np.uint8)[np.newaxis])
+    return spec.normalise(np.asarray(resized, dtype=np.uint8)[np.newaxis], dtype)
 
 
 def encode_mask_png(mask: np.ndarray, classes: int) -> bytes:

@@ -19,15 +19,14 @@ from app.priority import lower_thread_priority
 from app.routes import health, monitoring, predict, ui, v2
 from app.runtime import EnsembleRuntime
 from app.settings import Settings
+from ensemble_contract.modes import describe_modes
 
 logger = logging.getLogger("app")
 
-DESCRIPTION = """
-Serves an ensemble of segmentation models in several ways and lets you compare them live:
-**fused** (one ONNX Runtime session on the fused graph), **sequential** (the members' sessions one after
-another), **parallel** (the members' sessions at the same time) and, when the build shipped it,
-**fused-int8** (the fused graph quantised to int8). Choose per request with `?mode=`, or `compare` to rotate
-over the modes served. Latencies per mode: `/metrics` (Prometheus) and `/stats`.
+DESCRIPTION = f"""
+Serves an ensemble of ONNX models (ours, or any a user fused with `python -m model_build fuse`) in several ways
+and lets you compare them live. Modes: {describe_modes()}. Choose per request with `?mode=` (`/predict`) or the
+`mode` parameter (`/v2`). Latencies per mode: `/metrics` (Prometheus) and `/stats`.
 """
 
 

@@ -1,31 +1,12 @@
-"""The ways the ensemble can run, and how a request's mode is chosen."""
+"""How a request's mode is chosen among the modes served (the modes themselves: ensemble_contract.modes)."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from enum import StrEnum
 
 from app.errors import InvalidParameter, StartupError
-
-
-class Mode(StrEnum):
-    """How one inference runs the ensemble."""
-
-    FUSED = "fused"  # one session on the fused graph
-    SEQUENTIAL = "sequential"  # the member sessions one after another
-    PARALLEL = "parallel"  # the member sessions at the same time, one thread each
-    FUSED_INT8 = "fused-int8"  # one session on the fused graph quantised to int8, if the build shipped it
-
-
-class ModeChoice(StrEnum):
-    """What configuration or a request may ask for: a mode, or `compare` to rotate over the served ones."""
-
-    FUSED = "fused"
-    SEQUENTIAL = "sequential"
-    PARALLEL = "parallel"
-    FUSED_INT8 = "fused-int8"
-    COMPARE = "compare"
+from ensemble_contract.modes import COMPARE, Mode, ModeChoice
 
 
 class ModeSelector:
@@ -35,12 +16,12 @@ class ModeSelector:
         self.served = tuple(served)
         self.default = default
         self._rotation = itertools.cycle(self.served)
-        if default is not ModeChoice.COMPARE and Mode(default.value) not in self.served:
+        if default != COMPARE and Mode(default.value) not in self.served:
             raise StartupError(f"DEFAULT_MODE: {self._not_served(Mode(default.value))}")
 
     def pick(self, requested: ModeChoice | None = None) -> Mode:
         choice = requested or self.default
-        if choice is ModeChoice.COMPARE:
+        if choice == COMPARE:
             return next(self._rotation)
         mode = Mode(choice.value)
         if mode not in self.served:

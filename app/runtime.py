@@ -1,9 +1,9 @@
 """The model runtime: ONNX Runtime sessions for the fused graphs and for the members, and the modes.
 
-Every mode takes the same input batch and returns the same EnsembleOutputs, so pre- and post-processing
-never know which mode ran. The graph modes (fused, and fused-int8 when the build shipped it) run one session;
-sequential and parallel mode each have their own member sessions, because their thread budgets differ
-(parallel: the members share the cores).
+Every mode takes the same feeds and returns the fused graph's outputs by name, so the protocols never know
+which mode ran. Graph modes run one session; member modes run one session per member and combine their outputs
+with ensemble_contract.combine, the function the build checks the fused graph against. Sequential and parallel
+have their own member sessions, because their thread budgets differ (parallel: the members share the cores).
 """
 
 from __future__ import annotations
@@ -17,15 +17,17 @@ import numpy as np
 import onnxruntime as ort
 
 from app.errors import StartupError
-from app.manifest import CLASS_PROBS, INPUT_NAME, MASK_PROBS, MEMBER_CLASS_PROBS, Manifest, load_manifest
-from app.modes import Mode
 from app.priority import lower_thread_priority
 from app.settings import Settings
+from ensemble_contract.combine import combine
+from ensemble_contract.datatypes import UnsupportedDatatype, of_onnxruntime
+from ensemble_contract.manifest import Manifest, load_manifest
+from ensemble_contract.modes import MODES, Mode, Runs, served_modes
+from ensemble_contract.signature import TensorSpec
 
-MEMBER_OUTPUTS = (CLASS_PROBS, MASK_PROBS)
-FUSED_OUTPUTS = (CLASS_PROBS, MASK_PROBS, MEMBER_CLASS_PROBS)
 PROVIDERS = ("CPUExecutionProvider",)
 ORT_ERRORS_ONLY = 3
+Tensors = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -49,29 +51,6 @@ class ThreadPlan:
     def describe(self) -> str:
         spinning = "on" if self.allow_spinning else "off"
         return f"intra_op={self.intra_op_threads} inter_op={self.inter_op_threads} spinning={spinning}"
-
-
-@dataclass(frozen=True)
-class EnsembleOutputs:
-    class_probs: np.ndarray  # float32 [N, C], mean of the members
-    mask_probs: np.ndarray  # float32 [N, C + 1, H, W], mean of the members
-    member_class_probs: np.ndarray  # float32 [N, M, C], in manifest order
-
-    @classmethod
-    def average(cls, members: Sequence[Sequence[np.ndarray]]) -> EnsembleOutputs:
-        """What the fused graph computes, from each member's (class_probs, mask_probs)."""
-        stacked = np.stack([class_probs for class_probs, _ in members], axis=1)
-        masks = np.mean(np.stack([mask_probs for _, mask_probs in members]), axis=0)
-        return cls(stacked.mean(axis=1), masks, stacked)
-
-
-GRAPH_MODES = (Mode.FUSED, Mode.FUSED_INT8)
-MEMBER_MODES = (Mode.SEQUENTIAL, Mode.PARALLEL)
-
-
-def served_modes(manifest: Manifest) -> tuple[Mode, ...]:
-    """Every mode but fused-int8, which needs the int8 graph the build ships only when it keeps the accuracy."""
-    return tuple(mode for mode in Mode if mode is not Mode.FUSED_INT8 or manifest.ensemble_int8 is not None)
 
 
 def thread_plans(settings: Settings, members: int, modes: Sequence[Mode]) -> dict[Mode, ThreadPlan]:
@@ -110,83 +89,80 @@ class EnsembleRuntime:
             raise StartupError(f"model directory {root} is unusable: {exc}") from None
         modes = served_modes(manifest)
         plans = thread_plans(settings, len(manifest.members), modes)
-        contract = _contract(manifest)
-        graph_files = {Mode.FUSED: manifest.ensemble, Mode.FUSED_INT8: manifest.ensemble_int8}
-        graphs = {
-            mode: _open(root / file.path, plans[mode], contract[mode])
-            for mode, file in graph_files.items()
-            if file is not None
-        }
-        members = {
-            mode: [_open(root / member.file.path, plans[mode], contract[mode]) for member in manifest.members]
-            for mode in MEMBER_MODES
-        }
+        graph_tensors = (*manifest.signature.inputs, *manifest.signature.outputs)
+        member_tensors = (*manifest.signature.inputs, *(manifest.signature.output(n) for n in manifest.member_outputs))
+        graphs, members = {}, {}
+        for mode in modes:
+            spec = MODES[mode]
+            if spec.runs is Runs.GRAPH:
+                file = spec.graph_file(manifest)
+                assert file is not None  # served_modes keeps only the graphs the directory has
+                graphs[mode] = _open(root / file.path, plans[mode], graph_tensors)
+            else:
+                members[mode] = [_open(root / m.file.path, plans[mode], member_tensors) for m in manifest.members]
         runtime = cls(manifest, graphs, members, plans)
         runtime.warm_up()
         return runtime
 
-    def infer(self, batch: np.ndarray, mode: Mode) -> EnsembleOutputs:
-        """batch: float32 [N, 3, H, W], preprocessed."""
-        feed = {INPUT_NAME: batch}
+    def infer(self, feeds: Mapping[str, np.ndarray], mode: Mode) -> Tensors:
+        """Every output of the fused graph, by name, computed in `mode`."""
         if mode in self._graphs:
-            return EnsembleOutputs(*self._graphs[mode].run(list(FUSED_OUTPUTS), feed))
-        run_all = self._member_pool.map if mode is Mode.PARALLEL else map
-        return EnsembleOutputs.average(
-            list(run_all(lambda session: session.run(list(MEMBER_OUTPUTS), feed), self._members[mode]))
-        )
+            session = self._graphs[mode]
+            return dict(zip(self.manifest.signature.output_names, session.run(self._output_names, feeds), strict=True))
+        names = list(self.manifest.member_outputs)
+
+        def run(session: ort.InferenceSession) -> Tensors:
+            return dict(zip(names, session.run(names, feeds), strict=True))
+
+        run_all = self._member_pool.map if MODES[mode].concurrent_members else map
+        return combine(list(run_all(run, self._members[mode])), self.manifest.combine, self.manifest.weights)
+
+    @property
+    def _output_names(self) -> list[str]:
+        return list(self.manifest.signature.output_names)
 
     def warm_up(self) -> None:
-        """Runs each mode once, so the first request does not pay for allocations and thread start-up."""
-        spec = self.manifest.input
-        batch = np.zeros((1, 3, spec.height, spec.width), dtype=np.float32)
-        expected = _contract(self.manifest)[Mode.FUSED]
+        """Runs each mode once, so the first request does not pay for allocations and thread start-up, and checks
+        that each gives the manifest's outputs."""
+        feeds = self.manifest.example_inputs()
         for mode in self.modes:
-            outputs = self.infer(batch, mode)
-            for name in FUSED_OUTPUTS:
-                actual, wanted = getattr(outputs, name).shape, (1, *expected[name][1:])
-                if actual != wanted:
+            outputs = self.infer(feeds, mode)
+            for spec in self.manifest.signature.outputs:
+                actual = outputs[spec.name]
+                if not spec.fits(actual.shape) or actual.dtype != spec.dtype:
                     raise StartupError(
-                        f"{mode} mode returned {name} of shape {list(actual)}, the manifest implies "
-                        f"{list(wanted)}: rebuild the models"
+                        f"{mode} mode returned {spec.name} as {actual.dtype} {list(actual.shape)}, the manifest says "
+                        f"{spec.describe()}: rebuild the model directory"
                     )
 
     def close(self) -> None:
         self._member_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _contract(manifest: Manifest) -> dict[Mode, dict[str, tuple[int | None, ...]]]:
-    """Tensor names and shapes the manifest implies, for the fused graph and for a member (None: any size)."""
-    spec, labels = manifest.input, len(manifest.labels)
-    member: dict[str, tuple[int | None, ...]] = {
-        INPUT_NAME: (None, 3, spec.height, spec.width),
-        CLASS_PROBS: (None, labels),
-        MASK_PROBS: (None, labels + 1, spec.height, spec.width),
-    }
-    graph = member | {MEMBER_CLASS_PROBS: (None, len(manifest.members), labels)}
-    return {mode: graph for mode in GRAPH_MODES} | {mode: member for mode in MEMBER_MODES}
-
-
-def _open(path: Path, plan: ThreadPlan, contract: Mapping[str, tuple[int | None, ...]]) -> ort.InferenceSession:
+def _open(path: Path, plan: ThreadPlan, tensors: Sequence[TensorSpec | None]) -> ort.InferenceSession:
     try:
         session = ort.InferenceSession(str(path), plan.session_options(), providers=list(PROVIDERS))
     except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable models
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StartupError(f"ONNX Runtime cannot load {path}: {reason}") from None
-    tensors = {t.name: t for t in (*session.get_inputs(), *session.get_outputs())}
-    for name, dims in contract.items():
-        tensor = tensors.get(name)
+    found = {t.name: t for t in (*session.get_inputs(), *session.get_outputs())}
+    for spec in tensors:
+        assert spec is not None  # the manifest's validator checks every combined output is in the signature
+        tensor = found.get(spec.name)
         if tensor is None:
-            raise StartupError(f"{path} has no tensor named {name!r}; it has {sorted(tensors)}")
-        if tensor.type != "tensor(float)" or not _shape_fits(tensor.shape, dims):
+            raise StartupError(f"{path} has no tensor named {spec.name!r}; it has {sorted(found)}")
+        try:
+            datatype = of_onnxruntime(tensor.type)
+        except UnsupportedDatatype:
+            datatype = tensor.type
+        shape = [d if isinstance(d, int) else -1 for d in tensor.shape]
+        if datatype != spec.datatype or not (spec.shape is None or _compatible(shape, spec.shape)):
             raise StartupError(
-                f"{path}: tensor {name!r} is {tensor.type} {tensor.shape}, the manifest implies float32 "
-                f"{[d if d is not None else 'N' for d in dims]}"
+                f"{path}: tensor {spec.name!r} is {datatype} {tensor.shape}, the manifest says {spec.describe()}"
             )
     return session
 
 
-def _shape_fits(actual: Sequence[int | str | None], expected: Sequence[int | None]) -> bool:
-    """Symbolic or unknown dimensions fit anything; fixed ones must match."""
-    return len(actual) == len(expected) and all(
-        want is None or not isinstance(have, int) or have == want for have, want in zip(actual, expected, strict=True)
-    )
+def _compatible(actual: Sequence[int], expected: Sequence[int]) -> bool:
+    """Dynamic dimensions on either side fit anything; static ones must match."""
+    return len(actual) == len(expected) and all(a == e or -1 in (a, e) for a, e in zip(actual, expected, strict=True))

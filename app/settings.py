@@ -11,7 +11,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.errors import StartupError
-from app.modes import Mode, ModeChoice
+from ensemble_contract.modes import Mode, ModeChoice, describe_modes, intra_op_threads
 
 # Pillow's own decompression-bomb guard; ours must stop an image before Pillow's warning fires.
 PILLOW_MAX_IMAGE_PIXELS = 89_478_485
@@ -42,8 +42,7 @@ class Settings(BaseSettings):
     )
     default_mode: ModeChoice = Field(
         ModeChoice.FUSED,
-        description="Mode for requests that do not ask for one: fused, sequential, parallel, fused-int8 (when the "
-        "build shipped the int8 graph), or compare (rotate over the modes served, so traffic splits evenly).",
+        description=f"Mode for requests that do not ask for one. {describe_modes()}.",
     )
     fused_intra_op_threads: int | None = Field(
         None, ge=1, le=256, description="Intra-op threads of each fused-graph session (fp32, int8). Unset: all cores."
@@ -208,6 +207,4 @@ class Settings(BaseSettings):
             Mode.SEQUENTIAL: self.sequential_intra_op_threads,
             Mode.PARALLEL: self.parallel_intra_op_threads,
         }[mode]
-        if configured is not None:
-            return configured
-        return max(1, cores // members) if mode is Mode.PARALLEL else cores
+        return configured if configured is not None else intra_op_threads(mode, cores, members)

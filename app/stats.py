@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.modes import Mode
+from ensemble_contract.modes import Mode
 
 MAX_SAMPLES_PER_MODE = 10_000  # bounds memory whatever the request rate
 

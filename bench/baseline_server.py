@@ -1,8 +1,8 @@
 """The server users start from: FastAPI + ONNX Runtime written the straightforward way.
 
 One InferenceSession per member with default SessionOptions, run one after another inside an `async`
-endpoint, probabilities averaged. No fused graph, no thread tuning, no admission control. The load bench
-starts it on its own loopback port: `python -m bench.baseline_server --model-dir DIR --port PORT`.
+endpoint, outputs combined by the reference combination. No fused graph, no thread tuning, no admission control.
+The load bench starts it on its own loopback port: `python -m bench.baseline_server --model-dir DIR --port PORT`.
 """
 
 from __future__ import annotations
@@ -17,15 +17,18 @@ import uvicorn
 from fastapi import FastAPI, UploadFile
 from PIL import Image
 
-from app.manifest import load_manifest
+from ensemble_contract.combine import combine
+from ensemble_contract.manifest import load_manifest
 
 
 def create_app(model_dir: Path) -> FastAPI:
     manifest = load_manifest(model_dir)
+    if manifest.image is None or manifest.image.scores_output is None:
+        raise SystemExit(f"{model_dir}: the baseline server answers image models that score labels")
     sessions = [
         ort.InferenceSession(str(model_dir / m.file.path), providers=["CPUExecutionProvider"]) for m in manifest.members
     ]
-    spec = manifest.input
+    spec, names = manifest.image, list(manifest.member_outputs)
     app = FastAPI(title="baseline: separate sessions in a loop, default options")
 
     @app.get("/healthz")
@@ -35,10 +38,10 @@ def create_app(model_dir: Path) -> FastAPI:
     @app.post("/predict")
     async def predict(file: UploadFile) -> dict[str, object]:
         image = Image.open(io.BytesIO(await file.read())).convert("RGB").resize((spec.width, spec.height))
-        batch = spec.normalise(np.asarray(image)[None])
-        outputs = [session.run(None, {spec.name: batch}) for session in sessions]
-        class_probs = np.mean([out[0] for out in outputs], axis=0)[0]
-        return {"labels": dict(zip(manifest.labels, map(float, class_probs), strict=True)), "mode": "baseline"}
+        feeds = {spec.input: spec.normalise(np.asarray(image)[None])}
+        outputs = [dict(zip(names, session.run(names, feeds), strict=True)) for session in sessions]
+        scores = spec.probabilities(combine(outputs, manifest.combine, manifest.weights)[spec.scores_output][0])
+        return {"labels": dict(zip(spec.labels, map(float, scores), strict=True)), "mode": "baseline"}
 
     return app
 

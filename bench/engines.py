@@ -1,7 +1,7 @@
 """Ways to run a model directory's ensemble in this process, by name: the configurations the sweep compares.
 
-Every runner takes the same preprocessed batch and averages the members the way the fused graph does, so
-the configurations differ only in how ONNX Runtime is asked to do the work:
+Every runner takes the same inputs (by name) and combines the members with ensemble_contract.combine, as the
+fused graph does, so the configurations differ only in how ONNX Runtime is asked to do the work:
 
     separate-*   one session per member, run one after another
     parallel     one session per member, run at the same time in threads, the cores split between them
@@ -12,7 +12,7 @@ the configurations differ only in how ONNX Runtime is asked to do the work:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from app.manifest import INPUT_NAME, load_manifest
+from ensemble_contract.combine import combine
+from ensemble_contract.manifest import load_manifest
 
-Runner = Callable[[np.ndarray], object]
+Feeds = dict[str, np.ndarray]
+Runner = Callable[[Feeds], object]
 ALONE_PREFIX = "alone:"
 ORT_ERRORS_ONLY = 3
 
@@ -126,11 +128,6 @@ def _session(path: Path, session: SessionConfig) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), session.options(), providers=["CPUExecutionProvider"])
 
 
-def _average(outputs: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
-    """The members' outputs averaged, as the fused graph does (and the service's separate modes)."""
-    return [np.mean(np.stack(tensors), axis=0) for tensors in zip(*outputs, strict=True)]
-
-
 def open_runner(model_dir: Path, config: RunConfig, fused_file: Path | None = None) -> Runner:
     """A runner for `config` over the model directory; `fused_file` replaces ensemble.onnx (e.g. an int8 one)."""
     manifest = load_manifest(model_dir, verify_files=False)
@@ -138,15 +135,18 @@ def open_runner(model_dir: Path, config: RunConfig, fused_file: Path | None = No
         ort.set_global_thread_pool_sizes(_cores(), 1)  # must precede the first session of the process
     if config.layout is Layout.FUSED:
         fused = _session(fused_file or model_dir / manifest.ensemble.path, config.session)
-        return lambda batch: fused.run(None, {INPUT_NAME: batch})
-    paths = [model_dir / m.file.path for m in manifest.members]
-    if config.member is not None:
-        paths = [paths[config.member]]
+        return lambda feeds: fused.run(None, feeds)
+    members = list(manifest.members) if config.member is None else [manifest.members[config.member]]
     session_config = config.session
     if config.layout is Layout.PARALLEL and session_config.intra_op_threads is None:
-        session_config = SessionConfig(session_config.allow_spinning, max(1, _cores() // len(paths)))
-    sessions = [_session(p, session_config) for p in paths]
+        session_config = SessionConfig(session_config.allow_spinning, max(1, _cores() // len(members)))
+    sessions = [_session(model_dir / m.file.path, session_config) for m in members]
+    names = list(manifest.member_outputs)
+
+    def run(session: ort.InferenceSession, feeds: Feeds) -> Feeds:
+        return dict(zip(names, session.run(names, feeds), strict=True))
+
     if config.layout is Layout.SEPARATE:
-        return lambda batch: _average([s.run(None, {INPUT_NAME: batch}) for s in sessions])
+        return lambda feeds: combine([run(s, feeds) for s in sessions], manifest.combine, manifest.weights)
     pool = ThreadPoolExecutor(len(sessions), thread_name_prefix="member")
-    return lambda batch: _average(list(pool.map(lambda s: s.run(None, {INPUT_NAME: batch}), sessions)))
+    return lambda feeds: combine(list(pool.map(lambda s: run(s, feeds), sessions)), manifest.combine, manifest.weights)

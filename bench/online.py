@@ -14,7 +14,6 @@ import httpx
 from PIL import Image
 from pydantic import BaseModel
 
-from app.manifest import load_manifest
 from bench.isolated import measure_isolated
 from bench.load import LoadResult, Payload, closed_loop, open_loop, warm_up
 from bench.machine import Machine
@@ -23,6 +22,7 @@ from bench.service_runtime import service_modes, service_runner_name
 from bench.stats import Summary
 from bench.timing import Budget
 from bench.worker import MeasureSpec
+from ensemble_contract.manifest import load_manifest
 from model_build.shapes import TEST_SET_SEED, render
 
 IMAGE_SIZE = 128  # the uploaded picture; the service resizes it to the model's input

@@ -9,14 +9,14 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from app.manifest import InputSpec, Metrics, load_manifest
 from bench.isolated import measure_isolated
 from bench.stats import Summary
 from bench.timing import Budget
 from bench.worker import MeasureSpec
+from ensemble_contract.manifest import ImageSpec, Metrics, load_manifest
 from model_build.evaluate import score_model
 from model_build.quantize import quantize_dynamic_int8, quantize_static_int8
-from model_build.shapes import held_out_set
+from model_build.shapes import held_out_set, make_batch
 
 LATENCY_CONFIGS = ("fused-default", "fused-nospin")
 
@@ -29,12 +29,14 @@ class Variant(BaseModel):
     latency: dict[str, Summary]
 
 
-def quantize(fp32: Path, spec: InputSpec, out: Path, calibration_images: int) -> dict[str, Path]:
-    """Writes OUT/ensemble.int8-dynamic.onnx and OUT/ensemble.int8-static.onnx; returns them by variant name."""
+def quantize(fp32: Path, spec: ImageSpec, out: Path, calibration_images: int) -> dict[str, Path]:
+    """Writes OUT/ensemble.int8-dynamic.onnx and OUT/ensemble.int8-static.onnx; returns them by variant name.
+    Static calibration uses training seeds' images, as the build does."""
     out.mkdir(parents=True, exist_ok=True)
+    calibration = {spec.input: spec.normalise(make_batch(range(calibration_images), spec.height).images)}
     return {
         "int8-dynamic": quantize_dynamic_int8(fp32, out / "ensemble.int8-dynamic.onnx"),
-        "int8-static": quantize_static_int8(fp32, out / "ensemble.int8-static.onnx", spec, calibration_images),
+        "int8-static": quantize_static_int8(fp32, out / "ensemble.int8-static.onnx", calibration),
     }
 
 
@@ -48,11 +50,15 @@ def run(
 ) -> list[Variant]:
     """fp32 and each int8 variant: held-out metrics, and latency per configuration, each in its own process."""
     manifest = load_manifest(model_dir)
+    if manifest.image is None or manifest.ensemble_metrics is None:
+        raise ValueError(
+            f"{model_dir}: bench quant scores our shapes models; use `fuse --calibration --eval` for yours"
+        )
     images = test_images or (manifest.ensemble_metrics.images if manifest.ensemble_metrics else 500)
     fp32 = model_dir / manifest.ensemble.path
-    test = held_out_set(manifest.input.height, images)
-    test_inputs = manifest.input.normalise(test.images)
-    files = {"fp32": fp32, **quantize(fp32, manifest.input, out, calibration_images)}
+    test = held_out_set(manifest.image.height, images)
+    test_inputs = manifest.image.normalise(test.images)
+    files = {"fp32": fp32, **quantize(fp32, manifest.image, out, calibration_images)}
     variants = []
     for name, path in files.items():
         latency = {}

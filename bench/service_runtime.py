@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from app.manifest import load_manifest
-from app.modes import Mode
 from app.runtime import EnsembleRuntime, served_modes
 from app.settings import Settings
 from bench.engines import Runner
+from ensemble_contract.manifest import load_manifest
+from ensemble_contract.modes import Mode
 
 SERVICE_PREFIX = "service:"
 

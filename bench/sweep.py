@@ -9,7 +9,6 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from app.manifest import Manifest, load_manifest
 from bench.engines import CONFIGS, alone
 from bench.isolated import measure_isolated
 from bench.machine import Machine
@@ -17,6 +16,7 @@ from bench.stats import Summary
 from bench.timing import Budget
 from bench.worker import MeasureSpec
 from bench.zoo import ModelSpec
+from ensemble_contract.manifest import Manifest, load_manifest
 
 SINGLE_CONFIGS = ("separate-default", "separate-nospin", "fused-default", "fused-nospin")
 
@@ -68,7 +68,7 @@ def _row(
         widths=spec.widths,
         members=len(spec.members),
         parameters=sum(m.parameters or 0 for m in manifest.members),
-        image_size=manifest.input.height,
+        image_size=manifest.image.height if manifest.image else 0,
         config=config,
         median_ms=summary.median_ms,
         p95_ms=summary.p95_ms,

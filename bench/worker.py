@@ -9,15 +9,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.manifest import load_manifest
-from bench.engines import Runner, config_named, open_runner
+from bench.engines import Feeds, Runner, config_named, open_runner
 from bench.machine import Machine
 from bench.stats import Summary
 from bench.timing import time_calls
-from model_build.shapes import held_out_set
+from ensemble_contract.manifest import load_manifest
 
 RESULT_MARKER = "BENCH-RESULT "
 
@@ -40,10 +38,9 @@ class Measurement(BaseModel):
     results: dict[str, Summary]
 
 
-def input_batch(model_dir: Path) -> np.ndarray:
-    """One held-out shapes image, preprocessed: a realistic batch of 1."""
-    spec = load_manifest(model_dir, verify_files=False).input
-    return spec.normalise(held_out_set(spec.height, 1).images)
+def input_batch(model_dir: Path) -> Feeds:
+    """A batch of one that fits the model's signature."""
+    return load_manifest(model_dir, verify_files=False).example_inputs()
 
 
 def open_runners(spec: MeasureSpec) -> dict[str, Runner]:

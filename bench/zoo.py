@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.manifest import load_manifest
+from ensemble_contract.manifest import load_manifest
 from model_build.config import BuildConfig, Int8Config, MemberConfig, TrainingConfig
 
 _TERM = re.compile(r"^(?:(\d+)x)?w(\d+)$")
@@ -70,7 +70,7 @@ def of_model_dir(model_dir: Path) -> ModelSpec:
     counts = Counter(widths)
     terms = "+".join(f"{n}xw{w}" if n > 1 else f"w{w}" for w, n in counts.items())
     members = tuple(MemberConfig(width_scale=m.width_scale, seed=m.seed or 0) for m in manifest.members)
-    return ModelSpec(f"{model_dir.name}:{terms}@{manifest.input.height}px", members)
+    return ModelSpec(f"{model_dir.name}:{terms}@{manifest.image.height}px", members)
 
 
 def build_config(spec: ModelSpec, training: TrainingConfig, test_images: int) -> BuildConfig:

@@ -1,57 +1,38 @@
-"""The build pipeline: train members, export them, fuse them, check the fusion, score everything, write
-the manifest. `build` does it from a config; `fuse_files` does the second half for members a user brings.
-
-    OUT/members/<member>.onnx   one file per member
-    OUT/ensemble.onnx           the fused graph
-    OUT/ensemble.int8.onnx      the fused graph quantised to int8, if it keeps the accuracy (config.int8)
-    OUT/manifest.json           app.manifest.Manifest: the contract the service reads
+"""The build pipeline of our UNets: train members, export them, fuse them, check the fusion, score everything,
+write the manifest (layout: ensemble_contract.manifest). `fuse` (model_build.user_members) does the second half
+for members a user brings.
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing
-import shutil
-import sys
-from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime
-import torch
 
-from app.manifest import (
+from ensemble_contract.manifest import (
+    MEMBERS_DIR,
     FileEntry,
-    InputSpec,
+    Int8,
     Manifest,
     ManifestError,
     Member,
     Metrics,
     load_manifest,
 )
-from model_build.config import BuildConfig, Int8Config, MemberConfig
+from ensemble_contract.signature import generated_inputs
+from model_build.config import CLASS_PROBS, IMAGE_INPUT, BuildConfig, Int8Config, MemberConfig, image_spec
+from model_build.directory import log, versions, write_ensemble, write_int8
 from model_build.evaluate import score_model
 from model_build.export import export_member
-from model_build.fuse import FusionError, fuse, signature
-from model_build.quantize import accuracy_loss, quantize_static_int8
-from model_build.shapes import LABELS, Batch, held_out_set
+from model_build.fuse import member_signature, plan
+from model_build.shapes import LABELS, Batch, held_out_set, make_batch
 from model_build.train import train_member
 from model_build.unet import UNet, parameter_count
-from model_build.verify import check_fused_matches_members
 
 RANDOM_CHECK_INPUTS = 8
-ENSEMBLE_FILE = "ensemble.onnx"
-INT8_FILE = "ensemble.int8.onnx"
-
-
-def log(message: str) -> None:
-    print(f"[build] {message}", file=sys.stderr, flush=True)
-
-
-def versions() -> dict[str, str]:
-    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def _member_metadata(path: Path) -> dict[str, str]:
@@ -73,8 +54,7 @@ def _train_and_export(config: BuildConfig, member: MemberConfig, path: Path, pro
         "seed": str(member.seed),
         "parameters": str(parameter_count(unet)),
         "fingerprint": config.member_fingerprint(member),
-        "labels": json.dumps(LABELS),
-        "input": config.input_spec.model_dump_json(),
+        "image": config.image_spec.model_dump_json(),
     }
     export_member(unet, path, config.training.image_size, config.opset, metadata)
     return path
@@ -104,47 +84,18 @@ def _build_members(config: BuildConfig, members_dir: Path) -> list[Path]:
     return paths
 
 
-def _write_ensemble(out: Path, member_paths: Sequence[Path], check_inputs: np.ndarray) -> FileEntry:
-    """Fuses the members into OUT/ensemble.onnx and fails unless it equals their mean on `check_inputs`."""
-    names = [p.stem for p in member_paths]
-    fused = fuse([onnx.load(p) for p in member_paths], names)
-    onnx.helper.set_model_props(fused, {"members": json.dumps(names)})
-    path = out / ENSEMBLE_FILE
-    onnx.save(fused, path)
-    worst = check_fused_matches_members(path, member_paths, check_inputs)
-    log(f"fused {len(member_paths)} members into {path}; largest difference from their mean {worst:.1e}")
-    return FileEntry.of(out, path)
-
-
-def _random_inputs(spec: InputSpec, seed: int = 0) -> np.ndarray:
-    return (
-        np.random.default_rng(seed).normal(0, 1, (RANDOM_CHECK_INPUTS, 3, spec.height, spec.width)).astype(np.float32)
-    )
-
-
-def _write_int8(
-    config: Int8Config, out: Path, spec: InputSpec, fp32_metrics: Metrics, test: Batch, test_inputs: np.ndarray
-) -> tuple[FileEntry, Metrics] | None:
-    """Quantises OUT/ensemble.onnx to OUT/ensemble.int8.onnx and keeps it if it loses at most
-    config.max_accuracy_loss of mean label accuracy on the held-out set."""
-    path = out / INT8_FILE
-    path.unlink(missing_ok=True)
+def _write_int8(config: Int8Config, out: Path, test: Batch, test_inputs: np.ndarray) -> Int8:
+    """The int8 graph, calibrated on training seeds' images, kept when it loses at most config.max_accuracy_loss
+    of mean label accuracy on the held-out set."""
     if not config.enabled:
-        return None
-    log(f"quantising the fused graph to int8, calibrated on {config.calibration_images} training images")
-    quantize_static_int8(out / ENSEMBLE_FILE, path, spec, config.calibration_images)
-    metrics = score_model(path, test, test_inputs)
-    loss = accuracy_loss(fp32_metrics, metrics)
-    verdict = (
-        f"mean label accuracy {-loss * 100:+.2f} points against fp32 "
-        f"(may lose {config.max_accuracy_loss * 100:g} at most)"
-    )
-    if loss > config.max_accuracy_loss:
-        log(f"int8 ensemble not kept: {verdict}")
-        path.unlink()
-        return None
-    log(f"int8 ensemble: {_describe(metrics)}; {verdict}")
-    return FileEntry.of(out, path), metrics
+        return write_int8(out, None, None, config.max_accuracy_loss).model_copy(update={"note": "int8 turned off"})
+    spec = image_spec(test.images.shape[1])
+    calibration = {IMAGE_INPUT: spec.normalise(make_batch(range(config.calibration_images), spec.height).images)}
+
+    def mean_label_accuracy(path: Path) -> dict[str, float]:
+        return {"mean_label_accuracy": score_model(path, test, test_inputs).mean_label_accuracy}
+
+    return write_int8(out, calibration, mean_label_accuracy, config.max_accuracy_loss)
 
 
 def build(config: BuildConfig, out: Path) -> Manifest:
@@ -158,12 +109,21 @@ def build(config: BuildConfig, out: Path) -> Manifest:
     except ManifestError:
         pass
     out.mkdir(parents=True, exist_ok=True)
-    member_paths = _build_members(config, out / "members")
-    spec = config.input_spec
+    member_paths = _build_members(config, out / MEMBERS_DIR)
+    spec = config.image_spec
     log(f"scoring on {config.test_images} held-out images")
     test = held_out_set(config.training.image_size, config.test_images)
     test_inputs = spec.normalise(test.images)
-    ensemble = _write_ensemble(out, member_paths, np.concatenate([_random_inputs(spec), test_inputs[:32]]))
+    models = [onnx.load(p) for p in member_paths]
+    fusion = plan(
+        {p.stem: member_signature(m, p.stem) for m, p in zip(models, member_paths, strict=True)},
+        stack_members=[CLASS_PROBS],
+    )
+    random_inputs = generated_inputs(
+        fusion.signature.inputs, RANDOM_CHECK_INPUTS, sizes={IMAGE_INPUT: (RANDOM_CHECK_INPUTS, *spec.shape)}
+    )
+    check = {IMAGE_INPUT: np.concatenate([random_inputs[IMAGE_INPUT], test_inputs[:32]])}
+    ensemble = write_ensemble(out, models, member_paths, fusion, None, check)
     members = []
     for member, path in zip(config.members, member_paths, strict=True):
         metrics = score_model(path, test, test_inputs)
@@ -180,16 +140,15 @@ def build(config: BuildConfig, out: Path) -> Manifest:
         log(f"{member.name}: {members[-1].parameters:,} parameters, {_describe(metrics)}")
     ensemble_metrics = score_model(out / ensemble.path, test, test_inputs)
     log(f"ensemble: {_describe(ensemble_metrics)}")
-    int8 = _write_int8(config.int8, out, spec, ensemble_metrics, test, test_inputs)
     manifest = Manifest(
         name=config.name,
-        labels=LABELS,
-        input=spec,
+        signature=fusion.signature,
+        combine=fusion.combine,
+        image=spec,
         members=tuple(members),
         ensemble=ensemble,
         ensemble_metrics=ensemble_metrics,
-        ensemble_int8=int8[0] if int8 else None,
-        ensemble_int8_metrics=int8[1] if int8 else None,
+        int8=_write_int8(config.int8, out, test, test_inputs),
         opset=config.opset,
         versions=versions(),
         build_config=config_json,
@@ -203,51 +162,3 @@ def _describe(metrics: Metrics) -> str:
         f"mean label accuracy {metrics.mean_label_accuracy:.3f}, exact match {metrics.exact_match_accuracy:.3f}, "
         f"mean IoU {metrics.mean_iou:.3f}"
     )
-
-
-def fuse_files(member_files: Sequence[Path], out: Path, name: str, labels: Sequence[str] | None = None) -> Manifest:
-    """Fuses ONNX members a user brings. Labels and the input spec come from the members' metadata when
-    they were built here; otherwise `labels` is required and the input spec takes the manifest's defaults."""
-    if len(member_files) < 2:
-        raise FusionError("an ensemble needs at least two members")
-    models = []
-    for path in member_files:
-        try:
-            models.append(onnx.load(path))
-        except Exception as exc:  # onnx raises protobuf's DecodeError and others for a corrupt file
-            raise FusionError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    signatures = [signature(m, str(p)) for m, p in zip(models, member_files, strict=True)]
-    metadata = {p.key: p.value for p in models[0].metadata_props}
-    labels = tuple(labels or json.loads(metadata.get("labels", "[]")))
-    if len(labels) != signatures[0].labels:
-        raise FusionError(
-            f"the members predict {signatures[0].labels} labels; give as many with --labels, got {len(labels)}"
-        )
-    spec = (
-        InputSpec.model_validate_json(metadata["input"])
-        if "input" in metadata
-        else InputSpec(height=signatures[0].height, width=signatures[0].width)
-    )
-    members_dir = out / "members"
-    members_dir.mkdir(parents=True, exist_ok=True)
-    stems = [p.stem for p in member_files]
-    if len(set(stems)) != len(stems):
-        raise FusionError(f"member file names must differ, got {stems}")
-    copies = [members_dir / p.name for p in member_files]
-    for source, copy in zip(member_files, copies, strict=True):
-        if source.resolve() != copy.resolve():
-            shutil.copyfile(source, copy)
-    ensemble = _write_ensemble(out, copies, _random_inputs(spec))
-    (out / INT8_FILE).unlink(missing_ok=True)  # no held-out set to check an int8 graph on: none is shipped
-    manifest = Manifest(
-        name=name,
-        labels=labels,
-        input=spec,
-        members=tuple(Member(name=c.stem, file=FileEntry.of(out, c)) for c in copies),
-        ensemble=ensemble,
-        opset=max(o.version for m in models for o in m.opset_import if o.domain in ("", "ai.onnx")),
-        versions=versions(),
-        build_config={"fused_from": [str(p) for p in member_files]},
-    )
-    log(f"wrote {manifest.write(out)}")
-    return manifest

@@ -7,9 +7,31 @@ import json
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.manifest import InputSpec
+from ensemble_contract.manifest import ImageSpec, ImageTask
+from model_build.shapes import LABELS
+
+# Our UNet members' tensors (a user's members keep their own names).
+IMAGE_INPUT = "image"
+CLASS_PROBS = "class_probs"  # [N, labels], sigmoid per label
+MASK_PROBS = "mask_probs"  # [N, 1 + labels, H, W], softmax per pixel; class 0 is the background
 
 MAX_ACCURACY_LOSS = 0.01  # one point of mean label accuracy: more, and the build does not ship the int8 graph
+
+
+def image_spec(size: int) -> ImageSpec:
+    """How our members see a picture, and what their outputs mean."""
+    return ImageSpec(
+        input=IMAGE_INPUT,
+        height=size,
+        width=size,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        task=ImageTask.MULTILABEL,
+        labels=LABELS,
+        scores_output=CLASS_PROBS,
+        mask_output=MASK_PROBS,
+        mask_classes=("background", *LABELS),
+    )
 
 
 class TrainingConfig(BaseModel):
@@ -60,8 +82,8 @@ class BuildConfig(BaseModel):
     parallel_training: bool = True
 
     @property
-    def input_spec(self) -> InputSpec:
-        return InputSpec(height=self.training.image_size, width=self.training.image_size)
+    def image_spec(self) -> ImageSpec:
+        return image_spec(self.training.image_size)
 
     def member_fingerprint(self, member: MemberConfig) -> str:
         """Changes whenever anything that shapes this member's weights or its export changes."""

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from app.manifest import Metrics
+from ensemble_contract.manifest import Metrics
+from model_build.config import CLASS_PROBS, IMAGE_INPUT, MASK_PROBS
 from model_build.shapes import Batch
 from model_build.verify import cpu_session, run_in_batches
 
@@ -32,5 +33,5 @@ def score(class_probs: np.ndarray, mask_probs: np.ndarray, truth: Batch, thresho
 
 def score_model(path: Path, truth: Batch, inputs: np.ndarray) -> Metrics:
     """Scores the ONNX model at `path` (a member, or a fused graph) on `inputs`, the normalised `truth.images`."""
-    class_probs, mask_probs = run_in_batches(cpu_session(path), inputs)[:2]
-    return score(class_probs, mask_probs, truth)
+    outputs = run_in_batches(cpu_session(path), {IMAGE_INPUT: inputs}, [CLASS_PROBS, MASK_PROBS])
+    return score(outputs[CLASS_PROBS], outputs[MASK_PROBS], truth)

@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from app.manifest import CLASS_PROBS, INPUT_NAME, MASK_PROBS
+from model_build.config import CLASS_PROBS, IMAGE_INPUT, MASK_PROBS
 from model_build.unet import Probabilities, UNet
 
 
@@ -27,7 +27,7 @@ def export_member(unet: UNet, path: Path, image_size: int, opset: int, metadata:
             model,
             (example,),
             dynamo=True,
-            input_names=[INPUT_NAME],
+            input_names=[IMAGE_INPUT],
             output_names=[CLASS_PROBS, MASK_PROBS],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
             opset_version=opset,

@@ -1,13 +1,14 @@
-"""int8 versions of the fused graph with onnxruntime.quantization: static QDQ (what the build ships when it
+"""int8 versions of a fused graph with onnxruntime.quantization: static QDQ (what the build ships when it
 keeps the accuracy) and dynamic (which the benchmark compares against).
 
-Static quantisation calibrates on shapes images drawn from training seeds, never the held-out ones.
+Static quantisation calibrates on inputs the caller gives: ours on shapes images drawn from training seeds,
+never the held-out ones; a user's on the rows of `fuse --calibration inputs.npz`.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,26 +22,25 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from app.manifest import INPUT_NAME, InputSpec, Metrics
-from model_build.shapes import make_batch
 
+class _RowsReader(CalibrationDataReader):
+    """Feeds calibration inputs one row at a time, as batch-1 inputs."""
 
-class _ImagesReader(CalibrationDataReader):
-    """Feeds calibration images one at a time, as batch-1 inputs."""
-
-    def __init__(self, images: np.ndarray) -> None:
-        self._inputs: Iterator[np.ndarray] = iter(images[i : i + 1] for i in range(len(images)))
+    def __init__(self, feeds: Mapping[str, np.ndarray]) -> None:
+        rows = len(next(iter(feeds.values())))
+        self._rows: Iterator[dict[str, np.ndarray]] = iter(
+            {name: array[i : i + 1] for name, array in feeds.items()} for i in range(rows)
+        )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._inputs, None)
-        return None if batch is None else {INPUT_NAME: batch}
+        return next(self._rows, None)
 
 
 def _prepared(fp32: Path, work: Path) -> Path:
-    """The graph with one opset per domain (the quantiser refuses the repeats fusion leaves), shape-inferred.
+    """The graph with one opset per domain (the quantiser refuses repeats), shape-inferred.
 
     ONNX's own shape inference only: onnxruntime's symbolic one gives up on ReduceMax with axes as an input
-    (opset 18+), which the classification head's global max pooling exports to."""
+    (opset 18+), which our classification head's global max pooling exports to."""
     model = onnx.load(fp32)
     versions: dict[str, int] = {}
     for opset in model.opset_import:
@@ -53,14 +53,13 @@ def _prepared(fp32: Path, work: Path) -> Path:
     return prepared
 
 
-def quantize_static_int8(fp32: Path, target: Path, spec: InputSpec, calibration_images: int) -> Path:
-    """Per-channel int8 weights, uint8 activations, QDQ format, calibrated on `calibration_images` images."""
-    calibration = spec.normalise(make_batch(range(calibration_images), spec.height).images)
+def quantize_static_int8(fp32: Path, target: Path, calibration: Mapping[str, np.ndarray]) -> Path:
+    """Per-channel int8 weights, uint8 activations, QDQ format, calibrated on the rows of `calibration`."""
     with tempfile.TemporaryDirectory() as work:
         quantize_static(
             _prepared(fp32, Path(work)),
             target,
-            _ImagesReader(calibration),
+            _RowsReader(calibration),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
@@ -74,8 +73,3 @@ def quantize_dynamic_int8(fp32: Path, target: Path) -> Path:
     with tempfile.TemporaryDirectory() as work:
         quantize_dynamic(_prepared(fp32, Path(work)), target, weight_type=QuantType.QUInt8)
     return target
-
-
-def accuracy_loss(fp32: Metrics, int8: Metrics) -> float:
-    """Mean label accuracy lost by quantising, as a fraction (0.01 is one point); negative if it gained."""
-    return fp32.mean_label_accuracy - int8.mean_label_accuracy

@@ -6,13 +6,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from app.manifest import InputSpec
-from model_build.config import MemberConfig, TrainingConfig
+from ensemble_contract.manifest import ImageSpec
+from model_build.config import MemberConfig, TrainingConfig, image_spec
 from model_build.shapes import LABELS, Batch, make_batch, training_seeds
 from model_build.unet import UNet
 
 
-def _loss(unet: UNet, batch: Batch, spec: InputSpec, classification_weight: float) -> torch.Tensor:
+def _loss(unet: UNet, batch: Batch, spec: ImageSpec, classification_weight: float) -> torch.Tensor:
     images = torch.from_numpy(spec.normalise(batch.images)).contiguous(memory_format=torch.channels_last)
     class_logits, mask_logits = unet(images)
     segmentation = nn.functional.cross_entropy(mask_logits, torch.from_numpy(batch.masks).long())
@@ -35,7 +35,7 @@ def train_member(member: MemberConfig, training: TrainingConfig, progress_positi
         total_steps=training.steps,
         pct_start=max(training.warmup_fraction, 2 / training.steps),
     )
-    spec = InputSpec(height=training.image_size, width=training.image_size)
+    spec = image_spec(training.image_size)
     unet.train()
     bar = tqdm(range(training.steps), desc=member.name, position=progress_position, unit="step", leave=True)
     for step in bar:

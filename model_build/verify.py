@@ -1,51 +1,64 @@
-"""Checks with ONNX Runtime that the fused graph computes exactly the mean of its members."""
+"""Checks with ONNX Runtime that the fused graph computes what ensemble_contract.combine computes from its members."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from app.manifest import CLASS_PROBS, INPUT_NAME, MASK_PROBS, MEMBER_CLASS_PROBS
+from ensemble_contract.combine import Combination, Rule, combine
 
-TOLERANCE = 1e-4
+# |fused - reference| <= tolerance * max(1, |reference|); votes must be equal.
+TOLERANCE = {"FP16": 1e-2, "FP32": 1e-4, "FP64": 1e-4}
+Feeds = Mapping[str, np.ndarray]
 
 
 class FusedMismatchError(AssertionError):
-    """The fused graph's outputs differ from the mean of its members': the build must fail."""
+    """The fused graph's outputs differ from the reference combination of its members': the build must fail."""
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
-def run_in_batches(session: ort.InferenceSession, images: np.ndarray, batch: int = 64) -> list[np.ndarray]:
-    """Runs `session` over NCHW float inputs in chunks; returns its outputs concatenated along the batch."""
-    chunks = [session.run(None, {INPUT_NAME: images[i : i + batch]}) for i in range(0, len(images), batch)]
-    return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
+def run_in_batches(
+    session: ort.InferenceSession, feeds: Feeds, outputs: Sequence[str] | None = None, batch: int = 64
+) -> dict[str, np.ndarray]:
+    """Runs `session` over `feeds` in chunks of the first axis; its outputs, concatenated, by name."""
+    names = list(outputs or [o.name for o in session.get_outputs()])
+    rows = len(next(iter(feeds.values())))
+    chunks = [session.run(names, {k: v[i : i + batch] for k, v in feeds.items()}) for i in range(0, rows, batch)]
+    return {name: np.concatenate(parts) for name, parts in zip(names, zip(*chunks, strict=True), strict=True)}
 
 
-def check_fused_matches_members(fused: Path, members: Sequence[Path], inputs: np.ndarray) -> float:
-    """Returns the largest absolute difference found; raises FusedMismatchError above TOLERANCE."""
-    fused_session = cpu_session(fused)
-    names = [o.name for o in fused_session.get_outputs()]
-    got = dict(zip(names, run_in_batches(fused_session, inputs), strict=True))
-    per_member = [
-        dict(zip((CLASS_PROBS, MASK_PROBS), run_in_batches(cpu_session(m), inputs)[:2], strict=True)) for m in members
-    ]
-    expected = {
-        CLASS_PROBS: np.mean([m[CLASS_PROBS] for m in per_member], axis=0),
-        MASK_PROBS: np.mean([m[MASK_PROBS] for m in per_member], axis=0),
-        MEMBER_CLASS_PROBS: np.stack([m[CLASS_PROBS] for m in per_member], axis=1),
-    }
+def check_fused_matches_members(
+    fused: Path,
+    members: Sequence[Path],
+    combinations: Sequence[Combination],
+    weights: Sequence[float] | None,
+    feeds: Feeds,
+) -> float:
+    """Returns the largest relative difference found; raises FusedMismatchError beyond the tolerance."""
+    member_outputs = [run_in_batches(cpu_session(m), feeds, [c.output for c in combinations]) for m in members]
+    expected = combine(member_outputs, combinations, weights)
+    got = run_in_batches(cpu_session(fused), feeds, list(expected))
+    votes = {c.output for c in combinations if c.rule is Rule.VOTE}
     worst = 0.0
     for name, value in expected.items():
-        if got[name].shape != value.shape:
-            raise FusedMismatchError(f"fused output {name!r} has shape {got[name].shape}, expected {value.shape}")
-        difference = float(np.abs(got[name] - value).max())
-        if difference > TOLERANCE:
-            raise FusedMismatchError(f"fused output {name!r} differs from the members' by {difference:.2e}")
+        if got[name].shape != value.shape or got[name].dtype != value.dtype:
+            raise FusedMismatchError(
+                f"fused output {name!r} is {got[name].dtype} {got[name].shape}, expected {value.dtype} {value.shape}"
+            )
+        if name in votes:
+            if not np.array_equal(got[name], value):
+                raise FusedMismatchError(f"fused vote {name!r} differs from the members' majority")
+            continue
+        reference = value.astype(np.float64)
+        difference = float((np.abs(got[name] - reference) / np.maximum(1, np.abs(reference))).max(initial=0))
+        tolerance = TOLERANCE[{np.float16: "FP16", np.float32: "FP32"}.get(value.dtype.type, "FP64")]
+        if difference > tolerance:
+            raise FusedMismatchError(f"fused output {name!r} differs from the members' combination by {difference:.2e}")
         worst = max(worst, difference)
     return worst

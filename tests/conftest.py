@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.manifest import Manifest, load_manifest
 from app.runtime import EnsembleRuntime
 from app.settings import Settings
+from ensemble_contract.manifest import Manifest, load_manifest
 from model_build.build import build
 from model_build.config import PRESETS
 from tests.support import LiveServer, live_server

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from app.manifest import CLASS_PROBS, INPUT_NAME, MASK_PROBS
+from model_build.config import CLASS_PROBS, IMAGE_INPUT, MASK_PROBS
 
 
 def hand_made_member(
@@ -25,9 +25,9 @@ def hand_made_member(
         numpy_helper.from_array(rng.normal(size=(3, labels)).astype(np.float32), "dense_w"),
     ]
     nodes = [
-        helper.make_node("Conv", [INPUT_NAME, "conv_w"], ["logits"]),
+        helper.make_node("Conv", [IMAGE_INPUT, "conv_w"], ["logits"]),
         helper.make_node("Softmax", ["logits"], [MASK_PROBS], axis=1),
-        helper.make_node("GlobalAveragePool", [INPUT_NAME], ["pooled"]),
+        helper.make_node("GlobalAveragePool", [IMAGE_INPUT], ["pooled"]),
         helper.make_node("Flatten", ["pooled"], ["flat"]),
         helper.make_node("MatMul", ["flat", "dense_w"], ["class_logits"]),
     ]
@@ -35,7 +35,7 @@ def hand_made_member(
     if lookup_table is not None:
         initializers.append(numpy_helper.from_array(np.zeros(lookup_table, np.float32), "table"))
         nodes += [
-            helper.make_node("ReduceMax", [INPUT_NAME], ["largest"], keepdims=0),
+            helper.make_node("ReduceMax", [IMAGE_INPUT], ["largest"], keepdims=0),
             helper.make_node("Floor", ["largest"], ["floor"]),
             helper.make_node("Cast", ["floor"], ["index"], to=TensorProto.INT64),
             helper.make_node("Gather", ["table", "index"], ["looked_up"]),
@@ -46,7 +46,7 @@ def hand_made_member(
     graph = helper.make_graph(
         nodes,
         "hand_made_member",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info(IMAGE_INPUT, TensorProto.FLOAT, ["N", 3, size, size])],
         [
             helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", labels]),
             helper.make_tensor_value_info(MASK_PROBS, TensorProto.FLOAT, ["N", labels + 1, size, size]),

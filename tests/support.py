@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.dataplane import DataPlane
 from app.main import create_app
-from app.manifest import load_manifest
 from app.settings import Settings
+from ensemble_contract.manifest import Int8, load_manifest
 
 START_TIMEOUT_S = 60
 T = TypeVar("T")
@@ -153,7 +153,7 @@ def copy_without_int8(model_dir: Path, target: Path) -> Path:
     """A copy of a model directory as the build leaves it when the int8 graph loses too much accuracy."""
     copy = Path(shutil.copytree(model_dir, target))
     manifest = load_manifest(copy)
-    assert manifest.ensemble_int8 is not None
-    (copy / manifest.ensemble_int8.path).unlink()
-    manifest.model_copy(update={"ensemble_int8": None, "ensemble_int8_metrics": None}).write(copy)
+    assert manifest.int8.file is not None
+    (copy / manifest.int8.file.path).unlink()
+    manifest.model_copy(update={"int8": Int8(note="not kept")}).write(copy)
     return copy

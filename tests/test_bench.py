@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from app.modes import Mode
 from bench.cli import parser
 from bench.load import server_timing
 from bench.markdown import table, update_section
@@ -18,6 +17,7 @@ from bench.stats import Summary
 from bench.targets import Check
 from bench.timing import time_calls
 from bench.zoo import ensemble, single
+from ensemble_contract.modes import Mode
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND_TIMEOUT_S = 300

@@ -22,8 +22,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from app.modes import Mode
 from bench.server import free_port
+from ensemble_contract.modes import Mode
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "onnx-ensemble-serving:test"  # docker-compose.yml's image name with MODEL_PRESET=test

@@ -13,12 +13,22 @@ from PIL import Image
 
 from app.errors import BadImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.imaging import check_media_type, decode, encode_mask_png, preprocess
-from app.manifest import InputSpec
+from ensemble_contract.manifest import ImageSpec, ImageTask
 from tests.support import encode, picture, png_header_only
 
 TARGET = (32, 32)
 MAX_PIXELS = 1_000_000
-SPEC = InputSpec(height=24, width=32, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.125), scale=1 / 255)
+SPEC = ImageSpec(
+    input="image",
+    height=24,
+    width=32,
+    mean=(0.1, 0.2, 0.3),
+    std=(0.5, 0.25, 0.125),
+    scale=1 / 255,
+    task=ImageTask.MULTILABEL,
+    labels=("a",),
+    scores_output="scores",
+)
 
 
 def decoded(data: bytes) -> Image.Image:
@@ -120,7 +130,9 @@ def test_preprocess_follows_the_manifest_contract() -> None:
 def test_preprocess_stretches_any_aspect_ratio() -> None:
     left_red_right_blue = Image.new("RGB", (200, 10), (0, 0, 255))
     left_red_right_blue.paste((255, 0, 0), (0, 0, 100, 10))
-    batch = preprocess(left_red_right_blue, InputSpec(height=8, width=8))
+    batch = preprocess(
+        left_red_right_blue, SPEC.model_copy(update={"height": 8, "width": 8, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    )
     assert batch[0, 0, :, 0].min() > 0.9  # left column red
     assert batch[0, 2, :, -1].min() > 0.9  # right column blue
 

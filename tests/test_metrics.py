@@ -5,8 +5,8 @@ import itertools
 from prometheus_client import CollectorRegistry
 
 from app.metrics import LATENCY_BUCKETS, Metrics
-from app.modes import Mode
 from app.runtime import EnsembleRuntime
+from ensemble_contract.modes import Mode
 
 
 def test_latency_buckets_span_1ms_to_10s_finely() -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.modes import Mode
 from bench.server import free_port, stop
+from ensemble_contract.modes import Mode
 from tests.support import LiveServer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from app.manifest import Manifest
 from app.settings import Settings
+from ensemble_contract.manifest import Manifest
 from tests.slow_client import PartialRequest
 from tests.support import LiveServer, live_server, png_bytes
 

@@ -17,9 +17,9 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from app.manifest import FileEntry, Manifest, load_manifest
-from app.modes import Mode
 from app.settings import Settings
+from ensemble_contract.manifest import FileEntry, Manifest, load_manifest
+from ensemble_contract.modes import Mode
 from tests.onnx_members import hand_made_member
 from tests.service_process import REPO, free_port, run_to_exit
 from tests.support import LiveServer, infer_body, live_server, scrape
@@ -45,7 +45,7 @@ def checksum_mismatch(root: Path, manifest: Manifest) -> None:
 
 
 def manifest_disagrees_with_the_files(root: Path, manifest: Manifest) -> None:
-    manifest.model_copy(update={"labels": (*manifest.labels, "hexagon")}).write(root)
+    manifest.model_copy(update={"labels": (*manifest.image.labels, "hexagon")}).write(root)
 
 
 def no_manifest(root: Path, manifest: Manifest) -> None:

@@ -11,10 +11,12 @@ import onnxruntime as ort
 import pytest
 
 from app.errors import StartupError
-from app.manifest import INPUT_NAME, FileEntry, Manifest, load_manifest
-from app.modes import Mode
-from app.runtime import FUSED_OUTPUTS, EnsembleRuntime
+from app.runtime import EnsembleRuntime
 from app.settings import Settings
+from ensemble_contract.manifest import FileEntry, Manifest, load_manifest
+from ensemble_contract.modes import Mode
+from ensemble_contract.signature import TensorSpec
+from model_build.config import IMAGE_INPUT
 from model_build.shapes import held_out_set
 from tests.support import INT8_ATOL, copy_without_int8
 
@@ -22,32 +24,34 @@ TOLERANCE = 1e-4
 
 
 def test_the_modes_agree(runtime: EnsembleRuntime, manifest: Manifest) -> None:
-    spec = manifest.input
-    batch = np.random.default_rng(0).normal(size=(3, 3, spec.height, spec.width)).astype(np.float32)
+    spec = manifest.image
+    batch = {IMAGE_INPUT: np.random.default_rng(0).normal(size=(3, 3, spec.height, spec.width)).astype(np.float32)}
     fused = runtime.infer(batch, Mode.FUSED)
-    members, labels = len(manifest.members), len(manifest.labels)
-    assert fused.class_probs.shape == (3, labels)
-    assert fused.mask_probs.shape == (3, labels + 1, spec.height, spec.width)
-    assert fused.member_class_probs.shape == (3, members, labels)
+    members, labels = len(manifest.members), len(manifest.image.labels)
+    assert fused["class_probs"].shape == (3, labels)
+    assert fused["mask_probs"].shape == (3, labels + 1, spec.height, spec.width)
+    assert fused["class_probs_members"].shape == (3, members, labels)
     for mode in (Mode.SEQUENTIAL, Mode.PARALLEL):
         other = runtime.infer(batch, mode)
-        for name in ("class_probs", "mask_probs", "member_class_probs"):
-            np.testing.assert_allclose(getattr(other, name), getattr(fused, name), atol=TOLERANCE, err_msg=name)
+        assert list(other) == list(fused)
+        for name, value in fused.items():
+            np.testing.assert_allclose(other[name], value, atol=TOLERANCE, err_msg=name)
 
 
 def test_fused_int8_runs_the_int8_graph_close_to_fp32(
     runtime: EnsembleRuntime, manifest: Manifest, model_dir: Path
 ) -> None:
-    assert manifest.ensemble_int8 is not None
+    assert manifest.int8.file is not None
     assert runtime.modes == tuple(Mode)
-    batch = manifest.input.normalise(held_out_set(manifest.input.height, 8).images)
+    batch = {IMAGE_INPUT: manifest.image.normalise(held_out_set(manifest.image.height, 8).images)}
     int8 = runtime.infer(batch, Mode.FUSED_INT8)
-    plain = ort.InferenceSession(model_dir / manifest.ensemble_int8.path, providers=["CPUExecutionProvider"])
-    expected = plain.run(list(FUSED_OUTPUTS), {INPUT_NAME: batch})
+    plain = ort.InferenceSession(model_dir / manifest.int8.file.path, providers=["CPUExecutionProvider"])
+    names = list(manifest.signature.output_names)
+    expected = dict(zip(names, plain.run(names, batch), strict=True))
     fused = runtime.infer(batch, Mode.FUSED)
-    for name, direct in zip(FUSED_OUTPUTS, expected, strict=True):
-        np.testing.assert_allclose(getattr(int8, name), direct, atol=1e-6, err_msg=name)
-        np.testing.assert_allclose(getattr(int8, name), getattr(fused, name), atol=INT8_ATOL, err_msg=name)
+    for name in names:
+        np.testing.assert_allclose(int8[name], expected[name], atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(int8[name], fused[name], atol=INT8_ATOL, err_msg=name)
 
 
 def test_each_mode_has_its_thread_plan(runtime: EnsembleRuntime) -> None:
@@ -89,8 +93,14 @@ def test_unloadable_model_with_a_matching_checksum_is_a_startup_error(copy_of_mo
 
 def test_a_model_that_does_not_fit_the_manifest_is_a_startup_error(copy_of_models: Path) -> None:
     manifest = load_manifest(copy_of_models)
-    wrong = manifest.model_copy(update={"labels": (*manifest.labels, "hexagon")})
-    wrong.write(copy_of_models)
+    outputs = [
+        TensorSpec(name=o.name, datatype=o.datatype, shape=(*o.shape[:-1], o.shape[-1] + 1))
+        if o.name == "class_probs"
+        else o
+        for o in manifest.signature.outputs
+    ]
+    signature = manifest.signature.model_copy(update={"outputs": tuple(outputs)})
+    manifest.model_copy(update={"signature": signature}).write(copy_of_models)
     with pytest.raises(StartupError, match="class_probs"):
         EnsembleRuntime.load(Settings(model_dir=copy_of_models))
 

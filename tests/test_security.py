@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from app.manifest import Manifest
 from app.settings import Settings
+from ensemble_contract.manifest import Manifest
 from tests.service_process import free_port
 from tests.support import LiveServer, infer_body, live_server, png_bytes
 
@@ -33,7 +33,7 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def tensor_request(manifest: Manifest) -> dict[str, object]:
-    return infer_body(np.zeros((1, 3, manifest.input.height, manifest.input.width), np.float32))
+    return infer_body(np.zeros((1, 3, manifest.image.height, manifest.image.width), np.float32))
 
 
 @pytest.mark.parametrize("headers", [{}, bearer("wrong-key-of-at-least-16-chars"), {"Authorization": "Basic eDp5"}])

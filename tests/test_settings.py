@@ -9,8 +9,8 @@ from pydantic import ValidationError
 
 from app.config_docs import configuration_table
 from app.errors import StartupError
-from app.modes import Mode, ModeChoice
 from app.settings import PILLOW_MAX_IMAGE_PIXELS, Settings, available_cores
+from ensemble_contract.modes import Mode, ModeChoice
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TABLE_START, TABLE_END = "<!-- configuration-table:start -->", "<!-- configuration-table:end -->"

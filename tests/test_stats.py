@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.modes import Mode
 from app.stats import MAX_SAMPLES_PER_MODE, RecentLatencies
+from ensemble_contract.modes import Mode
 
 
 def test_percentiles_per_mode() -> None:

@@ -11,9 +11,9 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Page, expect, sync_playwright
 
-from app.manifest import Manifest
-from app.modes import Mode
 from app.settings import Settings
+from ensemble_contract.manifest import Manifest
+from ensemble_contract.modes import Mode
 from tests.support import LiveServer, live_server, png_bytes
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -144,14 +144,14 @@ def test_upload_shows_labels_mask_and_votes_and_the_chart_follows_every_mode(
     page.set_input_files("#file", picture)
 
     labels = page.locator("#labels tbody tr")
-    expect(labels).to_have_count(len(manifest.labels))
-    assert labels.locator("th").all_inner_texts() == list(manifest.labels)
+    expect(labels).to_have_count(len(manifest.image.labels))
+    assert labels.locator("th").all_inner_texts() == list(manifest.image.labels)
     for text in labels.locator("td:last-child").all_inner_texts():
         assert text in {"present", "absent"}
     expect(page.locator("#image")).to_be_visible()
     mask = page.locator("#mask")
     expect(mask).to_be_visible()
-    assert mask.evaluate("c => [c.width, c.height]") == [manifest.input.width, manifest.input.height]
+    assert mask.evaluate("c => [c.width, c.height]") == [manifest.image.width, manifest.image.height]
     assert mask.evaluate("c => getComputedStyle(c).imageRendering") == "pixelated"
     image_box, mask_box = page.locator("#image").bounding_box(), mask.bounding_box()
     assert image_box and mask_box
@@ -222,6 +222,6 @@ def test_the_page_asks_for_the_api_key_when_the_service_needs_one(
 
         page.fill("#api-key", key)
         page.click("#again")
-        expect(page.locator("#labels tbody tr")).to_have_count(len(manifest.labels))
+        expect(page.locator("#labels tbody tr")).to_have_count(len(manifest.image.labels))
         expect(page.locator("#error")).to_be_hidden()
         assert [text for text in visit.console_errors if "status of 401" not in text] == []

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.deps import DataPlaneDep
 from app.errors import error_responses
-from app.modes import Mode
+from ensemble_contract.modes import Mode
 
 router = APIRouter(tags=["health"])
 
@@ -21,6 +21,7 @@ class Ready(BaseModel):
     model: str
     sha256: str
     modes: list[Mode]
+    images: bool = Field(description="Whether POST /predict takes images for this model (otherwise: /v2 only).")
 
 
 @router.get("/healthz", summary="The process answers", responses=error_responses(500))
@@ -35,4 +36,9 @@ async def healthz() -> Alive:
 )
 async def readyz(dataplane: DataPlaneDep) -> Ready:
     manifest = dataplane.manifest
-    return Ready(model=manifest.name, sha256=manifest.ensemble.sha256, modes=list(dataplane.runtime.modes))
+    return Ready(
+        model=manifest.name,
+        sha256=manifest.ensemble.sha256,
+        modes=list(dataplane.runtime.modes),
+        images=manifest.image is not None,
+    )

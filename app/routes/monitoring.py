@@ -8,8 +8,8 @@ from pydantic import BaseModel, Field
 
 from app.deps import DataPlaneDep
 from app.errors import NotFound, error_responses
-from app.modes import Mode
 from app.stats import Percentiles
+from ensemble_contract.modes import Mode
 
 router = APIRouter(tags=["monitoring"])
 

@@ -13,12 +13,13 @@ from app import imaging
 from app.dataplane import ImagePrediction, Timings
 from app.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep
 from app.errors import InvalidParameter, error_responses
-from app.manifest import Manifest
-from app.modes import Mode, ModeChoice
+from ensemble_contract.manifest import ImageSpec, ImageTask, Manifest
+from ensemble_contract.modes import Mode, ModeChoice, describe_modes
 
 router = APIRouter(tags=["predict"])
 
 UPLOAD_FIELD = "file"
+CLASSIFY_TOP = 5  # labels a classify model answers with unless ?top= says otherwise
 GENERIC_PART_TYPES = frozenset({"", "application/octet-stream"})  # what clients send when they do not know
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 REQUEST_BODY: dict[str, Any] = {
@@ -41,8 +42,10 @@ REQUEST_BODY: dict[str, Any] = {
 
 class Label(BaseModel):
     name: str
-    probability: float = Field(ge=0, le=1, description="Ensemble probability (mean of the members).")
-    present: bool = Field(description="probability >= the configured threshold.")
+    probability: float = Field(ge=0, le=1, description="The ensemble's probability for this label.")
+    present: bool = Field(
+        description="multilabel models: probability >= the threshold; classify models: the most probable label."
+    )
 
 
 class MemberProbabilities(BaseModel):
@@ -60,6 +63,7 @@ class Mask(BaseModel):
 class ModelRef(BaseModel):
     name: str
     sha256: str = Field(description="sha256 of the fused graph, ensemble.onnx.")
+    task: ImageTask
 
 
 class TimingsMs(BaseModel):
@@ -85,8 +89,8 @@ class Prediction(BaseModel):
     model: ModelRef
     mode: Mode = Field(description="The mode that ran this request.")
     threshold: float
-    labels: list[Label]
-    members: list[MemberProbabilities] | None = Field(None, description="With ?members=true.")
+    labels: list[Label] = Field(description="Manifest order (multilabel), or most probable first (classify).")
+    members: list[MemberProbabilities] | None = Field(None, description="With ?members=true, for the same labels.")
     mask: Mask | None = Field(None, description="With ?mask=true.")
     timings_ms: TimingsMs
 
@@ -95,7 +99,7 @@ class Prediction(BaseModel):
             "examples": [
                 {
                     "request_id": "4f1c0c7e2b0a4d7e9a52f0b1c8e3d6a1",
-                    "model": {"name": "shapes", "sha256": "9b6f" + "0" * 60},
+                    "model": {"name": "shapes", "sha256": "9b6f" + "0" * 60, "task": "multilabel"},
                     "mode": "fused",
                     "threshold": 0.5,
                     "labels": [
@@ -112,36 +116,67 @@ class Prediction(BaseModel):
 
     @classmethod
     def of(
-        cls, result: ImagePrediction, manifest: Manifest, *, threshold: float, request_id: str, with_members: bool
+        cls,
+        result: ImagePrediction,
+        manifest: Manifest,
+        *,
+        threshold: float,
+        request_id: str,
+        with_members: bool,
+        top: int | None,
     ) -> Prediction:
-        labels = manifest.labels
+        image = manifest.image
+        assert image is not None  # the data plane answers /predict only for image models
+        shown = _shown_labels(result, image, top)
         members = None
-        if with_members:
+        if with_members and result.member_probabilities is not None:
             members = [
-                MemberProbabilities(name=member.name, probabilities=dict(zip(labels, map(float, row), strict=True)))
-                for member, row in zip(manifest.members, result.member_class_probs, strict=True)
+                MemberProbabilities(name=member.name, probabilities={image.labels[i]: float(row[i]) for i in shown})
+                for member, row in zip(manifest.members, result.member_probabilities, strict=True)
             ]
         mask = None
         if result.mask_png is not None:
             mask = Mask(
                 png_base64=base64.b64encode(result.mask_png).decode("ascii"),
-                width=manifest.input.width,
-                height=manifest.input.height,
-                classes=list(manifest.mask_classes),
+                width=image.width,
+                height=image.height,
+                classes=list(image.mask_classes),
             )
         return cls(
             request_id=request_id,
-            model=ModelRef(name=manifest.name, sha256=manifest.ensemble.sha256),
+            model=ModelRef(name=manifest.name, sha256=manifest.ensemble.sha256, task=image.task),
             mode=result.mode,
             threshold=threshold,
-            labels=[
-                Label(name=name, probability=float(p), present=bool(p >= threshold))
-                for name, p in zip(labels, result.class_probs, strict=True)
-            ],
+            labels=_labels(result, image, shown, threshold),
             members=members,
             mask=mask,
             timings_ms=TimingsMs.of(result.timings),
         )
+
+
+def _shown_labels(result: ImagePrediction, image: ImageSpec, top: int | None) -> list[int]:
+    """Indices of the labels to answer with: all in manifest order (multilabel), the most probable (classify)."""
+    if result.probabilities is None:
+        return []
+    if image.task is ImageTask.CLASSIFY:
+        ranked = [int(i) for i in (-result.probabilities).argsort(kind="stable")]
+        return ranked[: top or CLASSIFY_TOP]
+    indices = list(range(len(image.labels)))
+    return indices if top is None else sorted(indices, key=lambda i: -result.probabilities[i])[:top]
+
+
+def _labels(result: ImagePrediction, image: ImageSpec, shown: list[int], threshold: float) -> list[Label]:
+    if result.probabilities is None:
+        return []
+    best = int(result.probabilities.argmax())
+    return [
+        Label(
+            name=image.labels[i],
+            probability=float(result.probabilities[i]),
+            present=i == best if image.task is ImageTask.CLASSIFY else bool(result.probabilities[i] >= threshold),
+        )
+        for i in shown
+    ]
 
 
 def server_timing(timings: Timings) -> str:
@@ -177,8 +212,9 @@ async def read_image(request: Request) -> bytes:
     openapi_extra=REQUEST_BODY | OPTIONAL_BEARER,
     dependencies=[Authorized],
     responses=error_responses(
-        *(400, 401, 408, 413, 415, 422, 500, 503, 504),
+        *(400, 401, 404, 408, 413, 415, 422, 500, 503, 504),
         s400="The body is not a decodable PNG, JPEG, WebP or BMP image.",
+        s404="The model takes tensors, not images: use /v2.",
         s422="Invalid query parameter, or no `file` field in a multipart body.",
     ),
 )
@@ -189,14 +225,22 @@ async def predict(
     arrived: ArrivalDep,
     mode: Annotated[
         ModeChoice | None,
-        Query(
-            description="fused, sequential, parallel, fused-int8 (if the build shipped it), or compare (rotate "
-            "over the modes served); default: DEFAULT_MODE."
-        ),
+        Query(description=f"{describe_modes()}. Default: DEFAULT_MODE."),
     ] = None,
     members: Annotated[bool, Query(description="Include each member's probabilities.")] = False,
-    mask: Annotated[bool, Query(description="Include the predicted mask as a base64 palette PNG.")] = False,
+    mask: Annotated[
+        bool, Query(description="Include the predicted mask as a base64 palette PNG (models with a mask output).")
+    ] = False,
+    top: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=1000,
+            description=f"Only the K most probable labels (default: all; {CLASSIFY_TOP} for classify models).",
+        ),
+    ] = None,
 ) -> Prediction:
+    dataplane.image_spec()  # a model without an image input answers 404 before the body is read
     data = await read_image(request)
     result = await dataplane.predict_image(data, mode=mode, with_mask=mask, arrived=arrived)
     response.headers["Server-Timing"] = server_timing(result.timings)
@@ -206,4 +250,5 @@ async def predict(
         threshold=dataplane.settings.probability_threshold,
         request_id=request.state.request_id,
         with_members=members,
+        top=top,
     )

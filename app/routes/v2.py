@@ -1,7 +1,7 @@
 """The Open Inference Protocol (KServe v2) REST endpoints, translated onto the shared data plane.
 
-The input is the preprocessed tensor `image` (FP32 [N, 3, H, W]) as JSON; the outputs are the fused graph's
-tensors. Errors come back as {"error": "message"} (see app.errors).
+Inputs and outputs are the fused graph's, as the manifest's signature records them (the members' names, any of
+the common datatypes, -1 for dynamic dims), as JSON. Errors come back as {"error": "message"} (see app.errors).
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ from fastapi.routing import APIRoute
 from app.dataplane import DataPlane
 from app.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep
 from app.errors import BadRequest, ModelNotFound, error_responses
-from app.manifest import CLASS_PROBS, INPUT_NAME, MASK_PROBS, MEMBER_CLASS_PROBS, Manifest
-from app.modes import ModeChoice
 from app.routes.v2_types import (
-    FP32,
     InferenceRequest,
     InferenceResponse,
+    InputTensor,
     Live,
     ModelMetadata,
     ModelReady,
@@ -31,6 +29,10 @@ from app.routes.v2_types import (
     ServerMetadata,
     TensorMetadata,
 )
+from ensemble_contract.datatypes import NUMPY, is_floating
+from ensemble_contract.manifest import Manifest
+from ensemble_contract.modes import ModeChoice
+from ensemble_contract.signature import TensorSpec
 
 BINARY_HEADER = "Inference-Header-Content-Length"
 
@@ -63,14 +65,8 @@ PLATFORM = "onnxruntime_onnx"
 UNKNOWN_MODEL = "Unknown model."
 
 
-def output_shapes(manifest: Manifest) -> dict[str, list[int]]:
-    """Each output's shape after the batch dimension."""
-    spec, labels = manifest.input, len(manifest.labels)
-    return {
-        CLASS_PROBS: [labels],
-        MASK_PROBS: [labels + 1, spec.height, spec.width],
-        MEMBER_CLASS_PROBS: [len(manifest.members), labels],
-    }
+def tensor_metadata(spec: TensorSpec) -> TensorMetadata:
+    return TensorMetadata(name=spec.name, datatype=spec.datatype, shape=list(spec.shape or []))
 
 
 def served_model(dataplane: DataPlane, name: str) -> Manifest:
@@ -79,30 +75,38 @@ def served_model(dataplane: DataPlane, name: str) -> Manifest:
     return dataplane.manifest
 
 
-def input_batch(request: InferenceRequest, manifest: Manifest) -> np.ndarray:
-    """The request's `image` tensor as float32 [N, 3, H, W], or BadRequest saying what is wrong."""
-    spec = manifest.input
-    if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
-        raise BadRequest(f"expected exactly one input, named {INPUT_NAME!r}")
-    tensor = request.inputs[0]
-    if tensor.datatype != FP32:
-        raise BadRequest(f"input {INPUT_NAME!r} must be {FP32}, got {tensor.datatype}")
-    expected = [3, spec.height, spec.width]
-    if len(tensor.shape) != 4 or tensor.shape[0] < 1 or tensor.shape[1:] != expected:
-        raise BadRequest(
-            f"input {INPUT_NAME!r} must have shape [N, {', '.join(map(str, expected))}], got {tensor.shape}"
-        )
+def input_feeds(request: InferenceRequest, manifest: Manifest) -> dict[str, np.ndarray]:
+    """The request's inputs as arrays by name, each checked against the signature, or BadRequest saying why."""
+    expected = {spec.name: spec for spec in manifest.signature.inputs}
+    given = [tensor.name for tensor in request.inputs]
+    if sorted(given) != sorted(expected):
+        raise BadRequest(f"expected inputs {sorted(expected)}, got {given}")
+    return {tensor.name: _array(tensor, expected[tensor.name]) for tensor in request.inputs}
+
+
+def _array(tensor: InputTensor, spec: TensorSpec) -> np.ndarray:
+    name = repr(tensor.name)
+    if tensor.datatype != spec.datatype:
+        raise BadRequest(f"input {name} must be {spec.datatype}, got {tensor.datatype}")
+    if any(d < 1 for d in tensor.shape) or not spec.fits(tensor.shape):
+        raise BadRequest(f"input {name} must have shape {spec.dims} (-1: any size), got {tensor.shape}")
     try:
-        array = np.asarray(tensor.data, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise BadRequest(f"input {INPUT_NAME!r}: data must be numbers, flat or nested in row-major order") from None
-    if array.size != math.prod(tensor.shape):
-        raise BadRequest(
-            f"input {INPUT_NAME!r}: shape {tensor.shape} needs {math.prod(tensor.shape)} elements, got {array.size}"
-        )
-    if not np.isfinite(array).all():
-        raise BadRequest(f"input {INPUT_NAME!r}: data must be finite (no NaN or infinity)")
-    return array.reshape(tensor.shape)
+        raw = np.asarray(tensor.data)
+    except ValueError:
+        raw = np.asarray([], dtype=object)
+    dtype = NUMPY[spec.datatype]
+    accepted = "b" if dtype.kind == "b" else ("iub" if dtype.kind in "iu" else "iufb")
+    if raw.dtype.kind not in accepted:
+        kind = {"b": "booleans", "iub": "integers"}.get(accepted, "numbers")
+        raise BadRequest(f"input {name}: data must be {kind}, flat or nested in row-major order")
+    if raw.size != math.prod(tensor.shape):
+        raise BadRequest(f"input {name}: shape {tensor.shape} needs {math.prod(tensor.shape)} elements, got {raw.size}")
+    if dtype.kind in "iu" and raw.size and (raw.min() < np.iinfo(dtype).min or raw.max() > np.iinfo(dtype).max):
+        raise BadRequest(f"input {name}: values out of {spec.datatype}'s range")
+    array = raw.astype(dtype).reshape(tensor.shape)
+    if is_floating(spec.datatype) and not np.isfinite(array).all():
+        raise BadRequest(f"input {name}: data must be finite (no NaN or infinity)")
+    return array
 
 
 def requested_mode(request: InferenceRequest) -> ModeChoice | None:
@@ -115,11 +119,12 @@ def requested_mode(request: InferenceRequest) -> ModeChoice | None:
         raise BadRequest(f"parameter mode must be one of {[m.value for m in ModeChoice]}, got {mode!r}") from None
 
 
-def requested_outputs(request: InferenceRequest) -> list[str]:
-    names = [output.name for output in request.outputs or []] or [CLASS_PROBS, MASK_PROBS, MEMBER_CLASS_PROBS]
-    unknown = sorted(set(names) - {CLASS_PROBS, MASK_PROBS, MEMBER_CLASS_PROBS})
+def requested_outputs(request: InferenceRequest, manifest: Manifest) -> list[str]:
+    known = manifest.signature.output_names
+    names = [output.name for output in request.outputs or []] or list(known)
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        raise BadRequest(f"unknown outputs {unknown}; the model has {CLASS_PROBS}, {MASK_PROBS}, {MEMBER_CLASS_PROBS}")
+        raise BadRequest(f"unknown outputs {unknown}; the model has {', '.join(known)}")
     return names
 
 
@@ -145,15 +150,11 @@ async def ready(dataplane: DataPlaneDep) -> Ready:
 )
 async def model_metadata(model_name: str, dataplane: DataPlaneDep) -> ModelMetadata:
     manifest = served_model(dataplane, model_name)
-    spec = manifest.input
     return ModelMetadata(
         name=manifest.name,
         platform=PLATFORM,
-        inputs=[TensorMetadata(name=INPUT_NAME, datatype=FP32, shape=[-1, 3, spec.height, spec.width])],
-        outputs=[
-            TensorMetadata(name=name, datatype=FP32, shape=[-1, *shape])
-            for name, shape in output_shapes(manifest).items()
-        ],
+        inputs=[tensor_metadata(spec) for spec in manifest.signature.inputs],
+        outputs=[tensor_metadata(spec) for spec in manifest.signature.outputs],
     )
 
 
@@ -181,12 +182,12 @@ async def infer(
     arrived: ArrivalDep,
 ) -> InferenceResponse:
     manifest = served_model(dataplane, model_name)
-    batch = input_batch(body, manifest)
-    names = requested_outputs(body)
-    inference = await dataplane.infer_tensor(batch, mode=requested_mode(body), arrived=arrived)
+    feeds = input_feeds(body, manifest)
+    names = requested_outputs(body, manifest)
+    inference = await dataplane.infer_tensor(feeds, mode=requested_mode(body), arrived=arrived)
     return InferenceResponse(
         model_name=manifest.name,
         id=body.id or request.state.request_id,
         parameters={"mode": inference.mode.value},
-        outputs=[OutputTensor.of(name, getattr(inference.outputs, name)) for name in names],
+        outputs=[OutputTensor.of(name, inference.outputs[name]) for name in names],
     )

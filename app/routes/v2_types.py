@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-FP32 = "FP32"
+from ensemble_contract.datatypes import of_numpy
+from ensemble_contract.modes import describe_modes
 
 
 class ServerMetadata(BaseModel):
@@ -19,7 +20,7 @@ class ServerMetadata(BaseModel):
 class TensorMetadata(BaseModel):
     name: str
     datatype: str
-    shape: list[int] = Field(description="-1 for the batch dimension.")
+    shape: list[int] = Field(description="-1 for a dynamic dimension.")
 
 
 class ModelMetadata(BaseModel):
@@ -60,7 +61,7 @@ class InferenceRequest(BaseModel):
     id: str | None = None
     parameters: dict[str, Any] | None = Field(
         None,
-        description='{"mode": "fused" | "sequential" | "parallel" | "fused-int8" | "compare"}; default: DEFAULT_MODE.',
+        description=f'{{"mode": ...}}: {describe_modes()}. Default: DEFAULT_MODE.',
     )
     inputs: list[InputTensor] = Field(min_length=1)
     outputs: list[RequestedOutput] | None = Field(None, description="Default: every output.")
@@ -71,8 +72,8 @@ class InferenceRequest(BaseModel):
                 {
                     "id": "42",
                     "parameters": {"mode": "parallel"},
-                    "inputs": [{"name": "image", "shape": [1, 3, 2, 2], "datatype": "FP32", "data": [0.0] * 12}],
-                    "outputs": [{"name": "class_probs"}],
+                    "inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [0.5, 1.0, -2.0, 0.0]}],
+                    "outputs": [{"name": "probabilities"}],
                 }
             ]
         }
@@ -82,12 +83,12 @@ class InferenceRequest(BaseModel):
 class OutputTensor(BaseModel):
     name: str
     shape: list[int]
-    datatype: Literal["FP32"] = FP32
-    data: list[float]
+    datatype: str
+    data: list[float] | list[int] | list[bool]
 
     @classmethod
     def of(cls, name: str, array: np.ndarray) -> OutputTensor:
-        return cls(name=name, shape=list(array.shape), data=array.ravel().tolist())
+        return cls(name=name, shape=list(array.shape), datatype=of_numpy(array.dtype), data=array.ravel().tolist())
 
 
 class InferenceResponse(BaseModel):

@@ -178,7 +178,11 @@ async function render(prediction, file) {
   renderLabels(prediction);
   renderMembers(prediction);
   renderTimings(prediction);
-  await renderMask(prediction.mask);
+  if (prediction.mask) await renderMask(prediction.mask);
+  else {
+    $("mask").getContext("2d").clearRect(0, 0, $("mask").width, $("mask").height);
+    $("mask-legend").replaceChildren();
+  }
   $("result").hidden = false;
 }
 
@@ -386,6 +390,9 @@ async function showModel() {
     const ready = await api("readyz");
     $("model").textContent = `model ${ready.model} · sha256 ${ready.sha256.slice(0, 12)}`;
     servedModes = ready.modes;
+    $("upload").hidden = !ready.images;
+    $("tensors-only").hidden = ready.images;
+    $("v2-path").textContent = `POST /v2/models/${ready.model}/infer`;
     const choice = $("mode").value;
     $("mode").replaceChildren(
       ...servedModes.map((mode) => element("option", { value: mode }, mode)),

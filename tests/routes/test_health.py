@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from app.main import create_app
-from app.manifest import Manifest
-from app.modes import Mode
+from ensemble_contract.manifest import Manifest
+from ensemble_contract.modes import Mode
 from tests.support import png_bytes
 
 

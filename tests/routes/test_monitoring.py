@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import numpy as np
 
-from app.manifest import Manifest
-from app.modes import Mode
+from ensemble_contract.manifest import Manifest
+from ensemble_contract.modes import Mode
 from tests.support import infer_json, png_bytes, scrape
 
 
@@ -37,7 +37,7 @@ def test_each_request_counts_for_its_own_mode_only(client: httpx.Client, manifes
 
 
 def test_tensor_requests_count_too(client: httpx.Client, manifest: Manifest) -> None:
-    spec = manifest.input
+    spec = manifest.image
     batch = np.zeros((1, 3, spec.height, spec.width), dtype=np.float32)
     before = scrape(client)
     infer_json(client, manifest.name, batch, outputs=["class_probs"], mode="parallel")

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from app.imaging import decode, preprocess
-from app.manifest import Manifest
-from app.modes import Mode
+from ensemble_contract.manifest import Manifest
+from ensemble_contract.modes import Mode
 from tests.support import INT8_ATOL, LiveServer, encode, infer_json, picture, png_bytes, png_header_only
 
 TOLERANCE = 1e-4
@@ -40,7 +40,7 @@ def test_multipart_upload_of_each_format(
     body = response.json()
     assert body["model"] == {"name": manifest.name, "sha256": manifest.ensemble.sha256}
     assert body["mode"] == "fused"
-    assert [label["name"] for label in body["labels"]] == list(manifest.labels)
+    assert [label["name"] for label in body["labels"]] == list(manifest.image.labels)
     for label in body["labels"]:
         assert 0 <= label["probability"] <= 1
         assert label["present"] == (label["probability"] >= body["threshold"] == 0.5)
@@ -100,9 +100,9 @@ def test_mask_is_the_argmax_of_the_mask_probabilities(client: httpx.Client, mani
     data = png_bytes(seed=5)
     response = predict(client, data, mask="true", mode="sequential")
     mask = response.json()["mask"]
-    spec = manifest.input
+    spec = manifest.image
     assert (mask["width"], mask["height"]) == (spec.width, spec.height)
-    assert mask["classes"] == ["background", *manifest.labels]
+    assert mask["classes"] == ["background", *manifest.image.labels]
     png = Image.open(io.BytesIO(base64.b64decode(mask["png_base64"])))
     assert (png.format, png.mode, png.size) == ("PNG", "P", (spec.width, spec.height))
     # The same picture through the protocol that takes tensors: one preprocessing, one model, one answer.

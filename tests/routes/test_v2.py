@@ -11,13 +11,13 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from app.manifest import Manifest
-from app.modes import Mode
+from ensemble_contract.manifest import Manifest
+from ensemble_contract.modes import Mode
 from model_build.shapes import held_out_set
 from tests.support import INT8_ATOL, LiveServer
 
 TOLERANCE = 1e-4
-OUTPUTS = ("class_probs", "mask_probs", "member_class_probs")
+OUTPUTS = ("class_probs", "mask_probs", "class_probs_members")
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def triton_client(server: LiveServer) -> Iterator[triton.InferenceServerClient]:
 
 
 def batch_of(manifest: Manifest, n: int = 2, seed: int = 0) -> np.ndarray:
-    spec = manifest.input
+    spec = manifest.image
     return np.random.default_rng(seed).normal(size=(n, 3, spec.height, spec.width)).astype(np.float32)
 
 
@@ -47,23 +47,23 @@ def test_health_and_metadata(triton_client: triton.InferenceServerClient, manife
     assert triton_client.is_model_ready(manifest.name)
     assert triton_client.get_server_metadata()["name"] == "onnx-ensemble-serving"
     metadata = triton_client.get_model_metadata(manifest.name)
-    spec, labels = manifest.input, len(manifest.labels)
+    spec, labels = manifest.image, len(manifest.image.labels)
     assert metadata["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, spec.height, spec.width]}]
     assert {output["name"]: output["shape"] for output in metadata["outputs"]} == {
         "class_probs": [-1, labels],
         "mask_probs": [-1, labels + 1, spec.height, spec.width],
-        "member_class_probs": [-1, len(manifest.members), labels],
+        "class_probs_members": [-1, len(manifest.members), labels],
     }
 
 
 def test_every_mode_gives_the_same_tensors(triton_client: triton.InferenceServerClient, manifest: Manifest) -> None:
-    batch = manifest.input.normalise(held_out_set(manifest.input.height, 2).images)
+    batch = manifest.image.normalise(held_out_set(manifest.image.height, 2).images)
     results = {mode: infer(triton_client, manifest, batch, mode=mode.value) for mode in Mode}
-    spec, labels, members = manifest.input, len(manifest.labels), len(manifest.members)
+    spec, labels, members = manifest.image, len(manifest.image.labels), len(manifest.members)
     fused = results[Mode.FUSED]
     assert fused.as_numpy("class_probs").shape == (2, labels)
     assert fused.as_numpy("mask_probs").shape == (2, labels + 1, spec.height, spec.width)
-    assert fused.as_numpy("member_class_probs").shape == (2, members, labels)
+    assert fused.as_numpy("class_probs_members").shape == (2, members, labels)
     for mode, result in results.items():
         assert result.get_response()["parameters"]["mode"] == mode
         atol = INT8_ATOL if mode is Mode.FUSED_INT8 else TOLERANCE
@@ -72,7 +72,7 @@ def test_every_mode_gives_the_same_tensors(triton_client: triton.InferenceServer
 
 
 def test_default_mode_and_request_id(triton_client: triton.InferenceServerClient, manifest: Manifest) -> None:
-    image = triton.InferInput("image", [1, 3, manifest.input.height, manifest.input.width], "FP32")
+    image = triton.InferInput("image", [1, 3, manifest.image.height, manifest.image.width], "FP32")
     image.set_data_from_numpy(batch_of(manifest, n=1), binary_data=False)
     result = triton_client.infer(manifest.name, [image], request_id="req-7")
     response = result.get_response()
@@ -106,7 +106,7 @@ def test_binary_tensor_data_is_refused_clearly(triton_client: triton.InferenceSe
 
 
 def request(manifest: Manifest, **changes: object) -> dict[str, object]:
-    tensor = {"name": "image", "shape": [1, 3, manifest.input.height, manifest.input.width], "datatype": "FP32"}
+    tensor = {"name": "image", "shape": [1, 3, manifest.image.height, manifest.image.width], "datatype": "FP32"}
     tensor["data"] = batch_of(manifest, n=1).ravel().tolist()
     tensor |= changes
     return {"inputs": [tensor]}

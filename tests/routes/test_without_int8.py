@@ -10,9 +10,9 @@ import httpx
 import numpy as np
 import pytest
 
-from app.manifest import Manifest
-from app.modes import Mode
 from app.settings import Settings
+from ensemble_contract.manifest import Manifest
+from ensemble_contract.modes import Mode
 from tests.support import copy_without_int8, infer_body, live_server, png_bytes, scrape
 
 FP32_MODES = [mode.value for mode in Mode if mode is not Mode.FUSED_INT8]
@@ -31,7 +31,7 @@ def test_fused_int8_is_refused_with_the_reason(fp32_only: httpx.Client, manifest
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "invalid_parameter"
     assert "no int8 ensemble" in response.json()["error"]["message"]
-    batch = np.zeros((1, 3, manifest.input.height, manifest.input.width), np.float32)
+    batch = np.zeros((1, 3, manifest.image.height, manifest.image.width), np.float32)
     v2 = fp32_only.post(f"/v2/models/{manifest.name}/infer", json=infer_body(batch, mode="fused-int8"))
     assert v2.status_code == 400
     assert "no int8 ensemble" in v2.json()["error"]

@@ -1,0 +1,91 @@
+"""The registry of ensembling modes: what each runs, how it uses the cores, how it is described.
+
+The service's API enums, its docs and the benchmarks' configurations are all read from MODES.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from ensemble_contract.manifest import FileEntry, Manifest
+
+
+class Mode(StrEnum):
+    """How one inference runs the ensemble."""
+
+    FUSED = "fused"
+    SEQUENTIAL = "sequential"
+    PARALLEL = "parallel"
+    FUSED_INT8 = "fused-int8"
+
+
+COMPARE = "compare"
+ModeChoice = StrEnum("ModeChoice", {m.name: m.value for m in Mode} | {"COMPARE": COMPARE})  # type: ignore[misc]
+ModeChoice.__doc__ = "A mode, or `compare` to rotate over the modes served so that traffic splits evenly."
+
+
+class Runs(StrEnum):
+    GRAPH = "graph"  # one session on a fused graph
+    MEMBERS = "members"  # one session per member, outputs combined by ensemble_contract.combine
+
+
+class ThreadPolicy(StrEnum):
+    ALL_CORES = "all cores"  # each session's intra-op pool spans the cores
+    CORES_SHARED_BY_MEMBERS = "cores // members"  # members run at once, each on its share
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    mode: Mode
+    runs: Runs
+    concurrent_members: bool
+    threads: ThreadPolicy
+    description: str
+
+    def graph_file(self, manifest: Manifest) -> FileEntry | None:
+        """The graph a GRAPH mode runs (None: not in this directory)."""
+        return {Mode.FUSED: manifest.ensemble, Mode.FUSED_INT8: manifest.int8.file}.get(self.mode)
+
+
+MODES: dict[Mode, ModeSpec] = {
+    spec.mode: spec
+    for spec in (
+        ModeSpec(Mode.FUSED, Runs.GRAPH, False, ThreadPolicy.ALL_CORES, "one session on the fused graph"),
+        ModeSpec(
+            Mode.SEQUENTIAL, Runs.MEMBERS, False, ThreadPolicy.ALL_CORES, "the members' sessions one after another"
+        ),
+        ModeSpec(
+            Mode.PARALLEL,
+            Runs.MEMBERS,
+            True,
+            ThreadPolicy.CORES_SHARED_BY_MEMBERS,
+            "the members' sessions at the same time, the cores split between them",
+        ),
+        ModeSpec(
+            Mode.FUSED_INT8,
+            Runs.GRAPH,
+            False,
+            ThreadPolicy.ALL_CORES,
+            "one session on the fused graph quantised to int8 (when the directory has it)",
+        ),
+    )
+}
+
+
+def served_modes(manifest: Manifest) -> tuple[Mode, ...]:
+    """Every mode whose graph the directory holds (fused-int8 only with the int8 graph)."""
+    return tuple(m for m, spec in MODES.items() if spec.runs is Runs.MEMBERS or spec.graph_file(manifest) is not None)
+
+
+def intra_op_threads(mode: Mode, cores: int, members: int) -> int:
+    """Each session's intra-op threads under the mode's policy, on `cores`."""
+    if MODES[mode].threads is ThreadPolicy.CORES_SHARED_BY_MEMBERS:
+        return max(1, cores // members)
+    return cores
+
+
+def describe_modes() -> str:
+    """One line per mode, for docs and API descriptions."""
+    lines = [f"{spec.mode}: {spec.description}" for spec in MODES.values()]
+    return "; ".join([*lines, f"{COMPARE}: rotate over the modes served"])

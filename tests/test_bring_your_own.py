@@ -1,0 +1,273 @@
+"""Bring your own ensemble: real third-party graphs (torchvision classifiers with dynamic spatial dims;
+scikit-learn classifiers with ai.onnx.ml operators at different opsets) fused by `python -m model_build fuse`,
+served on a real server, and answered in every mode equal to running the members directly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from app.settings import Settings
+from ensemble_contract.combine import combine
+from ensemble_contract.manifest import Manifest, load_manifest
+from ensemble_contract.modes import Mode
+from tests.support import LiveServer, encode, live_server, picture
+from tests.third_party import (
+    TABULAR_CLASSES,
+    VISION_CLASSES,
+    export_tabular_members,
+    export_vision_members,
+    tabular_data,
+)
+
+LABELS = [f"class-{i}" for i in range(VISION_CLASSES)]
+IMAGENET_MEAN, IMAGENET_STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
+
+
+def fuse(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "model_build", "fuse", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def run_members(model_dir: Path, manifest: Manifest, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What the ensemble should answer: each member run by a plain ONNX Runtime session, combined by the
+    contract's reference function."""
+    names = list(manifest.member_outputs)
+    outputs = []
+    for member in manifest.members:
+        session = ort.InferenceSession(model_dir / member.file.path, providers=["CPUExecutionProvider"])
+        outputs.append(dict(zip(names, session.run(names, feeds), strict=True)))
+    return combine(outputs, manifest.combine, manifest.weights)
+
+
+def infer(client: httpx.Client, manifest: Manifest, feeds: dict[str, np.ndarray], mode: Mode) -> dict[str, np.ndarray]:
+    body = {
+        "inputs": [
+            {"name": k, "shape": list(v.shape), "datatype": "FP32", "data": v.ravel().tolist()}
+            for k, v in feeds.items()
+        ],
+        "parameters": {"mode": mode.value},
+    }
+    response = client.post(f"/v2/models/{manifest.name}/infer", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["parameters"]["mode"] == mode.value
+    dtypes = {"FP32": np.float32, "INT64": np.int64}
+    return {o["name"]: np.asarray(o["data"], dtypes[o["datatype"]]).reshape(o["shape"]) for o in answer["outputs"]}
+
+
+@pytest.fixture(scope="module")
+def vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("vision")
+    members = export_vision_members(work)
+    (work / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    result = fuse(
+        *members, "--out", work / "model", "--name", "vision", "--task", "classify", "--image-size", "64x64",
+        "--labels", f"@{work / 'labels.txt'}", "--scores", "logits", "--mean", IMAGENET_MEAN, "--std", IMAGENET_STD,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return work / "model"
+
+
+@pytest.fixture(scope="module")
+def tabular_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("tabular")
+    members = export_tabular_members(work)
+    x, y = tabular_data()
+    np.savez(work / "calibration.npz", X=x[:100])
+    np.savez(work / "eval.npz", X=x[300:], label=y[300:])
+    result = fuse(
+        *members, "--out", work / "model", "--name", "tabular", "--weights", "1,2,1",
+        "--calibration", work / "calibration.npz", "--eval", work / "eval.npz",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return work / "model"
+
+
+@pytest.fixture(scope="module")
+def vision_server(vision_dir: Path) -> Iterator[LiveServer]:
+    with live_server(Settings(model_dir=vision_dir)) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def tabular_server(tabular_dir: Path) -> Iterator[LiveServer]:
+    with live_server(Settings(model_dir=tabular_dir)) as live:
+        yield live
+
+
+def test_the_vision_ensemble_keeps_its_members_names_and_dynamic_dims(vision_dir: Path) -> None:
+    manifest = load_manifest(vision_dir)
+    assert [t.describe() for t in manifest.signature.inputs] == ["input FP32 [-1, 3, -1, -1]"]
+    assert [t.describe() for t in manifest.signature.outputs] == [
+        "logits FP32 [-1, 10]",
+        "logits_members FP32 [-1, 2, 10]",
+    ]
+    assert manifest.image is not None and manifest.image.labels == tuple(LABELS)
+    assert manifest.int8.file is None and "no calibration data" in manifest.int8.note
+    onnx.checker.check_model(onnx.load(vision_dir / manifest.ensemble.path), full_check=True)
+
+
+def test_vision_v2_answers_equal_the_members_in_every_mode_at_any_size(
+    vision_dir: Path, vision_server: LiveServer
+) -> None:
+    manifest = load_manifest(vision_dir)
+    with vision_server.client() as client:
+        metadata = client.get("/v2/models/vision").json()
+        assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, -1, -1]}]
+        assert client.get("/readyz").json()["modes"] == ["fused", "sequential", "parallel"]
+        for height, width in ((64, 64), (96, 80)):
+            feeds = {"input": np.random.default_rng(height).normal(size=(2, 3, height, width)).astype(np.float32)}
+            expected = run_members(vision_dir, manifest, feeds)
+            for mode in (Mode.FUSED, Mode.SEQUENTIAL, Mode.PARALLEL):
+                got = infer(client, manifest, feeds, mode)
+                assert list(got) == ["logits", "logits_members"]
+                for name, value in expected.items():
+                    np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-4, err_msg=f"{mode} {name}")
+
+
+def test_vision_predict_answers_labels_with_probabilities_in_every_mode(
+    vision_dir: Path, vision_server: LiveServer
+) -> None:
+    manifest = load_manifest(vision_dir)
+    image = picture(width=90, height=70, seed=3)
+    from app.imaging import preprocess
+
+    feeds = {"input": preprocess(image, manifest.image)}
+    logits = run_members(vision_dir, manifest, feeds)["logits"][0]
+    probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    top = np.argsort(-probabilities)[:5]
+    with vision_server.client() as client:
+        for mode in (Mode.FUSED, Mode.SEQUENTIAL, Mode.PARALLEL):
+            response = client.post(
+                "/predict",
+                params={"mode": mode.value, "members": "true"},
+                files={"file": ("x.png", encode(image, "PNG"))},
+            )
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            assert answer["model"]["task"] == "classify"
+            assert [label["name"] for label in answer["labels"]] == [LABELS[i] for i in top]
+            np.testing.assert_allclose(
+                [label["probability"] for label in answer["labels"]], probabilities[top], atol=1e-4
+            )
+            assert [label["present"] for label in answer["labels"]] == [True, False, False, False, False]
+            assert [m["name"] for m in answer["members"]] == ["resnet18", "mobilenet_v3_small"]
+            assert all(sum(m["probabilities"].values()) <= 1 + 1e-6 for m in answer["members"])
+            assert answer["mask"] is None
+
+
+def test_the_tabular_ensemble_votes_labels_and_averages_probabilities(tabular_dir: Path) -> None:
+    manifest = load_manifest(tabular_dir)
+    assert [t.describe() for t in manifest.signature.inputs] == ["X FP32 [-1, 6]"]
+    assert [(c.output, c.rule.value) for c in manifest.combine] == [("label", "vote"), ("probabilities", "mean")]
+    assert manifest.signature.output_names == ("label", "probabilities", "probabilities_members")
+    assert manifest.weights == (1.0, 2.0, 1.0)
+    assert manifest.image is None
+    domains = {o.domain for o in onnx.load(tabular_dir / manifest.ensemble.path).opset_import}
+    assert "ai.onnx.ml" in domains
+    # Calibrated and judged on the user's labelled rows: kept only within one point of accuracy.
+    assert manifest.int8.file is not None, manifest.int8.note
+    assert manifest.int8.metrics["int8_label_accuracy"] >= manifest.int8.metrics["fp32_label_accuracy"] - 0.01
+
+
+def test_tabular_v2_answers_equal_the_members_in_every_mode(tabular_dir: Path, tabular_server: LiveServer) -> None:
+    manifest = load_manifest(tabular_dir)
+    x, _ = tabular_data()
+    feeds = {"X": x[300:340]}
+    expected = run_members(tabular_dir, manifest, feeds)
+    with tabular_server.client() as client:
+        assert client.get("/readyz").json()["modes"] == [m.value for m in Mode]
+        outputs = client.get("/v2/models/tabular").json()["outputs"]
+        assert outputs[0] == {"name": "label", "datatype": "INT64", "shape": [-1]}
+        for mode in (Mode.FUSED, Mode.SEQUENTIAL, Mode.PARALLEL):
+            got = infer(client, manifest, feeds, mode)
+            np.testing.assert_array_equal(got["label"], expected["label"], err_msg=str(mode))
+            np.testing.assert_allclose(got["probabilities"], expected["probabilities"], atol=1e-5, err_msg=str(mode))
+            assert got["probabilities_members"].shape == (40, 3, TABULAR_CLASSES)
+        int8 = infer(client, manifest, feeds, Mode.FUSED_INT8)
+        assert int8["label"].shape == (40,) and int8["probabilities"].shape == (40, TABULAR_CLASSES)
+
+
+def test_predict_on_a_tensor_model_points_to_v2(tabular_server: LiveServer) -> None:
+    with tabular_server.client() as client:
+        response = client.post("/predict", files={"file": ("x.png", encode(picture(), "PNG"))})
+        assert response.status_code == 404
+        error = response.json()["error"]
+        assert error["code"] == "not_an_image_model"
+        assert "/v2/models/tabular/infer" in error["message"]
+        assert client.get("/readyz").json()["images"] is False
+        bad = client.post(
+            "/v2/models/tabular/infer",
+            json={"inputs": [{"name": "X", "shape": [1, 5], "datatype": "FP32", "data": [0] * 5}]},
+        )
+        assert bad.status_code == 400 and "[-1, 6]" in bad.json()["error"]
+
+
+def external_data_member(path: Path) -> Path:
+    """A member keeping its weight in a separate file, as large exports do."""
+    weight = numpy_helper.from_array(np.ones((6, 3), np.float32), "weight")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "weight"], ["probabilities"])],
+        "external",
+        [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, ["N", 3])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=f"{path.stem}.data",
+        size_threshold=0,
+    )
+    return path
+
+
+def test_what_cannot_be_fused_is_refused_with_the_fix(tmp_path: Path) -> None:
+    zipmap = export_tabular_members(tmp_path, zipmap=True)
+    tabular = export_tabular_members(tmp_path)
+    vision_like = tmp_path / "vision_like.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["probabilities"])],
+        "other",
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, ["N", 3])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), vision_like)
+    external = external_data_member(tmp_path / "external.onnx")
+    (tmp_path / "external.data").unlink()
+    cases = {
+        (zipmap[0], zipmap[1]): "convert with options={'zipmap': False}",
+        (tabular[0], vision_like): "differ from",
+        (tabular[1], external): "put the data file beside the model",
+        (tabular[0], tabular[1], "--combine", "label=mean"): "combine floating outputs by mean, integer ones by vote",
+        (tabular[0], tabular[1], "--weights", "1,2,3"): "one positive weight per member",
+    }
+    for args, message in cases.items():
+        result = fuse(*args, "--out", tmp_path / "out")
+        assert result.returncode == 1, args
+        assert message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_members_with_external_data_are_fused(tmp_path: Path) -> None:
+    members = [external_data_member(tmp_path / f"ext{i}.onnx") for i in range(2)]
+    result = fuse(*members, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    manifest = load_manifest(tmp_path / "out")
+    feeds = {"X": np.ones((2, 6), np.float32)}
+    assert run_members(tmp_path / "out", manifest, feeds)["probabilities"].tolist() == [[6.0] * 3] * 2
