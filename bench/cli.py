@@ -1,4 +1,4 @@
-"""Command line: `python -m bench sweep|load|interference|quant [--quick] ...`; `--help` on each command.
+"""Command line: `python -m bench sweep|load|interference|quant|compare ...`; `--help` on each command.
 
 Full runs take minutes and rewrite their own section of docs/benchmarks.md; `--quick` runs take seconds,
 write only under --out, and exist for the smoke tests. Run from the repository root.
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import commands as c
+from bench import compare
 
 Subparsers = argparse._SubParsersAction  # argparse exposes no public name for it
 
@@ -123,15 +124,28 @@ def _add_quant(commands: Subparsers) -> None:
     p.add_argument("--test-images", type=int, help="held-out images (default: as many as the manifest's metrics)")
 
 
+def _add_compare(commands: Subparsers) -> None:
+    p = commands.add_parser(
+        "compare",
+        help="fused or separate, for any model directory: every mode timed in-process and over /v2",
+        description=compare.__doc__,
+    )
+    _add_model_dir(p)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--calls", type=int, default=30, help="in-process calls a mode a round (default 30)")
+    p.add_argument("--requests", type=int, default=40, help="HTTP requests a mode a round (default 40)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = p.add_subparsers(dest="command", required=True, metavar="{sweep,load,interference,quant}")
+    commands = p.add_subparsers(dest="command", required=True, metavar="{sweep,load,interference,quant,compare}")
     _add_sweep(commands)
     _add_load(commands)
     _add_interference(commands)
     _add_quant(commands)
+    _add_compare(commands)
     return p
 
 

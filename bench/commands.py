@@ -186,4 +186,10 @@ def quant(args: argparse.Namespace, argv: Sequence[str]) -> None:
     _publish(args, out, markdown(variants, header), checks(variants))
 
 
-COMMANDS = {"sweep": sweep, "load": load, "interference": interference, "quant": quant}
+def compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from bench.compare import run
+
+    print(run(args.model_dir, args.rounds, args.calls, args.requests, log))
+
+
+COMMANDS = {"sweep": sweep, "load": load, "interference": interference, "quant": quant, "compare": compare}

@@ -285,8 +285,8 @@ def fuse(
     members: Sequence[onnx.ModelProto], names: Sequence[str], fusion: Plan, weights: Sequence[float] | None = None
 ) -> onnx.ModelProto:
     """One graph that feeds every member the same inputs and combines their outputs as `fusion` says."""
-    if len(members) != len(names) or len(members) < 2:
-        raise FusionError("give at least two members, and one name per member")
+    if len(members) != len(names) or not members:
+        raise FusionError("give at least one member, and one name per member")
     try:
         normalised = normalised_weights(weights, len(members)) if weights is not None else None
     except ValueError as exc:

@@ -38,7 +38,7 @@ def test_multipart_upload_of_each_format(
     response = client.post("/predict", files={"file": (f"x.{format.lower()}", data, content_type)})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["model"] == {"name": manifest.name, "sha256": manifest.ensemble.sha256}
+    assert body["model"] == {"name": manifest.name, "sha256": manifest.ensemble.sha256, "task": "multilabel"}
     assert body["mode"] == "fused"
     assert [label["name"] for label in body["labels"]] == list(manifest.image.labels)
     for label in body["labels"]:

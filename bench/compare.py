@@ -1,0 +1,159 @@
+"""`python -m bench compare --model-dir DIR`: one command that answers "fused or separate?" for any model directory.
+
+Times every served mode on this machine, in interleaved rounds (the modes' order rotates each round), twice:
+in-process (the service's own runtime, its default settings) and through the service over /v2 (a compiled
+client, `hey`, when it is installed; otherwise a Python client, said so in the output). Prints each mode's
+latency ratio to fused with a 95 % confidence interval over the rounds, and a one-line verdict.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from scipy import stats
+
+from app.runtime import EnsembleRuntime
+from app.settings import Settings
+from bench.server import free_port, started
+from ensemble_contract.datatypes import of_numpy
+from ensemble_contract.manifest import Manifest, load_manifest
+from ensemble_contract.modes import Mode
+
+
+@dataclass(frozen=True)
+class Ratio:
+    mode: Mode
+    median_ms: float  # over all rounds
+    mean: float  # of the per-round ratios to fused
+    low: float
+    high: float
+
+    def line(self) -> str:
+        interval = f"[95% CI {self.low:.2f}-{self.high:.2f}]"
+        return f"{self.mode:<11} {self.median_ms:8.2f} ms   {self.mean:5.2f}x fused  {interval}"
+
+
+def ratios(per_round: dict[Mode, list[float]]) -> list[Ratio]:
+    """Each mode's per-round median over fused's, with a t-interval over the rounds."""
+    fused = per_round[Mode.FUSED]
+    result = []
+    for mode, medians in per_round.items():
+        r = [m / f for m, f in zip(medians, fused, strict=True)]
+        mean = statistics.fmean(r)
+        half = stats.t.ppf(0.975, len(r) - 1) * statistics.stdev(r) / len(r) ** 0.5 if len(r) > 1 else float("inf")
+        result.append(Ratio(mode, statistics.median(medians) * 1000, mean, mean - half, mean + half))
+    return result
+
+
+def verdict(found: Sequence[Ratio]) -> str:
+    """One line: which mode is fastest, and whether the whole interval says so."""
+    others = [r for r in found if r.mode is not Mode.FUSED]
+    faster = [r for r in others if r.high < 1]
+    slower = [r for r in others if r.low > 1]
+    if faster:
+        best = min(faster, key=lambda r: r.mean)
+        return f"{best.mode} beats fused here ({best.mean:.2f}x, the whole interval below 1)"
+    if len(slower) == len(others):
+        return "fused is the fastest here: every other mode is slower with its whole interval above 1"
+    unclear = ", ".join(str(r.mode) for r in others if r not in slower)
+    return f"fused is not beaten; {unclear} cannot be told apart from it in this run (more --rounds)"
+
+
+def _interleaved(modes: Sequence[Mode], rounds: int, measure: Callable[[Mode], float]) -> dict[Mode, list[float]]:
+    per_round: dict[Mode, list[float]] = {mode: [] for mode in modes}
+    for round_ in range(rounds):
+        shift = round_ % len(modes)
+        for mode in (*modes[shift:], *modes[:shift]):
+            per_round[mode].append(measure(mode))
+    return per_round
+
+
+def in_process(model_dir: Path, rounds: int, calls: int) -> dict[Mode, list[float]]:
+    runtime = EnsembleRuntime.load(Settings(model_dir=model_dir))
+    feeds = runtime.manifest.example_inputs()
+
+    def median_call(mode: Mode) -> float:
+        seconds = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            runtime.infer(feeds, mode)
+            seconds.append(time.perf_counter() - start)
+        return statistics.median(seconds)
+
+    try:
+        return _interleaved(runtime.modes, rounds, median_call)
+    finally:
+        runtime.close()
+
+
+def v2_body(manifest: Manifest, mode: Mode) -> bytes:
+    inputs = [
+        {"name": k, "shape": list(v.shape), "datatype": of_numpy(v.dtype), "data": v.ravel().tolist()}
+        for k, v in manifest.example_inputs().items()
+    ]
+    return json.dumps({"inputs": inputs, "parameters": {"mode": mode.value}}).encode()
+
+
+def _hey_median(url: str, body: Path, requests: int) -> float:
+    command = ["hey", "-n", str(requests), "-c", "1", "-m", "POST", "-T", "application/json", "-D", str(body)]
+    output = subprocess.run(
+        [*command, "-o", "csv", url], capture_output=True, text=True, timeout=600, check=True
+    ).stdout
+    rows = [row for row in csv.DictReader(io.StringIO(output)) if row.get("status-code") == "200"]
+    if len(rows) < requests:
+        raise RuntimeError(f"hey: {requests - len(rows)} of {requests} requests failed against {url}")
+    return statistics.median(float(row["response-time"]) for row in rows)
+
+
+def _python_median(url: str, body: Path, requests: int) -> float:
+    seconds = []
+    data = body.read_bytes()
+    with httpx.Client(timeout=30) as client:
+        for _ in range(requests):
+            start = time.perf_counter()
+            client.post(url, content=data, headers={"content-type": "application/json"}).raise_for_status()
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def through_service(model_dir: Path, rounds: int, requests: int, log: Callable[[str], None]) -> dict[Mode, list[float]]:
+    manifest = load_manifest(model_dir)
+    client = _hey_median if shutil.which("hey") else _python_median
+    log(f"[compare] HTTP client: {'hey' if client is _hey_median else 'Python httpx (install hey for a compiled one)'}")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as work:
+        bodies = {}
+        for mode in Mode:
+            bodies[mode] = Path(work) / f"{mode}.json"
+            bodies[mode].write_bytes(v2_body(manifest, mode))
+        env = {"MODEL_DIR": str(model_dir.resolve()), "PORT": str(port), "MAX_QUEUE": "64"}
+        with started("app", [], env, port, Path(work) / "server.log", "/readyz") as server:
+            served = httpx.get(server.url + "/readyz", timeout=10).json()["modes"]
+            url = f"{server.url}/v2/models/{manifest.name}/infer"
+            modes = [Mode(m) for m in served]
+            for mode in modes:  # warm-up
+                client(url, bodies[mode], 5)
+            return _interleaved(modes, rounds, lambda mode: client(url, bodies[mode], requests))
+
+
+def run(model_dir: Path, rounds: int, calls: int, requests: int, log: Callable[[str], None]) -> str:
+    """The report: both tables and the verdicts."""
+    lines = [f"model directory {model_dir}: {rounds} interleaved rounds, ratios of per-round medians to fused"]
+    for title, per_round in (
+        (f"in-process ({calls} calls a mode a round)", in_process(model_dir, rounds, calls)),
+        (f"through the service, /v2 ({requests} requests a mode a round)", through_service(model_dir, rounds, requests, log)),
+    ):  # fmt: skip
+        found = ratios(per_round)
+        lines += ["", title, *(r.line() for r in found), f"verdict: {verdict(found)}"]
+    return "\n".join(lines)
