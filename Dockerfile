@@ -32,7 +32,7 @@ RUN pip install --no-deps --retries 2 --timeout 15 --index-url "$TORCH_INDEX_URL
 COPY --from=requirements /requirements/build.txt /tmp/
 RUN pip install -c constraints.txt -r /tmp/build.txt
 # Run from the source tree (python -m model_build from /src): no install, so a code change costs no download.
-COPY app/ app/
+COPY ensemble_contract/ ensemble_contract/
 COPY model_build/ model_build/
 ARG MODEL_PRESET=default
 COPY models/ models/
@@ -50,7 +50,8 @@ RUN pip install -c constraints.txt -r /tmp/runtime.txt && rm /tmp/runtime.txt
 # site-packages copy stays (byte-compiled now, since a read-only root file system takes no .pyc later).
 COPY pyproject.toml README.md ./
 COPY app/ app/
-RUN pip install --no-deps . && rm -rf app build *.egg-info
+COPY ensemble_contract/ ensemble_contract/
+RUN pip install --no-deps . && rm -rf app ensemble_contract build *.egg-info
 COPY deploy/loadgen.py deploy/healthcheck.py deploy/
 ARG MODEL_PRESET=default
 COPY --from=builder /src/models/$MODEL_PRESET /models/$MODEL_PRESET

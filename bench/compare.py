@@ -150,10 +150,13 @@ def through_service(model_dir: Path, rounds: int, requests: int, log: Callable[[
 def run(model_dir: Path, rounds: int, calls: int, requests: int, log: Callable[[str], None]) -> str:
     """The report: both tables and the verdicts."""
     lines = [f"model directory {model_dir}: {rounds} interleaved rounds, ratios of per-round medians to fused"]
-    for title, per_round in (
-        (f"in-process ({calls} calls a mode a round)", in_process(model_dir, rounds, calls)),
-        (f"through the service, /v2 ({requests} requests a mode a round)", through_service(model_dir, rounds, requests, log)),
-    ):  # fmt: skip
+    measured = {
+        f"in-process ({calls} calls a mode a round)": in_process(model_dir, rounds, calls),
+        f"through the service, /v2 ({requests} requests a mode a round)": through_service(
+            model_dir, rounds, requests, log
+        ),
+    }
+    for title, per_round in measured.items():
         found = ratios(per_round)
         lines += ["", title, *(r.line() for r in found), f"verdict: {verdict(found)}"]
     return "\n".join(lines)

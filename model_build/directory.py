@@ -61,7 +61,9 @@ def write_int8(out: Path, calibration: Mapping[str, np.ndarray] | None, scorer: 
     path = out / INT8_FILE
     path.unlink(missing_ok=True)
     if calibration is None:
-        return Int8(note="no int8 graph: no calibration data was given (fuse --calibration inputs.npz)")
+        note = "no int8 graph: no calibration data was given (fuse --calibration inputs.npz)"
+        log(note)
+        return Int8(note=note)
     rows = len(next(iter(calibration.values())))
     log(f"quantising the fused graph to int8, calibrated on {rows} rows")
     quantize_static_int8(out / ENSEMBLE_FILE, path, calibration)

@@ -126,6 +126,10 @@ def fuse_files(request: FuseRequest) -> Manifest:
         raise FusionError(f"member file names must differ, got {stems}")
     models = [load_member(p) for p in paths]
     fusion = plan({str(p): member_signature(m, str(p)) for m, p in zip(models, paths, strict=True)}, request.rules)
+    log(f"inputs: {', '.join(t.describe() for t in fusion.signature.inputs)}")
+    for c in fusion.combine:
+        stacked = f", each member's in {c.members_output}" if c.members_output else ""
+        log(f"output {c.output}: {c.rule} of the members{stacked}")
     for output, reason in fusion.left_out.items():
         log(f"output {output!r} is not in the fused graph: {reason}")
     metadata = {p.key: p.value for p in models[0].metadata_props}

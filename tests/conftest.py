@@ -1,5 +1,5 @@
-"""Shared fixtures: real models built once per test session by the real build step (`test` preset), and real
-uvicorn servers serving them on loopback ports."""
+"""Shared fixtures: real models built once per test session by the real build step (`test` preset), ensembles
+of third-party graphs fused by the real `fuse` command, and real uvicorn servers serving them on loopback ports."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from app.runtime import EnsembleRuntime
@@ -14,7 +15,10 @@ from app.settings import Settings
 from ensemble_contract.manifest import Manifest, load_manifest
 from model_build.build import build
 from model_build.config import PRESETS
-from tests.support import LiveServer, live_server
+from tests.support import VISION_LABELS, LiveServer, fuse, live_server
+from tests.third_party import export_tabular_members, export_vision_members, tabular_data
+
+IMAGENET_MEAN, IMAGENET_STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +27,34 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "test"
     build(PRESETS["test"], out)
     return out
+
+
+@pytest.fixture(scope="session")
+def vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("vision")
+    members = export_vision_members(work)
+    (work / "labels.txt").write_text("\n".join(VISION_LABELS) + "\n")
+    result = fuse(
+        *members, "--out", work / "model", "--name", "vision", "--task", "classify", "--image-size", "64x64",
+        "--labels", f"@{work / 'labels.txt'}", "--scores", "logits", "--mean", IMAGENET_MEAN, "--std", IMAGENET_STD,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return work / "model"
+
+
+@pytest.fixture(scope="session")
+def tabular_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("tabular")
+    members = export_tabular_members(work)
+    x, y = tabular_data()
+    np.savez(work / "calibration.npz", X=x[:100])
+    np.savez(work / "eval.npz", X=x[300:], label=y[300:])
+    result = fuse(
+        *members, "--out", work / "model", "--name", "tabular", "--weights", "1,2,1",
+        "--calibration", work / "calibration.npz", "--eval", work / "eval.npz",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return work / "model"
 
 
 @pytest.fixture(scope="session")

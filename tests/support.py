@@ -6,6 +6,8 @@ import asyncio
 import io
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -30,6 +32,7 @@ from app.settings import Settings
 from ensemble_contract.manifest import Int8, load_manifest
 
 START_TIMEOUT_S = 60
+VISION_LABELS = [f"class-{i}" for i in range(10)]
 T = TypeVar("T")
 
 
@@ -79,6 +82,13 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
 
 # How far fused-int8's probabilities may be from the fp32 modes' (which agree to 1e-4) on images like the tests'.
 INT8_ATOL = 0.05
+
+
+def fuse(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """Runs `python -m model_build fuse ARGS` as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "model_build", "fuse", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def encode(image: Image.Image, format: str, **options: Any) -> bytes:

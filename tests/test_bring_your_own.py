@@ -4,8 +4,6 @@ served on a real server, and answered in every mode equal to running the members
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,23 +18,13 @@ from app.settings import Settings
 from ensemble_contract.combine import combine
 from ensemble_contract.manifest import Manifest, load_manifest
 from ensemble_contract.modes import Mode
-from tests.support import LiveServer, encode, live_server, picture
+from tests.support import VISION_LABELS as LABELS
+from tests.support import LiveServer, encode, fuse, live_server, picture
 from tests.third_party import (
     TABULAR_CLASSES,
-    VISION_CLASSES,
     export_tabular_members,
-    export_vision_members,
     tabular_data,
 )
-
-LABELS = [f"class-{i}" for i in range(VISION_CLASSES)]
-IMAGENET_MEAN, IMAGENET_STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
-
-
-def fuse(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "model_build", "fuse", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
 
 
 def run_members(model_dir: Path, manifest: Manifest, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -64,34 +52,6 @@ def infer(client: httpx.Client, manifest: Manifest, feeds: dict[str, np.ndarray]
     assert answer["parameters"]["mode"] == mode.value
     dtypes = {"FP32": np.float32, "INT64": np.int64}
     return {o["name"]: np.asarray(o["data"], dtypes[o["datatype"]]).reshape(o["shape"]) for o in answer["outputs"]}
-
-
-@pytest.fixture(scope="module")
-def vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("vision")
-    members = export_vision_members(work)
-    (work / "labels.txt").write_text("\n".join(LABELS) + "\n")
-    result = fuse(
-        *members, "--out", work / "model", "--name", "vision", "--task", "classify", "--image-size", "64x64",
-        "--labels", f"@{work / 'labels.txt'}", "--scores", "logits", "--mean", IMAGENET_MEAN, "--std", IMAGENET_STD,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return work / "model"
-
-
-@pytest.fixture(scope="module")
-def tabular_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("tabular")
-    members = export_tabular_members(work)
-    x, y = tabular_data()
-    np.savez(work / "calibration.npz", X=x[:100])
-    np.savez(work / "eval.npz", X=x[300:], label=y[300:])
-    result = fuse(
-        *members, "--out", work / "model", "--name", "tabular", "--weights", "1,2,1",
-        "--calibration", work / "calibration.npz", "--eval", work / "eval.npz",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return work / "model"
 
 
 @pytest.fixture(scope="module")

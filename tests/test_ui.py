@@ -225,3 +225,32 @@ def test_the_page_asks_for_the_api_key_when_the_service_needs_one(
         expect(page.locator("#labels tbody tr")).to_have_count(len(manifest.image.labels))
         expect(page.locator("#error")).to_be_hidden()
         assert [text for text in visit.console_errors if "status of 401" not in text] == []
+
+
+def test_a_tensor_model_gets_the_chart_and_a_pointer_to_v2_instead_of_the_image_form(
+    open_page: Callable[[str], Visit], tabular_dir: Path
+) -> None:
+    with live_server(Settings(model_dir=tabular_dir)) as server:
+        visit = open_page(f"{server.url}/")
+        page = visit.page
+        expect(page.locator("#tensors-only")).to_be_visible()
+        expect(page.locator("#v2-path")).to_have_text("POST /v2/models/tabular/infer")
+        expect(page.locator("#upload")).to_be_hidden()
+        expect(page.locator("#legend li")).to_have_count(len(Mode))  # every mode, int8 included
+        assert visit.console_errors == []
+
+
+def test_a_classifier_ensemble_answers_its_top_labels_on_the_page(
+    open_page: Callable[[str], Visit], vision_dir: Path, tmp_path: Path
+) -> None:
+    picture = tmp_path / "picture.png"
+    picture.write_bytes(png_bytes())
+    with live_server(Settings(model_dir=vision_dir)) as server:
+        visit = open_page(f"{server.url}/")
+        page = visit.page
+        expect(page.locator("#tensors-only")).to_be_hidden()
+        page.set_input_files("#file", picture)
+        expect(page.locator("#labels tbody tr")).to_have_count(5)  # a classifier answers its top five
+        expect(page.locator("#labels tbody tr.present")).to_have_count(1)
+        expect(page.locator("#members tbody tr")).to_have_count(2)
+        assert visit.console_errors == []
