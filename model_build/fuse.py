@@ -253,8 +253,11 @@ class _Head:
         return self.node("Concat", expanded, name, axis=1)
 
     def mean(self, outputs: Sequence[str], name: str, weights: np.ndarray | None, dtype: np.dtype) -> str:
-        if weights is None:
+        """The (weighted) mean; ONNX Runtime's CPU Mean has no FP64 kernel, so FP64 is a weighted sum too."""
+        if weights is None and dtype != np.float64:
             return self.node("Mean", outputs, name)
+        if weights is None:
+            weights = np.full(len(outputs), 1 / len(outputs))
         weighted = [
             self.node("Mul", [o, self.constant(f"{o}_weight", np.asarray(w, dtype))], f"{o}_weighted")
             for o, w in zip(outputs, weights, strict=True)

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from pydantic import ValidationError
 
-from ensemble_contract.combine import Rule
+from ensemble_contract.combine import Rule, normalised_weights
 from ensemble_contract.manifest import MEMBERS_DIR, FileEntry, ImageSpec, ImageTask, Manifest, Member
 from ensemble_contract.signature import DYNAMIC, Signature, generated_inputs
 from model_build.config import MAX_ACCURACY_LOSS
@@ -124,6 +124,11 @@ def fuse_files(request: FuseRequest) -> Manifest:
     stems = [p.stem for p in paths]
     if len(set(stems)) != len(stems):
         raise FusionError(f"member file names must differ, got {stems}")
+    if request.weights is not None:
+        try:
+            normalised_weights(request.weights, len(paths))
+        except ValueError as exc:
+            raise FusionError(f"--weights: {exc}") from None
     models = [load_member(p) for p in paths]
     fusion = plan({str(p): member_signature(m, str(p)) for m, p in zip(models, paths, strict=True)}, request.rules)
     log(f"inputs: {', '.join(t.describe() for t in fusion.signature.inputs)}")

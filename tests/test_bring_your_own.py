@@ -221,7 +221,7 @@ def test_what_cannot_be_fused_is_refused_with_the_fix(tmp_path: Path) -> None:
         assert result.returncode == 1, args
         assert message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
-        assert not (tmp_path / "out" / "manifest.json").exists()
+        assert not (tmp_path / "out").exists(), "nothing is written before the members are checked"
 
 
 def test_members_with_external_data_are_fused(tmp_path: Path) -> None:
@@ -231,3 +231,86 @@ def test_members_with_external_data_are_fused(tmp_path: Path) -> None:
     manifest = load_manifest(tmp_path / "out")
     feeds = {"X": np.ones((2, 6), np.float32)}
     assert run_members(tmp_path / "out", manifest, feeds)["probabilities"].tolist() == [[6.0] * 3] * 2
+
+
+def typed_member(path: Path, offset: float) -> Path:
+    """A member with inputs and outputs of the protocol's other datatypes: FP64, FP16, INT32, UINT8, BOOL."""
+    as_value = {"FP64": np.float64, "FP16": np.float16}
+    nodes = [
+        helper.make_node("Add", ["x", "offset_fp64"], ["y"]),
+        helper.make_node("Add", ["half", "offset_fp16"], ["half_out"]),
+        helper.make_node("Add", ["ids", "one"], ["ids_out"]),
+        helper.make_node("Cast", ["pixels"], ["pixel_sum_float"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["pixel_sum_float", "axis_1"], ["pixel_sum"], keepdims=0),
+        helper.make_node("Not", ["flags"], ["flags_out"]),
+    ]
+    constants = [
+        numpy_helper.from_array(np.asarray([offset], as_value["FP64"]), "offset_fp64"),
+        numpy_helper.from_array(np.asarray([offset], as_value["FP16"]), "offset_fp16"),
+        numpy_helper.from_array(np.asarray([int(offset)], np.int32), "one"),
+        numpy_helper.from_array(np.asarray([1], np.int64), "axis_1"),
+    ]
+    T = onnx.TensorProto
+    graph = helper.make_graph(
+        nodes,
+        "typed",
+        [
+            helper.make_tensor_value_info("x", T.DOUBLE, ["N", 3]),
+            helper.make_tensor_value_info("half", T.FLOAT16, ["N", 2]),
+            helper.make_tensor_value_info("ids", T.INT32, ["N"]),
+            helper.make_tensor_value_info("pixels", T.UINT8, ["N", 4]),
+            helper.make_tensor_value_info("flags", T.BOOL, ["N"]),
+        ],
+        [
+            helper.make_tensor_value_info("y", T.DOUBLE, ["N", 3]),
+            helper.make_tensor_value_info("half_out", T.FLOAT16, ["N", 2]),
+            helper.make_tensor_value_info("ids_out", T.INT32, ["N"]),
+            helper.make_tensor_value_info("pixel_sum", T.FLOAT, ["N"]),
+            helper.make_tensor_value_info("flags_out", T.BOOL, ["N"]),
+        ],
+        initializer=constants,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_every_common_datatype_goes_through_v2_in_every_mode(tmp_path: Path) -> None:
+    members = [typed_member(tmp_path / f"typed{i}.onnx", offset=i) for i in range(3)]
+    result = fuse(*members, "--out", tmp_path / "out", "--name", "typed")
+    assert result.returncode == 0, result.stderr
+    assert "output 'flags_out' is not in the fused graph: BOOL outputs are not combined" in result.stderr
+    manifest = load_manifest(tmp_path / "out")
+    body = {
+        "inputs": [
+            {"name": "x", "shape": [2, 3], "datatype": "FP64", "data": [0.5, 1.5, 2.5, 3.5, 4.5, 5.5]},
+            {"name": "half", "shape": [2, 2], "datatype": "FP16", "data": [0.25, 0.5, 1.0, 2.0]},
+            {"name": "ids", "shape": [2], "datatype": "INT32", "data": [7, 9]},
+            {"name": "pixels", "shape": [2, 4], "datatype": "UINT8", "data": [0, 1, 2, 255, 4, 5, 6, 7]},
+            {"name": "flags", "shape": [2], "datatype": "BOOL", "data": [True, False]},
+        ]
+    }
+    with live_server(Settings(model_dir=tmp_path / "out")) as server, server.client() as client:
+        metadata = client.get("/v2/models/typed").json()
+        assert [(t["name"], t["datatype"], t["shape"]) for t in metadata["inputs"]] == [
+            ("x", "FP64", [-1, 3]),
+            ("half", "FP16", [-1, 2]),
+            ("ids", "INT32", [-1]),
+            ("pixels", "UINT8", [-1, 4]),
+            ("flags", "BOOL", [-1]),
+        ]
+        for mode in (Mode.FUSED, Mode.SEQUENTIAL, Mode.PARALLEL):
+            response = client.post("/v2/models/typed/infer", json=body | {"parameters": {"mode": mode.value}})
+            assert response.status_code == 200, response.text
+            outputs = {o["name"]: o for o in response.json()["outputs"]}
+            assert outputs["y"]["datatype"] == "FP64" and outputs["y"]["data"] == [1.5, 2.5, 3.5, 4.5, 5.5, 6.5]
+            assert outputs["half_out"]["datatype"] == "FP16" and outputs["half_out"]["data"] == [1.25, 1.5, 2.0, 3.0]
+            assert outputs["ids_out"] == {"name": "ids_out", "shape": [2], "datatype": "INT32", "data": [7, 9]}
+            assert outputs["pixel_sum"]["data"] == [258.0, 22.0]
+            assert outputs["y_members"]["shape"] == [2, 3, 3]
+            assert "flags_out" not in outputs and manifest.signature.output("flags_out") is None
+        wrong = body | {"inputs": [{**body["inputs"][0], "datatype": "FP32"}, *body["inputs"][1:]]}
+        assert client.post("/v2/models/typed/infer", json=wrong).json() == {"error": "input 'x' must be FP64, got FP32"}
+        bools = body | {"inputs": [*body["inputs"][:4], {**body["inputs"][4], "data": [1, 0]}]}
+        assert "must be booleans" in client.post("/v2/models/typed/infer", json=bools).json()["error"]
+        too_big = body | {"inputs": [*body["inputs"][:3], {**body["inputs"][3], "data": [256] * 8}, body["inputs"][4]]}
+        assert "out of UINT8's range" in client.post("/v2/models/typed/infer", json=too_big).json()["error"]
