@@ -3,7 +3,9 @@
 Times every served mode on this machine, in interleaved rounds (the modes' order rotates each round), twice:
 in-process (the service's own runtime, its default settings) and through the service over /v2 (a compiled
 client, `hey`, when it is installed; otherwise a Python client, said so in the output). Prints each mode's
-latency ratio to fused with a 95 % confidence interval over the rounds, and a one-line verdict.
+latency ratio to fused with a 95 % confidence interval over the rounds, and a one-line verdict. A round's
+figure for a mode is the 10 %-trimmed mean of its calls (robust to outliers, and finer than a median of
+hey's 0.1 ms readings).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from scipy import stats
 
 from app.runtime import EnsembleRuntime
 from app.settings import Settings
+from bench.machine import Machine
 from bench.server import free_port, started
 from ensemble_contract.datatypes import of_numpy
 from ensemble_contract.manifest import Manifest, load_manifest
@@ -34,18 +37,18 @@ from ensemble_contract.modes import Mode
 @dataclass(frozen=True)
 class Ratio:
     mode: Mode
-    median_ms: float  # over all rounds
+    typical_ms: float  # the median of the rounds' figures
     mean: float  # of the per-round ratios to fused
     low: float
     high: float
 
     def line(self) -> str:
         interval = f"[95% CI {self.low:.2f}-{self.high:.2f}]"
-        return f"{self.mode:<11} {self.median_ms:8.2f} ms   {self.mean:5.2f}x fused  {interval}"
+        return f"{self.mode:<11} {self.typical_ms:8.3f} ms   {self.mean:5.2f}x fused  {interval}"
 
 
 def ratios(per_round: dict[Mode, list[float]]) -> list[Ratio]:
-    """Each mode's per-round median over fused's, with a t-interval over the rounds."""
+    """Each mode's per-round figure over fused's, with a t-interval over the rounds."""
     fused = per_round[Mode.FUSED]
     result = []
     for mode, medians in per_round.items():
@@ -54,6 +57,11 @@ def ratios(per_round: dict[Mode, list[float]]) -> list[Ratio]:
         half = stats.t.ppf(0.975, len(r) - 1) * statistics.stdev(r) / len(r) ** 0.5 if len(r) > 1 else float("inf")
         result.append(Ratio(mode, statistics.median(medians) * 1000, mean, mean - half, mean + half))
     return result
+
+
+def typical(seconds: Sequence[float]) -> float:
+    """A round's figure: the 10 %-trimmed mean."""
+    return float(stats.trim_mean(seconds, 0.1))
 
 
 def verdict(found: Sequence[Ratio]) -> str:
@@ -89,7 +97,7 @@ def in_process(model_dir: Path, rounds: int, calls: int) -> dict[Mode, list[floa
             start = time.perf_counter()
             runtime.infer(feeds, mode)
             seconds.append(time.perf_counter() - start)
-        return statistics.median(seconds)
+        return typical(seconds)
 
     try:
         return _interleaved(runtime.modes, rounds, median_call)
@@ -113,7 +121,7 @@ def _hey_median(url: str, body: Path, requests: int) -> float:
     rows = [row for row in csv.DictReader(io.StringIO(output)) if row.get("status-code") == "200"]
     if len(rows) < requests:
         raise RuntimeError(f"hey: {requests - len(rows)} of {requests} requests failed against {url}")
-    return statistics.median(float(row["response-time"]) for row in rows)
+    return typical([float(row["response-time"]) for row in rows])
 
 
 def _python_median(url: str, body: Path, requests: int) -> float:
@@ -124,7 +132,7 @@ def _python_median(url: str, body: Path, requests: int) -> float:
             start = time.perf_counter()
             client.post(url, content=data, headers={"content-type": "application/json"}).raise_for_status()
             seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    return typical(seconds)
 
 
 def through_service(model_dir: Path, rounds: int, requests: int, log: Callable[[str], None]) -> dict[Mode, list[float]]:
@@ -149,7 +157,10 @@ def through_service(model_dir: Path, rounds: int, requests: int, log: Callable[[
 
 def run(model_dir: Path, rounds: int, calls: int, requests: int, log: Callable[[str], None]) -> str:
     """The report: both tables and the verdicts."""
-    lines = [f"model directory {model_dir}: {rounds} interleaved rounds, ratios of per-round medians to fused"]
+    lines = [
+        f"model directory {model_dir}: {rounds} interleaved rounds, ratios of each round's figures to fused's",
+        f"machine: {Machine.current().describe()}",
+    ]
     measured = {
         f"in-process ({calls} calls a mode a round)": in_process(model_dir, rounds, calls),
         f"through the service, /v2 ({requests} requests a mode a round)": through_service(

@@ -162,3 +162,28 @@ def test_update_section_replaces_only_its_own_section(tmp_path: Path) -> None:
     text = docs.read_text()
     assert text.startswith("# Benchmarks\n\nHand-written method.")
     assert "| 1.00 |" in text and "second" in text and "first" not in text
+
+
+def test_compare_times_every_mode_of_a_users_ensemble_in_process_and_over_v2(tabular_dir: Path) -> None:
+    command = [sys.executable, "-m", "bench", "compare", "--model-dir", str(tabular_dir), "--rounds", "2"]
+    done = subprocess.run(
+        [*command, "--calls", "3", "--requests", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = done.stdout.splitlines()
+    assert any(line.startswith("machine: ") for line in report)
+    for section in ("in-process", "through the service, /v2"):
+        start = next(i for i, line in enumerate(report) if line.startswith(section))
+        rows = report[start + 1 : start + 1 + len(Mode)]
+        assert tuple(row.split()[0] for row in rows) == MODES
+        assert rows[0].split()[3] == "1.00x"  # fused against itself
+        assert report[start + 1 + len(Mode)].startswith("verdict: ")
+
+
+def test_the_verdict_needs_the_whole_interval() -> None:
+    from bench.compare import Ratio, verdict
+
+    fused = Ratio(Mode.FUSED, 1.0, 1.0, 1.0, 1.0)
+    assert verdict([fused, Ratio(Mode.PARALLEL, 0.8, 0.8, 0.7, 0.9)]).startswith("parallel beats fused")
+    assert verdict([fused, Ratio(Mode.PARALLEL, 0.8, 0.8, 0.7, 1.1)]).startswith("fused is not beaten; parallel")
+    assert verdict([fused, Ratio(Mode.SEQUENTIAL, 1.2, 1.2, 1.1, 1.3)]).startswith("fused is the fastest")
