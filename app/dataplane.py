@@ -92,6 +92,8 @@ class DataPlane:
         self._record(inference, arrived)
         scores, member_scores = None, None
         if image.scores_output is not None:
+            if not np.isfinite(inference.outputs[image.scores_output]).all():
+                raise InferenceFailed(f"the {chosen} inference returned scores that are not finite")
             scores = image.probabilities(inference.outputs[image.scores_output][0])
             stacked = self._members_output(image.scores_output)
             member_scores = image.probabilities(inference.outputs[stacked][0]) if stacked else None

@@ -146,7 +146,8 @@ def open_runner(model_dir: Path, config: RunConfig, fused_file: Path | None = No
     def run(session: ort.InferenceSession, feeds: Feeds) -> Feeds:
         return dict(zip(names, session.run(names, feeds), strict=True))
 
+    weights = manifest.weights if config.member is None else None  # a member alone is not weighed
     if config.layout is Layout.SEPARATE:
-        return lambda feeds: combine([run(s, feeds) for s in sessions], manifest.combine, manifest.weights)
+        return lambda feeds: combine([run(s, feeds) for s in sessions], manifest.combine, weights)
     pool = ThreadPoolExecutor(len(sessions), thread_name_prefix="member")
-    return lambda feeds: combine(list(pool.map(lambda s: run(s, feeds), sessions)), manifest.combine, manifest.weights)
+    return lambda feeds: combine(list(pool.map(lambda s: run(s, feeds), sessions)), manifest.combine, weights)

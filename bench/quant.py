@@ -54,7 +54,7 @@ def run(
         raise ValueError(
             f"{model_dir}: bench quant scores our shapes models; use `fuse --calibration --eval` for yours"
         )
-    images = test_images or (manifest.ensemble_metrics.images if manifest.ensemble_metrics else 500)
+    images = test_images or manifest.ensemble_metrics.images
     fp32 = model_dir / manifest.ensemble.path
     test = held_out_set(manifest.image.height, images)
     test_inputs = manifest.image.normalise(test.images)

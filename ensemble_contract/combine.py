@@ -43,8 +43,10 @@ class Combination(BaseModel):
 def normalised_weights(weights: Sequence[float] | None, members: int) -> np.ndarray:
     """Weights summing to one (equal when None), float64."""
     w = np.ones(members) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.shape != (members,) or not np.all(w > 0):
-        raise ValueError(f"give one positive weight per member ({members}), got {[float(x) for x in np.atleast_1d(w)]}")
+    if w.shape != (members,) or not np.all(np.isfinite(w) & (w > 0)):
+        raise ValueError(
+            f"give one positive, finite weight per member ({members}), got {[float(x) for x in np.atleast_1d(w)]}"
+        )
     return w / w.sum()
 
 

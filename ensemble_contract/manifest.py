@@ -91,10 +91,11 @@ class ImageSpec(_Strict):
         return np.ascontiguousarray(x.astype(dtype))
 
     def probabilities(self, scores: np.ndarray) -> np.ndarray:
-        """Scores [..., labels] as probabilities: unchanged, or softmax (classify) / sigmoid (multilabel) of logits."""
+        """Scores [..., labels] as probabilities: as they are (clipped to [0, 1] against rounding), or softmax
+        (classify) / sigmoid (multilabel) of logits."""
         scores = scores.astype(np.float64)
         if self.scores == "probabilities":
-            return scores
+            return np.clip(scores, 0, 1)
         if self.task is ImageTask.CLASSIFY:
             exp = np.exp(scores - scores.max(axis=-1, keepdims=True))
             return exp / exp.sum(axis=-1, keepdims=True)

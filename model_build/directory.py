@@ -37,6 +37,7 @@ def write_ensemble(
     fusion: Plan,
     weights: Sequence[float] | None,
     check_feeds: Mapping[str, np.ndarray],
+    batch: int = 64,
 ) -> FileEntry:
     """Fuses the members into OUT/ensemble.onnx, and fails unless it equals the reference combination of the
     member files on `check_feeds`."""
@@ -45,7 +46,7 @@ def write_ensemble(
     onnx.helper.set_model_props(fused, {"members": ",".join(names)})
     path = out / ENSEMBLE_FILE
     onnx.save(fused, path)
-    worst = check_fused_matches_members(path, member_paths, fusion.combine, weights, check_feeds)
+    worst = check_fused_matches_members(path, member_paths, fusion.combine, weights, check_feeds, batch)
     log(f"fused {len(member_paths)} members into {path}; largest relative difference from the reference {worst:.1e}")
     return FileEntry.of(out, path)
 
@@ -55,7 +56,9 @@ def largest_loss(fp32: Mapping[str, float], int8: Mapping[str, float]) -> float:
     return max(fp32[name] - int8[name] for name in fp32)
 
 
-def write_int8(out: Path, calibration: Mapping[str, np.ndarray] | None, scorer: Scorer | None, max_loss: float) -> Int8:
+def write_int8(
+    out: Path, calibration: Mapping[str, np.ndarray] | None, scorer: Scorer | None, max_loss: float, batch: int = 1
+) -> Int8:
     """Quantises OUT/ensemble.onnx to OUT/ensemble.int8.onnx (static QDQ, calibrated on `calibration`'s rows) and
     keeps it if no score of `scorer` drops by more than `max_loss`; says why when there is none."""
     path = out / INT8_FILE
@@ -66,7 +69,7 @@ def write_int8(out: Path, calibration: Mapping[str, np.ndarray] | None, scorer: 
         return Int8(note=note)
     rows = len(next(iter(calibration.values())))
     log(f"quantising the fused graph to int8, calibrated on {rows} rows")
-    quantize_static_int8(out / ENSEMBLE_FILE, path, calibration)
+    quantize_static_int8(out / ENSEMBLE_FILE, path, calibration, batch)
     if scorer is None:
         log("int8 graph kept without judging it: give --eval inputs.npz with expected outputs to judge it")
         return Int8(file=FileEntry.of(out, path), note="kept without judging: no evaluation data was given")

@@ -27,6 +27,7 @@ from ensemble_contract.datatypes import UnsupportedDatatype, is_floating, is_int
 from ensemble_contract.signature import DYNAMIC, Signature, TensorSpec
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+HEAD_MIN_OPSET = 9  # the head's ops (Where, for the vote, is the newest of them)
 
 
 class FusionError(ValueError):
@@ -163,6 +164,9 @@ def plan(
         except ValueError as exc:
             left_out[output.name] = f"{exc} ({_describe_all(output.name, signatures, 'output')})"
             continue
+        if shape == ():
+            left_out[output.name] = "a scalar: only outputs with a batch axis are combined"
+            continue
         given, natural = rules.pop(output.name, None), _default_rule(output)
         if natural is None and given is None:
             left_out[output.name] = f"{output.datatype} outputs are not combined"
@@ -183,19 +187,21 @@ def plan(
         if combination.members_output is not None:
             stacked_shape = None if shape is None else (shape[0], len(signatures), *shape[1:])
             outputs.append(TensorSpec(name=combination.members_output, datatype=output.datatype, shape=stacked_shape))
-    if rules:
-        raise FusionError(f"--combine names output(s) {sorted(rules)} that the members do not all have")
+    for name in rules:
+        reason = left_out.get(name, "not an output of the members")
+        raise FusionError(f"--combine {name}={rules[name]}: that output cannot be combined: {reason}")
     if not combinations:
         raise FusionError(f"the members have no output in common that can be combined: {left_out}")
-    clash = {c.members_output for c in combinations} & {o.name for o in first.outputs}
+    clash = {c.members_output for c in combinations} & {t.name for t in (*first.outputs, *first.inputs)}
     if clash - {None}:
         raise FusionError(f"the members already have output(s) {sorted(clash - {None})}: rename them")
     return Plan(Signature(inputs=inputs, outputs=tuple(outputs)), tuple(combinations), left_out)
 
 
 def _opsets(models: Sequence[onnx.ModelProto]) -> dict[str, int]:
-    """Each domain's highest opset among the members (the default domain under "")."""
-    opsets: dict[str, int] = {}
+    """Each domain's highest opset among the members (the default domain under "", which the head needs even
+    when no member imports it)."""
+    opsets: dict[str, int] = {"": HEAD_MIN_OPSET}
     for model in models:
         for entry in model.opset_import:
             domain = "" if entry.domain in DEFAULT_DOMAINS else entry.domain
@@ -206,7 +212,7 @@ def _opsets(models: Sequence[onnx.ModelProto]) -> dict[str, int]:
 def _harmonised(model: onnx.ModelProto, opsets: Mapping[str, int], ir_version: int, prefix: str) -> onnx.ModelProto:
     """A prefixed copy at the common opsets and IR version, without metadata (the ensemble writes its own)."""
     own = {("" if e.domain in DEFAULT_DOMAINS else e.domain): e.version for e in model.opset_import}
-    if own.get("", opsets[""]) != opsets[""]:
+    if "" in own and own[""] != opsets[""]:
         model = version_converter.convert_version(model, opsets[""])
     else:
         model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -224,8 +230,12 @@ def _value_info(spec: TensorSpec, name: str | None = None) -> onnx.ValueInfoProt
     return helper.make_tensor_value_info(name or spec.name, elem, shape)
 
 
+HEAD = "ensemble_head/"  # the head's own tensors, apart from any member's (members are prefixed m0_, m1_, ...)
+
+
 class _Head:
-    """Nodes and constants of the graph that combines the members' outputs, written for one opset."""
+    """Nodes and constants of the graph that combines the members' outputs, written for one opset. Every tensor
+    it makes but the ensemble's outputs is named under HEAD."""
 
     def __init__(self, opset: int) -> None:
         self.opset = opset
@@ -233,39 +243,54 @@ class _Head:
         self.constants: list[TensorProto] = []
 
     def constant(self, name: str, value: np.ndarray) -> str:
-        self.constants.append(numpy_helper.from_array(value, name))
-        return name
+        self.constants.append(numpy_helper.from_array(value, HEAD + name))
+        return HEAD + name
 
-    def node(self, op: str, inputs: Sequence[str], output: str, **attributes: object) -> str:
-        self.nodes.append(helper.make_node(op, list(inputs), [output], name=f"{op}_{output}", **attributes))
+    def node(self, op: str, inputs: Sequence[str], output: str, *, final: bool = False, **attributes: object) -> str:
+        """`output` is a name under HEAD unless `final` (an output of the ensemble)."""
+        output = output if final else HEAD + output
+        self.nodes.append(helper.make_node(op, list(inputs), [output], name=f"{HEAD}{op}_{output}", **attributes))
         return output
 
-    def with_axes(self, op: str, x: str, output: str, axes: Sequence[int], since: int, **attributes: object) -> str:
+    def with_axes(
+        self,
+        op: str,
+        x: str,
+        output: str,
+        axes: Sequence[int],
+        since: int,
+        *,
+        final: bool = False,
+        **attributes: object,
+    ) -> str:
         """An op whose axes became an input at opset `since` (Unsqueeze, ReduceSum: 13; ReduceMax, ReduceMin: 18)."""
         if self.opset >= since:
             axes_name = self.constant(f"{output}_axes", np.asarray(axes, np.int64))
-            return self.node(op, [x, axes_name], output, **attributes)
-        return self.node(op, [x], output, axes=list(axes), **attributes)
+            return self.node(op, [x, axes_name], output, final=final, **attributes)
+        return self.node(op, [x], output, final=final, axes=list(axes), **attributes)
 
-    def stack(self, outputs: Sequence[str], name: str) -> str:
+    def stack(self, outputs: Sequence[str], name: str, *, final: bool = False) -> str:
         """[N, ...] x M -> [N, M, ...]."""
         expanded = [self.with_axes("Unsqueeze", o, f"{o}_expanded", [1], since=13) for o in outputs]
-        return self.node("Concat", expanded, name, axis=1)
+        return self.node("Concat", expanded, name, final=final, axis=1)
 
     def mean(self, outputs: Sequence[str], name: str, weights: np.ndarray | None, dtype: np.dtype) -> str:
         """The (weighted) mean; ONNX Runtime's CPU Mean has no FP64 kernel, so FP64 is a weighted sum too."""
         if weights is None and dtype != np.float64:
-            return self.node("Mean", outputs, name)
+            return self.node("Mean", outputs, name, final=True)
         if weights is None:
             weights = np.full(len(outputs), 1 / len(outputs))
         weighted = [
             self.node("Mul", [o, self.constant(f"{o}_weight", np.asarray(w, dtype))], f"{o}_weighted")
             for o, w in zip(outputs, weights, strict=True)
         ]
-        return self.node("Sum", weighted, name)
+        return self.node("Sum", weighted, name, final=True)
 
-    def vote(self, stacked: str, name: str, weights: np.ndarray, rank: int, dtype: np.dtype) -> str:
-        """ensemble_contract.combine.majority_vote, as graph: stacked [N, M, ...] -> [N, ...]."""
+    def vote(self, outputs: Sequence[str], name: str, weights: np.ndarray, rank: int, dtype: np.dtype) -> str:
+        """ensemble_contract.combine.majority_vote, as graph: M x [N, ...] -> [N, ...]. Votes are counted on
+        INT64 (the one integer type every op here takes at every opset) and cast back."""
+        as_int64 = [self.node("Cast", [o], f"{o}_int64", to=TensorProto.INT64) for o in outputs]
+        stacked = self.stack(as_int64, f"{name}_stacked")
         rows = self.with_axes("Unsqueeze", stacked, f"{name}_rows", [2], since=13)
         columns = self.with_axes("Unsqueeze", stacked, f"{name}_columns", [1], since=13)
         agree = self.node(
@@ -275,13 +300,33 @@ class _Head:
         votes = self.node("Mul", [agree, self.constant(f"{name}_weights", shaped)], f"{name}_votes")
         counts = self.with_axes("ReduceSum", votes, f"{name}_counts", [2], since=13, keepdims=0)
         best = self.with_axes("ReduceMax", counts, f"{name}_best", [1], since=18, keepdims=1)
-        bar = self.node(
-            "Sub", [best, self.constant(f"{name}_tolerance", np.float32(VOTE_TIE_TOLERANCE))], f"{name}_bar"
-        )
-        losers = self.node("Less", [counts, bar], f"{name}_losers")
-        largest = self.constant(f"{name}_largest", np.asarray(np.iinfo(dtype).max, dtype))
+        tolerance = self.constant(f"{name}_tolerance", np.float32(VOTE_TIE_TOLERANCE))
+        losers = self.node("Less", [counts, self.node("Sub", [best, tolerance], f"{name}_bar")], f"{name}_losers")
+        largest = self.constant(f"{name}_largest", np.asarray(np.iinfo(np.int64).max, np.int64))
         candidates = self.node("Where", [losers, largest, stacked], f"{name}_candidates")
-        return self.with_axes("ReduceMin", candidates, name, [1], since=18, keepdims=0)
+        winner = self.with_axes("ReduceMin", candidates, f"{name}_winner", [1], since=18, keepdims=0)
+        return self.node("Cast", [winner], name, final=True, to=helper.np_dtype_to_tensor_dtype(dtype))
+
+
+def _checked(model: onnx.ModelProto, members: Sequence[onnx.ModelProto], names: Sequence[str]) -> onnx.ModelProto:
+    """The fused model if it passes the ONNX checker; FusionError saying why (and which imports differ) if not."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # the checker's ValidationError, shape inference's InferenceError
+        versions = {
+            (name, e.domain, e.version) for model, name in zip(members, names, strict=True) for e in model.opset_import
+        }
+        differing = sorted(
+            {d for _, d, _ in versions if len({v for _, d2, v in versions if d2 == d}) > 1} - set(DEFAULT_DOMAINS)
+        )
+        hint = (
+            f"; the members import {', '.join(differing)} at different versions: re-export them at one version "
+            "(skl2onnx: target_opset={'ai.onnx.ml': N})"
+            if differing
+            else ""
+        )
+        raise FusionError(f"the fused graph fails the ONNX checker: {str(exc).splitlines()[0]}{hint}") from None
+    return model
 
 
 def fuse(
@@ -318,10 +363,6 @@ def fuse(
         [_value_info(i) for i in inputs],
         [_value_info(i, p + i.name) for p in prefixes for i in inputs],
     )
-    fused = graph_model(front)
-    for member, prefix in zip(prefixed, prefixes, strict=True):
-        fused = compose.merge_models(fused, member, io_map=[(prefix + i.name, prefix + i.name) for i in inputs])
-
     head = _Head(opsets[""])
     head_inputs = []
     for combination in fusion.combine:
@@ -332,22 +373,24 @@ def fuse(
         if combination.rule is Rule.MEAN:
             head.mean(per_member, spec.name, normalised, spec.dtype)
             if combination.members_output is not None:
-                head.stack(per_member, combination.members_output)
+                head.stack(per_member, combination.members_output, final=True)
         else:
-            stacked = head.stack(per_member, f"{spec.name}_stacked")
-            head.vote(stacked, spec.name, normalised_weights(weights, len(members)), len(spec.shape or ()), spec.dtype)
+            head.vote(
+                per_member, spec.name, normalised_weights(weights, len(members)), len(spec.shape or ()), spec.dtype
+            )
     head_graph = helper.make_graph(
-        head.nodes,
-        "ensemble_head",
-        head_inputs,
-        [_value_info(o) for o in fusion.signature.outputs],
-        initializer=head.constants,
+        head.nodes, "ensemble_head", head_inputs, [_value_info(o) for o in fusion.signature.outputs], head.constants
     )
-    fused = compose.merge_models(fused, graph_model(head_graph), io_map=[(v.name, v.name) for v in head_inputs])
+    try:
+        fused = graph_model(front)
+        for member, prefix in zip(prefixed, prefixes, strict=True):
+            fused = compose.merge_models(fused, member, io_map=[(prefix + i.name, prefix + i.name) for i in inputs])
+        fused = compose.merge_models(fused, graph_model(head_graph), io_map=[(v.name, v.name) for v in head_inputs])
+    except ValueError as exc:  # onnx.compose's checks: overlapping names, opset clashes
+        raise FusionError(f"the members cannot be merged: {exc}") from None
     # Member outputs that are not combined stay internal.
     kept = set(fusion.signature.output_names)
     for output in [o for o in fused.graph.output if o.name not in kept]:
         fused.graph.output.remove(output)
     fused.graph.name = "ensemble"
-    onnx.checker.check_model(fused, full_check=True)
-    return fused
+    return _checked(fused, members, names)

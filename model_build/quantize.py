@@ -24,12 +24,12 @@ from onnxruntime.quantization import (
 
 
 class _RowsReader(CalibrationDataReader):
-    """Feeds calibration inputs one row at a time, as batch-1 inputs."""
+    """Feeds calibration inputs `batch` rows at a time (whole batches only)."""
 
-    def __init__(self, feeds: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, feeds: Mapping[str, np.ndarray], batch: int) -> None:
         rows = len(next(iter(feeds.values())))
         self._rows: Iterator[dict[str, np.ndarray]] = iter(
-            {name: array[i : i + 1] for name, array in feeds.items()} for i in range(rows)
+            {name: array[i : i + batch] for name, array in feeds.items()} for i in range(0, rows - batch + 1, batch)
         )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -53,13 +53,13 @@ def _prepared(fp32: Path, work: Path) -> Path:
     return prepared
 
 
-def quantize_static_int8(fp32: Path, target: Path, calibration: Mapping[str, np.ndarray]) -> Path:
+def quantize_static_int8(fp32: Path, target: Path, calibration: Mapping[str, np.ndarray], batch: int = 1) -> Path:
     """Per-channel int8 weights, uint8 activations, QDQ format, calibrated on the rows of `calibration`."""
     with tempfile.TemporaryDirectory() as work:
         quantize_static(
             _prepared(fp32, Path(work)),
             target,
-            _RowsReader(calibration),
+            _RowsReader(calibration, batch),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,

@@ -4,6 +4,7 @@ directory the service serves in every mode (layout: ensemble_contract.manifest).
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ import onnx
 from pydantic import ValidationError
 
 from ensemble_contract.combine import Rule, normalised_weights
-from ensemble_contract.manifest import MEMBERS_DIR, FileEntry, ImageSpec, ImageTask, Manifest, Member
+from ensemble_contract.manifest import MANIFEST_NAME, MEMBERS_DIR, FileEntry, ImageSpec, ImageTask, Manifest, Member
 from ensemble_contract.signature import DYNAMIC, Signature, generated_inputs
 from model_build.config import MAX_ACCURACY_LOSS
 from model_build.directory import log, versions, write_ensemble, write_int8
@@ -116,8 +117,41 @@ def uses_external_data_anywhere(path: Path) -> bool:
     )
 
 
+def _check_batch(signature: Signature) -> int:
+    """Rows per check run: the inputs' static batch size when they have one (many exports fix it at 1)."""
+    first = {t.shape[0] for t in signature.inputs if t.shape}
+    return first.pop() if len(first) == 1 and DYNAMIC not in first else CHECK_ROWS
+
+
+def _image_outputs_fit(image: ImageSpec, signature: Signature) -> None:
+    """FusionError unless the label names match the scores output and the mask classes the mask output."""
+    for name, axis, names, option in (
+        (image.scores_output, -1, image.labels, "--labels"),
+        (image.mask_output, 1, image.mask_classes, "--mask-classes"),
+    ):
+        spec = signature.output(name) if name else None
+        if spec is not None and spec.shape and len(spec.shape) > abs(axis):
+            classes = spec.shape[axis]
+            if classes != DYNAMIC and classes != len(names):
+                raise FusionError(f"output {name!r} gives {classes} classes; {option} names {len(names)}")
+
+
+def _probabilities_or_logits(path: Path, image: ImageSpec, feeds: Mapping[str, np.ndarray], batch: int) -> None:
+    """FusionError when scores said to be probabilities fall outside [0, 1] (they are logits, most likely)."""
+    if image.scores_output is None or image.scores == "logits":
+        return
+    scores = run_in_batches(cpu_session(path), feeds, [image.scores_output], batch)[image.scores_output]
+    if not np.isfinite(scores).all() or scores.min() < -1e-6 or scores.max() > 1 + 1e-6:
+        raise FusionError(
+            f"output {image.scores_output!r} has values outside [0, 1] ({scores.min():.3g} to {scores.max():.3g}): "
+            "if they are logits, give --scores logits"
+        )
+
+
 def fuse_files(request: FuseRequest) -> Manifest:
-    """Fuses, checks and writes the user's members; FusionError for anything that cannot be fused, before any work."""
+    """Fuses, checks and writes the user's members. Everything that can be checked before any work is, with a
+    FusionError naming the member, tensor and fix; the directory is written beside OUT and moved into place only
+    when complete, so a failure leaves OUT as it was."""
     paths = list(request.members)
     if len(paths) < 2:
         raise FusionError("an ensemble needs at least two members")
@@ -143,6 +177,8 @@ def fuse_files(request: FuseRequest) -> Manifest:
         image = _image_spec(request.image, fusion)
     elif "image" in metadata:  # members our build made describe themselves
         image = ImageSpec.model_validate_json(metadata["image"])
+    if image is not None:
+        _image_outputs_fit(image, fusion.signature)
     input_names = [t.name for t in fusion.signature.inputs]
     calibration = (
         _typed(_npz(request.calibration, input_names, "--calibration"), fusion.signature)
@@ -161,41 +197,78 @@ def fuse_files(request: FuseRequest) -> Manifest:
     if request.evaluation and not request.calibration:
         raise FusionError("--eval judges the int8 graph: give --calibration too")
 
-    request.out.mkdir(parents=True, exist_ok=True)
-    members_dir = request.out / MEMBERS_DIR
-    members_dir.mkdir(exist_ok=True)
+    request.out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{request.out.name}.", dir=request.out.parent))
+    try:
+        manifest = _write(request, staging, paths, models, fusion, image, calibration, evaluation)
+        _replace(request.out, staging)
+    except FusionError:
+        raise
+    except Exception as exc:  # ONNX Runtime or onnx refusing what the checks above let through
+        raise FusionError(
+            f"fusing failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"wrote {request.out / MANIFEST_NAME}")
+    return manifest
+
+
+def _replace(out: Path, staging: Path) -> None:
+    """Moves the complete staging directory to OUT, replacing an earlier one."""
+    previous = out.with_name(f".{out.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if out.exists():
+        out.rename(previous)
+    staging.rename(out)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _write(
+    request: FuseRequest,
+    out: Path,
+    paths: Sequence[Path],
+    models: Sequence[onnx.ModelProto],
+    fusion: Plan,
+    image: ImageSpec | None,
+    calibration: Mapping[str, np.ndarray] | None,
+    evaluation: Mapping[str, np.ndarray] | None,
+) -> Manifest:
+    members_dir = out / MEMBERS_DIR
+    members_dir.mkdir()
     copies = [members_dir / f"{p.stem}.onnx" for p in paths]
     for source, model, copy in zip(paths, models, copies, strict=True):
-        if source.resolve() != copy.resolve():
-            if uses_external_data_anywhere(source):
-                onnx.save(model, copy)  # its external data, loaded, written inside the copy
-            else:
-                shutil.copyfile(source, copy)
-    sizes = None
-    if image is not None:
-        sizes = {image.input: (CHECK_ROWS, *image.shape)}
+        if uses_external_data_anywhere(source):
+            onnx.save(model, copy)  # its external data, loaded, written inside the copy
+        else:
+            shutil.copyfile(source, copy)
+    batch = _check_batch(fusion.signature)
     if calibration is not None:  # real inputs, when the user gave some
-        check = {name: array[:CHECK_ROWS] for name, array in calibration.items()}
+        check = {name: array[:batch] for name, array in calibration.items()}
     else:
-        check = generated_inputs(fusion.signature.inputs, CHECK_ROWS, sizes=sizes)
-    ensemble = write_ensemble(request.out, models, copies, fusion, request.weights, check)
+        sizes = {image.input: (batch, *image.shape)} if image is not None else None
+        check = generated_inputs(fusion.signature.inputs, batch, sizes=sizes)
+    ensemble = write_ensemble(out, models, copies, fusion, request.weights, check, batch)
+    if image is not None:
+        _probabilities_or_logits(out / ensemble.path, image, check, batch)
 
     scorer = None
     if evaluation is not None:
+        input_names = {t.name for t in fusion.signature.inputs}
         feeds = _typed(evaluation, fusion.signature)
         expected = {k: v for k, v in evaluation.items() if k not in input_names}
 
         def scorer(path: Path) -> dict[str, float]:
-            return _agreement(expected, run_in_batches(cpu_session(path), feeds, list(expected)))
+            return _agreement(expected, run_in_batches(cpu_session(path), feeds, list(expected), batch))
 
-    int8 = write_int8(request.out, calibration, scorer, request.max_accuracy_loss)
+    int8 = write_int8(out, calibration, scorer, request.max_accuracy_loss, batch)
     manifest = Manifest(
         name=request.name,
         signature=fusion.signature,
         combine=fusion.combine,
         weights=tuple(request.weights) if request.weights else None,
         image=image,
-        members=tuple(Member(name=c.stem, file=FileEntry.of(request.out, c)) for c in copies),
+        members=tuple(Member(name=c.stem, file=FileEntry.of(out, c)) for c in copies),
         ensemble=ensemble,
         int8=int8,
         opset=max(o.version for m in models for o in m.opset_import if o.domain in ("", "ai.onnx")),
@@ -207,7 +280,7 @@ def fuse_files(request: FuseRequest) -> Manifest:
             "eval": str(request.evaluation) if request.evaluation else None,
         },
     )
-    log(f"wrote {manifest.write(request.out)}")
+    manifest.write(out)
     return manifest
 
 

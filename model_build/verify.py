@@ -39,11 +39,13 @@ def check_fused_matches_members(
     combinations: Sequence[Combination],
     weights: Sequence[float] | None,
     feeds: Feeds,
+    batch: int = 64,
 ) -> float:
     """Returns the largest relative difference found; raises FusedMismatchError beyond the tolerance."""
-    member_outputs = [run_in_batches(cpu_session(m), feeds, [c.output for c in combinations]) for m in members]
+    names = [c.output for c in combinations]
+    member_outputs = [run_in_batches(cpu_session(m), feeds, names, batch) for m in members]
     expected = combine(member_outputs, combinations, weights)
-    got = run_in_batches(cpu_session(fused), feeds, list(expected))
+    got = run_in_batches(cpu_session(fused), feeds, list(expected), batch)
     votes = {c.output for c in combinations if c.rule is Rule.VOTE}
     worst = 0.0
     for name, value in expected.items():

@@ -16,6 +16,7 @@ from onnx import helper, numpy_helper
 
 from app.settings import Settings
 from ensemble_contract.combine import combine
+from ensemble_contract.datatypes import NUMPY
 from ensemble_contract.manifest import Manifest, load_manifest
 from ensemble_contract.modes import Mode
 from tests.support import VISION_LABELS as LABELS
@@ -214,7 +215,7 @@ def test_what_cannot_be_fused_is_refused_with_the_fix(tmp_path: Path) -> None:
         (tabular[0], vision_like): "differ from",
         (tabular[1], external): "put the data file beside the model",
         (tabular[0], tabular[1], "--combine", "label=mean"): "combine floating outputs by mean, integer ones by vote",
-        (tabular[0], tabular[1], "--weights", "1,2,3"): "one positive weight per member",
+        (tabular[0], tabular[1], "--weights", "1,2,3"): "one positive, finite weight per member",
     }
     for args, message in cases.items():
         result = fuse(*args, "--out", tmp_path / "out")
@@ -314,3 +315,91 @@ def test_every_common_datatype_goes_through_v2_in_every_mode(tmp_path: Path) -> 
         assert "must be booleans" in client.post("/v2/models/typed/infer", json=bools).json()["error"]
         too_big = body | {"inputs": [*body["inputs"][:3], {**body["inputs"][3], "data": [256] * 8}, body["inputs"][4]]}
         assert "out of UINT8's range" in client.post("/v2/models/typed/infer", json=too_big).json()["error"]
+
+
+def label_member(path: Path, datatype: int, shift: int) -> Path:
+    """Labels of an integer type: (ids + shift) % 3, cast; an intermediate named as the head's would be."""
+    T = onnx.TensorProto
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["ids", "shift"], ["label_weight"]),  # a name the head must not clash with
+            helper.make_node("Mod", ["label_weight", "three"], ["label_int64"]),
+            helper.make_node("Cast", ["label_int64"], ["label"], to=datatype),
+        ],
+        "labels",
+        [helper.make_tensor_value_info("ids", T.INT64, ["N"])],
+        [helper.make_tensor_value_info("label", datatype, ["N"])],
+        initializer=[
+            numpy_helper.from_array(np.asarray([shift], np.int64), "shift"),
+            numpy_helper.from_array(np.asarray([3], np.int64), "three"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+@pytest.mark.parametrize("datatype", ["INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "INT64", "UINT64"])
+def test_votes_of_every_integer_type_equal_the_reference(tmp_path: Path, datatype: str) -> None:
+    elem = helper.np_dtype_to_tensor_dtype(NUMPY[datatype])
+    members = [label_member(tmp_path / f"m{i}.onnx", elem, shift) for i, shift in enumerate((0, 0, 1, 2))]
+    result = fuse(*members, "--out", tmp_path / "out", "--weights", "1,1,1.5,1")
+    assert result.returncode == 0, result.stderr
+    manifest = load_manifest(tmp_path / "out")
+    feeds = {"ids": np.arange(12, dtype=np.int64)}
+    fused = ort.InferenceSession(tmp_path / "out" / manifest.ensemble.path, providers=["CPUExecutionProvider"])
+    got = fused.run(["label"], feeds)[0]
+    assert got.dtype == NUMPY[datatype]
+    np.testing.assert_array_equal(got, run_members(tmp_path / "out", manifest, feeds)["label"])
+
+
+def image_member(path: Path, seed: int, *, batch: int | str = 1, sigmoid: bool = True) -> Path:
+    """A tiny image classifier with a static batch of 1, as many exports have."""
+    T = onnx.TensorProto
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "dense"], ["logits" if sigmoid else "scores"]),
+    ]
+    if sigmoid:
+        nodes.append(helper.make_node("Sigmoid", ["logits"], ["scores"]))
+    weights = np.random.default_rng(seed).normal(size=(3, 3)).astype(np.float32) * 4
+    graph = helper.make_graph(
+        nodes,
+        "image_member",
+        [helper.make_tensor_value_info("image", T.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("scores", T.FLOAT, [batch, 3])],
+        initializer=[numpy_helper.from_array(weights, "dense")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_static_batch_image_members_fuse_and_answer_predict(tmp_path: Path) -> None:
+    members = [image_member(tmp_path / f"img{i}.onnx", seed=i) for i in range(2)]
+    result = fuse(*members, "--out", tmp_path / "out", "--task", "multilabel", "--labels", "a,b,c")
+    assert result.returncode == 0, result.stderr
+    with live_server(Settings(model_dir=tmp_path / "out")) as server, server.client() as client:
+        for mode in (Mode.FUSED, Mode.SEQUENTIAL, Mode.PARALLEL):
+            response = client.post("/predict", params={"mode": mode.value}, content=encode(picture(), "PNG"),
+                                   headers={"content-type": "image/png"})  # fmt: skip
+            assert response.status_code == 200, response.text
+            assert [label["name"] for label in response.json()["labels"]] == ["a", "b", "c"]
+
+
+def test_image_options_that_do_not_fit_the_outputs_are_refused_and_leave_out_as_it_was(tmp_path: Path) -> None:
+    good = [image_member(tmp_path / f"img{i}.onnx", seed=i) for i in range(2)]
+    out = tmp_path / "out"
+    assert fuse(*good, "--out", out, "--task", "multilabel", "--labels", "a,b,c").returncode == 0
+    before = (out / "manifest.json").read_bytes()
+    logits = [image_member(tmp_path / f"logit{i}.onnx", seed=i, sigmoid=False) for i in range(2)]
+    cases = {
+        (*good, "--task", "multilabel", "--labels", "a,b"): "output 'scores' gives 3 classes; --labels names 2",
+        (*logits, "--task", "multilabel", "--labels", "a,b,c"): "if they are logits, give --scores logits",
+        (*good, "--combine", "missing=mean"): "--combine missing=mean: that output cannot be combined",
+    }
+    for args, message in cases.items():
+        result = fuse(*args, "--out", out)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert (out / "manifest.json").read_bytes() == before
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left

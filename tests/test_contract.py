@@ -108,7 +108,7 @@ def test_majority_vote_and_its_tie_rule() -> None:
 
 
 def test_weights_must_be_one_positive_per_member() -> None:
-    with pytest.raises(ValueError, match="one positive weight per member"):
+    with pytest.raises(ValueError, match="one positive, finite weight per member"):
         combine(members({"p": [1.0]}, {"p": [2.0]}), [Combination(output="p", rule=Rule.MEAN)], weights=[1, 0])
 
 

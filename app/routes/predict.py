@@ -89,7 +89,9 @@ class Prediction(BaseModel):
     model: ModelRef
     mode: Mode = Field(description="The mode that ran this request.")
     threshold: float
-    labels: list[Label] = Field(description="Manifest order (multilabel), or most probable first (classify).")
+    labels: list[Label] = Field(
+        description="multilabel: manifest order; classify, or with ?top=K: the most probable first."
+    )
     members: list[MemberProbabilities] | None = Field(None, description="With ?members=true, for the same labels.")
     mask: Mask | None = Field(None, description="With ?mask=true.")
     timings_ms: TimingsMs

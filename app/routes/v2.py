@@ -85,28 +85,49 @@ def input_feeds(request: InferenceRequest, manifest: Manifest) -> dict[str, np.n
 
 
 def _array(tensor: InputTensor, spec: TensorSpec) -> np.ndarray:
+    """One input tensor as an array of the signature's type, or BadRequest saying what is wrong with it."""
     name = repr(tensor.name)
     if tensor.datatype != spec.datatype:
         raise BadRequest(f"input {name} must be {spec.datatype}, got {tensor.datatype}")
-    if any(d < 1 for d in tensor.shape) or not spec.fits(tensor.shape):
+    if any(d < 1 for d in tensor.shape):
+        raise BadRequest(f"input {name}: every dimension must be at least 1, got {tensor.shape}")
+    if not spec.fits(tensor.shape):
         raise BadRequest(f"input {name} must have shape {spec.dims} (-1: any size), got {tensor.shape}")
     try:
         raw = np.asarray(tensor.data)
-    except ValueError:
-        raw = np.asarray([], dtype=object)
-    dtype = NUMPY[spec.datatype]
-    accepted = "b" if dtype.kind == "b" else ("iub" if dtype.kind in "iu" else "iufb")
-    if raw.dtype.kind not in accepted:
-        kind = {"b": "booleans", "iub": "integers"}.get(accepted, "numbers")
-        raise BadRequest(f"input {name}: data must be {kind}, flat or nested in row-major order")
+    except ValueError:  # ragged nesting
+        raise BadRequest(f"input {name}: data must be flat or nested in row-major order") from None
     if raw.size != math.prod(tensor.shape):
         raise BadRequest(f"input {name}: shape {tensor.shape} needs {math.prod(tensor.shape)} elements, got {raw.size}")
-    if dtype.kind in "iu" and raw.size and (raw.min() < np.iinfo(dtype).min or raw.max() > np.iinfo(dtype).max):
-        raise BadRequest(f"input {name}: values out of {spec.datatype}'s range")
-    array = raw.astype(dtype).reshape(tensor.shape)
-    if is_floating(spec.datatype) and not np.isfinite(array).all():
+    dtype = NUMPY[spec.datatype]
+    if dtype.kind == "b":
+        _require(raw.dtype.kind == "b", name, "booleans")
+        return raw.reshape(tensor.shape)
+    if dtype.kind in "iu":
+        if raw.dtype.kind not in "iu":  # past int64 (UINT64's upper half) numpy guesses float or object
+            raw = np.asarray(tensor.data, dtype=object).ravel()
+            _require(all(type(v) is int for v in raw), name, "integers")
+        info = np.iinfo(dtype)
+        if raw.size and (int(raw.min()) < info.min or int(raw.max()) > info.max):
+            raise BadRequest(f"input {name}: values out of {spec.datatype}'s range [{info.min}, {info.max}]")
+        return np.asarray(raw.tolist() if raw.dtype == object else raw, dtype=dtype).reshape(tensor.shape)
+    if raw.dtype.kind == "O":  # integers past int64 among the numbers
+        raw = np.asarray(tensor.data, dtype=object).ravel()
+        _require(all(type(v) in (int, float) for v in raw), name, "numbers")
+        raw = raw.astype(np.float64)
+    _require(raw.dtype.kind in "iuf", name, "numbers")
+    if not np.isfinite(raw).all():
         raise BadRequest(f"input {name}: data must be finite (no NaN or infinity)")
+    with np.errstate(over="ignore"):  # overflow is reported below, as a 400
+        array = raw.astype(dtype).reshape(tensor.shape)
+    if is_floating(spec.datatype) and not np.isfinite(array).all():
+        raise BadRequest(f"input {name}: values out of {spec.datatype}'s range")
     return array
+
+
+def _require(condition: bool, name: str, kind: str) -> None:
+    if not condition:
+        raise BadRequest(f"input {name}: data must be {kind}, flat or nested in row-major order")
 
 
 def requested_mode(request: InferenceRequest) -> ModeChoice | None:
