@@ -11,17 +11,20 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 import numpy as np
 
 from app import imaging
 from app.admission import Admission
+from app.auto import AutoChoice
+from app.cpu import timed_cpu
 from app.errors import InferenceFailed, InferenceTimeout, NotAnImageModel, Overloaded, ServiceError
 from app.metrics import Metrics
 from app.modes import ModeSelector
 from app.priority import lower_thread_priority
-from app.runtime import EnsembleRuntime, Tensors
+from app.runtime import EnsembleRuntime, Measured, Tensors
 from app.settings import Settings, available_cores
 from app.stats import RecentLatencies
 from ensemble_contract.manifest import ImageSpec, Manifest
@@ -37,6 +40,7 @@ class Timings:
     queue_s: float
     inference_s: float
     total_s: float
+    cpu_s: float  # every thread's CPU time for this prediction
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class Inference:
     outputs: Tensors
     queue_s: float
     inference_s: float
+    cpu_s: float  # the inference's, all threads
 
 
 @dataclass(frozen=True)
@@ -59,13 +64,16 @@ class ImagePrediction:
 
 
 class DataPlane:
-    def __init__(self, settings: Settings, runtime: EnsembleRuntime, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, runtime: EnsembleRuntime, metrics: Metrics, auto: AutoChoice | None = None
+    ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.metrics = metrics
         self.manifest: Manifest = runtime.manifest
-        self.admission = Admission(settings.max_concurrent_inferences, settings.max_queue)
-        self.selector = ModeSelector(settings.default_mode, runtime.modes)
+        self.auto = auto
+        self.admission = Admission(runtime.slots, settings.max_queue, settings.max_queue_wait_ms / 1000)
+        self.selector = ModeSelector(settings.default_mode, runtime.modes, auto.mode if auto else None)
         self.recent = RecentLatencies(settings.stats_window_s, runtime.modes)
         # Decoding and mask encoding run off the event loop, a few at a time (they are CPU-bound too).
         self._image_pool = ThreadPoolExecutor(
@@ -82,14 +90,18 @@ class DataPlane:
         chosen = self.selector.pick(mode)
         with self._outcome(chosen), self.admission.ticket():
             start = time.perf_counter()
-            batch, decode_s, preprocess_s = await self._off_loop(self._decode_and_preprocess, data)
+            (batch, decode_s, preprocess_s), decode_cpu_s = await self._off_loop(
+                timed_cpu, partial(self._decode_and_preprocess, data)
+            )
             self.metrics.decode_seconds.observe(decode_s)
             self.metrics.preprocess_seconds.observe(preprocess_s)
             inference = await self._infer(batch, chosen)
-        mask_png = None
+        mask_png, mask_cpu_s = None, 0.0
         if with_mask and image.mask_output is not None:
-            mask_png = await self._off_loop(self._mask_png, inference.outputs[image.mask_output][0])
-        self._record(inference, arrived)
+            mask = inference.outputs[image.mask_output][0]
+            mask_png, mask_cpu_s = await self._off_loop(timed_cpu, partial(self._mask_png, mask))
+        cpu_s = decode_cpu_s + inference.cpu_s + mask_cpu_s
+        self._record(inference, arrived, cpu_s)
         scores, member_scores = None, None
         if image.scores_output is not None:
             if not np.isfinite(inference.outputs[image.scores_output]).all():
@@ -102,7 +114,9 @@ class DataPlane:
             scores,
             member_scores,
             mask_png,
-            Timings(decode_s, preprocess_s, inference.queue_s, inference.inference_s, time.perf_counter() - start),
+            Timings(
+                decode_s, preprocess_s, inference.queue_s, inference.inference_s, time.perf_counter() - start, cpu_s
+            ),
         )
 
     def image_spec(self) -> ImageSpec:
@@ -123,7 +137,7 @@ class DataPlane:
         chosen = self.selector.pick(mode)
         with self._outcome(chosen), self.admission.ticket():
             inference = await self._infer(feeds, chosen)
-        self._record(inference, arrived)
+        self._record(inference, arrived, inference.cpu_s)
         return inference
 
     async def _infer(self, feeds: Tensors, mode: Mode) -> Inference:
@@ -135,8 +149,8 @@ class DataPlane:
             raise
         except Exception as exc:  # ONNX Runtime's own error types: a JSON 500 naming the request id, cause in the log
             raise InferenceFailed(f"the {mode} inference failed") from exc
-        outputs, inference_s = admitted.value
-        return Inference(mode, outputs, admitted.waited_s, inference_s)
+        measured, inference_s = admitted.value
+        return Inference(mode, measured.outputs, admitted.waited_s, inference_s, measured.cpu_s)
 
     @contextmanager
     def _outcome(self, mode: Mode) -> Iterator[None]:
@@ -153,13 +167,14 @@ class DataPlane:
             self.metrics.predictions.labels(mode, outcome).inc()
             raise
 
-    def _record(self, inference: Inference, arrived: float) -> None:
+    def _record(self, inference: Inference, arrived: float, cpu_s: float) -> None:
         mode, request_s = inference.mode, time.perf_counter() - arrived
+        self.metrics.cpu_seconds.labels(mode).observe(cpu_s)
         self.metrics.predictions.labels(mode, "ok").inc()
         self.metrics.slot_wait_seconds.labels(mode).observe(inference.queue_s)
         self.metrics.inference_seconds.labels(mode).observe(inference.inference_s)
         self.metrics.request_seconds.labels(mode).observe(request_s)
-        self.recent.record(mode, request_s, inference.inference_s)
+        self.recent.record(mode, request_s, inference.inference_s, cpu_s)
 
     def drain(self) -> None:
         """The server is stopping: readiness turns false and requests that arrive from now on are refused with
@@ -180,10 +195,10 @@ class DataPlane:
     async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._image_pool, function, *args)
 
-    def _timed_inference(self, feeds: Tensors, mode: Mode) -> tuple[Tensors, float]:
+    def _timed_inference(self, feeds: Tensors, mode: Mode) -> tuple[Measured, float]:
         start = time.perf_counter()
-        outputs = self.runtime.infer(feeds, mode)
-        return outputs, time.perf_counter() - start
+        measured = self.runtime.infer_measured(feeds, mode)
+        return measured, time.perf_counter() - start
 
     def _decode_and_preprocess(self, data: bytes) -> tuple[Tensors, float, float]:
         spec = self.image_spec()

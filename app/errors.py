@@ -8,6 +8,7 @@ never the internals: the traceback goes to the log under that id.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -103,10 +104,13 @@ class NotReady(ServiceError):
 
 
 class Overloaded(ServiceError):
+    """503 with Retry-After: the expected wait, in whole seconds, at least RETRY_AFTER_S."""
+
     status, code = 503, "overloaded"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Retry-After": str(RETRY_AFTER_S)})
+    def __init__(self, message: str, *, retry_after_s: float = RETRY_AFTER_S, close: bool = False) -> None:
+        headers = {"Retry-After": str(max(RETRY_AFTER_S, math.ceil(retry_after_s)))}
+        super().__init__(message, headers=headers | (CLOSE if close else {}))
 
 
 class InferenceTimeout(ServiceError):

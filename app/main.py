@@ -10,16 +10,17 @@ import anyio.to_thread
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from app.auto import AutoChoice, choose
 from app.dataplane import DataPlane
 from app.errors import install_error_handlers
 from app.metrics import Metrics
-from app.middleware import BodyLimits, CORSFromSettings, QuietStartupFailure, RequestContext
+from app.middleware import BodyLimits, CORSFromSettings, EarlyRefusal, QuietStartupFailure, RequestContext
 from app.ops import OpsServer
 from app.priority import lower_thread_priority
 from app.routes import health, monitoring, predict, ui, v2
 from app.runtime import EnsembleRuntime
 from app.settings import Settings
-from ensemble_contract.modes import describe_modes
+from ensemble_contract.modes import AUTO, describe_modes
 
 logger = logging.getLogger("app")
 
@@ -30,9 +31,12 @@ and lets you compare them live. Modes: {describe_modes()}. Choose per request wi
 """
 
 
-def _load_at_worker_priority(settings: Settings) -> EnsembleRuntime:
+def _load_at_worker_priority(settings: Settings) -> tuple[EnsembleRuntime, AutoChoice | None]:
+    """The runtime (with DEFAULT_MODE=auto: the layout measured fastest, and the measurement)."""
     lower_thread_priority()  # ONNX Runtime's pool threads, which the sessions start here, inherit it
-    return EnsembleRuntime.load(settings)
+    if settings.default_mode == AUTO:
+        return choose(settings)
+    return EnsembleRuntime.load(settings), None
 
 
 def create_app(settings: Settings | None = None, *, registry: CollectorRegistry | None = None) -> FastAPI:
@@ -42,9 +46,11 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or Settings.from_env()
-        runtime = await anyio.to_thread.run_sync(_load_at_worker_priority, resolved)
-        dataplane = DataPlane(resolved, runtime, metrics)
-        metrics.describe_model(runtime, resolved.max_concurrent_inferences)
+        runtime, auto = await anyio.to_thread.run_sync(_load_at_worker_priority, resolved)
+        dataplane = DataPlane(resolved, runtime, metrics, auto)
+        metrics.describe_model(runtime, runtime.slots, auto)
+        if auto is not None:
+            logger.info("auto: %s in layout %s (slots x threads): %s", auto.mode, auto.layout, auto.reason)
         app.state.settings, app.state.dataplane = resolved, dataplane
         manifest = runtime.manifest
         logger.info(
@@ -72,6 +78,7 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     for router in (predict.router, v2.router, health.router, monitoring.router, ui.router):
         app.include_router(router)
     # The last one added is the outermost.
+    app.add_middleware(EarlyRefusal, metrics=metrics)
     app.add_middleware(BodyLimits)
     app.add_middleware(CORSFromSettings)
     app.add_middleware(RequestContext, metrics=metrics)

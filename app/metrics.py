@@ -14,6 +14,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from app.auto import AutoChoice
 from app.runtime import EnsembleRuntime
 
 PREFIX = "ensemble"
@@ -40,6 +41,12 @@ class Metrics:
         self.inference_seconds = Histogram(
             f"{PREFIX}_inference_seconds", "ONNX Runtime time of one inference, all members.", **mode_histogram
         )
+        self.cpu_seconds = Histogram(
+            f"{PREFIX}_cpu_seconds",
+            "CPU seconds of a successful prediction: the threads that decoded, preprocessed and ran it, ONNX "
+            "Runtime's pools included (their spinning too).",
+            **mode_histogram,
+        )
         self.slot_wait_seconds = Histogram(
             f"{PREFIX}_inference_slot_wait_seconds", "Time waiting for a free inference slot.", **mode_histogram
         )
@@ -61,6 +68,17 @@ class Metrics:
             ["route", "method", "status"],
             registry=registry,
         )
+        self.early_refusals = Counter(
+            f"{PREFIX}_early_refusals",
+            "Inference requests refused with 503 as their headers arrived (overload), before any parsing.",
+            registry=registry,
+        )
+        self.auto_choice = Gauge(
+            f"{PREFIX}_auto_choice",
+            "DEFAULT_MODE=auto: 1 for the mode and layout (slots x threads) chosen at start-up, 0 for the others.",
+            ["mode", "layout"],
+            registry=registry,
+        )
         self.in_flight = Gauge(f"{PREFIX}_http_requests_in_flight", "HTTP requests being served.", registry=registry)
         self.model = Info(
             f"{PREFIX}_model", "The model served and the session options of each mode.", registry=registry
@@ -75,11 +93,11 @@ class Metrics:
         GCCollector(registry=registry)
         return cls(registry)
 
-    def describe_model(self, runtime: EnsembleRuntime, max_concurrent_inferences: int) -> None:
-        """The model's info, and every served mode's series, at zero from the start."""
+    def describe_model(self, runtime: EnsembleRuntime, inference_slots: int, auto: AutoChoice | None = None) -> None:
+        """The model's info, every served mode's series at zero from the start, and auto's choice."""
         manifest = runtime.manifest
         for mode in runtime.modes:
-            for histogram in (self.request_seconds, self.inference_seconds, self.slot_wait_seconds):
+            for histogram in (self.request_seconds, self.inference_seconds, self.slot_wait_seconds, self.cpu_seconds):
                 histogram.labels(mode)
             for outcome in OUTCOMES:
                 self.predictions.labels(mode, outcome)
@@ -88,7 +106,11 @@ class Metrics:
                 "name": manifest.name,
                 "sha256": manifest.ensemble.sha256,
                 "members": ",".join(member.name for member in manifest.members),
-                "max_concurrent_inferences": str(max_concurrent_inferences),
+                "inference_slots": str(inference_slots),
                 **{f"{mode.replace('-', '_')}_session": plan.describe() for mode, plan in runtime.plans.items()},
             }
         )
+        if auto is not None:
+            for candidate in auto.candidates:
+                chosen = (candidate.mode, candidate.layout) == (auto.mode, auto.layout)
+                self.auto_choice.labels(candidate.mode, candidate.layout).set(1 if chosen else 0)

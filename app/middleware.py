@@ -14,7 +14,15 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import CLOSE, BodyTimeout, PayloadTooLarge, StartupError, error_response, internal_message
+from app.errors import (
+    CLOSE,
+    BodyTimeout,
+    PayloadTooLarge,
+    ServiceError,
+    StartupError,
+    error_response,
+    internal_message,
+)
 from app.metrics import Metrics
 from app.settings import Settings
 
@@ -117,6 +125,42 @@ class BodyLimits:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+INFERENCE_PATH = re.compile(r"/predict|/v2/models/[^/]+/infer")
+
+
+class EarlyRefusal:
+    """Refuses an inference request with 503 and Retry-After as soon as its headers arrive, when admission
+    control would refuse it anyway (queue full, or its expected wait over MAX_QUEUE_WAIT_MS), so that refusing
+    costs no decoding or parsing: under overload the cores stay with the inferences.
+
+    The body is read and dropped before the answer (within the body limits, which BodyLimits, outside this
+    one, enforces): uvicorn closes a connection as soon as its answer is sent, and a close with the client still
+    uploading would reset the connection under the client's feet instead of answering it.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        dataplane = getattr(scope["app"].state, "dataplane", None) if scope["type"] == "http" else None
+        refused = None
+        if dataplane is not None and scope["method"] == "POST" and INFERENCE_PATH.fullmatch(scope["path"]):
+            refused = dataplane.admission.refusal()
+        if refused is None:
+            await self.app(scope, receive, send)
+            return
+        self.metrics.early_refusals.inc()
+        try:
+            while (message := await receive())["type"] == "http.request" and message.get("more_body", False):
+                pass
+        except ServiceError as exc:  # the body broke its limits while we dropped it: say so instead
+            refused = exc
+        closing = refused.headers | CLOSE
+        response = error_response(Request(scope), refused.status, refused.code, refused.message, closing)
+        await response(scope, receive, send)
 
 
 class CORSFromSettings:

@@ -8,6 +8,7 @@ have their own member sessions, because their thread budgets differ (parallel: t
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from app.cpu import new_threads, threads_cpu_seconds, timed_cpu
 from app.errors import StartupError
 from app.priority import lower_thread_priority
 from app.settings import Settings
@@ -60,23 +62,51 @@ def thread_plans(settings: Settings, members: int, modes: Sequence[Mode]) -> dic
     }
 
 
+@dataclass
+class SessionSet:
+    """The sessions one inference slot runs: one per graph mode, the members' per member mode, and the threads
+    of their ONNX Runtime pools (none when every session runs on its caller's thread)."""
+
+    graphs: dict[Mode, ort.InferenceSession]
+    members: dict[Mode, list[ort.InferenceSession]]
+    pool_threads: frozenset[int] = frozenset()
+    _pool_cpu_charged: float = 0.0
+
+    def charge_pool_cpu(self) -> float:
+        """CPU seconds the pools ran since the last charge, spinning included. Only one slot uses a set that has
+        pools, so the charge goes to that slot's request."""
+        if not self.pool_threads:
+            return 0.0
+        total = threads_cpu_seconds(self.pool_threads)
+        charged, self._pool_cpu_charged = total - self._pool_cpu_charged, total
+        return charged
+
+
+@dataclass(frozen=True)
+class Measured:
+    outputs: Tensors
+    cpu_s: float  # CPU seconds of every thread that ran the inference
+
+
 class EnsembleRuntime:
-    """Owns the sessions; `infer` runs one batch in the mode asked for. Thread-safe."""
+    """Owns the sessions; `infer` runs one batch in the mode asked for. Thread-safe, for up to `slots` callers
+    at once (the admission control's inference slots): each takes a session set for the length of its call.
+    Slots get sets of their own when a mode's sessions use several threads (a session's intra-op pool is one,
+    whatever calls it); with one thread a session runs on its caller's thread and every slot shares one set."""
 
     def __init__(
-        self,
-        manifest: Manifest,
-        graphs: Mapping[Mode, ort.InferenceSession],
-        members: Mapping[Mode, Sequence[ort.InferenceSession]],
-        plans: Mapping[Mode, ThreadPlan],
+        self, manifest: Manifest, session_sets: Sequence[SessionSet], plans: Mapping[Mode, ThreadPlan], slots: int
     ) -> None:
         self.manifest = manifest
         self.plans = dict(plans)
+        self.slots = slots
         self.modes = served_modes(manifest)
-        self._graphs = dict(graphs)
-        self._members = dict(members)
+        self.session_sets = tuple(session_sets)
+        self._free: queue.SimpleQueue[SessionSet] = queue.SimpleQueue()
+        for slot in range(slots):
+            self._free.put(self.session_sets[slot % len(self.session_sets)])
         self._member_pool = ThreadPoolExecutor(
-            len(manifest.members), thread_name_prefix="member", initializer=lower_thread_priority
+            len(manifest.members) * slots, thread_name_prefix="member", initializer=lower_thread_priority
         )
 
     @classmethod
@@ -91,49 +121,75 @@ class EnsembleRuntime:
         plans = thread_plans(settings, len(manifest.members), modes)
         graph_tensors = (*manifest.signature.inputs, *manifest.signature.outputs)
         member_tensors = (*manifest.signature.inputs, *(manifest.signature.output(n) for n in manifest.member_outputs))
-        graphs, members = {}, {}
-        for mode in modes:
-            spec = MODES[mode]
-            if spec.runs is Runs.GRAPH:
-                file = spec.graph_file(manifest)
-                assert file is not None  # served_modes keeps only the graphs the directory has
-                graphs[mode] = _open(root / file.path, plans[mode], graph_tensors)
-            else:
-                members[mode] = [_open(root / m.file.path, plans[mode], member_tensors) for m in manifest.members]
-        runtime = cls(manifest, graphs, members, plans)
+
+        def sessions() -> SessionSet:
+            graphs, members = {}, {}
+            for mode in modes:
+                spec = MODES[mode]
+                if spec.runs is Runs.GRAPH:
+                    file = spec.graph_file(manifest)
+                    assert file is not None  # served_modes keeps only the graphs the directory has
+                    graphs[mode] = _open(root / file.path, plans[mode], graph_tensors)
+                else:
+                    members[mode] = [_open(root / m.file.path, plans[mode], member_tensors) for m in manifest.members]
+            return SessionSet(graphs, members)
+
+        def session_set() -> SessionSet:
+            opened, threads = new_threads(sessions)
+            opened.pool_threads = threads
+            return opened
+
+        slots = settings.inference_slots
+        shared = all(plan.intra_op_threads == 1 for plan in plans.values())
+        runtime = cls(manifest, [session_set() for _ in range(1 if shared else slots)], plans, slots)
         runtime.warm_up()
         return runtime
 
     def infer(self, feeds: Mapping[str, np.ndarray], mode: Mode) -> Tensors:
         """Every output of the fused graph, by name, computed in `mode`."""
-        if mode in self._graphs:
-            session = self._graphs[mode]
-            return dict(zip(self.manifest.signature.output_names, session.run(self._output_names, feeds), strict=True))
+        return self.infer_measured(feeds, mode).outputs
+
+    def infer_measured(self, feeds: Mapping[str, np.ndarray], mode: Mode) -> Measured:
+        """`infer`, with the CPU seconds it cost: the calling thread's, the member threads' (parallel) and the
+        session set's pools'."""
+        sessions = self._free.get()
+        try:
+            (outputs, member_threads_s), caller_s = timed_cpu(lambda: self._run(sessions, feeds, mode))
+            return Measured(outputs, caller_s + member_threads_s + sessions.charge_pool_cpu())
+        finally:
+            self._free.put(sessions)
+
+    def _run(self, sessions: SessionSet, feeds: Mapping[str, np.ndarray], mode: Mode) -> tuple[Tensors, float]:
+        """The outputs, and the CPU seconds spent in member threads (parallel mode; otherwise the caller's)."""
+        if mode in sessions.graphs:
+            names = list(self.manifest.signature.output_names)
+            return dict(zip(names, sessions.graphs[mode].run(names, feeds), strict=True)), 0.0
         names = list(self.manifest.member_outputs)
 
-        def run(session: ort.InferenceSession) -> Tensors:
-            return dict(zip(names, session.run(names, feeds), strict=True))
+        def run(session: ort.InferenceSession) -> tuple[Tensors, float]:
+            return timed_cpu(lambda: dict(zip(names, session.run(names, feeds), strict=True)))
 
-        run_all = self._member_pool.map if MODES[mode].concurrent_members else map
-        return combine(list(run_all(run, self._members[mode])), self.manifest.combine, self.manifest.weights)
-
-    @property
-    def _output_names(self) -> list[str]:
-        return list(self.manifest.signature.output_names)
+        concurrent = MODES[mode].concurrent_members
+        results = list((self._member_pool.map if concurrent else map)(run, sessions.members[mode]))
+        combined = combine([outputs for outputs, _ in results], self.manifest.combine, self.manifest.weights)
+        return combined, sum(cpu for _, cpu in results) if concurrent else 0.0
 
     def warm_up(self) -> None:
-        """Runs each mode once, so the first request does not pay for allocations and thread start-up, and checks
-        that each gives the manifest's outputs."""
+        """Runs each mode on each session set once, so the first request does not pay for allocations and thread
+        start-up, and checks that each gives the manifest's outputs."""
         feeds = self.manifest.example_inputs()
-        for mode in self.modes:
-            outputs = self.infer(feeds, mode)
-            for spec in self.manifest.signature.outputs:
-                actual = outputs[spec.name]
-                if not spec.fits(actual.shape) or actual.dtype != spec.dtype:
-                    raise StartupError(
-                        f"{mode} mode returned {spec.name} as {actual.dtype} {list(actual.shape)}, the manifest says "
-                        f"{spec.describe()}: rebuild the model directory"
-                    )
+        for sessions in self.session_sets:
+            for mode in self.modes:
+                outputs, _ = self._run(sessions, feeds, mode)
+                for spec in self.manifest.signature.outputs:
+                    actual = outputs[spec.name]
+                    if not spec.fits(actual.shape) or actual.dtype != spec.dtype:
+                        raise StartupError(
+                            f"{mode} mode returned {spec.name} as {actual.dtype} {list(actual.shape)}, the manifest "
+                            f"says {spec.describe()}: rebuild the model directory"
+                        )
+        for sessions in self.session_sets:  # the warm-up's pool time is no request's
+            sessions.charge_pool_cpu()
 
     def close(self) -> None:
         self._member_pool.shutdown(wait=False, cancel_futures=True)

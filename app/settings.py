@@ -44,18 +44,44 @@ class Settings(BaseSettings):
         ModeChoice.FUSED,
         description=f"Mode for requests that do not ask for one. {describe_modes()}.",
     )
+    latency_budget_ms: float = Field(
+        1000.0,
+        gt=0,
+        le=600_000,
+        description="DEFAULT_MODE=auto picks the fastest mode and layout whose p99 latency at full load stays "
+        "within this.",
+    )
+    auto_budget_s: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="DEFAULT_MODE=auto: the longest the start-up measurement of every mode and layout may take.",
+    )
+    auto_window_ms: float = Field(
+        250.0,
+        ge=10,
+        le=10_000,
+        description="DEFAULT_MODE=auto: length of one timing window; candidates take turns window by window until "
+        "each one's last three agree within 5 %.",
+    )
     fused_intra_op_threads: int | None = Field(
-        None, ge=1, le=256, description="Intra-op threads of each fused-graph session (fp32, int8). Unset: all cores."
+        None,
+        ge=1,
+        le=256,
+        description="Intra-op threads of each fused-graph session (fp32, int8). Unset: cores // slots.",
     )
     sequential_intra_op_threads: int | None = Field(
-        None, ge=1, le=256, description="Intra-op threads of each member session of sequential mode. Unset: all cores."
+        None,
+        ge=1,
+        le=256,
+        description="Intra-op threads of each member session of sequential mode. Unset: cores // slots.",
     )
     parallel_intra_op_threads: int | None = Field(
         None,
         ge=1,
         le=256,
         description="Intra-op threads of each member session of parallel mode. "
-        "Unset: max(1, cores // members), so the members running at once share the cores.",
+        "Unset: max(1, cores // slots // members), so the members running at once share the cores.",
     )
     inter_op_threads: int = Field(
         1, ge=1, le=256, description="Inter-op threads of every session (used only by graphs with parallel branches)."
@@ -65,18 +91,28 @@ class Settings(BaseSettings):
         description="Let ONNX Runtime's thread pools spin after each run. Off: idle pools of one mode "
         "do not steal cores from the session that is running.",
     )
-    max_concurrent_inferences: int = Field(
+    inference_slots: int = Field(
         1,
         ge=1,
         le=64,
-        description="Inference slots shared by all modes: how many inferences run at once in this process.",
+        description="Inference slots shared by all modes: how many inferences run at once in this process. Each "
+        "slot has its own sessions; their intra-op threads default to the cores divided by the slots (and by the "
+        "members in parallel mode), so slots x threads never exceeds the cores.",
     )
     max_queue: int = Field(
-        8,
+        64,
         ge=0,
         le=10_000,
-        description="Requests admitted beyond the inference slots (decoding or waiting for a slot); "
-        "more are refused at once with 503 and Retry-After.",
+        description="Most requests admitted beyond the inference slots (decoding or waiting for a slot), whatever "
+        "their expected wait; more are refused at once with 503 and Retry-After.",
+    )
+    max_queue_wait_ms: float = Field(
+        1000.0,
+        gt=0,
+        le=600_000,
+        description="A request whose expected wait for an inference slot (requests ahead / slots x the measured "
+        "inference time) is longer is refused at once with 503 and Retry-After, before its body is parsed; a "
+        "burst that can be served in time is queued.",
     )
     request_timeout_s: float = Field(
         30.0,
@@ -102,6 +138,12 @@ class Settings(BaseSettings):
         ge=1,
         le=PILLOW_MAX_IMAGE_PIXELS,
         description="Largest image (width x height) accepted, checked from the header before decoding; beyond, 413.",
+    )
+    cost_per_hour: float | None = Field(
+        None,
+        gt=0,
+        description="What this machine costs an hour (any currency): /stats and the page then show each mode's "
+        "cost per million predictions, from its measured CPU time per prediction with every core busy.",
     )
     probability_threshold: float = Field(
         0.5, gt=0, lt=1, description="A label is `present` when its ensemble probability is at least this."
@@ -207,4 +249,4 @@ class Settings(BaseSettings):
             Mode.SEQUENTIAL: self.sequential_intra_op_threads,
             Mode.PARALLEL: self.parallel_intra_op_threads,
         }[mode]
-        return configured if configured is not None else intra_op_threads(mode, cores, members)
+        return configured if configured is not None else intra_op_threads(mode, cores, members, self.inference_slots)

@@ -19,6 +19,7 @@ class Sample:
     at: float  # time.monotonic() when the request finished
     request_s: float
     inference_s: float
+    cpu_s: float
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class ModeSummary:
     requests: int
     request: Percentiles
     inference: Percentiles
+    cpu_seconds: float  # of every request in the window
+
+    @property
+    def predictions_per_cpu_second(self) -> float | None:
+        return round(self.requests / self.cpu_seconds, 3) if self.cpu_seconds > 0 else None
 
 
 class RecentLatencies:
@@ -48,8 +54,8 @@ class RecentLatencies:
         self.window_s = window_s
         self._samples = {mode: deque[Sample](maxlen=MAX_SAMPLES_PER_MODE) for mode in modes}
 
-    def record(self, mode: Mode, request_s: float, inference_s: float) -> None:
-        self._samples[mode].append(Sample(time.monotonic(), request_s, inference_s))
+    def record(self, mode: Mode, request_s: float, inference_s: float, cpu_s: float) -> None:
+        self._samples[mode].append(Sample(time.monotonic(), request_s, inference_s, cpu_s))
 
     def summary(self) -> dict[Mode, ModeSummary]:
         since = time.monotonic() - self.window_s
@@ -62,5 +68,6 @@ class RecentLatencies:
                 len(recent),
                 Percentiles.of([s.request_s for s in recent]),
                 Percentiles.of([s.inference_s for s in recent]),
+                sum(s.cpu_s for s in recent),
             )
         return result

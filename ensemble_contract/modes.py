@@ -21,8 +21,14 @@ class Mode(StrEnum):
 
 
 COMPARE = "compare"
-ModeChoice = StrEnum("ModeChoice", {m.name: m.value for m in Mode} | {"COMPARE": COMPARE})  # type: ignore[misc]
-ModeChoice.__doc__ = "A mode, or `compare` to rotate over the modes served so that traffic splits evenly."
+AUTO = "auto"
+ModeChoice = StrEnum(  # type: ignore[misc]
+    "ModeChoice", {m.name: m.value for m in Mode} | {"COMPARE": COMPARE, "AUTO": AUTO}
+)
+ModeChoice.__doc__ = (
+    "A mode; `compare` to rotate over the modes served so that traffic splits evenly; `auto` for the mode measured "
+    "fastest on this machine at start-up (DEFAULT_MODE=auto)."
+)
 
 
 class Runs(StrEnum):
@@ -78,14 +84,22 @@ def served_modes(manifest: Manifest) -> tuple[Mode, ...]:
     return tuple(m for m, spec in MODES.items() if spec.runs is Runs.MEMBERS or spec.graph_file(manifest) is not None)
 
 
-def intra_op_threads(mode: Mode, cores: int, members: int) -> int:
-    """Each session's intra-op threads under the mode's policy, on `cores`."""
+def intra_op_threads(mode: Mode, cores: int, members: int, slots: int = 1) -> int:
+    """Each session's intra-op threads under the mode's policy when `slots` inferences share `cores` at once:
+    slots x threads (x members, for parallel) never exceeds the cores, and every session has one at least."""
+    per_slot = max(1, cores // slots)
     if MODES[mode].threads is ThreadPolicy.CORES_SHARED_BY_MEMBERS:
-        return max(1, cores // members)
-    return cores
+        return max(1, per_slot // members)
+    return per_slot
 
 
 def describe_modes() -> str:
     """One line per mode, for docs and API descriptions."""
     lines = [f"{spec.mode}: {spec.description}" for spec in MODES.values()]
-    return "; ".join([*lines, f"{COMPARE}: rotate over the modes served"])
+    return "; ".join(
+        [
+            *lines,
+            f"{COMPARE}: rotate over the modes served",
+            f"{AUTO}: the mode (and layout) measured fastest on this machine at start-up, with DEFAULT_MODE=auto",
+        ]
+    )

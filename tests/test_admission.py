@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -16,6 +17,8 @@ import pytest
 from app.admission import Admission
 from app.errors import InferenceTimeout, Overloaded
 from app.settings import Settings
+from ensemble_contract.manifest import Manifest
+from tests.slow_client import PartialRequest
 from tests.support import LiveServer, live_server, png_bytes
 
 SHORT_TIMEOUT_S = 0.3
@@ -28,7 +31,7 @@ def anyio_backend() -> str:
 
 @pytest.mark.anyio
 async def test_tickets_beyond_slots_and_queue_are_refused() -> None:
-    admission = Admission(slots=1, max_queue=1)
+    admission = Admission(slots=1, max_queue=1, max_wait_s=60)
     with admission.ticket(), admission.ticket():
         with pytest.raises(Overloaded) as refused, admission.ticket():
             pass
@@ -39,8 +42,29 @@ async def test_tickets_beyond_slots_and_queue_are_refused() -> None:
 
 
 @pytest.mark.anyio
+async def test_the_queue_is_bounded_by_the_expected_wait_not_only_by_count() -> None:
+    admission = Admission(slots=2, max_queue=100, max_wait_s=0.05)
+    assert admission.refusal() is None  # nothing measured yet: only the count bounds the queue
+    await admission.run(lambda: time.sleep(0.02), timeout_s=5)
+    assert admission.service_s == pytest.approx(0.02, abs=0.015)
+    admission.service_s = 0.02  # what was measured, made exact for the arithmetic below
+    tickets = [admission.ticket() for _ in range(6)]
+    for ticket in tickets:  # 6 in the pipeline on 2 slots: the 7th waits (7 - 2) / 2 x 20 ms = 50 ms, in budget
+        ticket.__enter__()
+    assert admission.expected_wait_s() == pytest.approx(0.05)
+    assert admission.refusal() is None
+    with admission.ticket():  # the 8th would wait 60 ms
+        refused = admission.refusal()
+        assert refused is not None and "would wait 60 ms" in refused.message
+        assert refused.headers["Retry-After"] == "1"
+    for ticket in tickets:
+        ticket.__exit__(None, None, None)
+    admission.close()
+
+
+@pytest.mark.anyio
 async def test_work_runs_off_the_event_loop_and_returns_its_value() -> None:
-    admission = Admission(slots=1, max_queue=0)
+    admission = Admission(slots=1, max_queue=0, max_wait_s=60)
     loop_thread = threading.get_ident()
     admitted = await admission.run(threading.get_ident, timeout_s=5)
     assert admitted.value != loop_thread
@@ -50,7 +74,7 @@ async def test_work_runs_off_the_event_loop_and_returns_its_value() -> None:
 
 @pytest.mark.anyio
 async def test_a_timed_out_inference_keeps_its_slot_until_it_ends() -> None:
-    admission = Admission(slots=1, max_queue=0)
+    admission = Admission(slots=1, max_queue=0, max_wait_s=60)
     release = threading.Event()
     with pytest.raises(InferenceTimeout, match="did not finish"):
         await admission.run(release.wait, timeout_s=SHORT_TIMEOUT_S)
@@ -67,9 +91,7 @@ async def test_a_timed_out_inference_keeps_its_slot_until_it_ends() -> None:
 
 @pytest.fixture(scope="module")
 def strict_server(model_dir: Path) -> Iterator[LiveServer]:
-    settings = Settings(
-        model_dir=model_dir, max_concurrent_inferences=1, max_queue=0, request_timeout_s=SHORT_TIMEOUT_S
-    )
+    settings = Settings(model_dir=model_dir, inference_slots=1, max_queue=0, request_timeout_s=SHORT_TIMEOUT_S)
     with live_server(settings) as live:
         yield live
 
@@ -127,3 +149,31 @@ def test_no_slot_within_the_timeout_is_504_and_the_loop_keeps_serving(strict_ser
     assert registry.get_sample_value("ensemble_predictions_total", {"mode": "fused", "outcome": "timeout"}) == 1
     with strict_server.client() as client:
         assert post_image(client).status_code == 200
+
+
+def test_a_request_refused_under_overload_is_never_parsed_and_its_upload_ends_cleanly(
+    strict_server: LiveServer, manifest: Manifest
+) -> None:
+    """The slot and the only ticket are taken: a request that is still uploading gets a 503 with Retry-After
+    once its last byte is in, on a connection closed cleanly; nothing of it is parsed, decoded or counted as a
+    prediction, while the early refusals count it."""
+    registry = strict_server.app.state.metrics.registry
+    early = registry.get_sample_value("ensemble_early_refusals_total") or 0
+    predictions = registry.get_sample_value("ensemble_predictions_total", {"mode": "fused", "outcome": "overloaded"})
+    body = b"--b\r\nContent-Disposition: form-data; name=file; filename=x.png\r\n\r\n" + png_bytes() + b"\r\n--b--\r\n"
+    headers = {"Content-Type": "multipart/form-data; boundary=b", "Content-Length": str(len(body))}
+    with holding_the_slot(strict_server, with_ticket=True):
+        for path in ("/predict", f"/v2/models/{manifest.name}/infer"):
+            with PartialRequest(strict_server.url, path, headers) as request:
+                request.send(body[:100])
+                time.sleep(0.2)  # still uploading
+                request.send(body[100:])
+                answer = request.answer()
+                assert answer.status == 503
+                assert answer.headers["Retry-After"] == "1" and answer.headers["Connection"] == "close"
+                error = answer.json()["error"]
+                assert (error if path.startswith("/v2") else error["message"]).startswith("1 requests are already")
+                assert request.closed_by_server()
+    assert registry.get_sample_value("ensemble_early_refusals_total") == early + 2
+    after = registry.get_sample_value("ensemble_predictions_total", {"mode": "fused", "outcome": "overloaded"})
+    assert after == predictions

@@ -129,7 +129,7 @@ def test_generated_inputs_fit_their_signature() -> None:
 
 
 def test_the_mode_registry_drives_the_api_enum_and_served_modes() -> None:
-    assert [m.value for m in ModeChoice] == [*(m.value for m in MODES), "compare"]
+    assert [m.value for m in ModeChoice] == [*(m.value for m in MODES), "compare", "auto"]
     assert served_modes(manifest()) == (Mode.FUSED, Mode.SEQUENTIAL, Mode.PARALLEL)
     with_int8 = manifest(int8=Int8(file=FILE, note="kept"))
     assert served_modes(with_int8) == tuple(Mode)

@@ -49,7 +49,7 @@ def service(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     os.sched_setaffinity(0, others)
     try:
         with service_process(
-            model_dir, log_dir, cores={server_core}, max_queue=MAX_QUEUE, max_concurrent_inferences=SLOTS
+            model_dir, log_dir, cores={server_core}, max_queue=MAX_QUEUE, inference_slots=SLOTS
         ) as process:
             yield process
     finally:

@@ -23,7 +23,7 @@ SLACK_S = 1.5  # scheduling on a shared 2-core machine
 @pytest.fixture(scope="module")
 def strict_server(model_dir: Path) -> Iterator[LiveServer]:
     """One inference slot and no queue: a stalled upload that held a place would lock everyone else out."""
-    settings = Settings(model_dir=model_dir, max_concurrent_inferences=1, max_queue=0, body_timeout_s=BODY_TIMEOUT_S)
+    settings = Settings(model_dir=model_dir, inference_slots=1, max_queue=0, body_timeout_s=BODY_TIMEOUT_S)
     with live_server(settings) as live:
         yield live
 

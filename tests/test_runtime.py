@@ -3,6 +3,7 @@ directory stops start-up with a clear reason."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from app.cpu import threads_cpu_seconds
 from app.errors import StartupError
 from app.runtime import EnsembleRuntime
 from app.settings import Settings
@@ -112,3 +114,29 @@ def test_without_an_int8_graph_the_other_modes_are_served(model_dir: Path, tmp_p
         assert set(runtime.plans) == set(runtime.modes)
     finally:
         runtime.close()
+
+
+def test_slots_with_threads_get_sessions_of_their_own_and_pay_for_their_pools(model_dir: Path) -> None:
+    """One slot on every core: the sessions' intra-op pools run the inference, and are charged to it. Two slots
+    on one thread each: the slots share one set of sessions, each run on its caller's thread."""
+    feeds = load_manifest(model_dir).example_inputs()
+    cores = len(os.sched_getaffinity(0))
+    for slots in (1, 2):
+        runtime = EnsembleRuntime.load(Settings(model_dir=model_dir, inference_slots=slots))
+        try:
+            threads = max(1, cores // slots)
+            assert all(plan.intra_op_threads == threads for m, plan in runtime.plans.items() if m is not Mode.PARALLEL)
+            for mode in runtime.modes:
+                assert runtime.infer_measured(feeds, mode).cpu_s > 0
+            sets = {id(s) for s in runtime.session_sets}
+            assert len(sets) == (1 if threads == 1 else slots)
+            if threads > 1:
+                assert all(s.pool_threads for s in runtime.session_sets)
+                pools = runtime.session_sets[0].pool_threads
+                big = load_manifest(model_dir).example_inputs(batch=32)  # work enough to be split over the pool
+                before = threads_cpu_seconds(pools)
+                charged = runtime.infer_measured(big, Mode.FUSED).cpu_s
+                pools_ran = threads_cpu_seconds(pools) - before
+                assert pools_ran > 0 and charged >= pools_ran
+        finally:
+            runtime.close()

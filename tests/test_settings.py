@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from app.config_docs import configuration_table
 from app.errors import StartupError
 from app.settings import PILLOW_MAX_IMAGE_PIXELS, Settings, available_cores
-from ensemble_contract.modes import Mode, ModeChoice
+from ensemble_contract.modes import Mode, ModeChoice, intra_op_threads
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TABLE_START, TABLE_END = "<!-- configuration-table:start -->", "<!-- configuration-table:end -->"
@@ -37,7 +37,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.model_dir == Path("models/default")
     assert settings.default_mode is ModeChoice.FUSED
     assert settings.allow_spinning is False
-    assert settings.max_concurrent_inferences == 1
+    assert settings.inference_slots == 1
     assert settings.probability_threshold == 0.5
     assert settings.port == 8000
 
@@ -60,7 +60,7 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
         ("default_mode", "fastest"),
         ("fused_intra_op_threads", 0),
         ("inter_op_threads", -1),
-        ("max_concurrent_inferences", 0),
+        ("inference_slots", 0),
         ("max_queue", -1),
         ("request_timeout_s", 0),
         ("max_upload_bytes", 10),
@@ -92,6 +92,19 @@ def test_unset_thread_counts_split_the_cores() -> None:
     assert Settings(parallel_intra_op_threads=3).intra_op_threads(Mode.PARALLEL, members=2) == 3
 
 
+@pytest.mark.parametrize(
+    ("cores", "slots", "members", "fused", "parallel"),
+    [(2, 1, 2, 2, 1), (2, 2, 2, 1, 1), (16, 4, 2, 4, 2), (16, 16, 3, 1, 1), (16, 3, 2, 5, 2), (1, 4, 2, 1, 1)],
+)
+def test_a_layout_never_gives_more_threads_than_cores(cores: int, slots: int, members: int, fused: int, parallel: int):
+    assert intra_op_threads(Mode.FUSED, cores, members, slots) == fused
+    assert intra_op_threads(Mode.FUSED_INT8, cores, members, slots) == fused
+    assert intra_op_threads(Mode.SEQUENTIAL, cores, members, slots) == fused
+    assert intra_op_threads(Mode.PARALLEL, cores, members, slots) == parallel
+    if cores >= slots * members:
+        assert slots * parallel * members <= cores and slots * fused <= cores
+
+
 @pytest.mark.parametrize("name", list(Settings.model_fields))
 def test_every_setting_is_described_and_documented(name: str) -> None:
     assert Settings.model_fields[name].description
@@ -111,5 +124,5 @@ def test_the_configuration_table_has_one_row_per_setting() -> None:
     assert rule == "| --- | --- | --- |"
     assert [row.split(" | ")[0] for row in rows] == [f"| `{name.upper()}`" for name in Settings.model_fields]
     assert "| `MODEL_DIR` | `models/default` |" in rows[0]
-    assert "| `FUSED_INTRA_OP_THREADS` | unset |" in rows[2]
+    assert "| `FUSED_INTRA_OP_THREADS` | unset |" in rows[5]
     assert any(row.startswith("| `ALLOW_SPINNING` | `false` |") for row in rows)

@@ -9,21 +9,24 @@ from ensemble_contract.modes import Mode
 def test_percentiles_per_mode() -> None:
     recent = RecentLatencies(window_s=60, modes=list(Mode))
     for ms in range(1, 101):
-        recent.record(Mode.PARALLEL, request_s=ms / 1000, inference_s=ms / 2000)
+        recent.record(Mode.PARALLEL, request_s=ms / 1000, inference_s=ms / 2000, cpu_s=ms / 4000)
     summary = recent.summary()
     assert summary[Mode.PARALLEL].requests == 100
     assert summary[Mode.PARALLEL].request.p50_ms == pytest.approx(50.5)
     assert summary[Mode.PARALLEL].request.p95_ms == pytest.approx(95.05)
     assert summary[Mode.PARALLEL].inference.p50_ms == pytest.approx(25.25)
+    assert summary[Mode.PARALLEL].cpu_seconds == pytest.approx(sum(range(1, 101)) / 4000)
+    assert summary[Mode.PARALLEL].predictions_per_cpu_second == pytest.approx(100 / (5050 / 4000), rel=1e-3)
+    assert summary[Mode.FUSED].predictions_per_cpu_second is None
     assert summary[Mode.FUSED].requests == 0
     assert summary[Mode.FUSED].request.p50_ms is None
 
 
 def test_samples_leave_the_window_and_memory_is_bounded() -> None:
     recent = RecentLatencies(window_s=1e-9, modes=list(Mode))
-    recent.record(Mode.FUSED, 0.01, 0.005)
+    recent.record(Mode.FUSED, 0.01, 0.005, 0.004)
     assert recent.summary()[Mode.FUSED].requests == 0
     bounded = RecentLatencies(window_s=60, modes=list(Mode))
     for _ in range(MAX_SAMPLES_PER_MODE + 10):
-        bounded.record(Mode.FUSED, 0.01, 0.005)
+        bounded.record(Mode.FUSED, 0.01, 0.005, 0.004)
     assert bounded.summary()[Mode.FUSED].requests == MAX_SAMPLES_PER_MODE

@@ -254,3 +254,19 @@ def test_a_classifier_ensemble_answers_its_top_labels_on_the_page(
         expect(page.locator("#labels tbody tr.present")).to_have_count(1)
         expect(page.locator("#members tbody tr")).to_have_count(2)
         assert visit.console_errors == []
+
+
+def test_the_page_ranks_what_auto_measured(open_page: Callable[[str], Visit], model_dir: Path) -> None:
+    settings = Settings(model_dir=model_dir, default_mode="auto", auto_budget_s=3, auto_window_ms=30)
+    with live_server(settings) as server:
+        auto = server.dataplane.auto
+        assert auto is not None
+        visit = open_page(f"{server.url}/")
+        page = visit.page
+        expect(page.locator("#auto")).to_be_visible()
+        rows = page.locator("#auto-ranking tbody tr")
+        expect(rows).to_have_count(len(auto.candidates))
+        expect(rows.first).to_have_attribute("data-mode", auto.mode)
+        expect(rows.first).to_have_attribute("data-layout", auto.layout)
+        expect(page.locator("#auto-reason")).to_contain_text(auto.reason)
+        assert visit.console_errors == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from app.auto import AutoChoice
 from app.deps import DataPlaneDep
 from app.errors import error_responses
 from ensemble_contract.modes import Mode
@@ -22,6 +23,7 @@ class Ready(BaseModel):
     sha256: str
     modes: list[Mode]
     images: bool = Field(description="Whether POST /predict takes images for this model (otherwise: /v2 only).")
+    auto: AutoChoice | None = Field(description="DEFAULT_MODE=auto: the choice, why, and every candidate's figures.")
 
 
 @router.get("/healthz", summary="The process answers", responses=error_responses(500))
@@ -41,4 +43,5 @@ async def readyz(dataplane: DataPlaneDep) -> Ready:
         sha256=manifest.ensemble.sha256,
         modes=list(dataplane.runtime.modes),
         images=manifest.image is not None,
+        auto=dataplane.auto,
     )

@@ -6,8 +6,10 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from app.auto import AutoChoice
 from app.deps import DataPlaneDep
 from app.errors import NotFound, error_responses
+from app.settings import available_cores
 from app.stats import Percentiles
 from ensemble_contract.modes import Mode
 
@@ -27,11 +29,27 @@ class ModeStats(BaseModel):
     requests: int = Field(description="Successful predictions in the window.")
     request_ms: LatencyMs = Field(description="From arrival to result.")
     inference_ms: LatencyMs = Field(description="ONNX Runtime time alone.")
+    cpu_ms_per_prediction: float | None = Field(description="Mean CPU time of a prediction, every thread's.")
+    predictions_per_cpu_second: float | None = Field(description="What one busy core serves, in this mode.")
+    cost_per_million_predictions: float | None = Field(
+        description="COST_PER_HOUR / predictions an hour with every core the process may use busy; None "
+        "without COST_PER_HOUR or requests."
+    )
 
 
 class Stats(BaseModel):
     window_s: float
+    cores: int = Field(description="Cores this process may use (its CPU affinity).")
+    cost_per_hour: float | None
     modes: dict[Mode, ModeStats]
+    auto: AutoChoice | None = Field(description="DEFAULT_MODE=auto: the choice, why, and every candidate's figures.")
+
+
+def cost_per_million(cost_per_hour: float | None, per_cpu_second: float | None, cores: int) -> float | None:
+    """What a million predictions cost with every core busy serving them."""
+    if cost_per_hour is None or not per_cpu_second:
+        return None
+    return round(cost_per_hour / (per_cpu_second * cores * 3600) * 1e6, 4)
 
 
 METRICS_RESPONSE = {200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}}
@@ -60,14 +78,22 @@ async def metrics(request: Request) -> Response:
     responses=error_responses(500, 503),
 )
 async def stats(dataplane: DataPlaneDep) -> Stats:
-    recent = dataplane.recent
+    recent, cores, cost = dataplane.recent, available_cores(), dataplane.settings.cost_per_hour
     return Stats(
         window_s=recent.window_s,
+        cores=cores,
+        cost_per_hour=cost,
+        auto=dataplane.auto,
         modes={
             mode: ModeStats(
                 requests=summary.requests,
                 request_ms=LatencyMs.of(summary.request),
                 inference_ms=LatencyMs.of(summary.inference),
+                cpu_ms_per_prediction=round(summary.cpu_seconds * 1000 / summary.requests, 3)
+                if summary.requests
+                else None,
+                predictions_per_cpu_second=summary.predictions_per_cpu_second,
+                cost_per_million_predictions=cost_per_million(cost, summary.predictions_per_cpu_second, cores),
             )
             for mode, summary in recent.summary().items()
         },

@@ -72,6 +72,7 @@ class TimingsMs(BaseModel):
     queue: float = Field(description="Waiting for an inference slot.")
     inference: float
     total: float = Field(description="From the start of decoding to the result.")
+    cpu: float = Field(description="CPU time of every thread that served it (decode, inference, pools).")
 
     @classmethod
     def of(cls, timings: Timings) -> TimingsMs:
@@ -81,6 +82,7 @@ class TimingsMs(BaseModel):
             queue=timings.queue_s * 1000,
             inference=timings.inference_s * 1000,
             total=timings.total_s * 1000,
+            cpu=timings.cpu_s * 1000,
         )
 
 
@@ -110,7 +112,14 @@ class Prediction(BaseModel):
                     ],
                     "members": None,
                     "mask": None,
-                    "timings_ms": {"decode": 0.4, "preprocess": 0.2, "queue": 0.0, "inference": 13.1, "total": 14.0},
+                    "timings_ms": {
+                        "decode": 0.4,
+                        "preprocess": 0.2,
+                        "queue": 0.0,
+                        "inference": 13.1,
+                        "total": 14.0,
+                        "cpu": 14.2,
+                    },
                 }
             ]
         }
@@ -188,6 +197,7 @@ def server_timing(timings: Timings) -> str:
         "queue": timings.queue_s,
         "inference": timings.inference_s,
         "total": timings.total_s,
+        "cpu": timings.cpu_s,
     }
     return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in parts.items())
 

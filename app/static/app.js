@@ -255,7 +255,9 @@ function renderLegend(latest) {
         { "data-mode": mode, "data-colour": COLOURS[mode], "data-requests": String(requests) },
         swatch,
         element("strong", {}, mode),
-        ` ${requests} request${requests === 1 ? "" : "s"} · p50 ${formatMs(stats && stats.p50)} ms · p95 ${formatMs(stats && stats.p95)} ms`,
+        ` ${requests} request${requests === 1 ? "" : "s"} · p50 ${formatMs(stats && stats.p50)} ms · p95 ${formatMs(stats && stats.p95)} ms` +
+          ` · CPU ${formatMs(stats && stats.cpu)} ms` +
+          (stats && stats.cost != null ? ` · ${stats.cost.toFixed(3)} per million` : ""),
       );
     }),
   );
@@ -354,7 +356,13 @@ function record(stats) {
   const now = Date.now();
   const modes = {};
   for (const [mode, entry] of Object.entries(stats.modes)) {
-    modes[mode] = { requests: entry.requests, p50: entry.request_ms.p50, p95: entry.request_ms.p95 };
+    modes[mode] = {
+      requests: entry.requests,
+      p50: entry.request_ms.p50,
+      p95: entry.request_ms.p95,
+      cpu: entry.cpu_ms_per_prediction,
+      cost: entry.cost_per_million_predictions,
+    };
   }
   samples.push({ at: now, modes });
   while (samples.length && samples[0].at < now - HISTORY_MS) samples.shift();
@@ -383,6 +391,28 @@ function pollSoon() {
   pollTimer = setTimeout(poll, 100);
 }
 
+// ---- auto's choice --------------------------------------------------------------------------------------------
+
+function renderAuto(auto) {
+  $("auto").hidden = !auto;
+  if (!auto) return;
+  $("auto-reason").textContent = `${auto.mode} in layout ${auto.layout}: ${auto.reason} (measured in ${auto.measured_s} s).`;
+  const rows = auto.candidates.map((c, i) =>
+    element(
+      "tr",
+      { "data-mode": c.mode, "data-layout": c.layout, className: i === 0 ? "present" : "" },
+      element("td", { className: "number" }, String(i + 1)),
+      element("th", { scope: "row" }, c.mode),
+      element("td", {}, c.layout),
+      element("td", { className: "number" }, `${c.throughput_per_s.toFixed(1)} [${c.throughput_ci95.map((x) => x.toFixed(1)).join("–")}]`),
+      element("td", { className: "number" }, formatMs(c.p50_ms)),
+      element("td", { className: "number" }, formatMs(c.p99_ms)),
+      element("td", {}, c.within_budget ? "yes" : "no"),
+    ),
+  );
+  $("auto-ranking").tBodies[0].replaceChildren(...rows);
+}
+
 // ---- start ----------------------------------------------------------------------------------------------------
 
 async function showModel() {
@@ -393,6 +423,7 @@ async function showModel() {
     $("upload").hidden = !ready.images;
     $("tensors-only").hidden = ready.images;
     $("v2-path").textContent = `POST /v2/models/${ready.model}/infer`;
+    renderAuto(ready.auto);
     const choice = $("mode").value;
     $("mode").replaceChildren(
       ...servedModes.map((mode) => element("option", { value: mode }, mode)),

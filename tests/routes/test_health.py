@@ -24,6 +24,7 @@ def test_alive_and_ready(client: httpx.Client, manifest: Manifest) -> None:
         "sha256": manifest.ensemble.sha256,
         "modes": [mode.value for mode in Mode],  # the test build ships the int8 graph
         "images": True,
+        "auto": None,  # DEFAULT_MODE is not auto
     }
 
 

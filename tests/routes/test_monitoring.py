@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import numpy as np
+import pytest
 
+from app.settings import Settings
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
-from tests.support import infer_json, png_bytes, scrape
+from tests.support import infer_json, live_server, png_bytes, scrape
 
 
 def predict(client: httpx.Client, mode: Mode) -> None:
@@ -72,7 +76,7 @@ def test_model_info(client: httpx.Client, manifest: Manifest) -> None:
     assert labels["sha256"] == manifest.ensemble.sha256
     assert labels["members"] == ",".join(member.name for member in manifest.members)
     assert "spinning=off" in labels["parallel_session"]
-    assert labels["max_concurrent_inferences"] == "1"
+    assert labels["inference_slots"] == "1"
 
 
 def test_stats_per_mode(client: httpx.Client) -> None:
@@ -85,3 +89,33 @@ def test_stats_per_mode(client: httpx.Client) -> None:
     assert sequential["requests"] == before["modes"]["sequential"]["requests"] + 1
     for latency in (sequential["request_ms"], sequential["inference_ms"]):
         assert 0 < latency["p50"] <= latency["p95"]
+
+
+def test_each_prediction_is_charged_its_cpu_time(client: httpx.Client) -> None:
+    for mode in Mode:
+        before = scrape(client)
+        predict(client, mode)
+        after = scrape(client)
+        count = "ensemble_cpu_seconds_count"
+        assert after.value(count, mode=mode) == before.value(count, mode=mode) + 1
+        charged = after.value("ensemble_cpu_seconds_sum", mode=mode) - before.value(
+            "ensemble_cpu_seconds_sum", mode=mode
+        )
+        assert 0 < charged < 5, (mode, charged)
+    stats = client.get("/stats").json()
+    assert stats["cost_per_hour"] is None and stats["cores"] >= 1
+    for mode in Mode:
+        entry = stats["modes"][mode.value]
+        assert entry["cpu_ms_per_prediction"] > 0
+        assert entry["predictions_per_cpu_second"] == pytest.approx(1000 / entry["cpu_ms_per_prediction"], rel=1e-2)
+        assert entry["cost_per_million_predictions"] is None
+
+
+def test_cost_per_million_predictions_follows_the_hourly_price(model_dir: Path) -> None:
+    with live_server(Settings(model_dir=model_dir, cost_per_hour=0.36)) as server, server.client() as client:
+        predict(client, Mode.FUSED)
+        stats = client.get("/stats").json()
+        fused = stats["modes"]["fused"]
+        hourly = fused["predictions_per_cpu_second"] * stats["cores"] * 3600
+        assert fused["cost_per_million_predictions"] == pytest.approx(0.36 / hourly * 1e6, rel=1e-3)
+        assert stats["modes"]["sequential"]["cost_per_million_predictions"] is None  # no request yet

@@ -46,7 +46,8 @@ def test_multipart_upload_of_each_format(
         assert label["present"] == (label["probability"] >= body["threshold"] == 0.5)
     assert body["members"] is None
     assert body["mask"] is None
-    assert set(body["timings_ms"]) == {"decode", "preprocess", "queue", "inference", "total"}
+    assert set(body["timings_ms"]) == {"decode", "preprocess", "queue", "inference", "total", "cpu"}
+    assert body["timings_ms"]["cpu"] > 0
 
 
 def test_raw_body_and_headers(client: httpx.Client) -> None:
@@ -54,7 +55,7 @@ def test_raw_body_and_headers(client: httpx.Client) -> None:
     assert response.status_code == 200
     assert response.headers["X-Request-ID"] == response.json()["request_id"]
     timing = dict(part.strip().split(";dur=") for part in response.headers["Server-Timing"].split(","))
-    assert set(timing) == {"decode", "preprocess", "queue", "inference", "total"}
+    assert set(timing) == {"decode", "preprocess", "queue", "inference", "total", "cpu"}
     assert all(float(ms) >= 0 for ms in timing.values())
 
 
