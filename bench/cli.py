@@ -1,4 +1,4 @@
-"""Command line: `python -m bench sweep|load|interference|quant|compare ...`; `--help` on each command.
+"""Command line: `python -m bench sweep|load|interference|quant|compare|layouts ...`; `--help` on each command.
 
 Full runs take minutes and rewrite their own section of docs/benchmarks.md; `--quick` runs take seconds,
 write only under --out, and exist for the smoke tests. Run from the repository root.
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import commands as c
-from bench import compare
+from bench import compare, layouts
 
 Subparsers = argparse._SubParsersAction  # argparse exposes no public name for it
 
@@ -136,16 +136,32 @@ def _add_compare(commands: Subparsers) -> None:
     p.add_argument("--requests", type=int, default=40, help="HTTP requests a mode a round (default 40)")
 
 
+def _add_layouts(commands: Subparsers) -> None:
+    p = commands.add_parser(
+        "layouts",
+        help="today's layout (one slot) against the one auto picks, and goodput under overload, over HTTP",
+        description=layouts.__doc__,
+    )
+    _add_model_dir(p)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--seconds", type=float, default=5, help="length of each hey run (default 5)")
+    p.add_argument("--clients", type=int, default=4, help="closed-loop clients for saturation (default 4)")
+    p.add_argument("--auto-budget-s", type=float, default=20, help="the auto server's AUTO_BUDGET_S (default 20)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = p.add_subparsers(dest="command", required=True, metavar="{sweep,load,interference,quant,compare}")
+    commands = p.add_subparsers(
+        dest="command", required=True, metavar="{sweep,load,interference,quant,compare,layouts}"
+    )
     _add_sweep(commands)
     _add_load(commands)
     _add_interference(commands)
     _add_quant(commands)
     _add_compare(commands)
+    _add_layouts(commands)
     return p
 
 

@@ -192,4 +192,17 @@ def compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     print(run(args.model_dir, args.rounds, args.calls, args.requests, log))
 
 
-COMMANDS = {"sweep": sweep, "load": load, "interference": interference, "quant": quant, "compare": compare}
+def layouts(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from bench.layouts import run
+
+    print(run(args.model_dir, args.rounds, args.seconds, args.clients, args.auto_budget_s, log))
+
+
+COMMANDS = {
+    "sweep": sweep,
+    "load": load,
+    "interference": interference,
+    "quant": quant,
+    "compare": compare,
+    "layouts": layouts,
+}

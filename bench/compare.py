@@ -10,12 +10,7 @@ hey's 0.1 ms readings).
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -27,10 +22,10 @@ from scipy import stats
 
 from app.runtime import EnsembleRuntime
 from app.settings import Settings
+from bench import hey
 from bench.machine import Machine
 from bench.server import free_port, started
-from ensemble_contract.datatypes import of_numpy
-from ensemble_contract.manifest import Manifest, load_manifest
+from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
 
 
@@ -105,23 +100,12 @@ def in_process(model_dir: Path, rounds: int, calls: int) -> dict[Mode, list[floa
         runtime.close()
 
 
-def v2_body(manifest: Manifest, mode: Mode) -> bytes:
-    inputs = [
-        {"name": k, "shape": list(v.shape), "datatype": of_numpy(v.dtype), "data": v.ravel().tolist()}
-        for k, v in manifest.example_inputs().items()
-    ]
-    return json.dumps({"inputs": inputs, "parameters": {"mode": mode.value}}).encode()
-
-
 def _hey_median(url: str, body: Path, requests: int) -> float:
-    command = ["hey", "-n", str(requests), "-c", "1", "-m", "POST", "-T", "application/json", "-D", str(body)]
-    output = subprocess.run(
-        [*command, "-o", "csv", url], capture_output=True, text=True, timeout=600, check=True
-    ).stdout
-    rows = [row for row in csv.DictReader(io.StringIO(output)) if row.get("status-code") == "200"]
-    if len(rows) < requests:
-        raise RuntimeError(f"hey: {requests - len(rows)} of {requests} requests failed against {url}")
-    return typical([float(row["response-time"]) for row in rows])
+    replies = hey.run(url, body, concurrency=1, requests=requests)
+    ok = [r.seconds for r in replies if r.status == 200]
+    if len(ok) < requests:
+        raise RuntimeError(f"hey: {requests - len(ok)} of {requests} requests failed against {url}")
+    return typical(ok)
 
 
 def _python_median(url: str, body: Path, requests: int) -> float:
@@ -137,14 +121,14 @@ def _python_median(url: str, body: Path, requests: int) -> float:
 
 def through_service(model_dir: Path, rounds: int, requests: int, log: Callable[[str], None]) -> dict[Mode, list[float]]:
     manifest = load_manifest(model_dir)
-    client = _hey_median if shutil.which("hey") else _python_median
+    client = _hey_median if hey.available() else _python_median
     log(f"[compare] HTTP client: {'hey' if client is _hey_median else 'Python httpx (install hey for a compiled one)'}")
     port = free_port()
     with tempfile.TemporaryDirectory() as work:
         bodies = {}
         for mode in Mode:
             bodies[mode] = Path(work) / f"{mode}.json"
-            bodies[mode].write_bytes(v2_body(manifest, mode))
+            bodies[mode].write_bytes(hey.v2_body(manifest, mode))
         env = {"MODEL_DIR": str(model_dir.resolve()), "PORT": str(port), "MAX_QUEUE": "64"}
         with started("app", [], env, port, Path(work) / "server.log", "/readyz") as server:
             served = httpx.get(server.url + "/readyz", timeout=10).json()["modes"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import hey
 from bench.cli import parser
 from bench.load import server_timing
 from bench.markdown import table, update_section
@@ -187,3 +188,23 @@ def test_the_verdict_needs_the_whole_interval() -> None:
     assert verdict([fused, Ratio(Mode.PARALLEL, 0.8, 0.8, 0.7, 0.9)]).startswith("parallel beats fused")
     assert verdict([fused, Ratio(Mode.PARALLEL, 0.8, 0.8, 0.7, 1.1)]).startswith("fused is not beaten; parallel")
     assert verdict([fused, Ratio(Mode.SEQUENTIAL, 1.2, 1.2, 1.1, 1.3)]).startswith("fused is the fastest")
+
+
+@pytest.mark.skipif(not hey.available(), reason="no hey (Debian: apt-get install hey); .ci/run installs it")
+def test_layouts_compares_one_slot_with_autos_layout_and_checks_goodput(model_dir: Path) -> None:
+    command = [sys.executable, "-m", "bench", "layouts", "--model-dir", str(model_dir), "--rounds", "2"]
+    done = subprocess.run(
+        [*command, "--seconds", "0.5", "--auto-budget-s", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = done.stdout.splitlines()
+    assert report[0].startswith("machine: ") and report[2].startswith("auto chose ")
+    checks = [line for line in report if line.startswith(("MET", "MISSED"))]
+    assert [line.split(":")[0].split(maxsplit=1)[1] for line in checks] == [
+        "saturated throughput, fused",
+        "saturated throughput, fused-int8",
+        "goodput at 32 retrying clients / throughput at 4",
+        "refusals' p99 at 32 clients, ms",
+        "accepted p99 at 32 clients, ms",
+    ]
+    assert all("[95% CI " in line for line in checks)

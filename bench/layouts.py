@@ -1,0 +1,133 @@
+"""`python -m bench layouts --model-dir DIR`: the service with today's layout (one slot on every core) against the
+layout DEFAULT_MODE=auto picks, through HTTP with `hey`, in interleaved rounds; and goodput under overload.
+
+Two servers run side by side on loopback (an idle one costs nothing: spinning is off) and take turns:
+- saturated throughput in the fused and fused-int8 modes, `--clients` closed-loop clients, auto's layout over
+  one slot (target >= 1.3x);
+- under overload, on auto's layout: 32 clients that retry at once when refused, against 4 clients: goodput
+  (answered requests a second) >= 0.9x, refusals' p99 <= 20 ms, accepted p99 within LATENCY_BUDGET_MS.
+Every ratio is a mean over rounds with a 95 % t-interval; a target is met only when its whole interval is.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from scipy import stats
+
+from bench import hey
+from bench.machine import Machine
+from bench.server import free_port, started
+from ensemble_contract.manifest import load_manifest
+from ensemble_contract.modes import Mode
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Interval:
+        mean = statistics.fmean(values)
+        if len(values) < 2:
+            return cls(mean, float("-inf"), float("inf"))
+        half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+        return cls(mean, mean - half, mean + half)
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2f} [95% CI {self.low:.2f}-{self.high:.2f}]"
+
+
+def _check(name: str, interval: Interval, *, at_least: float | None = None, at_most: float | None = None) -> str:
+    met = (at_least is None or interval.low >= at_least) and (at_most is None or interval.high <= at_most)
+    bound = f">= {at_least:g}" if at_least is not None else f"<= {at_most:g}"
+    return f"{'MET   ' if met else 'MISSED'} {name}: {interval} (target {bound})"
+
+
+def _throughput(replies: Sequence[hey.Reply], seconds: float) -> float:
+    return sum(r.status == 200 for r in replies) / seconds
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str  # the inference path of one server
+    body: Path
+
+
+def _saturated(one: Target, auto: Target, clients: int, seconds: float, turn: int) -> tuple[float, float]:
+    """Answered requests a second of each server at `clients`, the two taking turns (who goes first alternates)."""
+    measured = {}
+    for name, target in ((("one", one), ("auto", auto)))[:: 1 if turn % 2 == 0 else -1]:
+        measured[name] = _throughput(hey.run(target.url, target.body, concurrency=clients, seconds=seconds), seconds)
+    return measured["one"], measured["auto"]
+
+
+def _overload(target: Target, seconds: float) -> tuple[float, float, float, int]:
+    """Goodput at 32 retrying clients over throughput at 4, refusals' and accepted p99 (ms), refusals."""
+    calm = _throughput(hey.run(target.url, target.body, concurrency=4, seconds=seconds), seconds)
+    stormy = hey.run(target.url, target.body, concurrency=32, seconds=seconds)
+    refusals = [r.seconds for r in stormy if r.status == 503]
+    accepted = [r.seconds for r in stormy if r.status == 200]
+    refused_p99 = float(np.percentile(refusals, 99)) * 1000 if refusals else 0.0
+    return _throughput(stormy, seconds) / calm, refused_p99, float(np.percentile(accepted, 99)) * 1000, len(refusals)
+
+
+def run(
+    model_dir: Path, rounds: int, seconds: float, clients: int, auto_budget_s: float, log: Callable[[str], None]
+) -> str:
+    manifest = load_manifest(model_dir)
+    lines = [f"machine: {Machine.current().describe()}", f"{model_dir}: {rounds} rounds of {seconds:g} s windows"]
+    with tempfile.TemporaryDirectory() as work:
+        bodies = {}
+        for mode in Mode:
+            bodies[mode] = Path(work) / f"{mode}.json"
+            bodies[mode].write_bytes(hey.v2_body(manifest, mode))
+        base = {"MODEL_DIR": str(model_dir.resolve()), "LOG_LEVEL": "warning"}
+        ports = free_port(), free_port()
+        one_env = base | {"PORT": str(ports[0]), "INFERENCE_SLOTS": "1", "DEFAULT_MODE": "fused"}
+        auto_env = base | {"PORT": str(ports[1]), "DEFAULT_MODE": "auto", "AUTO_BUDGET_S": str(auto_budget_s)}
+        auto_start_s = auto_budget_s + 180
+        with (
+            started("app", [], one_env, ports[0], Path(work) / "one.log", "/readyz") as one,
+            started("app", [], auto_env, ports[1], Path(work) / "auto.log", "/readyz", timeout_s=auto_start_s) as auto,
+        ):
+            choice = httpx.get(auto.url + "/readyz", timeout=10).json()["auto"]
+            served = [Mode(m) for m in httpx.get(one.url + "/readyz", timeout=10).json()["modes"]]
+            lines.append(f"auto chose {choice['mode']} in layout {choice['layout']}: {choice['reason']}")
+            infer = f"/v2/models/{manifest.name}/infer"
+            modes = [m for m in (Mode.FUSED, Mode.FUSED_INT8) if m in served]
+            ratios: dict[Mode, list[float]] = {m: [] for m in modes}
+            overload: list[tuple[float, float, float, int]] = []
+            for turn in range(rounds):
+                for mode in modes:
+                    once, auto_s = _saturated(
+                        Target(one.url + infer, bodies[mode]),
+                        Target(auto.url + infer, bodies[mode]),
+                        clients,
+                        seconds,
+                        turn,
+                    )
+                    ratios[mode].append(auto_s / once)
+                    log(f"[layouts] round {turn + 1} {mode}: one slot {once:.1f}/s, auto's layout {auto_s:.1f}/s")
+                overload.append(_overload(Target(auto.url + infer, bodies[Mode(choice["mode"])]), seconds))
+                ratio, _, _, refused = overload[-1]
+                log(f"[layouts] round {turn + 1} overload: goodput ratio {ratio:.2f}, {refused} refused")
+    goodput, refused_p99, accepted_p99, _ = zip(*overload, strict=True)
+    lines += [
+        _check(f"saturated throughput, {mode}: auto's layout / one slot", Interval.of(ratios[mode]), at_least=1.3)
+        for mode in modes
+    ]
+    lines += [
+        _check("goodput at 32 retrying clients / throughput at 4", Interval.of(goodput), at_least=0.9),
+        _check("refusals' p99 at 32 clients, ms", Interval.of(refused_p99), at_most=20),
+        _check("accepted p99 at 32 clients, ms", Interval.of(accepted_p99), at_most=choice["latency_budget_ms"]),
+    ]
+    return "\n".join(lines)
