@@ -55,14 +55,14 @@ class Admission:
         if self.admitted >= self.capacity:
             return Overloaded(
                 f"{self.admitted} requests are already being served or queued (limit {self.capacity}); retry later",
-                retry_after_s=self.expected_wait_s(),
+                retry_after_s=self.expected_wait_s() - self.max_wait_s,
             )
         wait = self.expected_wait_s()
         if wait > self.max_wait_s:
             return Overloaded(
                 f"a request admitted now would wait {wait * 1000:.0f} ms for an inference slot, more than "
                 f"MAX_QUEUE_WAIT_MS ({self.max_wait_s * 1000:.0f}); retry later",
-                retry_after_s=wait,
+                retry_after_s=wait - self.max_wait_s,  # by then the queue will have room for it
             )
         return None
 

@@ -2,12 +2,15 @@
 fastest that keeps its p99 within LATENCY_BUDGET_MS is served.
 
 A layout is inference slots x intra-op threads per session: slots 1, 2, 4, ... up to the cores the process may
-use, each with cores // slots threads (parallel mode divides them by the members again). Each candidate (mode,
-layout) is timed in windows of AUTO_WINDOW_MS, a closed loop with as many callers as slots, the candidates
-taking turns window by window (interleaved, so a slow spell of the machine hits them all), until every
-candidate's last three windows agree within 5 % (perf_analyzer's stability rule) or AUTO_BUDGET_S runs out.
-The choice: the highest throughput among the candidates whose p99 is within the budget; among those within 2 %
-of it, the lowest p50. If none is within the budget, the lowest p99.
+use, each with cores // slots threads (parallel mode divides them by the members again). The layouts are loaded
+one at a time (a layout of many multi-threaded slots holds a session set per slot: loading them all at once
+would multiply the memory), and each layout's modes (the candidates) are timed in windows of AUTO_WINDOW_MS, a
+closed loop with as many callers as slots, taking turns window by window (interleaved, so a slow spell of the
+machine hits them all), until every candidate's last three windows agree within 5 % (perf_analyzer's
+stability rule) or the layout's share of AUTO_BUDGET_S (which counts the timing, not the loading) runs out;
+every candidate gets one window at least. The latencies are an inference's in that closed loop, queueing for
+a slot not included. The choice: the highest throughput among the candidates whose p99 is within
+LATENCY_BUDGET_MS; among those within 2 % of it, the lowest p50. If none is within the budget, the lowest p99.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import BaseModel, Field
 
+from app.errors import StartupError
 from app.runtime import EnsembleRuntime
 from app.settings import Settings, available_cores
 from ensemble_contract.modes import Mode
@@ -29,7 +33,9 @@ from ensemble_contract.modes import Mode
 STABLE_WINDOWS = 3
 STABLE_SPREAD = 0.05  # the last STABLE_WINDOWS throughputs within 5 % of their mean
 EQUAL_THROUGHPUT = 0.02  # throughputs this close count as equal: the lower p50 wins
-T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student's t, 95 %
+# Student's t at 97.5 % by degrees of freedom (the service has no scipy); past 30, the normal's 1.96.
+T_975 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11,
+         2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04)  # fmt: skip
 
 
 @dataclass(frozen=True, order=True)
@@ -43,7 +49,7 @@ class Layout:
 
 def layouts(cores: int) -> list[Layout]:
     """Slots 1, 2, 4, ... and the cores themselves, each with cores // slots threads per session."""
-    slots = sorted({*(2**i for i in range(cores.bit_length()) if 2**i <= cores), cores})
+    slots = sorted({*(2**i for i in range(cores.bit_length())), cores})
     return [Layout(s, cores // s) for s in slots]
 
 
@@ -51,7 +57,7 @@ class CandidateFigures(BaseModel):
     mode: Mode
     layout: str = Field(description="slots x intra-op threads")
     throughput_per_s: float = Field(description="Mean over the windows.")
-    throughput_ci95: tuple[float, float]
+    throughput_ci95: tuple[float | None, float | None] = Field(description="None with a single window.")
     p50_ms: float
     p99_ms: float
     windows: int
@@ -88,13 +94,16 @@ class _Candidate:
     def figures(self, latency_budget_s: float) -> CandidateFigures:
         mean = statistics.fmean(self.throughputs)
         n = len(self.throughputs)
-        half = T_975.get(n - 1, 1.96) * statistics.stdev(self.throughputs) / n**0.5 if n > 1 else float("inf")
-        p50, p99 = np.percentile(self.latencies, [50, 99]) if self.latencies else (float("inf"),) * 2
+        interval: tuple[float | None, float | None] = (None, None)
+        if n > 1:
+            half = (T_975[n - 2] if n - 2 < len(T_975) else 1.96) * statistics.stdev(self.throughputs) / n**0.5
+            interval = (round(mean - half, 2), round(mean + half, 2))
+        p50, p99 = np.percentile(self.latencies, [50, 99])
         return CandidateFigures(
             mode=self.mode,
             layout=str(self.layout),
             throughput_per_s=round(mean, 2),
-            throughput_ci95=(round(mean - half, 2), round(mean + half, 2)),
+            throughput_ci95=interval,
             p50_ms=round(float(p50) * 1000, 3),
             p99_ms=round(float(p99) * 1000, 3),
             windows=n,
@@ -139,58 +148,63 @@ def rank(candidates: Sequence[CandidateFigures]) -> list[CandidateFigures]:
     return [*equal, *rest, *over]
 
 
+def _time_layout(runtime: EnsembleRuntime, layout: Layout, budget_s: float, window_s: float) -> list[_Candidate]:
+    """Every mode of one layout, in turns of one window each, until all are stable or the budget is spent (one
+    window each at least)."""
+    candidates = [_Candidate(mode, layout) for mode in runtime.modes]
+    deadline = time.perf_counter() + budget_s
+    with ThreadPoolExecutor(layout.slots, thread_name_prefix="auto") as callers:
+        while not candidates[-1].throughputs or (
+            time.perf_counter() < deadline and not all(c.stable for c in candidates)
+        ):
+            for candidate in candidates:
+                throughput, latencies = _window(runtime, candidate.mode, callers, layout.slots, window_s)
+                candidate.throughputs.append(throughput)
+                candidate.latencies.extend(latencies)
+    return candidates
+
+
 def choose(
     settings: Settings, load: Callable[[Settings], EnsembleRuntime] = EnsembleRuntime.load
 ) -> tuple[EnsembleRuntime, AutoChoice]:
-    """Loads a runtime per layout, times every candidate, keeps the chosen layout's runtime and closes the rest."""
+    """Times every mode under every layout, one layout loaded at a time, and returns the runtime of the chosen
+    layout (the only one left open) with the measurement."""
     started = time.perf_counter()
-    runtimes = {
-        layout: load(settings.model_copy(update={"inference_slots": layout.slots}))
-        for layout in layouts(available_cores())
-    }
-    budget_s, window_s = settings.auto_budget_s, settings.auto_window_ms / 1000
     latency_budget_s = settings.latency_budget_ms / 1000
-    candidates = [_Candidate(mode, layout) for layout, runtime in runtimes.items() for mode in runtime.modes]
-    pools = {layout: ThreadPoolExecutor(layout.slots, thread_name_prefix="auto") for layout in runtimes}
-    try:
-        deadline = started + budget_s
-        while time.perf_counter() < deadline and not all(c.stable for c in candidates):
-            for candidate in candidates:
-                if time.perf_counter() >= deadline:
-                    break
-                throughput, latencies = _window(
-                    runtimes[candidate.layout],
-                    candidate.mode,
-                    pools[candidate.layout],
-                    candidate.layout.slots,
-                    window_s,
-                )
-                candidate.throughputs.append(throughput)
-                candidate.latencies.extend(latencies)
-    finally:
-        for pool in pools.values():
-            pool.shutdown()
-    ranked = rank([c.figures(latency_budget_s) for c in candidates if c.throughputs])
-    best = ranked[0]
-    layout = next(layout for layout in runtimes if str(layout) == best.layout)
-    for other, runtime in runtimes.items():
-        if other != layout:
+    every_layout = layouts(available_cores())
+    share_s, window_s = settings.auto_budget_s / len(every_layout), settings.auto_window_ms / 1000
+    figures: list[CandidateFigures] = []
+    kept: tuple[Layout, EnsembleRuntime] | None = None
+    for layout in every_layout:
+        runtime = load(settings.model_copy(update={"inference_slots": layout.slots}))
+        figures += [c.figures(latency_budget_s) for c in _time_layout(runtime, layout, share_s, window_s)]
+        best_layout = rank(figures)[0].layout
+        if best_layout == str(layout):
+            if kept is not None:
+                kept[1].close()
+            kept = (layout, runtime)
+        else:
             runtime.close()
-    stable = sum(c.stable for c in candidates)
+    if kept is None:
+        raise StartupError("DEFAULT_MODE=auto: no layout could be timed")
+    ranked = rank(figures)
+    best, (layout, runtime) = ranked[0], kept
+    timed = len(ranked)
+    stable = sum(c.stable for c in ranked)
     reason = (
         f"highest throughput ({best.throughput_per_s:.1f}/s, p99 {best.p99_ms:.1f} ms within "
         f"{settings.latency_budget_ms:g} ms)"
         if best.within_budget
         else f"no candidate kept p99 within {settings.latency_budget_ms:g} ms: the lowest p99 ({best.p99_ms:.1f} ms)"
-    ) + f"; {stable} of {len(candidates)} candidates stable"
+    ) + f"; {stable} of {timed} candidates stable"
     choice = AutoChoice(
         mode=best.mode,
         layout=best.layout,
         slots=layout.slots,
-        threads=layout.threads,
+        threads=runtime.plans[best.mode].intra_op_threads,
         reason=reason,
         latency_budget_ms=settings.latency_budget_ms,
         measured_s=round(time.perf_counter() - started, 2),
         candidates=ranked,
     )
-    return runtimes[layout], choice
+    return runtime, choice

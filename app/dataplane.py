@@ -24,7 +24,7 @@ from app.errors import InferenceFailed, InferenceTimeout, NotAnImageModel, Overl
 from app.metrics import Metrics
 from app.modes import ModeSelector
 from app.priority import lower_thread_priority
-from app.runtime import EnsembleRuntime, Measured, Tensors
+from app.runtime import EnsembleRuntime, Tensors
 from app.settings import Settings, available_cores
 from app.stats import RecentLatencies
 from ensemble_contract.manifest import ImageSpec, Manifest
@@ -73,6 +73,7 @@ class DataPlane:
         self.manifest: Manifest = runtime.manifest
         self.auto = auto
         self.admission = Admission(runtime.slots, settings.max_queue, settings.max_queue_wait_ms / 1000)
+        self.admission.service_s = runtime.typical_inference_s  # the warm-up's, until requests measure it
         self.selector = ModeSelector(settings.default_mode, runtime.modes, auto.mode if auto else None)
         self.recent = RecentLatencies(settings.stats_window_s, runtime.modes)
         # Decoding and mask encoding run off the event loop, a few at a time (they are CPU-bound too).
@@ -143,14 +144,14 @@ class DataPlane:
     async def _infer(self, feeds: Tensors, mode: Mode) -> Inference:
         try:
             admitted = await self.admission.run(
-                lambda: self._timed_inference(feeds, mode), self.settings.request_timeout_s
+                lambda: self.runtime.infer_measured(feeds, mode), self.settings.request_timeout_s
             )
         except ServiceError:
             raise
         except Exception as exc:  # ONNX Runtime's own error types: a JSON 500 naming the request id, cause in the log
             raise InferenceFailed(f"the {mode} inference failed") from exc
-        measured, inference_s = admitted.value
-        return Inference(mode, measured.outputs, admitted.waited_s, inference_s, measured.cpu_s)
+        measured = admitted.value
+        return Inference(mode, measured.outputs, admitted.waited_s, measured.seconds, measured.cpu_s)
 
     @contextmanager
     def _outcome(self, mode: Mode) -> Iterator[None]:
@@ -194,11 +195,6 @@ class DataPlane:
 
     async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._image_pool, function, *args)
-
-    def _timed_inference(self, feeds: Tensors, mode: Mode) -> tuple[Measured, float]:
-        start = time.perf_counter()
-        measured = self.runtime.infer_measured(feeds, mode)
-        return measured, time.perf_counter() - start
 
     def _decode_and_preprocess(self, data: bytes) -> tuple[Tensors, float, float]:
         spec = self.image_spec()

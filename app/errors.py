@@ -104,13 +104,12 @@ class NotReady(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """503 with Retry-After: the expected wait, in whole seconds, at least RETRY_AFTER_S."""
+    """503 with Retry-After: when the queue should have room, in whole seconds, at least RETRY_AFTER_S."""
 
     status, code = 503, "overloaded"
 
-    def __init__(self, message: str, *, retry_after_s: float = RETRY_AFTER_S, close: bool = False) -> None:
-        headers = {"Retry-After": str(max(RETRY_AFTER_S, math.ceil(retry_after_s)))}
-        super().__init__(message, headers=headers | (CLOSE if close else {}))
+    def __init__(self, message: str, *, retry_after_s: float = RETRY_AFTER_S) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(RETRY_AFTER_S, math.ceil(retry_after_s)))})
 
 
 class InferenceTimeout(ServiceError):

@@ -127,7 +127,7 @@ class BodyLimits:
         await self.app(scope, limited_receive, send)
 
 
-INFERENCE_PATH = re.compile(r"/predict|/v2/models/[^/]+/infer")
+INFERENCE_PATH = re.compile(r"/predict|/v2/models/(?P<model>[^/]+)/infer")
 
 
 class EarlyRefusal:
@@ -137,7 +137,9 @@ class EarlyRefusal:
 
     The body is read and dropped before the answer (within the body limits, which BodyLimits, outside this
     one, enforces): uvicorn closes a connection as soon as its answer is sent, and a close with the client still
-    uploading would reset the connection under the client's feet instead of answering it.
+    uploading would reset the connection under the client's feet instead of answering it. A client that sent
+    `Expect: 100-continue` has sent no body yet, and is answered at once. A request for another model than the
+    one served goes on, to its 404.
     """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
@@ -147,15 +149,17 @@ class EarlyRefusal:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         dataplane = getattr(scope["app"].state, "dataplane", None) if scope["type"] == "http" else None
         refused = None
-        if dataplane is not None and scope["method"] == "POST" and INFERENCE_PATH.fullmatch(scope["path"]):
+        inference = INFERENCE_PATH.fullmatch(scope["path"]) if dataplane is not None else None
+        if inference and scope["method"] == "POST" and inference["model"] in (None, dataplane.manifest.name):
             refused = dataplane.admission.refusal()
         if refused is None:
             await self.app(scope, receive, send)
             return
         self.metrics.early_refusals.inc()
         try:
-            while (message := await receive())["type"] == "http.request" and message.get("more_body", False):
-                pass
+            if Headers(scope=scope).get("expect", "").lower() != "100-continue":
+                while (message := await receive())["type"] == "http.request" and message.get("more_body", False):
+                    pass
         except ServiceError as exc:  # the body broke its limits while we dropped it: say so instead
             refused = exc
         closing = refused.headers | CLOSE

@@ -9,9 +9,11 @@ have their own member sessions, because their thread budgets differ (parallel: t
 from __future__ import annotations
 
 import queue
+import statistics
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,16 +71,17 @@ class SessionSet:
 
     graphs: dict[Mode, ort.InferenceSession]
     members: dict[Mode, list[ort.InferenceSession]]
-    pool_threads: frozenset[int] = frozenset()
-    _pool_cpu_charged: float = 0.0
+    pool_threads: dict[Mode, frozenset[int]]  # each mode's sessions' pools (ONNX Runtime's threads)
+    _charged: dict[Mode, float] = field(default_factory=dict)
 
-    def charge_pool_cpu(self) -> float:
-        """CPU seconds the pools ran since the last charge, spinning included. Only one slot uses a set that has
-        pools, so the charge goes to that slot's request."""
-        if not self.pool_threads:
+    def charge_pool_cpu(self, mode: Mode) -> float:
+        """CPU seconds `mode`'s pools ran since its last charge, spinning included. Only one slot uses a set that
+        has pools (EnsembleRuntime makes sure of it), so the charge goes to that slot's request."""
+        threads = self.pool_threads.get(mode)
+        if not threads:
             return 0.0
-        total = threads_cpu_seconds(self.pool_threads)
-        charged, self._pool_cpu_charged = total - self._pool_cpu_charged, total
+        total = threads_cpu_seconds(threads)
+        charged, self._charged[mode] = total - self._charged.get(mode, 0.0), total
         return charged
 
 
@@ -86,6 +89,7 @@ class SessionSet:
 class Measured:
     outputs: Tensors
     cpu_s: float  # CPU seconds of every thread that ran the inference
+    seconds: float  # how long it took (reading the pools' counters not included)
 
 
 class EnsembleRuntime:
@@ -102,6 +106,10 @@ class EnsembleRuntime:
         self.slots = slots
         self.modes = served_modes(manifest)
         self.session_sets = tuple(session_sets)
+        self.typical_inference_s = 0.0  # measured by warm_up
+        has_pools = any(threads for sessions in session_sets for threads in sessions.pool_threads.values())
+        if len(self.session_sets) not in (1, slots) or (len(self.session_sets) < slots and has_pools):
+            raise ValueError("give one session set per slot, or one set without pools that every slot shares")
         self._free: queue.SimpleQueue[SessionSet] = queue.SimpleQueue()
         for slot in range(slots):
             self._free.put(self.session_sets[slot % len(self.session_sets)])
@@ -122,22 +130,24 @@ class EnsembleRuntime:
         graph_tensors = (*manifest.signature.inputs, *manifest.signature.outputs)
         member_tensors = (*manifest.signature.inputs, *(manifest.signature.output(n) for n in manifest.member_outputs))
 
-        def sessions() -> SessionSet:
-            graphs, members = {}, {}
+        def session_set() -> SessionSet:
+            """One set; each mode's pool threads are the threads that appear while its sessions open."""
+            graphs, members, pools = {}, {}, {}
             for mode in modes:
                 spec = MODES[mode]
                 if spec.runs is Runs.GRAPH:
                     file = spec.graph_file(manifest)
                     assert file is not None  # served_modes keeps only the graphs the directory has
-                    graphs[mode] = _open(root / file.path, plans[mode], graph_tensors)
+                    graphs[mode], pools[mode] = new_threads(
+                        lambda file=file, mode=mode: _open(root / file.path, plans[mode], graph_tensors)
+                    )
                 else:
-                    members[mode] = [_open(root / m.file.path, plans[mode], member_tensors) for m in manifest.members]
-            return SessionSet(graphs, members)
-
-        def session_set() -> SessionSet:
-            opened, threads = new_threads(sessions)
-            opened.pool_threads = threads
-            return opened
+                    members[mode], pools[mode] = new_threads(
+                        lambda mode=mode: [
+                            _open(root / m.file.path, plans[mode], member_tensors) for m in manifest.members
+                        ]
+                    )
+            return SessionSet(graphs, members, pools)
 
         slots = settings.inference_slots
         shared = all(plan.intra_op_threads == 1 for plan in plans.values())
@@ -154,8 +164,10 @@ class EnsembleRuntime:
         session set's pools'."""
         sessions = self._free.get()
         try:
+            start = time.perf_counter()
             (outputs, member_threads_s), caller_s = timed_cpu(lambda: self._run(sessions, feeds, mode))
-            return Measured(outputs, caller_s + member_threads_s + sessions.charge_pool_cpu())
+            seconds = time.perf_counter() - start
+            return Measured(outputs, caller_s + member_threads_s + sessions.charge_pool_cpu(mode), seconds)
         finally:
             self._free.put(sessions)
 
@@ -189,7 +201,9 @@ class EnsembleRuntime:
                             f"says {spec.describe()}: rebuild the model directory"
                         )
         for sessions in self.session_sets:  # the warm-up's pool time is no request's
-            sessions.charge_pool_cpu()
+            for mode in self.modes:
+                sessions.charge_pool_cpu(mode)
+        self.typical_inference_s = statistics.median(self.infer_measured(feeds, mode).seconds for mode in self.modes)
 
     def close(self) -> None:
         self._member_pool.shutdown(wait=False, cancel_futures=True)

@@ -95,9 +95,10 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="Inference slots shared by all modes: how many inferences run at once in this process. Each "
-        "slot has its own sessions; their intra-op threads default to the cores divided by the slots (and by the "
-        "members in parallel mode), so slots x threads never exceeds the cores.",
+        description="Inference slots shared by all modes: how many inferences run at once in this process. Sessions' "
+        "intra-op threads default to the cores divided by the slots (and by the members in parallel mode, one at "
+        "least), and each slot has sessions of its own when they use several threads. DEFAULT_MODE=auto "
+        "chooses the slots itself.",
     )
     max_queue: int = Field(
         64,

@@ -77,7 +77,8 @@ def _overload(target: Target, seconds: float) -> tuple[float, float, float, int]
     refusals = [r.seconds for r in stormy if r.status == 503]
     accepted = [r.seconds for r in stormy if r.status == 200]
     refused_p99 = float(np.percentile(refusals, 99)) * 1000 if refusals else 0.0
-    return _throughput(stormy, seconds) / calm, refused_p99, float(np.percentile(accepted, 99)) * 1000, len(refusals)
+    accepted_p99 = float(np.percentile(accepted, 99)) * 1000 if accepted else float("inf")
+    return _throughput(stormy, seconds) / calm, refused_p99, accepted_p99, len(refusals)
 
 
 def run(

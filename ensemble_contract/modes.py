@@ -86,7 +86,8 @@ def served_modes(manifest: Manifest) -> tuple[Mode, ...]:
 
 def intra_op_threads(mode: Mode, cores: int, members: int, slots: int = 1) -> int:
     """Each session's intra-op threads under the mode's policy when `slots` inferences share `cores` at once:
-    slots x threads (x members, for parallel) never exceeds the cores, and every session has one at least."""
+    slots x threads (x members, for parallel) stays within the cores whenever they are that many, and every
+    session has one thread at least."""
     per_slot = max(1, cores // slots)
     if MODES[mode].threads is ThreadPolicy.CORES_SHARED_BY_MEMBERS:
         return max(1, per_slot // members)

@@ -177,3 +177,13 @@ def test_a_request_refused_under_overload_is_never_parsed_and_its_upload_ends_cl
     assert registry.get_sample_value("ensemble_early_refusals_total") == early + 2
     after = registry.get_sample_value("ensemble_predictions_total", {"mode": "fused", "outcome": "overloaded"})
     assert after == predictions
+
+
+def test_a_client_waiting_for_100_continue_is_refused_without_uploading(strict_server: LiveServer) -> None:
+    headers = {"Content-Type": "image/png", "Content-Length": "100000", "Expect": "100-continue"}
+    with (
+        holding_the_slot(strict_server, with_ticket=True),
+        PartialRequest(strict_server.url, "/predict", headers) as request,
+    ):
+        answer = request.answer()  # no byte of the body sent
+        assert answer.status == 503 and answer.headers["Retry-After"] == "1"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.auto import CandidateFigures, Layout, layouts, rank
+from app.auto import CandidateFigures, Layout, choose, layouts, rank
 from app.settings import Settings, available_cores
 from ensemble_contract.modes import Mode
 from tests.support import LiveServer, live_server, png_bytes, scrape
@@ -77,3 +77,13 @@ def test_mode_auto_needs_the_start_up_measurement(client) -> None:
     )
     assert response.status_code == 422
     assert "DEFAULT_MODE=auto" in response.json()["error"]["message"]
+
+
+def test_a_budget_too_small_still_times_every_candidate_once(model_dir: Path) -> None:
+    runtime, auto = choose(Settings(model_dir=model_dir, default_mode="auto", auto_budget_s=0.001, auto_window_ms=10))
+    try:
+        assert len(auto.candidates) == len(Mode) * len(layouts(available_cores()))
+        assert all(c.windows == 1 and c.throughput_ci95 == (None, None) for c in auto.candidates)
+        assert runtime.slots == auto.slots and auto.threads == runtime.plans[auto.mode].intra_op_threads
+    finally:
+        runtime.close()

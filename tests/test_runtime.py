@@ -131,8 +131,8 @@ def test_slots_with_threads_get_sessions_of_their_own_and_pay_for_their_pools(mo
             sets = {id(s) for s in runtime.session_sets}
             assert len(sets) == (1 if threads == 1 else slots)
             if threads > 1:
-                assert all(s.pool_threads for s in runtime.session_sets)
-                pools = runtime.session_sets[0].pool_threads
+                assert all(s.pool_threads[Mode.FUSED] for s in runtime.session_sets)
+                pools = runtime.session_sets[0].pool_threads[Mode.FUSED]
                 big = load_manifest(model_dir).example_inputs(batch=32)  # work enough to be split over the pool
                 before = threads_cpu_seconds(pools)
                 charged = runtime.infer_measured(big, Mode.FUSED).cpu_s

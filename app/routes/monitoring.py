@@ -32,8 +32,9 @@ class ModeStats(BaseModel):
     cpu_ms_per_prediction: float | None = Field(description="Mean CPU time of a prediction, every thread's.")
     predictions_per_cpu_second: float | None = Field(description="What one busy core serves, in this mode.")
     cost_per_million_predictions: float | None = Field(
-        description="COST_PER_HOUR / predictions an hour with every core the process may use busy; None "
-        "without COST_PER_HOUR or requests."
+        description="COST_PER_HOUR / predictions an hour with every core the process may use busy, from the "
+        "inference's CPU time (the event loop's HTTP and JSON work is not in it); None without COST_PER_HOUR or "
+        "requests."
     )
 
 

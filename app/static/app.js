@@ -404,7 +404,11 @@ function renderAuto(auto) {
       element("td", { className: "number" }, String(i + 1)),
       element("th", { scope: "row" }, c.mode),
       element("td", {}, c.layout),
-      element("td", { className: "number" }, `${c.throughput_per_s.toFixed(1)} [${c.throughput_ci95.map((x) => x.toFixed(1)).join("–")}]`),
+      element(
+        "td",
+        { className: "number" },
+        `${c.throughput_per_s.toFixed(1)} [${c.throughput_ci95.map((x) => (x == null ? "–" : x.toFixed(1))).join(" to ")}]`,
+      ),
       element("td", { className: "number" }, formatMs(c.p50_ms)),
       element("td", { className: "number" }, formatMs(c.p99_ms)),
       element("td", {}, c.within_budget ? "yes" : "no"),
@@ -428,6 +432,7 @@ async function showModel() {
     $("mode").replaceChildren(
       ...servedModes.map((mode) => element("option", { value: mode }, mode)),
       element("option", { value: "compare" }, "compare (rotate)"),
+      ...(ready.auto ? [element("option", { value: "auto" }, `auto (${ready.auto.mode})`)] : []),
     );
     $("mode").value = choice;
     renderLegend(samples[samples.length - 1] || null);
