@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 MODEL_DIR ?= models/default
 
-.PHONY: serve test audit models install-runtime install-build install-dev lock
+.PHONY: serve test audit models install-runtime install-build install-dev lock kserve-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: install-dev
 ## Checks every pinned dependency against PyPI's vulnerability data (pip-audit).
 audit: install-dev
 	$(BIN)/pip-audit --disable-pip --no-deps --requirement constraints.txt
+
+## KServe's Python model server, in a virtual environment of its own (its pins clash with ours), for `bench peers`.
+kserve-venv:
+	$(PYTHON) -m venv .venv-kserve
+	.venv-kserve/bin/python -m pip install --quiet --disable-pip-version-check -c bench/kserve-constraints.txt kserve onnxruntime
 
 ## Re-pins every dependency (run after changing pyproject.toml).
 lock:

@@ -1,4 +1,4 @@
-"""Command line: `python -m bench sweep|load|interference|quant|compare|layouts ...`; `--help` on each command.
+"""Command line: `python -m bench sweep|load|interference|quant|compare|layouts|peers ...`; `--help` on each command.
 
 Full runs take minutes and rewrite their own section of docs/benchmarks.md; `--quick` runs take seconds,
 write only under --out, and exist for the smoke tests. Run from the repository root.
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import commands as c
-from bench import compare, layouts
+from bench import compare, layouts, peers
 
 Subparsers = argparse._SubParsersAction  # argparse exposes no public name for it
 
@@ -149,12 +149,24 @@ def _add_layouts(commands: Subparsers) -> None:
     p.add_argument("--auto-budget-s", type=float, default=20, help="the auto server's AUTO_BUDGET_S (default 20)")
 
 
+def _add_peers(commands: Subparsers) -> None:
+    p = commands.add_parser(
+        "peers", help="this service against KServe's Python model server on the same graph", description=peers.__doc__
+    )
+    _add_model_dir(p)
+    p.add_argument(
+        "--kserve-python", type=Path, default=Path(".venv-kserve/bin/python"), help="made by `make kserve-venv`"
+    )
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--seconds", type=float, default=5, help="length of each hey run (default 5)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = p.add_subparsers(
-        dest="command", required=True, metavar="{sweep,load,interference,quant,compare,layouts}"
+        dest="command", required=True, metavar="{sweep,load,interference,quant,compare,layouts,peers}"
     )
     _add_sweep(commands)
     _add_load(commands)
@@ -162,6 +174,7 @@ def parser() -> argparse.ArgumentParser:
     _add_quant(commands)
     _add_compare(commands)
     _add_layouts(commands)
+    _add_peers(commands)
     return p
 
 

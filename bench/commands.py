@@ -198,6 +198,12 @@ def layouts(args: argparse.Namespace, argv: Sequence[str]) -> None:
     print(run(args.model_dir, args.rounds, args.seconds, args.clients, args.auto_budget_s, log))
 
 
+def peers(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from bench.peers import run
+
+    print(run(args.model_dir, args.kserve_python, args.rounds, args.seconds, log))
+
+
 COMMANDS = {
     "sweep": sweep,
     "load": load,
@@ -205,4 +211,5 @@ COMMANDS = {
     "quant": quant,
     "compare": compare,
     "layouts": layouts,
+    "peers": peers,
 }

@@ -130,7 +130,7 @@ def through_service(model_dir: Path, rounds: int, requests: int, log: Callable[[
             bodies[mode] = Path(work) / f"{mode}.json"
             bodies[mode].write_bytes(hey.v2_body(manifest, mode))
         env = {"MODEL_DIR": str(model_dir.resolve()), "PORT": str(port), "MAX_QUEUE": "64"}
-        with started("app", [], env, port, Path(work) / "server.log", "/readyz") as server:
+        with started(["-m", "app"], env, port, Path(work) / "server.log", "/readyz") as server:
             served = httpx.get(server.url + "/readyz", timeout=10).json()["modes"]
             url = f"{server.url}/v2/models/{manifest.name}/infer"
             modes = [Mode(m) for m in served]

@@ -97,8 +97,10 @@ def run(
         auto_env = base | {"PORT": str(ports[1]), "DEFAULT_MODE": "auto", "AUTO_BUDGET_S": str(auto_budget_s)}
         auto_start_s = auto_budget_s + 180
         with (
-            started("app", [], one_env, ports[0], Path(work) / "one.log", "/readyz") as one,
-            started("app", [], auto_env, ports[1], Path(work) / "auto.log", "/readyz", timeout_s=auto_start_s) as auto,
+            started(["-m", "app"], one_env, ports[0], Path(work) / "one.log", "/readyz") as one,
+            started(
+                ["-m", "app"], auto_env, ports[1], Path(work) / "auto.log", "/readyz", timeout_s=auto_start_s
+            ) as auto,
         ):
             choice = httpx.get(auto.url + "/readyz", timeout=10).json()["auto"]
             served = [Mode(m) for m in httpx.get(one.url + "/readyz", timeout=10).json()["modes"]]

@@ -126,7 +126,7 @@ def run_baseline(
 ) -> tuple[list[LoadResult], int | None]:
     port = free_port()
     args = ["--model-dir", str(model_dir), "--port", str(port)]
-    with started("bench.baseline_server", args, {}, port, out / "baseline.log", "/healthz") as server:
+    with started(["-m", "bench.baseline_server", *args], {}, port, out / "baseline.log", "/healthz") as server:
         results = asyncio.run(load_target(server, "baseline", [None], payload, plan, rate, log))
         return results, resident_bytes(server.pid) if server.pid else None
 
@@ -147,7 +147,7 @@ def run_service(
         return _load_service(server, model_dir, payload, plan, rate, log)
     port = free_port()
     env = {"MODEL_DIR": str(model_dir), "PORT": str(port), "HOST": LOOPBACK, "LOG_LEVEL": "warning"}
-    with started("app", [], env, port, out / "service.log", "/readyz") as server:
+    with started(["-m", "app"], env, port, out / "service.log", "/readyz") as server:
         return _load_service(server, model_dir, payload, plan, rate, log)
 
 

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,20 +72,20 @@ def wait_ready(url: str, path: str, timeout_s: float, process: subprocess.Popen[
 
 @contextmanager
 def started(
-    module: str,
-    args: list[str],
+    args: Sequence[str],
     env: Mapping[str, str],
     port: int,
     log: Path,
     ready_path: str,
     timeout_s: float = 180,
+    python: str = sys.executable,
 ) -> Iterator[Server]:
-    """Runs `python -m module args` with `env` added, waits for `ready_path`, and stops it afterwards."""
+    """Runs `python ARGS` (`-m app`, a script) with `env` added, waits for `ready_path`, and stops it afterwards."""
     url = f"http://{LOOPBACK}:{port}"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+            [python, *args],
             env={**os.environ, **env},
             stdout=output,
             stderr=subprocess.STDOUT,

@@ -208,3 +208,20 @@ def test_layouts_compares_one_slot_with_autos_layout_and_checks_goodput(model_di
         "accepted p99 at 32 clients, ms",
     ]
     assert all("[95% CI " in line for line in checks)
+
+
+KSERVE_PYTHON = ROOT / ".venv-kserve" / "bin" / "python"
+
+
+@pytest.mark.skipif(not hey.available(), reason="no hey (Debian: apt-get install hey); .ci/run installs it")
+@pytest.mark.skipif(not KSERVE_PYTHON.exists(), reason="no .venv-kserve: `make kserve-venv` (.ci/run makes it)")
+def test_peers_measures_us_against_kserve_on_the_same_graph(model_dir: Path) -> None:
+    command = [sys.executable, "-m", "bench", "peers", "--model-dir", str(model_dir), "--rounds", "2"]
+    done = subprocess.run(
+        [*command, "--seconds", "0.5", "--kserve-python", str(KSERVE_PYTHON)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    checks = [line for line in done.stdout.splitlines() if line.startswith(("MET", "MISSED"))]
+    assert len(checks) == 6 and all("[95% CI " in line for line in checks)
+    assert any(line.startswith("kserve goodput c=32: ") for line in done.stdout.splitlines())
