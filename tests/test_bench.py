@@ -165,13 +165,16 @@ def test_update_section_replaces_only_its_own_section(tmp_path: Path) -> None:
     assert "| 1.00 |" in text and "second" in text and "first" not in text
 
 
+def report_of(*args: str | Path) -> list[str]:
+    """The lines `python -m bench ARGS` prints (a command without a quick form); fails the test if it fails."""
+    command = [sys.executable, "-m", "bench", *map(str, args)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stderr[-3000:]}"
+    return done.stdout.splitlines()
+
+
 def test_compare_times_every_mode_of_a_users_ensemble_in_process_and_over_v2(tabular_dir: Path) -> None:
-    command = [sys.executable, "-m", "bench", "compare", "--model-dir", str(tabular_dir), "--rounds", "2"]
-    done = subprocess.run(
-        [*command, "--calls", "3", "--requests", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = done.stdout.splitlines()
+    report = report_of("compare", "--model-dir", tabular_dir, "--rounds", "2", "--calls", "3", "--requests", "5")
     assert any(line.startswith("machine: ") for line in report)
     for section in ("in-process", "through the service, /v2"):
         start = next(i for i, line in enumerate(report) if line.startswith(section))
@@ -192,12 +195,7 @@ def test_the_verdict_needs_the_whole_interval() -> None:
 
 @pytest.mark.skipif(not hey.available(), reason="no hey (Debian: apt-get install hey); .ci/run installs it")
 def test_layouts_compares_one_slot_with_autos_layout_and_checks_goodput(model_dir: Path) -> None:
-    command = [sys.executable, "-m", "bench", "layouts", "--model-dir", str(model_dir), "--rounds", "2"]
-    done = subprocess.run(
-        [*command, "--seconds", "0.5", "--auto-budget-s", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = done.stdout.splitlines()
+    report = report_of("layouts", "--model-dir", model_dir, "--rounds", "2", "--seconds", "0.5", "--auto-budget-s", "2")
     assert report[0].startswith("machine: ") and report[2].startswith("auto chose ")
     checks = [line for line in report if line.startswith(("MET", "MISSED"))]
     assert [line.split(":")[0].split(maxsplit=1)[1] for line in checks] == [
@@ -216,12 +214,9 @@ KSERVE_PYTHON = ROOT / ".venv-kserve" / "bin" / "python"
 @pytest.mark.skipif(not hey.available(), reason="no hey (Debian: apt-get install hey); .ci/run installs it")
 @pytest.mark.skipif(not KSERVE_PYTHON.exists(), reason="no .venv-kserve: `make kserve-venv` (.ci/run makes it)")
 def test_peers_measures_us_against_kserve_on_the_same_graph(model_dir: Path) -> None:
-    command = [sys.executable, "-m", "bench", "peers", "--model-dir", str(model_dir), "--rounds", "2"]
-    done = subprocess.run(
-        [*command, "--seconds", "0.5", "--kserve-python", str(KSERVE_PYTHON)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    checks = [line for line in done.stdout.splitlines() if line.startswith(("MET", "MISSED"))]
+    report = report_of(
+        "peers", "--model-dir", model_dir, "--rounds", "2", "--seconds", "0.5", "--kserve-python", KSERVE_PYTHON
+    )
+    checks = [line for line in report if line.startswith(("MET", "MISSED"))]
     assert len(checks) == 6 and all("[95% CI " in line for line in checks)
-    assert any(line.startswith("kserve goodput c=32: ") for line in done.stdout.splitlines())
+    assert any(line.startswith("kserve goodput c=32: ") for line in report)
