@@ -5,7 +5,8 @@ Two servers run side by side on loopback (an idle one costs nothing: spinning is
 - saturated throughput in the fused and fused-int8 modes, `--clients` closed-loop clients, auto's layout over
   one slot (target >= 1.3x);
 - under overload, on auto's layout: 32 clients that retry at once when refused, against 4 clients: goodput
-  (answered requests a second) >= 0.9x, refusals' p99 <= 20 ms, accepted p99 within LATENCY_BUDGET_MS.
+  (answered requests a second) >= 0.9x, refusals' p99 <= 20 ms, accepted p99 within LATENCY_BUDGET_MS;
+- afterwards, every candidate measured again in-process: auto's choice within 5 % of the best.
 Every ratio is a mean over rounds with a 95 % t-interval; a target is met only when its whole interval is.
 """
 
@@ -16,11 +17,14 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 from scipy import stats
 
+from app.auto import CandidateFigures, choose
+from app.settings import Settings
 from bench import hey
 from bench.machine import Machine
 from bench.server import free_port, started
@@ -81,6 +85,22 @@ def _overload(target: Target, seconds: float) -> tuple[float, float, float, int]
     return _throughput(stormy, seconds) / calm, refused_p99, accepted_p99, len(refusals)
 
 
+def _again(model_dir: Path, choice: dict[str, Any], auto_budget_s: float) -> Interval:
+    """The chosen candidate's throughput over the best one's when every candidate is measured again (here,
+    in-process, after the servers stopped): the interval from the two candidates' own intervals."""
+    runtime, again = choose(Settings(model_dir=model_dir, default_mode="auto", auto_budget_s=auto_budget_s))
+    runtime.close()
+    chosen = next(c for c in again.candidates if (c.mode, c.layout) == (choice["mode"], choice["layout"]))
+    best = again.candidates[0]
+
+    def bounds(c: CandidateFigures) -> tuple[float, float]:
+        low, high = c.throughput_ci95
+        return (low or c.throughput_per_s, high or c.throughput_per_s)
+
+    (chosen_low, chosen_high), (best_low, best_high) = bounds(chosen), bounds(best)
+    return Interval(chosen.throughput_per_s / best.throughput_per_s, chosen_low / best_high, chosen_high / best_low)
+
+
 def run(
     model_dir: Path, rounds: int, seconds: float, clients: int, auto_budget_s: float, log: Callable[[str], None]
 ) -> str:
@@ -123,6 +143,13 @@ def run(
                 overload.append(_overload(Target(auto.url + infer, bodies[Mode(choice["mode"])]), seconds))
                 ratio, _, _, refused = overload[-1]
                 log(f"[layouts] round {turn + 1} overload: goodput ratio {ratio:.2f}, {refused} refused")
+    lines.append(
+        _check(
+            "auto's choice / the best, all measured again in-process",
+            _again(model_dir, choice, auto_budget_s),
+            at_least=0.95,
+        )
+    )
     goodput, refused_p99, accepted_p99, _ = zip(*overload, strict=True)
     lines += [
         _check(f"saturated throughput, {mode}: auto's layout / one slot", Interval.of(ratios[mode]), at_least=1.3)
