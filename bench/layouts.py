@@ -87,11 +87,14 @@ def _overload(target: Target, seconds: float) -> tuple[float, float, float, int]
 
 def _again(model_dir: Path, choice: dict[str, Any], auto_budget_s: float) -> Interval:
     """The chosen candidate's throughput over the best one's when every candidate is measured again (here,
-    in-process, after the servers stopped): the interval from the two candidates' own intervals."""
+    in-process, after the servers stopped): exactly 1 when it ranks first again, otherwise the interval from the
+    two candidates' own intervals."""
     runtime, again = choose(Settings(model_dir=model_dir, default_mode="auto", auto_budget_s=auto_budget_s))
     runtime.close()
     chosen = next(c for c in again.candidates if (c.mode, c.layout) == (choice["mode"], choice["layout"]))
     best = again.candidates[0]
+    if chosen == best:  # ranked first again: it is the best
+        return Interval(1.0, 1.0, 1.0)
 
     def bounds(c: CandidateFigures) -> tuple[float, float]:
         low, high = c.throughput_ci95
