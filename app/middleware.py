@@ -14,15 +14,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import (
-    CLOSE,
-    BodyTimeout,
-    PayloadTooLarge,
-    ServiceError,
-    StartupError,
-    error_response,
-    internal_message,
-)
+from app.errors import CLOSE, BodyTimeout, PayloadTooLarge, StartupError, error_response, internal_message
 from app.metrics import Metrics
 from app.settings import Settings
 
@@ -135,11 +127,11 @@ class EarlyRefusal:
     control would refuse it anyway (queue full, or its expected wait over MAX_QUEUE_WAIT_MS), so that refusing
     costs no decoding or parsing: under overload the cores stay with the inferences.
 
-    The body is read and dropped before the answer (within the body limits, which BodyLimits, outside this
-    one, enforces): uvicorn closes a connection as soon as its answer is sent, and a close with the client still
-    uploading would reset the connection under the client's feet instead of answering it. A client that sent
-    `Expect: 100-continue` has sent no body yet, and is answered at once. A request for another model than the
-    one served goes on, to its 404.
+    The answer goes out before the body is read, and keeps the connection alive: uvicorn then reads whatever
+    the client still uploads and drops it (h11 ignores a request's data once its answer is complete), so the
+    client gets its 503 while uploading and its connection ends cleanly; closing it instead would reset the
+    connection under an uploading client's feet. A request for another model than the one served goes on,
+    to its 404.
     """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
@@ -156,14 +148,7 @@ class EarlyRefusal:
             await self.app(scope, receive, send)
             return
         self.metrics.early_refusals.inc()
-        try:
-            if Headers(scope=scope).get("expect", "").lower() != "100-continue":
-                while (message := await receive())["type"] == "http.request" and message.get("more_body", False):
-                    pass
-        except ServiceError as exc:  # the body broke its limits while we dropped it: say so instead
-            refused = exc
-        closing = refused.headers | CLOSE
-        response = error_response(Request(scope), refused.status, refused.code, refused.message, closing)
+        response = error_response(Request(scope), refused.status, refused.code, refused.message, refused.headers)
         await response(scope, receive, send)
 
 

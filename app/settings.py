@@ -112,7 +112,7 @@ class Settings(BaseSettings):
         gt=0,
         le=600_000,
         description="A request whose expected wait for an inference slot (requests ahead / slots x the measured "
-        "inference time) is longer is refused at once with 503 and Retry-After, before its body is parsed; a "
+        "inference time) is longer is refused at once with 503 and Retry-After, as its headers arrive; a "
         "burst that can be served in time is queued.",
     )
     request_timeout_s: float = Field(
