@@ -1,22 +1,22 @@
 """The Open Inference Protocol (KServe v2) REST endpoints, translated onto the shared data plane.
 
 Inputs and outputs are the fused graph's, as the manifest's signature records them (the members' names, any of
-the common datatypes, -1 for dynamic dims), as JSON. Errors come back as {"error": "message"} (see app.errors).
+the common datatypes, -1 for dynamic dims), as JSON or with the binary tensor data extension (app.routes.
+v2_binary). Errors come back as {"error": "message"} (see app.errors).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Body, Request, Response
-from fastapi.routing import APIRoute
 
 from app.dataplane import DataPlane
 from app.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep
 from app.errors import BadRequest, ModelNotFound, error_responses
+from app.routes.v2_binary import BINARY_BODY_STATE, BINARY_DATA_SIZE, BinaryInputs, BinaryTensors, binary_response
 from app.routes.v2_types import (
     InferenceRequest,
     InferenceResponse,
@@ -34,30 +34,10 @@ from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import ModeChoice
 from ensemble_contract.signature import TensorSpec
 
-BINARY_HEADER = "Inference-Header-Content-Length"
-
-
-class JsonTensorsOnly(APIRoute):
-    """Refuses the binary tensor extension with a clear message, before FastAPI fails to parse its body as JSON."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handle = super().get_route_handler()
-
-        async def handle_json_only(request: Request) -> Response:
-            if BINARY_HEADER in request.headers:
-                raise BadRequest(
-                    "binary tensor data is not supported: send the elements as JSON data (tritonclient: "
-                    "binary_data=False in InferInput.set_data_from_numpy and InferRequestedOutput)"
-                )
-            return await handle(request)
-
-        return handle_json_only
-
-
 # The protocol's clients (tritonclient among them) send JSON without a Content-Type; there is no session or
 # cookie here for a cross-site request to abuse, so parse JSON whatever the type.
 router = APIRouter(
-    prefix="/v2", tags=["Open Inference Protocol (v2)"], strict_content_type=False, route_class=JsonTensorsOnly
+    prefix="/v2", tags=["Open Inference Protocol (v2)"], strict_content_type=False, route_class=BinaryTensors
 )
 SERVER_NAME = "onnx-ensemble-serving"
 SERVER_VERSION = "0.1.0"
@@ -75,17 +55,27 @@ def served_model(dataplane: DataPlane, name: str) -> Manifest:
     return dataplane.manifest
 
 
-def input_feeds(request: InferenceRequest, manifest: Manifest) -> dict[str, np.ndarray]:
+def input_feeds(request: InferenceRequest, manifest: Manifest, binary: BinaryInputs) -> dict[str, np.ndarray]:
     """The request's inputs as arrays by name, each checked against the signature, or BadRequest saying why."""
     expected = {spec.name: spec for spec in manifest.signature.inputs}
     given = [tensor.name for tensor in request.inputs]
     if sorted(given) != sorted(expected):
         raise BadRequest(f"expected inputs {sorted(expected)}, got {given}")
-    return {tensor.name: _array(tensor, expected[tensor.name]) for tensor in request.inputs}
+    feeds = {}
+    for tensor in request.inputs:
+        spec = expected[tensor.name]
+        size = (tensor.parameters or {}).get(BINARY_DATA_SIZE)
+        if size is None:
+            feeds[tensor.name] = _array(tensor, spec)
+            continue
+        _check_header(tensor, spec)
+        feeds[tensor.name] = binary.take(tensor.name, size, tensor.shape, spec)
+    binary.check_all_taken()
+    return feeds
 
 
-def _array(tensor: InputTensor, spec: TensorSpec) -> np.ndarray:
-    """One input tensor as an array of the signature's type, or BadRequest saying what is wrong with it."""
+def _check_header(tensor: InputTensor, spec: TensorSpec) -> None:
+    """BadRequest unless the tensor's declared datatype and shape fit the signature."""
     name = repr(tensor.name)
     if tensor.datatype != spec.datatype:
         raise BadRequest(f"input {name} must be {spec.datatype}, got {tensor.datatype}")
@@ -93,6 +83,14 @@ def _array(tensor: InputTensor, spec: TensorSpec) -> np.ndarray:
         raise BadRequest(f"input {name}: every dimension must be at least 1, got {tensor.shape}")
     if not spec.fits(tensor.shape):
         raise BadRequest(f"input {name} must have shape {spec.dims} (-1: any size), got {tensor.shape}")
+
+
+def _array(tensor: InputTensor, spec: TensorSpec) -> np.ndarray:
+    """One JSON input tensor as an array of the signature's type, or BadRequest saying what is wrong with it."""
+    name = repr(tensor.name)
+    _check_header(tensor, spec)
+    if tensor.data is None:
+        raise BadRequest(f"input {name} has neither data nor parameters.{BINARY_DATA_SIZE}")
     try:
         raw = np.asarray(tensor.data)
     except ValueError:  # ragged nesting
@@ -140,13 +138,15 @@ def requested_mode(request: InferenceRequest) -> ModeChoice | None:
         raise BadRequest(f"parameter mode must be one of {[m.value for m in ModeChoice]}, got {mode!r}") from None
 
 
-def requested_outputs(request: InferenceRequest, manifest: Manifest) -> list[str]:
+def requested_outputs(request: InferenceRequest, manifest: Manifest) -> dict[str, bool]:
+    """The outputs asked for (default: all), each with whether it goes as binary data."""
     known = manifest.signature.output_names
-    names = [output.name for output in request.outputs or []] or list(known)
-    unknown = sorted(set(names) - set(known))
+    all_binary = bool((request.parameters or {}).get("binary_data_output", False))
+    asked = {o.name: bool((o.parameters or {}).get("binary_data", all_binary)) for o in request.outputs or []}
+    unknown = sorted(set(asked) - set(known))
     if unknown:
         raise BadRequest(f"unknown outputs {unknown}; the model has {', '.join(known)}")
-    return names
+    return asked or dict.fromkeys(known, all_binary)
 
 
 @router.get("", summary="Server metadata", responses=error_responses(500, protocol=True))
@@ -191,6 +191,11 @@ async def model_ready(model_name: str, dataplane: DataPlaneDep) -> ModelReady:
 @router.post(
     "/models/{model_name}/infer",
     summary="Inference on a preprocessed tensor",
+    description="JSON tensors, or the binary tensor data extension (`Inference-Header-Content-Length`): inputs "
+    "with `parameters.binary_data_size`, outputs as binary with `binary_data` (per output) or "
+    "`binary_data_output` (per request).",
+    response_model=InferenceResponse,
+    response_model_exclude_none=True,
     dependencies=[Authorized],
     openapi_extra=OPTIONAL_BEARER,
     responses=error_responses(400, 401, 404, 408, 413, 500, 503, 504, protocol=True, s404=UNKNOWN_MODEL),
@@ -201,14 +206,16 @@ async def infer(
     request: Request,
     dataplane: DataPlaneDep,
     arrived: ArrivalDep,
-) -> InferenceResponse:
+) -> InferenceResponse | Response:
     manifest = served_model(dataplane, model_name)
-    feeds = input_feeds(body, manifest)
-    names = requested_outputs(body, manifest)
+    feeds = input_feeds(body, manifest, BinaryInputs(getattr(request.state, BINARY_BODY_STATE, b"")))
+    outputs = requested_outputs(body, manifest)
     inference = await dataplane.infer_tensor(feeds, mode=requested_mode(body), arrived=arrived)
-    return InferenceResponse(
+    binary = {name: inference.outputs[name] for name, as_binary in outputs.items() if as_binary}
+    response = InferenceResponse(
         model_name=manifest.name,
         id=body.id or request.state.request_id,
         parameters={"mode": inference.mode.value},
-        outputs=[OutputTensor.of(name, inference.outputs[name]) for name in names],
+        outputs=[OutputTensor.of(name, inference.outputs[name], with_data=name not in binary) for name in outputs],
     )
+    return binary_response(response.model_dump(), binary) if binary else response

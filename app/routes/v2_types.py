@@ -1,4 +1,4 @@
-"""Messages of the Open Inference Protocol (KServe v2) REST API, JSON tensors only."""
+"""Messages of the Open Inference Protocol (KServe v2) REST API (the JSON part of the binary extension too)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,9 @@ class InputTensor(BaseModel):
     shape: list[int]
     datatype: str
     parameters: dict[str, Any] | None = None
-    data: list[Any] = Field(description="Row-major elements, flat or nested.")
+    data: list[Any] | None = Field(
+        None, description="Row-major elements, flat or nested; absent when parameters.binary_data_size is given."
+    )
 
 
 class RequestedOutput(BaseModel):
@@ -84,11 +86,13 @@ class OutputTensor(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[float] | list[int] | list[bool]
+    parameters: dict[str, Any] | None = None
+    data: list[float] | list[int] | list[bool] | None = Field(None, description="Absent for a binary output.")
 
     @classmethod
-    def of(cls, name: str, array: np.ndarray) -> OutputTensor:
-        return cls(name=name, shape=list(array.shape), datatype=of_numpy(array.dtype), data=array.ravel().tolist())
+    def of(cls, name: str, array: np.ndarray, *, with_data: bool = True) -> OutputTensor:
+        data = array.ravel().tolist() if with_data else None
+        return cls(name=name, shape=list(array.shape), datatype=of_numpy(array.dtype), data=data)
 
 
 class InferenceResponse(BaseModel):

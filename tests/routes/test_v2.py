@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
 from model_build.shapes import held_out_set
-from tests.support import INT8_ATOL, LiveServer
+from tests.support import INT8_ATOL, LiveServer, infer_json
 
 TOLERANCE = 1e-4
 OUTPUTS = ("class_probs", "mask_probs", "class_probs_members")
@@ -97,12 +97,44 @@ def test_client_sees_protocol_errors(
         call(triton_client, manifest)  # type: ignore[operator]
 
 
-def test_binary_tensor_data_is_refused_clearly(triton_client: triton.InferenceServerClient, manifest: Manifest) -> None:
+def test_binary_tensors_with_tritonclients_defaults_equal_json_in_every_mode(
+    triton_client: triton.InferenceServerClient, client: httpx.Client, manifest: Manifest
+) -> None:
+    """tritonclient.http with its defaults sends binary inputs and asks for binary outputs."""
+    batch = batch_of(manifest, n=2)
+    for mode in Mode:
+        image = triton.InferInput("image", list(batch.shape), "FP32")
+        image.set_data_from_numpy(batch)  # binary_data=True by default
+        binary = triton_client.infer(manifest.name, [image], parameters={"mode": mode.value})
+        as_json = infer_json(client, manifest.name, batch, mode=mode.value)
+        for name in manifest.signature.output_names:
+            expected = np.asarray(as_json[name]["data"], np.float32).reshape(as_json[name]["shape"])
+            np.testing.assert_array_equal(binary.as_numpy(name), expected, err_msg=f"{mode} {name}")
+        requested = [triton.InferRequestedOutput("class_probs", binary_data=False)]
+        mixed = triton_client.infer(manifest.name, [image], outputs=requested, parameters={"mode": mode.value})
+        np.testing.assert_array_equal(mixed.as_numpy("class_probs"), binary.as_numpy("class_probs"))
+
+
+@pytest.mark.parametrize(
+    ("size", "extra", "message"),
+    [(100, b"", "binary_data_size must be"), (None, b"\0" * 8, "binary bytes that no input claims")],
+    ids=["wrong-size", "unclaimed-bytes"],
+)
+def test_binary_sizes_that_do_not_fit_are_400(
+    client: httpx.Client, manifest: Manifest, size: int | None, extra: bytes, message: str
+) -> None:
     batch = batch_of(manifest, n=1)
-    image = triton.InferInput("image", list(batch.shape), "FP32")
-    image.set_data_from_numpy(batch, binary_data=True)
-    with pytest.raises(InferenceServerException, match="binary tensor data is not supported"):
-        triton_client.infer(manifest.name, [image])
+    declared = batch.nbytes if size is None else size
+    header = json.dumps(
+        {"inputs": [{"name": "image", "shape": list(batch.shape), "datatype": "FP32",
+                     "parameters": {"binary_data_size": declared}}]}
+    ).encode()  # fmt: skip
+    response = client.post(
+        f"/v2/models/{manifest.name}/infer",
+        content=header + batch.tobytes() + extra,
+        headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+    )
+    assert response.status_code == 400 and message in response.json()["error"]
 
 
 def request(manifest: Manifest, **changes: object) -> dict[str, object]:
