@@ -23,7 +23,7 @@ logger = logging.getLogger("app")
 
 V2_PREFIX = "/v2"
 RETRY_AFTER_S = 1
-CLOSE = {"Connection": "close"}  # for answers sent before the request body was read to its end
+CLOSE = {"Connection": "close"}  # for a stalled body: the client stopped sending, the connection ends
 
 
 class StartupError(Exception):

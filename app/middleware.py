@@ -14,7 +14,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import CLOSE, BodyTimeout, PayloadTooLarge, StartupError, error_response, internal_message
+from app.errors import BodyTimeout, PayloadTooLarge, StartupError, error_response, internal_message
 from app.metrics import Metrics
 from app.settings import Settings
 
@@ -75,8 +75,9 @@ def settings_of(scope: Scope) -> Settings | None:
 
 class BodyLimits:
     """Bounds every request body: at most settings.max_upload_bytes (declared in Content-Length or streamed),
-    else 413; all of it within settings.body_timeout_s of the request's arrival, else 408. Both answers close
-    the connection, since the rest of the body is never read.
+    else 413; all of it within settings.body_timeout_s of the request's arrival, else 408. The 413 keeps the
+    connection alive: uvicorn drops the rest of the upload (for its keep-alive timeout at most), so the client
+    reads its answer instead of a reset; the 408 closes it, the client having stopped sending.
 
     Uvicorn has no timeout for a body that stops arriving; without this one a stalled upload would hold its
     connection and its task forever. Nothing is admitted (no queue place, no inference slot) before the body
@@ -102,7 +103,7 @@ class BodyLimits:
             if complete:  # after the body, receive() waits for a disconnect: no deadline on that
                 return await receive()
             if declared.isdigit() and int(declared) > limit:
-                raise PayloadTooLarge(f"the body has {declared} bytes, more than the limit of {limit}", headers=CLOSE)
+                raise PayloadTooLarge(f"the body has {declared} bytes, more than the limit of {limit}")
             try:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
@@ -112,7 +113,7 @@ class BodyLimits:
                 ) from None
             received += len(message.get("body", b""))
             if received > limit:
-                raise PayloadTooLarge(f"the body has more than the limit of {limit} bytes", headers=CLOSE)
+                raise PayloadTooLarge(f"the body has more than the limit of {limit} bytes")
             complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
