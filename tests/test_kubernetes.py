@@ -1,0 +1,87 @@
+"""The Kubernetes manifests, checked offline (no cluster runs here): the core kinds against the API's own schemas
+(kubernetes-validate, strict: no unknown field), the custom resources (PodMonitor, KServe's InferenceService) for
+the fields their controllers read, and the pieces against each other and against the service itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from app.main import create_app
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
+KUBERNETES_VERSION = "1.33.0"
+
+
+def load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def base() -> dict[str, dict[str, Any]]:
+    """The kustomization's resources by kind."""
+    kustomization = load(ROOT / "base" / "kustomization.yaml")
+    documents = [load(ROOT / "base" / name) for name in kustomization["resources"]]
+    return {document["kind"]: document for document in documents}
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"])
+def test_core_kinds_follow_the_api_schema_strictly(kind: str) -> None:
+    kubernetes_validate.validate(base()[kind], KUBERNETES_VERSION, strict=True)
+
+
+def test_the_pieces_select_the_deployments_pods() -> None:
+    resources = base()
+    deployment = resources["Deployment"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert resources["Service"]["spec"]["selector"].items() <= pod_labels.items()
+    for kind in ("PodDisruptionBudget", "PodMonitor"):
+        assert resources[kind]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items(), kind
+    target = resources["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+
+
+def test_ports_probes_and_settings_are_the_services_own() -> None:
+    resources = base()
+    container = resources["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    env = {variable["name"]: variable["value"] for variable in container["env"]}
+    assert {name.lower() for name in env} <= set(Settings.model_fields)
+    settings = Settings(**{name.lower(): value for name, value in env.items()})  # valid values too
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"http": settings.port, "metrics": settings.metrics_port}
+    assert {port["name"] for port in resources["Service"]["spec"]["ports"]} == set(ports)
+    assert resources["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    paths = set(create_app(settings).openapi()["paths"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] in paths, probe
+        assert container[probe]["httpGet"]["port"] == "metrics"  # the ops server answers even when the app is busy
+    pod = resources["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert pod["terminationGracePeriodSeconds"] > settings.shutdown_grace_s
+
+
+def test_the_autoscaler_scales_on_a_metric_the_service_exports() -> None:
+    metric = base()["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    names = {family.name for family in create_app(Settings()).state.metrics.registry.collect()}
+    assert metric in names
+
+
+def test_custom_resources_have_what_their_controllers_read() -> None:
+    monitor = base()["PodMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
+    service = load(ROOT / "kserve" / "inferenceservice.yaml")
+    assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    container = service["spec"]["predictor"]["containers"][0]
+    env = {variable["name"]: variable["value"] for variable in container["env"]}
+    assert int(env["PORT"]) == container["ports"][0]["containerPort"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # The container itself is a core PodSpec container: validate it as one.
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kserve"}, "spec": {"containers": [container]}}
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
