@@ -18,7 +18,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -112,9 +112,10 @@ class _Candidate:
         )
 
 
-def _window(runtime: EnsembleRuntime, mode: Mode, callers: ThreadPoolExecutor, slots: int, seconds: float):
-    """Throughput and latencies of `slots` callers in a closed loop for `seconds`."""
-    feeds = runtime.manifest.example_inputs()
+def _window(
+    runtime: EnsembleRuntime, mode: Mode, feeds: Mapping[str, np.ndarray], callers: ThreadPoolExecutor, seconds: float
+) -> tuple[float, list[float]]:
+    """Throughput and latencies of as many callers as the runtime has slots, in a closed loop for `seconds`."""
     deadline = time.perf_counter() + seconds
     lock, latencies = threading.Lock(), []
 
@@ -127,7 +128,7 @@ def _window(runtime: EnsembleRuntime, mode: Mode, callers: ThreadPoolExecutor, s
             latencies.extend(mine)
 
     started = time.perf_counter()
-    for future in [callers.submit(caller) for _ in range(slots)]:
+    for future in [callers.submit(caller) for _ in range(runtime.slots)]:
         future.result()
     return len(latencies) / (time.perf_counter() - started), latencies
 
@@ -152,13 +153,14 @@ def _time_layout(runtime: EnsembleRuntime, layout: Layout, budget_s: float, wind
     """Every mode of one layout, in turns of one window each, until all are stable or the budget is spent (one
     window each at least)."""
     candidates = [_Candidate(mode, layout) for mode in runtime.modes]
+    feeds = runtime.manifest.example_inputs()
     deadline = time.perf_counter() + budget_s
     with ThreadPoolExecutor(layout.slots, thread_name_prefix="auto") as callers:
         while not candidates[-1].throughputs or (
             time.perf_counter() < deadline and not all(c.stable for c in candidates)
         ):
             for candidate in candidates:
-                throughput, latencies = _window(runtime, candidate.mode, callers, layout.slots, window_s)
+                throughput, latencies = _window(runtime, candidate.mode, feeds, callers, window_s)
                 candidate.throughputs.append(throughput)
                 candidate.latencies.extend(latencies)
     return candidates

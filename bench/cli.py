@@ -124,41 +124,38 @@ def _add_quant(commands: Subparsers) -> None:
     p.add_argument("--test-images", type=int, help="held-out images (default: as many as the manifest's metrics)")
 
 
-def _add_compare(commands: Subparsers) -> None:
-    p = commands.add_parser(
-        "compare",
-        help="fused or separate, for any model directory: every mode timed in-process and over /v2",
-        description=compare.__doc__,
-    )
+def _add_interleaved(
+    commands: Subparsers, name: str, summary: str, description: str | None, rounds: int, seconds: bool
+) -> argparse.ArgumentParser:
+    """A command of interleaved rounds on one model directory (compare, layouts, peers)."""
+    p = commands.add_parser(name, help=summary, description=description)
     _add_model_dir(p)
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--rounds", type=int, default=rounds, help=f"interleaved rounds (default {rounds})")
+    if seconds:
+        p.add_argument("--seconds", type=float, default=5, help="length of each hey run (default 5)")
+    return p
+
+
+def _add_compare(commands: Subparsers) -> None:
+    summary = "fused or separate, for any model directory: every mode timed in-process and over /v2"
+    p = _add_interleaved(commands, "compare", summary, compare.__doc__, rounds=5, seconds=False)
     p.add_argument("--calls", type=int, default=30, help="in-process calls a mode a round (default 30)")
     p.add_argument("--requests", type=int, default=40, help="HTTP requests a mode a round (default 40)")
 
 
 def _add_layouts(commands: Subparsers) -> None:
-    p = commands.add_parser(
-        "layouts",
-        help="today's layout (one slot) against the one auto picks, and goodput under overload, over HTTP",
-        description=layouts.__doc__,
-    )
-    _add_model_dir(p)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--seconds", type=float, default=5, help="length of each hey run (default 5)")
+    summary = "today's layout (one slot) against the one auto picks, and goodput under overload, over HTTP"
+    p = _add_interleaved(commands, "layouts", summary, layouts.__doc__, rounds=3, seconds=True)
     p.add_argument("--clients", type=int, default=4, help="closed-loop clients for saturation (default 4)")
     p.add_argument("--auto-budget-s", type=float, default=20, help="the auto server's AUTO_BUDGET_S (default 20)")
 
 
 def _add_peers(commands: Subparsers) -> None:
-    p = commands.add_parser(
-        "peers", help="this service against KServe's Python model server on the same graph", description=peers.__doc__
-    )
-    _add_model_dir(p)
+    summary = "this service against KServe's Python model server and the naive server on the same graph"
+    p = _add_interleaved(commands, "peers", summary, peers.__doc__, rounds=3, seconds=True)
     p.add_argument(
         "--kserve-python", type=Path, default=Path(".venv-kserve/bin/python"), help="made by `make kserve-venv`"
     )
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--seconds", type=float, default=5, help="length of each hey run (default 5)")
 
 
 def parser() -> argparse.ArgumentParser:

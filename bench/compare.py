@@ -25,6 +25,7 @@ from app.settings import Settings
 from bench import hey
 from bench.machine import Machine
 from bench.server import free_port, started
+from bench.stats import Interval
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
 
@@ -46,11 +47,9 @@ def ratios(per_round: dict[Mode, list[float]]) -> list[Ratio]:
     """Each mode's per-round figure over fused's, with a t-interval over the rounds."""
     fused = per_round[Mode.FUSED]
     result = []
-    for mode, medians in per_round.items():
-        r = [m / f for m, f in zip(medians, fused, strict=True)]
-        mean = statistics.fmean(r)
-        half = stats.t.ppf(0.975, len(r) - 1) * statistics.stdev(r) / len(r) ** 0.5 if len(r) > 1 else float("inf")
-        result.append(Ratio(mode, statistics.median(medians) * 1000, mean, mean - half, mean + half))
+    for mode, figures in per_round.items():
+        ratio = Interval.of([m / f for m, f in zip(figures, fused, strict=True)])
+        result.append(Ratio(mode, statistics.median(figures) * 1000, ratio.mean, ratio.low, ratio.high))
     return result
 
 

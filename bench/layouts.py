@@ -12,7 +12,6 @@ Every ratio is a mean over rounds with a 95 % t-interval; a target is met only w
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,39 +20,16 @@ from typing import Any
 
 import httpx
 import numpy as np
-from scipy import stats
 
 from app.auto import CandidateFigures, choose
 from app.settings import Settings
 from bench import hey
 from bench.machine import Machine
 from bench.server import free_port, started
+from bench.stats import Interval
+from bench.targets import interval_check
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
-
-
-@dataclass(frozen=True)
-class Interval:
-    mean: float
-    low: float
-    high: float
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Interval:
-        mean = statistics.fmean(values)
-        if len(values) < 2:
-            return cls(mean, float("-inf"), float("inf"))
-        half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-        return cls(mean, mean - half, mean + half)
-
-    def __str__(self) -> str:
-        return f"{self.mean:.2f} [95% CI {self.low:.2f}-{self.high:.2f}]"
-
-
-def _check(name: str, interval: Interval, *, at_least: float | None = None, at_most: float | None = None) -> str:
-    met = (at_least is None or interval.low >= at_least) and (at_most is None or interval.high <= at_most)
-    bound = f">= {at_least:g}" if at_least is not None else f"<= {at_most:g}"
-    return f"{'MET   ' if met else 'MISSED'} {name}: {interval} (target {bound})"
 
 
 def _throughput(replies: Sequence[hey.Reply], seconds: float) -> float:
@@ -147,7 +123,7 @@ def run(
                 ratio, _, _, refused = overload[-1]
                 log(f"[layouts] round {turn + 1} overload: goodput ratio {ratio:.2f}, {refused} refused")
     lines.append(
-        _check(
+        interval_check(
             "auto's choice / the best, all measured again in-process",
             _again(model_dir, choice, auto_budget_s),
             at_least=0.95,
@@ -155,12 +131,16 @@ def run(
     )
     goodput, refused_p99, accepted_p99, _ = zip(*overload, strict=True)
     lines += [
-        _check(f"saturated throughput, {mode}: auto's layout / one slot", Interval.of(ratios[mode]), at_least=1.3)
+        interval_check(
+            f"saturated throughput, {mode}: auto's layout / one slot", Interval.of(ratios[mode]), at_least=1.3
+        )
         for mode in modes
     ]
     lines += [
-        _check("goodput at 32 retrying clients / throughput at 4", Interval.of(goodput), at_least=0.9),
-        _check("refusals' p99 at 32 clients, ms", Interval.of(refused_p99), at_most=20),
-        _check("accepted p99 at 32 clients, ms", Interval.of(accepted_p99), at_most=choice["latency_budget_ms"]),
+        interval_check("goodput at 32 retrying clients / throughput at 4", Interval.of(goodput), at_least=0.9),
+        interval_check("refusals' p99 at 32 clients, ms", Interval.of(refused_p99), at_most=20),
+        interval_check(
+            "accepted p99 at 32 clients, ms", Interval.of(accepted_p99), at_most=choice["latency_budget_ms"]
+        ),
     ]
     return "\n".join(lines)

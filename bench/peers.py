@@ -21,9 +21,10 @@ import numpy as np
 from app.runtime import EnsembleRuntime
 from app.settings import Settings
 from bench import hey
-from bench.layouts import Interval, _check
 from bench.machine import Machine
 from bench.server import free_port, started
+from bench.stats import Interval
+from bench.targets import interval_check
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
 
@@ -83,13 +84,17 @@ def run(model_dir: Path, kserve_python: Path, rounds: int, seconds: float, log: 
 
     lines += [f"{name}: {Interval.of(values)}" for name, values in figures.items()]
     over_in_process = Interval.of([p / in_process_ms for p in figures["ours p50 c=1"]])
-    lines.append(_check(f"p50 at c=1 over /v2 / in-process ({in_process_ms:.2f} ms)", over_in_process, at_most=1.25))
+    lines.append(
+        interval_check(f"p50 at c=1 over /v2 / in-process ({in_process_ms:.2f} ms)", over_in_process, at_most=1.25)
+    )
     for peer, title in (("kserve", "KServe's"), ("naive", "the naive server's")):
-        lines.append(_check(f"p50 at c=1, ours / {title}", ratios("ours p50 c=1", f"{peer} p50 c=1"), at_most=1.0))
+        lines.append(
+            interval_check(f"p50 at c=1, ours / {title}", ratios("ours p50 c=1", f"{peer} p50 c=1"), at_most=1.0)
+        )
         for clients in (16, 32):
             goodput = ratios(f"ours goodput c={clients}", f"{peer} goodput c={clients}")
-            lines.append(_check(f"goodput at {clients} clients, ours / {title}", goodput, at_least=1.0))
+            lines.append(interval_check(f"goodput at {clients} clients, ours / {title}", goodput, at_least=1.0))
     for clients in (16, 32):
         p99 = Interval.of(figures[f"ours p99 c={clients}"])
-        lines.append(_check(f"ours: accepted p99 at {clients} clients, ms", p99, at_most=1000))
+        lines.append(interval_check(f"ours: accepted p99 at {clients} clients, ms", p99, at_most=1000))
     return "\n".join(lines)

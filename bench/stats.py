@@ -1,11 +1,15 @@
-"""Latency summaries: median and tail percentiles of a list of durations."""
+"""Latency summaries (median and tail percentiles of a list of durations), and the mean of a few per-round
+figures with its 95 % confidence interval."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from pydantic import BaseModel
+from scipy import stats
 
 
 class Summary(BaseModel):
@@ -39,3 +43,23 @@ class Summary(BaseModel):
 
 def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over rounds with its 95 % t-interval (unbounded with one round)."""
+
+    mean: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Interval:
+        mean = statistics.fmean(values)
+        if len(values) < 2:
+            return cls(mean, float("-inf"), float("inf"))
+        half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+        return cls(mean, mean - half, mean + half)
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2f} [95% CI {self.low:.2f}-{self.high:.2f}]"

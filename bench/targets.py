@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.markdown import table
+from bench.stats import Interval
 
 
 @dataclass(frozen=True)
@@ -31,3 +32,12 @@ class Check:
 
 def checks_table(checks: Sequence[Check]) -> str:
     return table(["target", "measured", "limit", "verdict"], [c.row() for c in checks])
+
+
+def interval_check(
+    name: str, interval: Interval, *, at_least: float | None = None, at_most: float | None = None
+) -> str:
+    """One line: a target met only when the whole interval is on its side."""
+    met = (at_least is None or interval.low >= at_least) and (at_most is None or interval.high <= at_most)
+    bound = f">= {at_least:g}" if at_least is not None else f"<= {at_most:g}"
+    return f"{'MET   ' if met else 'MISSED'} {name}: {interval} (target {bound})"

@@ -43,22 +43,23 @@ class Plan:
     left_out: dict[str, str]
 
 
-def load_member(path: Path) -> onnx.ModelProto:
-    """Reads a member, with its external data; FusionError naming a missing data file before loading any."""
+def load_member(path: Path) -> tuple[onnx.ModelProto, bool]:
+    """Reads a member with its external data, and says whether it had any; FusionError naming a missing data
+    file before loading any."""
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and others for a corrupt file
         raise FusionError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    for tensor in model.graph.initializer:
-        if uses_external_data(tensor):
-            location = next(e.value for e in tensor.external_data if e.key == "location")
-            if not (path.parent / location).is_file():
-                raise FusionError(
-                    f"{path}: initializer {tensor.name!r} keeps its data in {location!r}, which is not in "
-                    f"{path.parent}: put the data file beside the model, or save the model with its data inside"
-                )
+    external = [tensor for tensor in model.graph.initializer if uses_external_data(tensor)]
+    for tensor in external:
+        location = next(e.value for e in tensor.external_data if e.key == "location")
+        if not (path.parent / location).is_file():
+            raise FusionError(
+                f"{path}: initializer {tensor.name!r} keeps its data in {location!r}, which is not in "
+                f"{path.parent}: put the data file beside the model, or save the model with its data inside"
+            )
     onnx.load_external_data_for_model(model, str(path.parent))
-    return model
+    return model, bool(external)
 
 
 def tensor_spec(value: onnx.ValueInfoProto, member: str) -> TensorSpec:

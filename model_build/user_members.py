@@ -110,13 +110,6 @@ def _image_spec(options: Mapping[str, object], fusion: Plan) -> ImageSpec:
         raise FusionError(f"image options: {problems}") from None
 
 
-def uses_external_data_anywhere(path: Path) -> bool:
-    return any(
-        i.data_location == onnx.TensorProto.EXTERNAL
-        for i in onnx.load(path, load_external_data=False).graph.initializer
-    )
-
-
 def _check_batch(signature: Signature) -> int:
     """Rows per check run: the inputs' static batch size when they have one (many exports fix it at 1)."""
     first = {t.shape[0] for t in signature.inputs if t.shape}
@@ -163,7 +156,7 @@ def fuse_files(request: FuseRequest) -> Manifest:
             normalised_weights(request.weights, len(paths))
         except ValueError as exc:
             raise FusionError(f"--weights: {exc}") from None
-    models = [load_member(p) for p in paths]
+    models, external = zip(*(load_member(p) for p in paths), strict=True)
     fusion = plan({str(p): member_signature(m, str(p)) for m, p in zip(models, paths, strict=True)}, request.rules)
     log(f"inputs: {', '.join(t.describe() for t in fusion.signature.inputs)}")
     for c in fusion.combine:
@@ -200,7 +193,7 @@ def fuse_files(request: FuseRequest) -> Manifest:
     request.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{request.out.name}.", dir=request.out.parent))
     try:
-        manifest = _write(request, staging, paths, models, fusion, image, calibration, evaluation)
+        manifest = _write(request, staging, paths, models, external, fusion, image, calibration, evaluation)
         _replace(request.out, staging)
     except FusionError:
         raise
@@ -229,6 +222,7 @@ def _write(
     out: Path,
     paths: Sequence[Path],
     models: Sequence[onnx.ModelProto],
+    external: Sequence[bool],
     fusion: Plan,
     image: ImageSpec | None,
     calibration: Mapping[str, np.ndarray] | None,
@@ -237,8 +231,8 @@ def _write(
     members_dir = out / MEMBERS_DIR
     members_dir.mkdir()
     copies = [members_dir / f"{p.stem}.onnx" for p in paths]
-    for source, model, copy in zip(paths, models, copies, strict=True):
-        if uses_external_data_anywhere(source):
+    for source, model, had_external_data, copy in zip(paths, models, external, copies, strict=True):
+        if had_external_data:
             onnx.save(model, copy)  # its external data, loaded, written inside the copy
         else:
             shutil.copyfile(source, copy)
