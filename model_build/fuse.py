@@ -289,8 +289,11 @@ class _Head:
 
     def vote(self, outputs: Sequence[str], name: str, weights: np.ndarray, rank: int, dtype: np.dtype) -> str:
         """ensemble_contract.combine.majority_vote, as graph: M x [N, ...] -> [N, ...]. Votes are counted on
-        INT64 (the one integer type every op here takes at every opset) and cast back."""
-        as_int64 = [self.node("Cast", [o], f"{o}_int64", to=TensorProto.INT64) for o in outputs]
+        INT64 (the one integer type every op here takes at every opset); other types are cast there and back."""
+        native = dtype == np.int64
+        as_int64 = (
+            list(outputs) if native else [self.node("Cast", [o], f"{o}_int64", to=TensorProto.INT64) for o in outputs]
+        )
         stacked = self.stack(as_int64, f"{name}_stacked")
         rows = self.with_axes("Unsqueeze", stacked, f"{name}_rows", [2], since=13)
         columns = self.with_axes("Unsqueeze", stacked, f"{name}_columns", [1], since=13)
@@ -305,6 +308,8 @@ class _Head:
         losers = self.node("Less", [counts, self.node("Sub", [best, tolerance], f"{name}_bar")], f"{name}_losers")
         largest = self.constant(f"{name}_largest", np.asarray(np.iinfo(np.int64).max, np.int64))
         candidates = self.node("Where", [losers, largest, stacked], f"{name}_candidates")
+        if native:
+            return self.with_axes("ReduceMin", candidates, name, [1], since=18, final=True, keepdims=0)
         winner = self.with_axes("ReduceMin", candidates, f"{name}_winner", [1], since=18, keepdims=0)
         return self.node("Cast", [winner], name, final=True, to=helper.np_dtype_to_tensor_dtype(dtype))
 
