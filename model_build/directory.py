@@ -47,7 +47,8 @@ def write_ensemble(
     path = out / ENSEMBLE_FILE
     onnx.save(fused, path)
     worst = check_fused_matches_members(path, member_paths, fusion.combine, weights, check_feeds, batch)
-    log(f"fused {len(member_paths)} members into {path}; largest relative difference from the reference {worst:.1e}")
+    # Named by the file alone: `fuse` writes in a staging directory that its last line ("wrote ...") replaces.
+    log(f"fused {len(member_paths)} members into {ENSEMBLE_FILE}; largest relative difference {worst:.1e}")
     return FileEntry.of(out, path)
 
 
