@@ -18,7 +18,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -166,19 +166,17 @@ def _time_layout(runtime: EnsembleRuntime, layout: Layout, budget_s: float, wind
     return candidates
 
 
-def choose(
-    settings: Settings, load: Callable[[Settings], EnsembleRuntime] = EnsembleRuntime.load
-) -> tuple[EnsembleRuntime, AutoChoice]:
-    """Times every mode under every layout, one layout loaded at a time, and returns the runtime of the chosen
-    layout (the only one left open) with the measurement."""
+def choose(settings: Settings, candidate_layouts: Sequence[Layout] | None = None) -> tuple[EnsembleRuntime, AutoChoice]:
+    """Times every mode under every layout (or those given), one layout loaded at a time, and returns the runtime
+    of the chosen layout (the only one left open) with the measurement."""
     started = time.perf_counter()
     latency_budget_s = settings.latency_budget_ms / 1000
-    every_layout = layouts(available_cores())
+    every_layout = list(candidate_layouts or layouts(available_cores()))
     share_s, window_s = settings.auto_budget_s / len(every_layout), settings.auto_window_ms / 1000
     figures: list[CandidateFigures] = []
     kept: tuple[Layout, EnsembleRuntime] | None = None
     for layout in every_layout:
-        runtime = load(settings.model_copy(update={"inference_slots": layout.slots}))
+        runtime = EnsembleRuntime.load(settings.model_copy(update={"inference_slots": layout.slots}))
         figures += [c.figures(latency_budget_s) for c in _time_layout(runtime, layout, share_s, window_s)]
         best_layout = rank(figures)[0].layout
         if best_layout == str(layout):

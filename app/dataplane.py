@@ -7,30 +7,28 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 
 from app import imaging
 from app.admission import Admission
-from app.auto import AutoChoice
 from app.cpu import timed_cpu
-from app.errors import InferenceFailed, InferenceTimeout, NotAnImageModel, Overloaded, ServiceError
+from app.errors import InferenceFailed, InferenceTimeout, NotReady, Overloaded, ServiceError
 from app.metrics import Metrics
-from app.modes import ModeSelector
+from app.model import LoadedModel
 from app.priority import lower_thread_priority
-from app.runtime import EnsembleRuntime, Tensors
+from app.runtime import Tensors
 from app.settings import Settings, available_cores
-from app.stats import RecentLatencies
-from ensemble_contract.manifest import ImageSpec, Manifest
 from ensemble_contract.modes import Mode, ModeChoice
 
 T = TypeVar("T")
+Protocol = Literal["http", "grpc"]
 
 
 @dataclass(frozen=True)
@@ -64,18 +62,17 @@ class ImagePrediction:
 
 
 class DataPlane:
-    def __init__(
-        self, settings: Settings, runtime: EnsembleRuntime, metrics: Metrics, auto: AutoChoice | None = None
-    ) -> None:
+    """Serves one model at a time (`model`, which a reload switches); admission control, the image threads and
+    the draining state are the server's and outlive a switch."""
+
+    def __init__(self, settings: Settings, model: LoadedModel, metrics: Metrics) -> None:
         self.settings = settings
-        self.runtime = runtime
         self.metrics = metrics
-        self.manifest: Manifest = runtime.manifest
-        self.auto = auto
-        self.admission = Admission(runtime.slots, settings.max_queue, settings.max_queue_wait_ms / 1000)
-        self.admission.service_s = runtime.typical_inference_s  # the warm-up's, until requests measure it
-        self.selector = ModeSelector(settings.default_mode, runtime.modes, auto.mode if auto else None)
-        self.recent = RecentLatencies(settings.stats_window_s, runtime.modes)
+        self.model: LoadedModel | None = None
+        # A reload keeps the layout, so the slots stay the number the first model was loaded with.
+        self.admission = Admission(model.runtime.slots, settings.max_queue, settings.max_queue_wait_ms / 1000)
+        metrics.inferences_admitted.set_function(lambda: self.admission.admitted)
+        self.switch(model)
         # Decoding and mask encoding run off the event loop, a few at a time (they are CPU-bound too).
         self._image_pool = ThreadPoolExecutor(
             available_cores(), thread_name_prefix="image", initializer=lower_thread_priority
@@ -83,32 +80,61 @@ class DataPlane:
         self.ready = True
         self._draining_since: float | None = None
 
+    def switch(self, model: LoadedModel | None) -> LoadedModel | None:
+        """Serves `model` from the next request on (None: none, after an unload) and retires the one it replaces,
+        whose sessions close when its last request is done. Returns the replaced model."""
+        replaced, self.model = self.model, model
+        if model is not None:
+            self.admission.service_s = model.runtime.typical_inference_s  # the warm-up's, until requests measure it
+            self.metrics.describe_model(model.runtime, model.auto)
+        if replaced is not None:
+            replaced.retire()
+        return replaced
+
+    @contextmanager
+    def using(self) -> Iterator[LoadedModel]:
+        """The model served now, for the length of one request (NotReady when none is loaded)."""
+        model = self.model
+        if model is None:
+            raise NotReady("no model is loaded: load one with POST /v2/repository/models/{name}/load")
+        model.in_flight += 1
+        try:
+            yield model
+        finally:
+            model.release()
+
     async def predict_image(
-        self, data: bytes, *, mode: ModeChoice | None, with_mask: bool, arrived: float
+        self,
+        model: LoadedModel,
+        data: bytes,
+        *,
+        mode: ModeChoice | None,
+        with_mask: bool,
+        arrived: float,
     ) -> ImagePrediction:
         """One encoded image to label probabilities (and a mask). `arrived`: time.perf_counter() at arrival."""
-        image = self.image_spec()
-        chosen = self.selector.pick(mode)
-        with self._outcome(chosen), self.admission.ticket():
+        image = model.image_spec()
+        chosen = model.selector.pick(mode)
+        with self._outcome(chosen, "http"), self.admission.ticket():
             start = time.perf_counter()
             (batch, decode_s, preprocess_s), decode_cpu_s = await self._off_loop(
-                timed_cpu, partial(self._decode_and_preprocess, data)
+                timed_cpu, partial(self._decode_and_preprocess, model, data)
             )
             self.metrics.decode_seconds.observe(decode_s)
             self.metrics.preprocess_seconds.observe(preprocess_s)
-            inference = await self._infer(batch, chosen)
+            inference = await self._infer(model, batch, chosen)
         mask_png, mask_cpu_s = None, 0.0
         if with_mask and image.mask_output is not None:
             mask = inference.outputs[image.mask_output][0]
-            mask_png, mask_cpu_s = await self._off_loop(timed_cpu, partial(self._mask_png, mask))
+            mask_png, mask_cpu_s = await self._off_loop(timed_cpu, partial(_mask_png, image.mask_classes, mask))
         cpu_s = decode_cpu_s + inference.cpu_s + mask_cpu_s
-        self._record(inference, arrived, cpu_s)
+        self._record(model, inference, arrived, cpu_s, "http")
         scores, member_scores = None, None
         if image.scores_output is not None:
             if not np.isfinite(inference.outputs[image.scores_output]).all():
                 raise InferenceFailed(f"the {chosen} inference returned scores that are not finite")
             scores = image.probabilities(inference.outputs[image.scores_output][0])
-            stacked = self._members_output(image.scores_output)
+            stacked = model.members_output(image.scores_output)
             member_scores = image.probabilities(inference.outputs[stacked][0]) if stacked else None
         return ImagePrediction(
             chosen,
@@ -120,31 +146,20 @@ class DataPlane:
             ),
         )
 
-    def image_spec(self) -> ImageSpec:
-        """How /predict reads an image; NotAnImageModel when the model takes none."""
-        if self.manifest.image is None:
-            inputs = ", ".join(t.describe() for t in self.manifest.signature.inputs)
-            raise NotAnImageModel(
-                f"model {self.manifest.name} takes tensors ({inputs}), not images: POST them to "
-                f"/v2/models/{self.manifest.name}/infer"
-            )
-        return self.manifest.image
-
-    def _members_output(self, output: str) -> str | None:
-        return next((c.members_output for c in self.manifest.combine if c.output == output), None)
-
-    async def infer_tensor(self, feeds: Tensors, *, mode: ModeChoice | None, arrived: float) -> Inference:
+    async def infer_tensor(
+        self, model: LoadedModel, feeds: Tensors, *, mode: ModeChoice | None, arrived: float, protocol: Protocol
+    ) -> Inference:
         """Inputs by name, checked against the signature, to the ensemble's outputs by name."""
-        chosen = self.selector.pick(mode)
-        with self._outcome(chosen), self.admission.ticket():
-            inference = await self._infer(feeds, chosen)
-        self._record(inference, arrived, inference.cpu_s)
+        chosen = model.selector.pick(mode)
+        with self._outcome(chosen, protocol), self.admission.ticket():
+            inference = await self._infer(model, feeds, chosen)
+        self._record(model, inference, arrived, inference.cpu_s, protocol)
         return inference
 
-    async def _infer(self, feeds: Tensors, mode: Mode) -> Inference:
+    async def _infer(self, model: LoadedModel, feeds: Tensors, mode: Mode) -> Inference:
         try:
             admitted = await self.admission.run(
-                lambda: self.runtime.infer_measured(feeds, mode), self.settings.request_timeout_s
+                lambda: model.runtime.infer_measured(feeds, mode), self.settings.request_timeout_s
             )
         except ServiceError:
             raise
@@ -154,7 +169,7 @@ class DataPlane:
         return Inference(mode, measured.outputs, admitted.waited_s, measured.seconds, measured.cpu_s)
 
     @contextmanager
-    def _outcome(self, mode: Mode) -> Iterator[None]:
+    def _outcome(self, mode: Mode, protocol: Protocol) -> Iterator[None]:
         """Counts a failed prediction by why it failed; successes are counted by _record."""
         try:
             yield
@@ -165,17 +180,19 @@ class DataPlane:
                 outcome = "bad_input"
             else:
                 outcome = "error"
-            self.metrics.predictions.labels(mode, outcome).inc()
+            self.metrics.predictions.labels(mode, protocol, outcome).inc()
             raise
 
-    def _record(self, inference: Inference, arrived: float, cpu_s: float) -> None:
+    def _record(
+        self, model: LoadedModel, inference: Inference, arrived: float, cpu_s: float, protocol: Protocol
+    ) -> None:
         mode, request_s = inference.mode, time.perf_counter() - arrived
         self.metrics.cpu_seconds.labels(mode).observe(cpu_s)
-        self.metrics.predictions.labels(mode, "ok").inc()
+        self.metrics.predictions.labels(mode, protocol, "ok").inc()
         self.metrics.slot_wait_seconds.labels(mode).observe(inference.queue_s)
         self.metrics.inference_seconds.labels(mode).observe(inference.inference_s)
-        self.metrics.request_seconds.labels(mode).observe(request_s)
-        self.recent.record(mode, request_s, inference.inference_s, cpu_s)
+        self.metrics.request_seconds.labels(mode, protocol).observe(request_s)
+        model.recent.record(mode, request_s, inference.inference_s, cpu_s)
 
     def drain(self) -> None:
         """The server is stopping: readiness turns false and requests that arrive from now on are refused with
@@ -191,22 +208,22 @@ class DataPlane:
         self.ready = False
         self._image_pool.shutdown(wait=False, cancel_futures=True)
         self.admission.close()
-        self.runtime.close()
+        self.switch(None)
 
     async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._image_pool, function, *args)
 
-    def _decode_and_preprocess(self, data: bytes) -> tuple[Tensors, float, float]:
-        spec = self.image_spec()
+    def _decode_and_preprocess(self, model: LoadedModel, data: bytes) -> tuple[Tensors, float, float]:
+        spec = model.image_spec()
         start = time.perf_counter()
         image = imaging.decode(data, max_pixels=self.settings.max_image_pixels, target_size=(spec.width, spec.height))
         decoded = time.perf_counter()
-        input_spec = self.manifest.signature.input(spec.input)
+        input_spec = model.manifest.signature.input(spec.input)
         assert input_spec is not None  # the manifest's validator checks it
         batch = imaging.preprocess(image, spec, input_spec.dtype)
         return {spec.input: batch}, decoded - start, time.perf_counter() - decoded
 
-    def _mask_png(self, mask_scores: np.ndarray) -> bytes:
-        """mask_scores: [classes, H, W] of one image."""
-        classes = self.image_spec().mask_classes
-        return imaging.encode_mask_png(mask_scores.argmax(axis=0).astype(np.uint8), len(classes))
+
+def _mask_png(classes: Sequence[str], mask_scores: np.ndarray) -> bytes:
+    """mask_scores: [classes, H, W] of one image."""
+    return imaging.encode_mask_png(mask_scores.argmax(axis=0).astype(np.uint8), len(classes))

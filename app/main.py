@@ -10,17 +10,17 @@ import anyio.to_thread
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from app.auto import AutoChoice, choose
 from app.dataplane import DataPlane
 from app.errors import install_error_handlers
+from app.grpc_server import GrpcServer
 from app.metrics import Metrics
 from app.middleware import BodyLimits, CORSFromSettings, EarlyRefusal, QuietStartupFailure, RequestContext
+from app.model import load_model, log_model
 from app.ops import OpsServer
-from app.priority import lower_thread_priority
-from app.routes import health, monitoring, predict, ui, v2
-from app.runtime import EnsembleRuntime
+from app.repository import ModelRepository
+from app.routes import health, monitoring, predict, repository, ui, v2
 from app.settings import Settings
-from ensemble_contract.modes import AUTO, describe_modes
+from ensemble_contract.modes import describe_modes
 
 logger = logging.getLogger("app")
 
@@ -31,14 +31,6 @@ and lets you compare them live. Modes: {describe_modes()}. Choose per request wi
 """
 
 
-def _load_at_worker_priority(settings: Settings) -> tuple[EnsembleRuntime, AutoChoice | None]:
-    """The runtime (with DEFAULT_MODE=auto: the layout measured fastest, and the measurement)."""
-    lower_thread_priority()  # ONNX Runtime's pool threads, which the sessions start here, inherit it
-    if settings.default_mode == AUTO:
-        return choose(settings)
-    return EnsembleRuntime.load(settings), None
-
-
 def create_app(settings: Settings | None = None, *, registry: CollectorRegistry | None = None) -> FastAPI:
     """The app; without settings they are read from the environment when it starts (in the lifespan)."""
     metrics = Metrics(registry) if registry is not None else Metrics.with_process_collectors()
@@ -46,28 +38,25 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or Settings.from_env()
-        runtime, auto = await anyio.to_thread.run_sync(_load_at_worker_priority, resolved)
-        dataplane = DataPlane(resolved, runtime, metrics, auto)
-        metrics.describe_model(runtime, runtime.slots, auto)
-        if auto is not None:
-            logger.info("auto: %s in layout %s (slots x threads): %s", auto.mode, auto.layout, auto.reason)
-        app.state.settings, app.state.dataplane = resolved, dataplane
-        manifest = runtime.manifest
-        logger.info(
-            "serving %s (ensemble sha256 %s, members %s), default mode %s, sessions: %s",
-            manifest.name,
-            manifest.ensemble.sha256[:12],
-            ", ".join(member.name for member in manifest.members),
-            resolved.default_mode,
-            "; ".join(f"{mode} {plan.describe()}" for mode, plan in runtime.plans.items()),
-        )
+        model = await anyio.to_thread.run_sync(load_model, resolved)
+        dataplane = DataPlane(resolved, model, metrics)
+        repository = ModelRepository(resolved, dataplane, metrics)
+        app.state.settings, app.state.dataplane, app.state.repository = resolved, dataplane, repository
+        log_model(model, resolved)
         ops = OpsServer(app, resolved) if resolved.metrics_port is not None else None
+        grpc = GrpcServer(resolved, dataplane, repository) if resolved.grpc_port is not None else None
         try:
             if ops is not None:
                 await ops.start()
                 logger.info("serving /metrics and the probes on port %d too", resolved.metrics_port)
-            yield
+            if grpc is not None:
+                await grpc.start()
+                logger.info("serving the Open Inference Protocol over gRPC on port %d", resolved.grpc_port)
+            with repository.reloading_on_sighup():
+                yield
         finally:
+            if grpc is not None:
+                await grpc.stop(resolved.shutdown_grace_s)
             if ops is not None:
                 await ops.stop()
             dataplane.close()
@@ -75,7 +64,7 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     app = FastAPI(title="ONNX ensemble serving", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.metrics = metrics
     install_error_handlers(app)
-    for router in (predict.router, v2.router, health.router, monitoring.router, ui.router):
+    for router in (predict.router, v2.router, repository.router, health.router, monitoring.router, ui.router):
         app.include_router(router)
     # The last one added is the outermost.
     app.add_middleware(EarlyRefusal, metrics=metrics)

@@ -19,6 +19,7 @@ from app.runtime import EnsembleRuntime
 
 PREFIX = "ensemble"
 OUTCOMES = ("ok", "bad_input", "overloaded", "timeout", "error")
+PROTOCOLS = ("http", "grpc")
 
 
 def geometric_buckets(start: float = 0.001, stop: float = 10.0, ratio: float = 1.12) -> tuple[float, ...]:
@@ -35,8 +36,11 @@ class Metrics:
         mode_histogram = {"labelnames": ["mode"], "buckets": LATENCY_BUCKETS, "registry": registry}
         self.request_seconds = Histogram(
             f"{PREFIX}_request_seconds",
-            "Successful predictions, from the request's arrival to the result (upload, decode, queue, inference).",
-            **mode_histogram,
+            "Successful predictions, from the request's arrival to the result (upload, decode, queue, inference), "
+            "by mode and protocol (http: /predict and /v2 over HTTP; grpc).",
+            labelnames=["mode", "protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.inference_seconds = Histogram(
             f"{PREFIX}_inference_seconds", "ONNX Runtime time of one inference, all members.", **mode_histogram
@@ -60,12 +64,25 @@ class Metrics:
             registry=registry,
         )
         self.predictions = Counter(
-            f"{PREFIX}_predictions", "Inference requests by mode and outcome.", ["mode", "outcome"], registry=registry
+            f"{PREFIX}_predictions",
+            "Inference requests by mode, protocol and outcome.",
+            ["mode", "protocol", "outcome"],
+            registry=registry,
         )
         self.http_requests = Counter(
             f"{PREFIX}_http_requests",
             "HTTP requests by route template, method and status class.",
             ["route", "method", "status"],
+            registry=registry,
+        )
+        self.grpc_requests = Counter(
+            f"{PREFIX}_grpc_requests", "gRPC calls by method and status code.", ["method", "code"], registry=registry
+        )
+        self.model_loads = Counter(
+            f"{PREFIX}_model_loads",
+            "Model loads after start-up (the repository API, SIGHUP) by outcome: ok, or failed (the old model "
+            "kept serving; the log and the response say why).",
+            ["outcome"],
             registry=registry,
         )
         self.early_refusals = Counter(
@@ -80,8 +97,16 @@ class Metrics:
             registry=registry,
         )
         self.in_flight = Gauge(f"{PREFIX}_http_requests_in_flight", "HTTP requests being served.", registry=registry)
+        self.inferences_admitted = Gauge(
+            f"{PREFIX}_inferences_admitted",
+            "Inference requests admitted and not finished (running or queued for a slot), every protocol: the "
+            "load signal to autoscale on.",
+            registry=registry,
+        )
         self.model = Info(
-            f"{PREFIX}_model", "The model served and the session options of each mode.", registry=registry
+            f"{PREFIX}_model",
+            "The model served (its sha256 changes with a reload) and the session options of each mode.",
+            registry=registry,
         )
 
     @classmethod
@@ -93,23 +118,28 @@ class Metrics:
         GCCollector(registry=registry)
         return cls(registry)
 
-    def describe_model(self, runtime: EnsembleRuntime, inference_slots: int, auto: AutoChoice | None = None) -> None:
+    def describe_model(self, runtime: EnsembleRuntime, auto: AutoChoice | None = None) -> None:
         """The model's info, every served mode's series at zero from the start, and auto's choice."""
         manifest = runtime.manifest
         for mode in runtime.modes:
-            for histogram in (self.request_seconds, self.inference_seconds, self.slot_wait_seconds, self.cpu_seconds):
+            for histogram in (self.inference_seconds, self.slot_wait_seconds, self.cpu_seconds):
                 histogram.labels(mode)
-            for outcome in OUTCOMES:
-                self.predictions.labels(mode, outcome)
+            for protocol in PROTOCOLS:
+                self.request_seconds.labels(mode, protocol)
+                for outcome in OUTCOMES:
+                    self.predictions.labels(mode, protocol, outcome)
+        for outcome in ("ok", "failed"):
+            self.model_loads.labels(outcome)
         self.model.info(
             {
                 "name": manifest.name,
                 "sha256": manifest.ensemble.sha256,
                 "members": ",".join(member.name for member in manifest.members),
-                "inference_slots": str(inference_slots),
+                "inference_slots": str(runtime.slots),
                 **{f"{mode.replace('-', '_')}_session": plan.describe() for mode, plan in runtime.plans.items()},
             }
         )
+        self.auto_choice.clear()
         if auto is not None:
             for candidate in auto.candidates:
                 chosen = (candidate.mode, candidate.layout) == (auto.mode, auto.layout)

@@ -143,7 +143,8 @@ class EarlyRefusal:
         dataplane = getattr(scope["app"].state, "dataplane", None) if scope["type"] == "http" else None
         refused = None
         inference = INFERENCE_PATH.fullmatch(scope["path"]) if dataplane is not None else None
-        if inference and scope["method"] == "POST" and inference["model"] in (None, dataplane.manifest.name):
+        served = dataplane.model.manifest.name if dataplane is not None and dataplane.model is not None else None
+        if inference and scope["method"] == "POST" and inference["model"] in (None, served):
             refused = dataplane.admission.refusal()
         if refused is None:
             await self.app(scope, receive, send)

@@ -174,6 +174,8 @@ class EnsembleRuntime:
     @contextmanager
     def _session_set(self) -> Iterator[SessionSet]:
         """A free slot's sessions for the length of the block."""
+        if not self.session_sets:
+            raise RuntimeError("the runtime is closed")
         sessions = self._free.get()
         try:
             yield sessions
@@ -215,7 +217,11 @@ class EnsembleRuntime:
         self.typical_inference_s = statistics.median(self.infer_measured(feeds, mode).seconds for mode in self.modes)
 
     def close(self) -> None:
+        """Lets the sessions go (their memory is freed once nothing else holds them). Only once no call is running:
+        the data plane closes a model after its last request."""
         self._member_pool.shutdown(wait=False, cancel_futures=True)
+        self.session_sets = ()
+        self._free = queue.SimpleQueue()
 
 
 def _open(path: Path, plan: ThreadPlan, tensors: Sequence[TensorSpec | None]) -> ort.InferenceSession:

@@ -163,11 +163,19 @@ class Settings(BaseSettings):
         description="If set, /metrics (and the probes /healthz and /readyz) are also served on this port, on HOST, "
         "and /metrics is no longer served on PORT. Unset: everything on PORT.",
     )
+    grpc_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="If set, the Open Inference Protocol is also served over gRPC on HOST:GRPC_PORT (8081 in the "
+        "image, as KServe uses): the same modes (request parameter `mode`), admission control, metrics and API key "
+        "(`authorization: Bearer <key>` metadata). Unset: no gRPC.",
+    )
     api_key: SecretStr | None = Field(
         None,
-        description=f"If set, POST /predict and POST /v2/models/{{name}}/infer need `Authorization: Bearer <key>` "
-        f"(at least {MIN_API_KEY_LENGTH} characters); without it, 401. Unset: no authentication. Probes, "
-        "metadata, /stats and /metrics stay open.",
+        description=f"If set, POST /predict, POST /v2/models/{{name}}/infer and the model repository calls (and their "
+        f"gRPC twins) need `Authorization: Bearer <key>` (at least {MIN_API_KEY_LENGTH} characters); without it, "
+        "401 (gRPC: UNAUTHENTICATED). Unset: no authentication. Probes, metadata, /stats and /metrics stay open.",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -227,8 +235,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> Settings:
-        if self.metrics_port == self.port:
-            raise ValueError(f"METRICS_PORT must differ from PORT ({self.port}), or be unset")
+        ports = {"PORT": self.port, "METRICS_PORT": self.metrics_port, "GRPC_PORT": self.grpc_port}
+        given = {name: port for name, port in ports.items() if port is not None}
+        if len(set(given.values())) < len(given):
+            raise ValueError(f"PORT, METRICS_PORT and GRPC_PORT must all differ (or be unset), got {given}")
         return self
 
     @field_validator("workers")

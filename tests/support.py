@@ -12,7 +12,7 @@ import threading
 import time
 import zlib
 from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -139,10 +139,13 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
-def infer_body(batch: np.ndarray, outputs: list[str] | None = None, **parameters: str) -> dict[str, Any]:
+def infer_body(
+    batch: np.ndarray, outputs: list[str] | None = None, *, input_name: str = "image", **parameters: str
+) -> dict[str, Any]:
     """A v2 JSON inference request for one float32 batch."""
+    tensor = {"name": input_name, "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}
     body: dict[str, Any] = {
-        "inputs": [{"name": "image", "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}],
+        "inputs": [tensor],
         "parameters": parameters,
     }
     if outputs:
@@ -151,10 +154,18 @@ def infer_body(batch: np.ndarray, outputs: list[str] | None = None, **parameters
 
 
 def infer_json(
-    client: httpx.Client, model: str, batch: np.ndarray, outputs: list[str] | None = None, **parameters: str
+    client: httpx.Client,
+    model: str,
+    batch: np.ndarray,
+    outputs: list[str] | None = None,
+    *,
+    input_name: str = "image",
+    **parameters: str,
 ) -> dict[str, dict[str, Any]]:
     """POSTs a v2 JSON inference request; the outputs by name."""
-    response = client.post(f"/v2/models/{model}/infer", json=infer_body(batch, outputs, **parameters))
+    response = client.post(
+        f"/v2/models/{model}/infer", json=infer_body(batch, outputs, input_name=input_name, **parameters)
+    )
     assert response.status_code == 200, response.text
     return {output["name"]: output for output in response.json()["outputs"]}
 
@@ -167,3 +178,26 @@ def copy_without_int8(model_dir: Path, target: Path) -> Path:
     (copy / manifest.int8.file.path).unlink()
     manifest.model_copy(update={"int8": Int8(note="not kept")}).write(copy)
     return copy
+
+
+@contextmanager
+def holding_the_slot(server: LiveServer, *, with_ticket: bool) -> Iterator[None]:
+    """Occupies the server's inference slot (with a ticket: its whole admission capacity) until the block ends."""
+    running, release = threading.Event(), threading.Event()
+
+    def work() -> None:
+        running.set()
+        release.wait()
+
+    async def hold() -> None:
+        admission = server.dataplane.admission
+        with admission.ticket() if with_ticket else nullcontext():
+            await admission.run(work, timeout_s=60)
+
+    held = asyncio.run_coroutine_threadsafe(hold(), server.loop)
+    assert running.wait(timeout=30)
+    try:
+        yield
+    finally:
+        release.set()
+        held.result(timeout=30)

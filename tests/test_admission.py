@@ -3,12 +3,10 @@ until the inference really ends; and the same, end to end, on a real server."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import httpx
@@ -19,7 +17,7 @@ from app.errors import InferenceTimeout, Overloaded
 from app.settings import Settings
 from ensemble_contract.manifest import Manifest
 from tests.slow_client import PartialRequest
-from tests.support import LiveServer, live_server, png_bytes
+from tests.support import LiveServer, holding_the_slot, live_server, png_bytes
 
 SHORT_TIMEOUT_S = 0.3
 
@@ -96,29 +94,6 @@ def strict_server(model_dir: Path) -> Iterator[LiveServer]:
         yield live
 
 
-@contextmanager
-def holding_the_slot(server: LiveServer, *, with_ticket: bool) -> Iterator[None]:
-    """Occupies the server's inference slot (with a ticket: its whole admission capacity) until the block ends."""
-    running, release = threading.Event(), threading.Event()
-
-    def work() -> None:
-        running.set()
-        release.wait()
-
-    async def hold() -> None:
-        admission = server.dataplane.admission
-        with admission.ticket() if with_ticket else nullcontext():
-            await admission.run(work, timeout_s=60)
-
-    held = asyncio.run_coroutine_threadsafe(hold(), server.loop)
-    assert running.wait(timeout=30)
-    try:
-        yield
-    finally:
-        release.set()
-        held.result(timeout=30)
-
-
 def post_image(client: httpx.Client) -> httpx.Response:
     return client.post("/predict", content=png_bytes(), headers={"Content-Type": "image/png"})
 
@@ -146,7 +121,12 @@ def test_no_slot_within_the_timeout_is_504_and_the_loop_keeps_serving(strict_ser
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "timeout"
     registry = strict_server.app.state.metrics.registry
-    assert registry.get_sample_value("ensemble_predictions_total", {"mode": "fused", "outcome": "timeout"}) == 1
+    assert (
+        registry.get_sample_value(
+            "ensemble_predictions_total", {"mode": "fused", "protocol": "http", "outcome": "timeout"}
+        )
+        == 1
+    )
     with strict_server.client() as client:
         assert post_image(client).status_code == 200
 
@@ -159,7 +139,9 @@ def test_a_request_refused_under_overload_is_answered_while_still_uploading_and_
     reset). Nothing of it is parsed, decoded or counted as a prediction; the early refusals count it."""
     registry = strict_server.app.state.metrics.registry
     early = registry.get_sample_value("ensemble_early_refusals_total") or 0
-    predictions = registry.get_sample_value("ensemble_predictions_total", {"mode": "fused", "outcome": "overloaded"})
+    predictions = registry.get_sample_value(
+        "ensemble_predictions_total", {"mode": "fused", "protocol": "http", "outcome": "overloaded"}
+    )
     body = b"--b\r\nContent-Disposition: form-data; name=file; filename=x.png\r\n\r\n" + png_bytes() + b"\r\n--b--\r\n"
     headers = {"Content-Type": "multipart/form-data; boundary=b", "Content-Length": str(len(body))}
     with holding_the_slot(strict_server, with_ticket=True):
@@ -174,7 +156,9 @@ def test_a_request_refused_under_overload_is_answered_while_still_uploading_and_
                 request.send(f"GET /healthz HTTP/1.1\r\nHost: {strict_server.url[7:]}\r\n\r\n".encode())
                 assert request.answer().status == 200  # the same connection, alive
     assert registry.get_sample_value("ensemble_early_refusals_total") == early + 2
-    after = registry.get_sample_value("ensemble_predictions_total", {"mode": "fused", "outcome": "overloaded"})
+    after = registry.get_sample_value(
+        "ensemble_predictions_total", {"mode": "fused", "protocol": "http", "outcome": "overloaded"}
+    )
     assert after == predictions
 
 

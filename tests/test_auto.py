@@ -57,7 +57,7 @@ def test_auto_times_every_mode_under_every_layout_and_serves_its_choice(auto_ser
         assert (auto["mode"], auto["layout"]) == (candidates[0]["mode"], candidates[0]["layout"])
         assert auto["slots"] * auto["threads"] <= available_cores()
         assert auto_server.dataplane.admission.slots == auto["slots"]
-        assert auto_server.dataplane.runtime.slots == auto["slots"]
+        assert auto_server.dataplane.model.runtime.slots == auto["slots"]
         # Requests without a mode, and ?mode=auto, run the chosen mode.
         for params in ({}, {"mode": "auto"}):
             response = client.post(

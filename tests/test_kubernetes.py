@@ -53,7 +53,7 @@ def test_ports_probes_and_settings_are_the_services_own() -> None:
     assert {name.lower() for name in env} <= set(Settings.model_fields)
     settings = Settings(**{name.lower(): value for name, value in env.items()})  # valid values too
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"http": settings.port, "metrics": settings.metrics_port}
+    assert ports == {"http": settings.port, "grpc": settings.grpc_port, "metrics": settings.metrics_port}
     assert {port["name"] for port in resources["Service"]["spec"]["ports"]} == set(ports)
     assert resources["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     paths = set(create_app(settings).openapi()["paths"])

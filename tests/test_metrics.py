@@ -18,17 +18,22 @@ def test_latency_buckets_span_1ms_to_10s_finely() -> None:
 
 def test_every_served_mode_has_its_series_from_the_start(runtime: EnsembleRuntime) -> None:
     registry = CollectorRegistry()
-    Metrics(registry).describe_model(runtime, inference_slots=1)
+    Metrics(registry).describe_model(runtime)
     assert runtime.modes == tuple(Mode)
     for mode in runtime.modes:
         assert registry.get_sample_value("ensemble_inference_seconds_count", {"mode": mode}) == 0
-        assert registry.get_sample_value("ensemble_predictions_total", {"mode": mode, "outcome": "ok"}) == 0
+        for protocol in ("http", "grpc"):
+            ok = {"mode": mode, "protocol": protocol, "outcome": "ok"}
+            assert registry.get_sample_value("ensemble_predictions_total", ok) == 0
+            assert (
+                registry.get_sample_value("ensemble_request_seconds_count", {"mode": mode, "protocol": protocol}) == 0
+            )
 
 
 def test_two_apps_can_have_their_own_registries(runtime: EnsembleRuntime) -> None:
     first, second = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
     for metrics in (first, second):
-        metrics.describe_model(runtime, inference_slots=1)
+        metrics.describe_model(runtime)
     first.inference_seconds.labels(Mode.FUSED).observe(0.01)
     assert first.registry.get_sample_value("ensemble_inference_seconds_count", {"mode": "fused"}) == 1
     assert second.registry.get_sample_value("ensemble_inference_seconds_count", {"mode": "fused"}) == 0

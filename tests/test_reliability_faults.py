@@ -102,7 +102,7 @@ def test_a_broken_model_directory_stops_start_up_with_one_clear_line(
     [
         ({"MAX_QUEUE": "-1"}, "MAX_QUEUE='-1': Input should be greater than or equal to 0", None),
         ({"API_KEY": "short-secret"}, "API_KEY=(hidden): Value error, must be at least 16", "short-secret"),
-        ({"PORT": "8123", "METRICS_PORT": "8123"}, "METRICS_PORT must differ from PORT (8123)", None),
+        ({"PORT": "8123", "METRICS_PORT": "8123"}, "PORT, METRICS_PORT and GRPC_PORT must all differ", None),
         ({"CORS_ORIGINS": "https://a.example/app"}, "'https://a.example/app' is not an origin", None),
     ],
     ids=["max-queue", "short-api-key", "same-ports", "cors-origin-with-a-path"],
@@ -190,8 +190,8 @@ def test_an_onnx_runtime_error_is_a_json_500_with_the_request_id_and_is_counted(
     request_id = failed.headers["X-Request-ID"]
     assert failed.json() == {"error": f"the {mode} inference failed; quote request id {request_id} when reporting it"}
     assert_no_internals(failed.json()["error"])
-    assert after.value("ensemble_predictions_total", mode=mode, outcome="error") == (
-        before.value("ensemble_predictions_total", mode=mode, outcome="error") + 1
+    assert after.value("ensemble_predictions_total", mode=mode, protocol="http", outcome="error") == (
+        before.value("ensemble_predictions_total", mode=mode, protocol="http", outcome="error") + 1
     )
     route = "/v2/models/{model_name}/infer"
     assert after.value("ensemble_http_requests_total", route=route, method="POST", status="5xx") == (

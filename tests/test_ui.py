@@ -259,7 +259,7 @@ def test_a_classifier_ensemble_answers_its_top_labels_on_the_page(
 def test_the_page_ranks_what_auto_measured(open_page: Callable[[str], Visit], model_dir: Path) -> None:
     settings = Settings(model_dir=model_dir, default_mode="auto", auto_budget_s=3, auto_window_ms=30)
     with live_server(settings) as server:
-        auto = server.dataplane.auto
+        auto = server.dataplane.model.auto
         assert auto is not None
         visit = open_page(f"{server.url}/")
         page = visit.page

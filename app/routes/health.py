@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from app.auto import AutoChoice
-from app.deps import DataPlaneDep
+from app.deps import ModelDep
 from app.errors import error_responses
 from ensemble_contract.modes import Mode
 
@@ -34,14 +34,16 @@ async def healthz() -> Alive:
 @router.get(
     "/readyz",
     summary="Sessions are loaded and warmed up",
-    responses=error_responses(500, 503, s503="Not ready: the models are loading, or the server is stopping."),
+    responses=error_responses(
+        500, 503, s503="Not ready: the models are loading, the model was unloaded, or the server is stopping."
+    ),
 )
-async def readyz(dataplane: DataPlaneDep) -> Ready:
-    manifest = dataplane.manifest
+async def readyz(model: ModelDep) -> Ready:
+    manifest = model.manifest
     return Ready(
         model=manifest.name,
-        sha256=manifest.ensemble.sha256,
-        modes=list(dataplane.runtime.modes),
+        sha256=model.sha256,
+        modes=list(model.runtime.modes),
         images=manifest.image is not None,
-        auto=dataplane.auto,
+        auto=model.auto,
     )

@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from app.auto import AutoChoice
-from app.deps import DataPlaneDep
+from app.deps import DataPlaneDep, ModelDep
 from app.errors import NotFound, error_responses
 from app.settings import available_cores
 from app.stats import Percentiles
@@ -78,13 +78,13 @@ async def metrics(request: Request) -> Response:
     summary="Requests and latency percentiles per mode over a recent window",
     responses=error_responses(500, 503),
 )
-async def stats(dataplane: DataPlaneDep) -> Stats:
-    recent, cores, cost = dataplane.recent, available_cores(), dataplane.settings.cost_per_hour
+async def stats(dataplane: DataPlaneDep, model: ModelDep) -> Stats:
+    recent, cores, cost = model.recent, available_cores(), dataplane.settings.cost_per_hour
     return Stats(
         window_s=recent.window_s,
         cores=cores,
         cost_per_hour=cost,
-        auto=dataplane.auto,
+        auto=model.auto,
         modes={
             mode: ModeStats(
                 requests=summary.requests,

@@ -11,7 +11,7 @@ from starlette.datastructures import UploadFile
 
 from app import imaging
 from app.dataplane import ImagePrediction, Timings
-from app.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep
+from app.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep, ModelDep
 from app.errors import InvalidParameter, error_responses
 from ensemble_contract.manifest import ImageSpec, ImageTask, Manifest
 from ensemble_contract.modes import Mode, ModeChoice, describe_modes
@@ -234,6 +234,7 @@ async def predict(
     request: Request,
     response: Response,
     dataplane: DataPlaneDep,
+    model: ModelDep,
     arrived: ArrivalDep,
     mode: Annotated[
         ModeChoice | None,
@@ -252,13 +253,13 @@ async def predict(
         ),
     ] = None,
 ) -> Prediction:
-    dataplane.image_spec()  # a model without an image input answers 404 before the body is read
+    model.image_spec()  # a model without an image input answers 404 before the body is read
     data = await read_image(request)
-    result = await dataplane.predict_image(data, mode=mode, with_mask=mask, arrived=arrived)
+    result = await dataplane.predict_image(model, data, mode=mode, with_mask=mask, arrived=arrived)
     response.headers["Server-Timing"] = server_timing(result.timings)
     return Prediction.of(
         result,
-        dataplane.manifest,
+        model.manifest,
         threshold=dataplane.settings.probability_threshold,
         request_id=request.state.request_id,
         with_members=members,

@@ -13,9 +13,9 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Body, Request, Response
 
-from app.dataplane import DataPlane
-from app.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep
+from app.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep, ModelDep
 from app.errors import BadRequest, ModelNotFound, error_responses
+from app.model import LoadedModel
 from app.routes.v2_binary import BINARY_BODY_STATE, BINARY_DATA_SIZE, BinaryInputs, BinaryTensors, binary_response
 from app.routes.v2_types import (
     InferenceRequest,
@@ -43,16 +43,17 @@ SERVER_NAME = "onnx-ensemble-serving"
 SERVER_VERSION = "0.1.0"
 PLATFORM = "onnxruntime_onnx"
 UNKNOWN_MODEL = "Unknown model."
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
 
 def tensor_metadata(spec: TensorSpec) -> TensorMetadata:
     return TensorMetadata(name=spec.name, datatype=spec.datatype, shape=list(spec.shape or []))
 
 
-def served_model(dataplane: DataPlane, name: str) -> Manifest:
-    if name != dataplane.manifest.name:
-        raise ModelNotFound(f"unknown model {name!r}; this server serves {dataplane.manifest.name!r}")
-    return dataplane.manifest
+def served_model(model: LoadedModel, name: str) -> Manifest:
+    if name != model.manifest.name:
+        raise ModelNotFound(f"unknown model {name!r}; this server serves {model.manifest.name!r}")
+    return model.manifest
 
 
 def input_feeds(request: InferenceRequest, manifest: Manifest, binary: BinaryInputs) -> dict[str, np.ndarray]:
@@ -151,7 +152,7 @@ def requested_outputs(request: InferenceRequest, manifest: Manifest) -> dict[str
 
 @router.get("", summary="Server metadata", responses=error_responses(500, protocol=True))
 async def server_metadata() -> ServerMetadata:
-    return ServerMetadata(name=SERVER_NAME, version=SERVER_VERSION)
+    return ServerMetadata(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
 
 
 @router.get("/health/live", summary="Server liveness", responses=error_responses(500, protocol=True))
@@ -161,7 +162,7 @@ async def live() -> Live:
 
 @router.get("/health/ready", summary="Server readiness", responses=error_responses(500, 503, protocol=True))
 async def ready(dataplane: DataPlaneDep) -> Ready:
-    return Ready(ready=dataplane.ready)
+    return Ready(ready=dataplane.ready and dataplane.model is not None)
 
 
 @router.get(
@@ -169,8 +170,8 @@ async def ready(dataplane: DataPlaneDep) -> Ready:
     summary="Model metadata",
     responses=error_responses(404, 500, 503, protocol=True, s404=UNKNOWN_MODEL),
 )
-async def model_metadata(model_name: str, dataplane: DataPlaneDep) -> ModelMetadata:
-    manifest = served_model(dataplane, model_name)
+async def model_metadata(model_name: str, model: ModelDep) -> ModelMetadata:
+    manifest = served_model(model, model_name)
     return ModelMetadata(
         name=manifest.name,
         platform=PLATFORM,
@@ -184,8 +185,8 @@ async def model_metadata(model_name: str, dataplane: DataPlaneDep) -> ModelMetad
     summary="Model readiness",
     responses=error_responses(404, 500, 503, protocol=True, s404=UNKNOWN_MODEL),
 )
-async def model_ready(model_name: str, dataplane: DataPlaneDep) -> ModelReady:
-    return ModelReady(name=served_model(dataplane, model_name).name, ready=dataplane.ready)
+async def model_ready(model_name: str, model: ModelDep, dataplane: DataPlaneDep) -> ModelReady:
+    return ModelReady(name=served_model(model, model_name).name, ready=dataplane.ready)
 
 
 @router.post(
@@ -205,12 +206,13 @@ async def infer(
     body: Annotated[InferenceRequest, Body()],
     request: Request,
     dataplane: DataPlaneDep,
+    model: ModelDep,
     arrived: ArrivalDep,
 ) -> InferenceResponse | Response:
-    manifest = served_model(dataplane, model_name)
+    manifest = served_model(model, model_name)
     feeds = input_feeds(body, manifest, BinaryInputs(getattr(request.state, BINARY_BODY_STATE, b"")))
     outputs = requested_outputs(body, manifest)
-    inference = await dataplane.infer_tensor(feeds, mode=requested_mode(body), arrived=arrived)
+    inference = await dataplane.infer_tensor(model, feeds, mode=requested_mode(body), arrived=arrived, protocol="http")
     binary = {name: inference.outputs[name] for name, as_binary in outputs.items() if as_binary}
     response = InferenceResponse(
         model_name=manifest.name,

@@ -22,17 +22,21 @@ def predict(client: httpx.Client, mode: Mode) -> None:
 
 
 def test_each_request_counts_for_its_own_mode_only(client: httpx.Client, manifest: Manifest) -> None:
-    per_mode = ("ensemble_inference_seconds_count", "ensemble_request_seconds_count")
+    per_mode = {"ensemble_inference_seconds_count": {}, "ensemble_request_seconds_count": {"protocol": "http"}}
     for mode in Mode:
         before = scrape(client)
         predict(client, mode)
         after = scrape(client)
         for other in Mode:
             grew = 1.0 if other is mode else 0.0
-            for name in per_mode:
-                assert after.value(name, mode=other) - before.value(name, mode=other) == grew, (name, other)
-            ok = "ensemble_predictions_total"
-            assert after.value(ok, mode=other, outcome="ok") - before.value(ok, mode=other, outcome="ok") == grew
+            for name, labels in per_mode.items():
+                grown = after.value(name, mode=other, **labels) - before.value(name, mode=other, **labels)
+                assert grown == grew, (name, other)
+            ok = {"mode": other, "protocol": "http", "outcome": "ok"}
+            assert (
+                after.value("ensemble_predictions_total", **ok) - before.value("ensemble_predictions_total", **ok)
+                == grew
+            )
         assert after.value("ensemble_inference_seconds_sum", mode=mode) > before.value(
             "ensemble_inference_seconds_sum", mode=mode
         )

@@ -1,0 +1,99 @@
+"""One loaded model: its sessions, the mode choice over them, and its recent latencies.
+
+A request takes the model served when it starts and keeps it to the end (`DataPlane.using`), so a reload that
+switches models in between never mixes two models in one request; the replaced model's sessions are freed when
+its last request finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.auto import AutoChoice, Layout, choose
+from app.errors import NotAnImageModel
+from app.modes import ModeSelector
+from app.priority import lower_thread_priority
+from app.runtime import EnsembleRuntime
+from app.settings import Settings
+from app.stats import RecentLatencies
+from ensemble_contract.manifest import ImageSpec, Manifest
+from ensemble_contract.modes import AUTO
+
+logger = logging.getLogger("app")
+
+
+@dataclass
+class LoadedModel:
+    directory: Path  # MODEL_DIR as it resolved when the model was loaded (an operator may switch a symlink)
+    runtime: EnsembleRuntime
+    auto: AutoChoice | None
+    selector: ModeSelector
+    recent: RecentLatencies
+    in_flight: int = 0  # requests using it (counted on the event loop)
+    retired: bool = field(default=False)  # replaced or unloaded: closed once in_flight is back to 0
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.runtime.manifest
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest.ensemble.sha256
+
+    def image_spec(self) -> ImageSpec:
+        """How /predict reads an image; NotAnImageModel when the model takes none."""
+        manifest = self.manifest
+        if manifest.image is None:
+            inputs = ", ".join(t.describe() for t in manifest.signature.inputs)
+            raise NotAnImageModel(
+                f"model {manifest.name} takes tensors ({inputs}), not images: POST them to "
+                f"/v2/models/{manifest.name}/infer"
+            )
+        return manifest.image
+
+    def members_output(self, output: str) -> str | None:
+        """The output stacking each member's `output`, when the fused graph has one."""
+        return next((c.members_output for c in self.manifest.combine if c.output == output), None)
+
+    def release(self) -> None:
+        """One request is done with it; the last one out of a retired model closes its sessions."""
+        self.in_flight -= 1
+        if self.retired and self.in_flight == 0:
+            self.runtime.close()
+
+    def retire(self) -> None:
+        self.retired = True
+        if self.in_flight == 0:
+            self.runtime.close()
+
+
+def load_model(settings: Settings, layout: Layout | None = None) -> LoadedModel:
+    """Verifies MODEL_DIR, opens and warms its sessions (StartupError saying why if any of it fails). With
+    DEFAULT_MODE=auto the modes are timed, under every layout or, given one (a reload), under that one.
+    Runs at the inference threads' priority: ONNX Runtime's pool threads, started here, inherit it."""
+    lower_thread_priority()
+    directory = settings.model_dir.resolve()
+    settings = settings.model_copy(update={"model_dir": directory})
+    if settings.default_mode == AUTO:
+        runtime, auto = choose(settings, [layout] if layout else None)
+    else:
+        runtime, auto = EnsembleRuntime.load(settings), None
+    selector = ModeSelector(settings.default_mode, runtime.modes, auto.mode if auto else None)
+    return LoadedModel(directory, runtime, auto, selector, RecentLatencies(settings.stats_window_s, runtime.modes))
+
+
+def log_model(model: LoadedModel, settings: Settings) -> None:
+    manifest, runtime, auto = model.manifest, model.runtime, model.auto
+    if auto is not None:
+        logger.info("auto: %s in layout %s (slots x threads): %s", auto.mode, auto.layout, auto.reason)
+    logger.info(
+        "serving %s from %s (ensemble sha256 %s, members %s), default mode %s, sessions: %s",
+        manifest.name,
+        model.directory,
+        model.sha256[:12],
+        ", ".join(member.name for member in manifest.members),
+        settings.default_mode,
+        "; ".join(f"{mode} {plan.describe()}" for mode, plan in runtime.plans.items()),
+    )

@@ -1,0 +1,160 @@
+"""Reloading MODEL_DIR without dropping a request (the Open Inference Protocol's model repository extension).
+
+A load reads MODEL_DIR again, resolving it once (an operator may point a symlink at a new build), verifies it
+(checksums, every tensor against the manifest), opens and warms the new sessions beside the old ones, in the
+layout the server started with (DEFAULT_MODE=auto times the new model's modes again, in that layout), then
+switches: requests already admitted finish on the old sessions, which close after the last of them. A load that
+fails leaves the old model serving and says why: in the response, the log and `ensemble_model_loads_total`.
+Loads run one at a time; SIGHUP starts one too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+
+import anyio.to_thread
+from pydantic import BaseModel
+
+from app.auto import Layout
+from app.dataplane import DataPlane
+from app.errors import BadRequest, ModelNotFound, StartupError
+from app.metrics import Metrics
+from app.model import LoadedModel, load_model, log_model
+from app.settings import Settings, available_cores
+from ensemble_contract.manifest import load_manifest
+
+logger = logging.getLogger("app")
+
+
+class ModelState(StrEnum):
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+class RepositoryEntry(BaseModel):
+    name: str
+    version: str = ""
+    state: ModelState
+    reason: str = ""
+
+
+class LoadReport(BaseModel):
+    name: str
+    sha256: str
+    previous_sha256: str | None
+    directory: str
+    load_seconds: float
+
+
+class LoadFailed(BadRequest):
+    code = "load_failed"
+
+
+class ModelRepository:
+    """The one model directory this server serves, loaded, reloaded or unloaded. Use from the event loop."""
+
+    def __init__(self, settings: Settings, dataplane: DataPlane, metrics: Metrics) -> None:
+        self.settings = settings
+        self.dataplane = dataplane
+        self.metrics = metrics
+        self._lock = asyncio.Lock()
+        self._background: set[asyncio.Task[LoadReport]] = set()
+
+    def index(self) -> list[RepositoryEntry]:
+        """The model served, and the one MODEL_DIR holds now if that is another build (not loaded yet)."""
+        served = self.dataplane.model
+        entries = []
+        if served is not None:
+            entries.append(RepositoryEntry(name=served.manifest.name, state=ModelState.READY))
+        try:
+            manifest = load_manifest(self.settings.model_dir.resolve())
+        except Exception as exc:  # ManifestError, or an unreadable directory: what a load would say
+            unusable = RepositoryEntry(name=self.settings.model_dir.name, state=ModelState.UNAVAILABLE, reason=str(exc))
+            return [*entries, unusable]
+        if served is None or manifest.ensemble.sha256 != served.sha256:
+            reason = f"MODEL_DIR holds sha256 {manifest.ensemble.sha256[:12]}, not loaded"
+            entries.append(RepositoryEntry(name=manifest.name, state=ModelState.UNAVAILABLE, reason=reason))
+        return entries
+
+    async def load(self, name: str | None = None) -> LoadReport:
+        """Loads what MODEL_DIR holds now and serves it; with a name, only if the model there has that name.
+        LoadFailed (the old model still serving) if it cannot be loaded. A caller that goes away does not
+        cancel a load half-way: it completes (or fails) all the same."""
+        return await asyncio.shield(self._load(name))
+
+    async def _load(self, name: str | None) -> LoadReport:
+        async with self._lock:
+            started = time.perf_counter()
+            previous = self.dataplane.model
+            slots = self.dataplane.admission.slots
+            try:
+                model = await anyio.to_thread.run_sync(
+                    load_model, self.settings, Layout(slots, max(1, available_cores() // slots))
+                )
+            except StartupError as exc:
+                raise self._failed(str(exc), previous) from None
+            except Exception as exc:  # not one of ours: the traceback goes to the log
+                logger.exception("loading MODEL_DIR failed")
+                raise self._failed(f"{type(exc).__name__}: {exc}", previous) from None
+            if name is not None and model.manifest.name != name:
+                model.retire()
+                raise self._failed(f"MODEL_DIR holds model {model.manifest.name!r}, not {name!r}", previous)
+            self.dataplane.switch(model)
+            self.metrics.model_loads.labels("ok").inc()
+            log_model(model, self.settings)
+            return LoadReport(
+                name=model.manifest.name,
+                sha256=model.sha256,
+                previous_sha256=previous.sha256 if previous else None,
+                directory=str(model.directory),
+                load_seconds=round(time.perf_counter() - started, 3),
+            )
+
+    def _failed(self, reason: str, serving: LoadedModel | None) -> LoadFailed:
+        self.metrics.model_loads.labels("failed").inc()
+        still = f"still serving sha256 {serving.sha256[:12]}" if serving else "no model is served"
+        message = f"cannot load MODEL_DIR ({self.settings.model_dir}): {reason}; {still}"
+        logger.error("%s", message)
+        return LoadFailed(message)
+
+    async def unload(self, name: str) -> None:
+        """Stops serving the model `name`: readiness turns false and inference requests get 503 until a load."""
+        async with self._lock:
+            served = self.dataplane.model
+            if served is None or served.manifest.name != name:
+                raise ModelNotFound(f"model {name!r} is not loaded")
+            self.dataplane.switch(None)
+            logger.info("unloaded %s (sha256 %s)", name, served.sha256[:12])
+
+    @contextmanager
+    def reloading_on_sighup(self) -> Iterator[None]:
+        """SIGHUP loads MODEL_DIR again while the block runs (in the main thread only: Python's signals are
+        delivered there; a server run in another thread, as in the tests, has no SIGHUP reload)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._load_in_background)
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+
+    def _load_in_background(self) -> None:
+        logger.info("SIGHUP: loading MODEL_DIR again")
+        task = asyncio.get_running_loop().create_task(self.load())
+        self._background.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[LoadReport]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is None:
+            logger.info("SIGHUP: now serving sha256 %s", task.result().sha256[:12])
+        # a LoadFailed was logged and counted by load itself
