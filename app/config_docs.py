@@ -1,8 +1,9 @@
-"""The configuration table of the README, generated from the Settings fields so that it cannot drift from them.
+"""Tables of the documentation generated from the code, so that they cannot drift from it.
 
-Regenerate it after changing a setting:
-`python -c "from app.config_docs import configuration_table; print(configuration_table())"`
-and paste the output between the README's configuration-table markers (a test checks they agree).
+The configuration table of docs/configuration.md comes from the Settings fields; the table of modes in
+README.md from ensemble_contract.modes. Regenerate them after changing a setting or a mode:
+`python -c "from app.config_docs import configuration_table; print(configuration_table())"` (or `modes_table()`)
+and paste the output between the file's markers (tests/test_settings.py and tests/test_docs.py check they agree).
 """
 
 from __future__ import annotations
@@ -14,8 +15,15 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 from app.settings import Settings
+from ensemble_contract.modes import AUTO, CHOICE_DESCRIPTIONS, COMPARE, MODES, ThreadPolicy
 
 HEADER = "| Variable | Default | Description |\n| --- | --- | --- |"
+MODES_HEADER = "| Mode | What one inference runs | Intra-op threads of each session |\n| --- | --- | --- |"
+THREADS = {
+    ThreadPolicy.ALL_CORES: "cores ÷ slots",
+    ThreadPolicy.CORES_SHARED_BY_MEMBERS: "cores ÷ slots ÷ members, 1 at least",
+}
+CHOICE_THREADS = {COMPARE: "those of the mode it runs", AUTO: "chosen with the mode"}
 
 
 def _default(field: FieldInfo) -> str:
@@ -47,3 +55,12 @@ def configuration_table(settings: type[BaseSettings] = Settings) -> str:
         for name, field in settings.model_fields.items()
     ]
     return "\n".join([HEADER, *rows])
+
+
+def modes_table() -> str:
+    """A Markdown table of the modes a request can ask for: what each runs and how its sessions use the cores."""
+    rows = [f"| `{spec.mode}` | {_cell(spec.description)} | {THREADS[spec.threads]} |" for spec in MODES.values()]
+    rows += [
+        f"| `{choice}` | {_cell(text)} | {CHOICE_THREADS[choice]} |" for choice, text in CHOICE_DESCRIPTIONS.items()
+    ]
+    return "\n".join([MODES_HEADER, *rows])

@@ -1,4 +1,4 @@
-"""The service's configuration, read from environment variables (the README's Configuration section lists them)."""
+"""The service's configuration, read from environment variables (docs/configuration.md lists them)."""
 
 from __future__ import annotations
 

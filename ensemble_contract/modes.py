@@ -94,13 +94,14 @@ def intra_op_threads(mode: Mode, cores: int, members: int, slots: int = 1) -> in
     return per_slot
 
 
+# The choices that are not modes of their own: each request they take runs one of the modes above.
+CHOICE_DESCRIPTIONS: dict[str, str] = {
+    COMPARE: "rotate over the modes served",
+    AUTO: "the mode (and layout) measured fastest on this machine at start-up, with DEFAULT_MODE=auto",
+}
+
+
 def describe_modes() -> str:
     """One line per mode, for docs and API descriptions."""
     lines = [f"{spec.mode}: {spec.description}" for spec in MODES.values()]
-    return "; ".join(
-        [
-            *lines,
-            f"{COMPARE}: rotate over the modes served",
-            f"{AUTO}: the mode (and layout) measured fastest on this machine at start-up, with DEFAULT_MODE=auto",
-        ]
-    )
+    return "; ".join([*lines, *(f"{choice}: {text}" for choice, text in CHOICE_DESCRIPTIONS.items())])

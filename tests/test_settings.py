@@ -12,16 +12,16 @@ from app.errors import StartupError
 from app.settings import PILLOW_MAX_IMAGE_PIXELS, Settings, available_cores
 from ensemble_contract.modes import Mode, ModeChoice, intra_op_threads
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CONFIGURATION = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 TABLE_START, TABLE_END = "<!-- configuration-table:start -->", "<!-- configuration-table:end -->"
 REGENERATE = '.venv/bin/python -c "from app.config_docs import configuration_table; print(configuration_table())"'
 
 
-def readme_table() -> str:
-    """The README's configuration table: what stands between its markers."""
-    text = README.read_text()
+def documented_table() -> str:
+    """The configuration table of docs/configuration.md: what stands between its markers."""
+    text = CONFIGURATION.read_text()
     assert text.count(TABLE_START) == 1 and text.count(TABLE_END) == 1, (
-        f"README.md needs one {TABLE_START} ... {TABLE_END}"
+        f"docs/configuration.md needs one {TABLE_START} ... {TABLE_END}"
     )
     return text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip()
 
@@ -108,12 +108,12 @@ def test_a_layout_never_gives_more_threads_than_cores(cores: int, slots: int, me
 @pytest.mark.parametrize("name", list(Settings.model_fields))
 def test_every_setting_is_described_and_documented(name: str) -> None:
     assert Settings.model_fields[name].description
-    assert f"\n| `{name.upper()}` |" in readme_table()
+    assert f"\n| `{name.upper()}` |" in documented_table()
 
 
-def test_the_readme_configuration_table_is_the_generated_one() -> None:
-    assert readme_table() == configuration_table(), (
-        f"README.md's configuration table is out of date: replace what stands between {TABLE_START} and "
+def test_the_documented_configuration_table_is_the_generated_one() -> None:
+    assert documented_table() == configuration_table(), (
+        f"docs/configuration.md's configuration table is out of date: replace what stands between {TABLE_START} and "
         f"{TABLE_END} with the output of\n    {REGENERATE}"
     )
 
