@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 from PIL import Image
 
 from bench.server import free_port
@@ -99,6 +101,10 @@ class Stack:
         return f"http://127.0.0.1:{self.env['APP_PORT']}"
 
     @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.env['APP_GRPC_PORT']}"
+
+    @property
     def prometheus_url(self) -> str:
         return f"http://127.0.0.1:{self.env['PROMETHEUS_PORT']}"
 
@@ -119,6 +125,7 @@ def stack(image: str) -> Iterator[Stack]:
         **os.environ,
         "MODEL_PRESET": "test",  # selects the image the `image` fixture built
         "APP_PORT": str(free_port()),
+        "APP_GRPC_PORT": str(free_port()),
         "PROMETHEUS_PORT": str(free_port()),
         "APP_CPUS": "1",
         "APP_MEMORY": "1g",
@@ -156,6 +163,15 @@ def test_predicts_through_the_published_port(stack: Stack) -> None:
     assert response.status_code == 200, response.text
     assert response.json()["mode"] == "sequential"
     assert response.json()["model"]["name"] == "shapes-test"
+
+
+def test_grpc_through_the_published_port(stack: Stack) -> None:
+    with triton_grpc.InferenceServerClient(stack.grpc_address) as client:
+        assert client.is_model_ready("shapes-test")
+        image = triton_grpc.InferInput("image", [1, 3, 32, 32], "FP32")
+        image.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
+        result = client.infer("shapes-test", [image], parameters={"mode": "parallel"})
+    assert result.as_numpy("class_probs").shape == (1, 4)
 
 
 def test_prometheus_scrapes_the_app_and_sees_the_load_generator(stack: Stack) -> None:
