@@ -17,8 +17,8 @@ import pytest
 from app.admission import Admission
 from app.errors import InferenceTimeout, Overloaded
 from app.settings import Settings
+from bench.http_load import PartialRequest
 from ensemble_contract.manifest import Manifest
-from tests.slow_client import PartialRequest
 from tests.support import LiveServer, live_server, png_bytes
 
 SHORT_TIMEOUT_S = 0.3

@@ -10,14 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from bench import hey
-from bench.cli import parser
-from bench.load import server_timing
-from bench.markdown import table, update_section
-from bench.stats import Summary
-from bench.targets import Check
-from bench.timing import time_calls
-from bench.zoo import ensemble, single
+from bench.__main__ import parser
+from bench.core import Check, Summary, time_calls
+from bench.http_load import hey_available, server_timing
+from bench.report import table, update_section
+from bench.sweep import ensemble, single
 from ensemble_contract.modes import Mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,13 +108,20 @@ def test_quant_quick_scores_int8_next_to_fp32(model_dir: Path, tmp_path: Path) -
     assert all(v["metrics"]["images"] == variants["fp32"]["metrics"]["images"] for v in variants.values())
 
 
-@pytest.mark.parametrize("command", [None, "sweep", "load", "interference", "quant"])
+COMMANDS = ("sweep", "load", "interference", "quant", "compare", "layouts", "peers")
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
 def test_every_command_has_help(command: str | None, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         parser().parse_args([command, "--help"] if command else ["--help"])
     assert exited.value.code == 0
     text = capsys.readouterr().out
-    assert "--quick" in text if command else all(c in text for c in ("sweep", "load", "interference", "quant"))
+    if command is None:
+        assert all(c in text for c in COMMANDS)
+    else:  # the experiment's own module describes it; the four with a smoke-test form take --quick
+        assert f"`python -m bench {command}" in text
+        assert ("--quick" in text) == (command in COMMANDS[:4])
 
 
 def test_server_timing_header_is_parsed() -> None:
@@ -193,7 +197,7 @@ def test_the_verdict_needs_the_whole_interval() -> None:
     assert verdict([fused, Ratio(Mode.SEQUENTIAL, 1.2, 1.2, 1.1, 1.3)]).startswith("fused is the fastest")
 
 
-@pytest.mark.skipif(not hey.available(), reason="no hey (Debian: apt-get install hey); .ci/run installs it")
+@pytest.mark.skipif(not hey_available(), reason="no hey (Debian: apt-get install hey); .ci/run installs it")
 def test_layouts_compares_one_slot_with_autos_layout_and_checks_goodput(model_dir: Path) -> None:
     report = report_of("layouts", "--model-dir", model_dir, "--rounds", "2", "--seconds", "0.5", "--auto-budget-s", "2")
     assert report[0].startswith("machine: ") and report[2].startswith("auto chose ")
@@ -212,7 +216,7 @@ def test_layouts_compares_one_slot_with_autos_layout_and_checks_goodput(model_di
 KSERVE_PYTHON = ROOT / ".venv-kserve" / "bin" / "python"
 
 
-@pytest.mark.skipif(not hey.available(), reason="no hey (Debian: apt-get install hey); .ci/run installs it")
+@pytest.mark.skipif(not hey_available(), reason="no hey (Debian: apt-get install hey); .ci/run installs it")
 @pytest.mark.skipif(not KSERVE_PYTHON.exists(), reason="no .venv-kserve: `make kserve-venv` (.ci/run makes it)")
 def test_peers_measures_us_against_kserve_on_the_same_graph(model_dir: Path) -> None:
     report = report_of(

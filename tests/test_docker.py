@@ -22,7 +22,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from bench.server import free_port
+from bench.http_load import free_port
 from ensemble_contract.modes import Mode
 
 REPO = Path(__file__).resolve().parents[1]

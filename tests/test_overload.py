@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bench.load import LoadResult, Payload, closed_loop, open_loop, warm_up
+from bench.http_load import LoadResult, Payload, closed_loop, open_loop, warm_up
 from tests.service_process import ServiceProcess, service_process
 
 MAX_QUEUE = 8

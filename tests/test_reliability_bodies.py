@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from app.settings import Settings
+from bench.http_load import PartialRequest
 from ensemble_contract.manifest import Manifest
-from tests.slow_client import PartialRequest
 from tests.support import LiveServer, live_server, png_bytes
 
 BODY_TIMEOUT_S = 1.0
