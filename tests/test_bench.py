@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,23 @@ def test_load_quick_against_the_service_and_the_baseline(model_dir: Path, tmp_pa
     assert report["service_rss_idle_bytes"] > 0
     service_c1 = [r for r in closed if r["target"] == "service" and r["concurrency"] == 1]
     assert all({"inference", "total"} <= set(r["server_timing_p50_ms"]) for r in service_c1)
-    assert "Where a request's time goes" in (tmp_path / "load.md").read_text()
+    text = (tmp_path / "load.md").read_text()
+    assert "Where a request's time goes" in text
+    # The overload rounds: a service of one slot under 4x its saturation, and an upload that stalls.
+    assert len(report["overload"]) == 2
+    for turn in report["overload"]:
+        assert turn["stalled_upload_status"] == 408 and turn["stalled_upload_s"] >= 1.0
+        assert turn["saturated"]["ok"] > 0 and turn["overload"]["rate_rps"] == 4 * turn["saturated"]["throughput_rps"]
+        assert set(turn["overload"]["statuses"]) <= {"200", "503"}, turn["overload"]["statuses"]
+    overload = [line for line in text.splitlines() if line.startswith(("- MET", "- MISSED"))]
+    assert [line.split(":")[0].split(maxsplit=2)[2] for line in overload] == [
+        "refusals' p50, ms",
+        "refusals' p95 / accepted p50",
+        "accepted p99 / p99 of one client alone",
+        "goodput / throughput at 4 clients",
+        "stalled upload's 408 after / BODY_TIMEOUT_S",
+    ]
+    assert all("[95% CI " in line for line in overload)
 
 
 def test_interference_quick(model_dir: Path, tmp_path: Path) -> None:
@@ -148,7 +165,8 @@ def test_time_calls_rotates_and_respects_its_bounds() -> None:
     order: list[str] = []
     samples = time_calls([lambda: order.append("a"), lambda: order.append("b")], warmup=1, runs=3, max_seconds=60)
     assert order == ["a", "b"] * 4 and [len(s) for s in samples] == [3, 3]
-    assert len(time_calls([lambda: None], warmup=0, runs=10**9, max_seconds=0.01)[0]) < 10**9
+    # Past max_seconds after its first timed round, it stops there, however many rounds were asked for.
+    assert len(time_calls([lambda: time.sleep(0.02)], warmup=0, runs=10**9, max_seconds=0.01)[0]) == 1
 
 
 def test_summary_and_checks() -> None:
