@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from app.errors import StartupError
 from app.runtime import EnsembleRuntime
 from app.settings import Settings, available_cores
+from app.stats import percentiles_ms
 from ensemble_contract.modes import Mode
 
 STABLE_WINDOWS = 3
@@ -98,17 +99,17 @@ class _Candidate:
         if n > 1:
             half = (T_975[n - 2] if n - 2 < len(T_975) else 1.96) * statistics.stdev(self.throughputs) / n**0.5
             interval = (round(mean - half, 2), round(mean + half, 2))
-        p50, p99 = np.percentile(self.latencies, [50, 99])
+        p50_ms, p99_ms = percentiles_ms(self.latencies, [50, 99])
         return CandidateFigures(
             mode=self.mode,
             layout=str(self.layout),
             throughput_per_s=round(mean, 2),
             throughput_ci95=interval,
-            p50_ms=round(float(p50) * 1000, 3),
-            p99_ms=round(float(p99) * 1000, 3),
+            p50_ms=round(p50_ms, 3),
+            p99_ms=round(p99_ms, 3),
             windows=n,
             stable=self.stable,
-            within_budget=bool(p99 <= latency_budget_s),
+            within_budget=p99_ms <= latency_budget_s * 1000,
         )
 
 

@@ -14,6 +14,12 @@ from ensemble_contract.modes import Mode
 MAX_SAMPLES_PER_MODE = 10_000  # bounds memory whatever the request rate
 
 
+def percentiles_ms(seconds: Sequence[float], percents: Sequence[float]) -> list[float]:
+    """The given percentiles (0 to 100, linearly interpolated) of durations in seconds, in milliseconds: the one
+    percentile function of the service, the benchmarks and deploy/loadgen.py."""
+    return [float(p) for p in np.percentile(np.asarray(seconds, dtype=np.float64) * 1000, percents)]
+
+
 @dataclass(frozen=True)
 class Sample:
     at: float  # time.monotonic() when the request finished
@@ -31,8 +37,8 @@ class Percentiles:
     def of(cls, seconds: list[float]) -> Percentiles:
         if not seconds:
             return cls(None, None)
-        p50, p95 = np.percentile(np.asarray(seconds) * 1000, [50, 95])
-        return cls(round(float(p50), 3), round(float(p95), 3))
+        p50, p95 = percentiles_ms(seconds, [50, 95])
+        return cls(round(p50, 3), round(p95, 3))
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,8 @@ from scipy import stats
 
 from app.runtime import EnsembleRuntime
 from app.settings import Settings
-from bench import hey
-from bench.machine import Machine
-from bench.server import free_port, started
-from bench.stats import Interval
+from bench.core import Interval, Machine, log
+from bench.http_load import free_port, hey, hey_available, started, v2_bodies
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
 
@@ -100,7 +98,7 @@ def in_process(model_dir: Path, rounds: int, calls: int) -> dict[Mode, list[floa
 
 
 def _hey_median(url: str, body: Path, requests: int) -> float:
-    replies = hey.run(url, body, concurrency=1, requests=requests)
+    replies = hey(url, body, concurrency=1, requests=requests)
     ok = [r.seconds for r in replies if r.status == 200]
     if len(ok) < requests:
         raise RuntimeError(f"hey: {requests - len(ok)} of {requests} requests failed against {url}")
@@ -118,16 +116,13 @@ def _python_median(url: str, body: Path, requests: int) -> float:
     return typical(seconds)
 
 
-def through_service(model_dir: Path, rounds: int, requests: int, log: Callable[[str], None]) -> dict[Mode, list[float]]:
+def through_service(model_dir: Path, rounds: int, requests: int) -> dict[Mode, list[float]]:
     manifest = load_manifest(model_dir)
-    client = _hey_median if hey.available() else _python_median
+    client = _hey_median if hey_available() else _python_median
     log(f"[compare] HTTP client: {'hey' if client is _hey_median else 'Python httpx (install hey for a compiled one)'}")
     port = free_port()
     with tempfile.TemporaryDirectory() as work:
-        bodies = {}
-        for mode in Mode:
-            bodies[mode] = Path(work) / f"{mode}.json"
-            bodies[mode].write_bytes(hey.v2_body(manifest, mode))
+        bodies = v2_bodies(manifest, Path(work))
         env = {"MODEL_DIR": str(model_dir.resolve()), "PORT": str(port), "MAX_QUEUE": "64"}
         with started(["-m", "app"], env, port, Path(work) / "server.log", "/readyz") as server:
             served = httpx.get(server.url + "/readyz", timeout=10).json()["modes"]
@@ -138,7 +133,7 @@ def through_service(model_dir: Path, rounds: int, requests: int, log: Callable[[
             return _interleaved(modes, rounds, lambda mode: client(url, bodies[mode], requests))
 
 
-def run(model_dir: Path, rounds: int, calls: int, requests: int, log: Callable[[str], None]) -> str:
+def run(model_dir: Path, rounds: int, calls: int, requests: int) -> str:
     """The report: both tables and the verdicts."""
     lines = [
         f"model directory {model_dir}: {rounds} interleaved rounds, ratios of each round's figures to fused's",
@@ -146,9 +141,7 @@ def run(model_dir: Path, rounds: int, calls: int, requests: int, log: Callable[[
     ]
     measured = {
         f"in-process ({calls} calls a mode a round)": in_process(model_dir, rounds, calls),
-        f"through the service, /v2 ({requests} requests a mode a round)": through_service(
-            model_dir, rounds, requests, log
-        ),
+        f"through the service, /v2 ({requests} requests a mode a round)": through_service(model_dir, rounds, requests),
     }
     for title, per_round in measured.items():
         found = ratios(per_round)

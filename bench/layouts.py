@@ -13,26 +13,23 @@ Every ratio is a mean over rounds with a 95 % t-interval; a target is met only w
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
 from app.auto import CandidateFigures, choose
 from app.settings import Settings
-from bench import hey
-from bench.machine import Machine
-from bench.server import free_port, started
-from bench.stats import Interval
-from bench.targets import interval_check
+from app.stats import percentiles_ms
+from bench.core import Interval, Machine, interval_check, log
+from bench.http_load import Reply, free_port, hey, started, v2_bodies
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
 
 
-def _throughput(replies: Sequence[hey.Reply], seconds: float) -> float:
+def _throughput(replies: Sequence[Reply], seconds: float) -> float:
     return sum(r.status == 200 for r in replies) / seconds
 
 
@@ -46,18 +43,18 @@ def _saturated(one: Target, auto: Target, clients: int, seconds: float, turn: in
     """Answered requests a second of each server at `clients`, the two taking turns (who goes first alternates)."""
     measured = {}
     for name, target in ((("one", one), ("auto", auto)))[:: 1 if turn % 2 == 0 else -1]:
-        measured[name] = _throughput(hey.run(target.url, target.body, concurrency=clients, seconds=seconds), seconds)
+        measured[name] = _throughput(hey(target.url, target.body, concurrency=clients, seconds=seconds), seconds)
     return measured["one"], measured["auto"]
 
 
 def _overload(target: Target, seconds: float) -> tuple[float, float, float, int]:
     """Goodput at 32 retrying clients over throughput at 4, refusals' and accepted p99 (ms), refusals."""
-    calm = _throughput(hey.run(target.url, target.body, concurrency=4, seconds=seconds), seconds)
-    stormy = hey.run(target.url, target.body, concurrency=32, seconds=seconds)
+    calm = _throughput(hey(target.url, target.body, concurrency=4, seconds=seconds), seconds)
+    stormy = hey(target.url, target.body, concurrency=32, seconds=seconds)
     refusals = [r.seconds for r in stormy if r.status == 503]
     accepted = [r.seconds for r in stormy if r.status == 200]
-    refused_p99 = float(np.percentile(refusals, 99)) * 1000 if refusals else 0.0
-    accepted_p99 = float(np.percentile(accepted, 99)) * 1000 if accepted else float("inf")
+    (refused_p99,) = percentiles_ms(refusals, [99]) if refusals else [0.0]
+    (accepted_p99,) = percentiles_ms(accepted, [99]) if accepted else [float("inf")]
     return _throughput(stormy, seconds) / calm, refused_p99, accepted_p99, len(refusals)
 
 
@@ -80,16 +77,11 @@ def _again(model_dir: Path, choice: dict[str, Any], auto_budget_s: float) -> Int
     return Interval(chosen.throughput_per_s / best.throughput_per_s, chosen_low / best_high, chosen_high / best_low)
 
 
-def run(
-    model_dir: Path, rounds: int, seconds: float, clients: int, auto_budget_s: float, log: Callable[[str], None]
-) -> str:
+def run(model_dir: Path, rounds: int, seconds: float, clients: int, auto_budget_s: float) -> str:
     manifest = load_manifest(model_dir)
     lines = [f"machine: {Machine.current().describe()}", f"{model_dir}: {rounds} rounds of {seconds:g} s windows"]
     with tempfile.TemporaryDirectory() as work:
-        bodies = {}
-        for mode in Mode:
-            bodies[mode] = Path(work) / f"{mode}.json"
-            bodies[mode].write_bytes(hey.v2_body(manifest, mode))
+        bodies = v2_bodies(manifest, Path(work))
         base = {"MODEL_DIR": str(model_dir.resolve()), "LOG_LEVEL": "warning"}
         ports = free_port(), free_port()
         one_env = base | {"PORT": str(ports[0]), "INFERENCE_SLOTS": "1", "DEFAULT_MODE": "fused"}

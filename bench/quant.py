@@ -1,18 +1,14 @@
-"""int8 versions of the fused graph (model_build.quantize: dynamic, and the static QDQ one the build ships),
-scored on the held-out set and timed next to fp32."""
+"""`python -m bench quant`: int8 versions of the fused graph (model_build.quantize, onnxruntime.quantization:
+dynamic, and the static QDQ one the build ships, calibrated on training-seed images), scored on the held-out set
+and timed next to fp32, each in its own process. About 2 min on 2 cores."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from bench.isolated import measure_isolated
-from bench.stats import Summary
-from bench.timing import Budget
-from bench.worker import MeasureSpec
+from bench.core import Budget, MeasureSpec, Summary, log, measure_isolated
 from ensemble_contract.manifest import ImageSpec, Metrics, load_manifest
 from model_build.evaluate import score_model
 from model_build.quantize import quantize_dynamic_int8, quantize_static_int8
@@ -46,7 +42,6 @@ def run(
     budget: Budget,
     calibration_images: int,
     test_images: int | None = None,
-    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> list[Variant]:
     """fp32 and each int8 variant: held-out metrics, and latency per configuration, each in its own process."""
     manifest = load_manifest(model_dir)
@@ -63,14 +58,8 @@ def run(
     for name, path in files.items():
         latency = {}
         for config in LATENCY_CONFIGS:
-            spec = MeasureSpec(
-                model_dir=model_dir,
-                rotation=(config,),
-                warmup=budget.warmup,
-                runs=budget.runs,
-                max_seconds=budget.max_seconds,
-                fused_file=None if name == "fp32" else path.resolve(),
-            )
+            fused_file = None if name == "fp32" else path.resolve()
+            spec = MeasureSpec.of(model_dir, (config,), budget, fused_file=fused_file)
             latency[config] = measure_isolated(spec).results[config]
         metrics = score_model(path, test, test_inputs)
         variants.append(

@@ -1,4 +1,5 @@
-"""Steady load for the service: small generated PNGs POSTed to /predict at a fixed rate (stdlib only).
+"""Steady load for the service: small generated PNGs POSTed to /predict at a fixed rate (the standard library and
+the service's own percentiles, app.stats: it runs where the service is installed, as in the app's image).
 
     python deploy/loadgen.py --url http://127.0.0.1:8000 --rate 5 --duration 60
     docker-compose --profile loadgen up      (the `loadgen` service runs this in the app's image)
@@ -25,6 +26,8 @@ import urllib.request
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+
+from app.stats import percentiles_ms
 
 
 def png(width: int, height: int, rows: list[bytes]) -> bytes:
@@ -77,9 +80,8 @@ class Stats:
     def summary(self) -> str:
         lines = [f"outcomes: {dict(sorted(self.outcomes.items()))}"]
         for mode, values in sorted(self.latency_s.items()):
-            values = sorted(values)
-            p50, p95 = values[len(values) // 2], values[min(len(values) - 1, int(len(values) * 0.95))]
-            lines.append(f"{mode:>10}: {len(values)} ok, p50 {p50 * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms")
+            p50, p95 = percentiles_ms(values, [50, 95])
+            lines.append(f"{mode:>10}: {len(values)} ok, p50 {p50:.1f} ms, p95 {p95:.1f} ms")
         return "\n".join(lines)
 
 

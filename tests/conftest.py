@@ -3,12 +3,15 @@ of third-party graphs fused by the real `fuse` command, and real uvicorn servers
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from app.runtime import EnsembleRuntime
 from app.settings import Settings
@@ -19,6 +22,14 @@ from tests.support import VISION_LABELS, LiveServer, fuse, live_server
 from tests.third_party import export_tabular_members, export_vision_members, tabular_data
 
 IMAGENET_MEAN, IMAGENET_STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hypothesis keeps its caches and examples in a temporary directory of this run, removed at its end (not in
+    .hypothesis/ in the checkout): set before any test module is collected, since collecting one already scans."""
+    home = Path(tempfile.mkdtemp(prefix="hypothesis-"))
+    config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
+    set_hypothesis_home_dir(home)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from app.settings import Settings
-from bench.server import free_port, stop
+from bench.http_load import free_port, resident_bytes, stop
 
 START_TIMEOUT_S = 60
 REPO = Path(__file__).resolve().parents[1]
@@ -53,10 +53,9 @@ class ServiceProcess:
 
     def rss_bytes(self) -> int:
         """The server's resident memory (VmRSS)."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS line")
+        rss = resident_bytes(self.process.pid)
+        assert rss is not None, "no VmRSS of the server in /proc"
+        return rss
 
     def terminate(self) -> None:
         self.process.send_signal(signal.SIGTERM)

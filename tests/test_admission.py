@@ -3,6 +3,7 @@ until the inference really ends; and the same, end to end, on a real server."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -15,8 +16,8 @@ import pytest
 from app.admission import Admission
 from app.errors import InferenceTimeout, Overloaded
 from app.settings import Settings
+from bench.http_load import PartialRequest
 from ensemble_contract.manifest import Manifest
-from tests.slow_client import PartialRequest
 from tests.support import LiveServer, holding_the_slot, live_server, png_bytes
 
 SHORT_TIMEOUT_S = 0.3
@@ -66,7 +67,26 @@ async def test_work_runs_off_the_event_loop_and_returns_its_value() -> None:
     loop_thread = threading.get_ident()
     admitted = await admission.run(threading.get_ident, timeout_s=5)
     assert admitted.value != loop_thread
-    assert admitted.waited_s >= 0
+    admission.close()
+
+
+@pytest.mark.anyio
+async def test_a_request_waits_for_the_busy_slot_and_says_how_long() -> None:
+    admission = Admission(slots=1, max_queue=1, max_wait_s=60)
+    release = threading.Event()
+    first = asyncio.create_task(admission.run(lambda: release.wait(5), timeout_s=30))
+    await asyncio.sleep(0)  # the first takes the only slot and runs in its thread
+    second = asyncio.create_task(admission.run(lambda: "second", timeout_s=30))
+    await asyncio.sleep(0)  # the second waits for the slot
+    waiting_since = time.perf_counter()
+    await asyncio.sleep(0.05)
+    held_s = time.perf_counter() - waiting_since
+    release.set()
+    first_done, second_done = await asyncio.gather(first, second)
+    assert first_done.value is True and second_done.value == "second"
+    # The second began waiting before `waiting_since` and got the slot only after `release.set()`: it waited at
+    # least `held_s`, whatever the machine's speed (a slow one only makes it wait longer).
+    assert second_done.waited_s >= held_s
     admission.close()
 
 

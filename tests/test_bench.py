@@ -6,18 +6,16 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from bench import hey
-from bench.cli import parser
-from bench.load import server_timing
-from bench.markdown import table, update_section
-from bench.stats import Summary
-from bench.targets import Check
-from bench.timing import time_calls
-from bench.zoo import ensemble, single
+from bench.__main__ import parser
+from bench.core import Check, Summary, time_calls
+from bench.http_load import hey_available, server_timing
+from bench.report import table, update_section
+from bench.sweep import ensemble, single
 from ensemble_contract.modes import Mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +89,23 @@ def test_load_quick_against_the_service_and_the_baseline(model_dir: Path, tmp_pa
     assert report["service_rss_idle_bytes"] > 0
     service_c1 = [r for r in closed if r["target"] == "service" and r["concurrency"] == 1]
     assert all({"inference", "total"} <= set(r["server_timing_p50_ms"]) for r in service_c1)
-    assert "Where a request's time goes" in (tmp_path / "load.md").read_text()
+    text = (tmp_path / "load.md").read_text()
+    assert "Where a request's time goes" in text
+    # The overload rounds: a service of one slot under 4x its saturation, and an upload that stalls.
+    assert len(report["overload"]) == 2
+    for turn in report["overload"]:
+        assert turn["stalled_upload_status"] == 408 and turn["stalled_upload_s"] >= 1.0
+        assert turn["saturated"]["ok"] > 0 and turn["overload"]["rate_rps"] == 4 * turn["saturated"]["throughput_rps"]
+        assert set(turn["overload"]["statuses"]) <= {"200", "503"}, turn["overload"]["statuses"]
+    overload = [line for line in text.splitlines() if line.startswith(("- MET", "- MISSED"))]
+    assert [line.split(":")[0].split(maxsplit=2)[2] for line in overload] == [
+        "refusals' p50, ms",
+        "refusals' p95 / accepted p50",
+        "accepted p99 / p99 of one client alone",
+        "goodput / throughput at 4 clients",
+        "stalled upload's 408 after / BODY_TIMEOUT_S",
+    ]
+    assert all("[95% CI " in line for line in overload)
 
 
 def test_interference_quick(model_dir: Path, tmp_path: Path) -> None:
@@ -111,13 +125,20 @@ def test_quant_quick_scores_int8_next_to_fp32(model_dir: Path, tmp_path: Path) -
     assert all(v["metrics"]["images"] == variants["fp32"]["metrics"]["images"] for v in variants.values())
 
 
-@pytest.mark.parametrize("command", [None, "sweep", "load", "interference", "quant"])
+COMMANDS = ("sweep", "load", "interference", "quant", "compare", "layouts", "peers")
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
 def test_every_command_has_help(command: str | None, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         parser().parse_args([command, "--help"] if command else ["--help"])
     assert exited.value.code == 0
     text = capsys.readouterr().out
-    assert "--quick" in text if command else all(c in text for c in ("sweep", "load", "interference", "quant"))
+    if command is None:
+        assert all(c in text for c in COMMANDS)
+    else:  # the experiment's own module describes it; the four with a smoke-test form take --quick
+        assert f"`python -m bench {command}" in text
+        assert ("--quick" in text) == (command in COMMANDS[:4])
 
 
 def test_server_timing_header_is_parsed() -> None:
@@ -144,7 +165,8 @@ def test_time_calls_rotates_and_respects_its_bounds() -> None:
     order: list[str] = []
     samples = time_calls([lambda: order.append("a"), lambda: order.append("b")], warmup=1, runs=3, max_seconds=60)
     assert order == ["a", "b"] * 4 and [len(s) for s in samples] == [3, 3]
-    assert len(time_calls([lambda: None], warmup=0, runs=10**9, max_seconds=0.01)[0]) < 10**9
+    # Past max_seconds after its first timed round, it stops there, however many rounds were asked for.
+    assert len(time_calls([lambda: time.sleep(0.02)], warmup=0, runs=10**9, max_seconds=0.01)[0]) == 1
 
 
 def test_summary_and_checks() -> None:
@@ -193,7 +215,7 @@ def test_the_verdict_needs_the_whole_interval() -> None:
     assert verdict([fused, Ratio(Mode.SEQUENTIAL, 1.2, 1.2, 1.1, 1.3)]).startswith("fused is the fastest")
 
 
-@pytest.mark.skipif(not hey.available(), reason="no hey (Debian: apt-get install hey); .ci/run installs it")
+@pytest.mark.skipif(not hey_available(), reason="no hey (Debian: apt-get install hey); .ci/run installs it")
 def test_layouts_compares_one_slot_with_autos_layout_and_checks_goodput(model_dir: Path) -> None:
     report = report_of("layouts", "--model-dir", model_dir, "--rounds", "2", "--seconds", "0.5", "--auto-budget-s", "2")
     assert report[0].startswith("machine: ") and report[2].startswith("auto chose ")
@@ -212,7 +234,7 @@ def test_layouts_compares_one_slot_with_autos_layout_and_checks_goodput(model_di
 KSERVE_PYTHON = ROOT / ".venv-kserve" / "bin" / "python"
 
 
-@pytest.mark.skipif(not hey.available(), reason="no hey (Debian: apt-get install hey); .ci/run installs it")
+@pytest.mark.skipif(not hey_available(), reason="no hey (Debian: apt-get install hey); .ci/run installs it")
 @pytest.mark.skipif(not KSERVE_PYTHON.exists(), reason="no .venv-kserve: `make kserve-venv` (.ci/run makes it)")
 def test_peers_measures_us_against_kserve_on_the_same_graph(model_dir: Path) -> None:
     report = report_of(

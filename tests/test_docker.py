@@ -24,7 +24,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from PIL import Image
 
-from bench.server import free_port
+from bench.http_load import free_port
 from ensemble_contract.modes import Mode
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,42 +1,37 @@
-"""Overload: at 4x the service's saturation throughput, accepted requests keep a bounded p99, the rest are
-turned away at once with 503 and Retry-After, nothing crashes, and resident memory comes back.
+"""Overload: at 4x the service's saturation throughput, every request gets 200 or 503, every 503 says when to retry
+(Retry-After), no connection is dropped, the server keeps answering afterwards, and its resident memory does not
+grow from one overload window to the next.
 
 The CI version offers the overload for 10 s; the soak versions (`pytest -m soak`) for 60 s and 10 minutes.
 The server runs on one core and the load generator on the other, as they would on separate machines (on a
 shared core, the generator's own backlog would be charged to the server). The requests are large PNGs
 (1200x1200), so the server's own work (decoding, resizing) dominates each request and the generator can
 offer 4x what the server can take.
+
+How fast the refusals come back, the accepted requests' p99 and the goodput under overload are timings, which a
+slow or busy machine moves: `python -m bench load` measures them, as ratios with 95 % intervals over rounds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from bench.load import LoadResult, Payload, closed_loop, open_loop, warm_up
+from app.errors import RETRY_AFTER_S
+from bench.http_load import LoadResult, Payload, closed_loop, open_loop, warm_up
+from bench.load import OVERLOAD_CLIENTS, OVERLOAD_FACTOR, OVERLOAD_IMAGE_SIZE, OVERLOAD_QUEUE, OVERLOAD_SLOTS
 from tests.service_process import ServiceProcess, service_process
 
-MAX_QUEUE = 8
-SLOTS = 1
-OVERLOAD = 4
 SATURATION_S = 4.0
 WARM_UP_S = 3.0
-# An accepted request waits behind at most MAX_QUEUE + SLOTS others, each served in about the time one takes
-# alone: that many service times bound its p99 (times 3 for the refusals' share of the server's core and for
-# a noisy machine). Measured here: p99 about 0.7 s against a bound of about 6 s.
-P99_BOUND_SERVICE_TIMES = 3 * (MAX_QUEUE + SLOTS + 1)
-# A 503 reads the body and answers: no decoding, no waiting, and the event loop that does it outranks the
-# decoding and inference threads (app/priority.py). Measured here: p50 7-9 ms, p95 16-20 ms on a quiet machine;
-# once in CI, with the VM's core busy elsewhere, p50 12 ms and p95 334 ms. So the median has an absolute bound,
-# and the tail a relative one: even the slow refusals come back faster than a typical accepted request.
-REFUSAL_P50_BOUND_MS = 50.0
-MEMORY_TOLERANCE = 0.10
+# Retry-After is whole seconds until the queue should have room: the queue's expected wait, at least RETRY_AFTER_S.
+# Sane is that, and below a minute (the whole queue would take that long only if one request took over 6 s).
+RETRY_AFTER_MAX_S = 60
+MEMORY_GROWTH = 0.10  # the allocator's noise from one window to the next; a leak grows with the requests
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +44,7 @@ def service(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     os.sched_setaffinity(0, others)
     try:
         with service_process(
-            model_dir, log_dir, cores={server_core}, max_queue=MAX_QUEUE, inference_slots=SLOTS
+            model_dir, log_dir, cores={server_core}, max_queue=OVERLOAD_QUEUE, inference_slots=OVERLOAD_SLOTS
         ) as process:
             yield process
     finally:
@@ -58,19 +53,16 @@ def service(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture(scope="module")
 def payload() -> Payload:
-    gradient = Image.linear_gradient("L").resize((1200, 1200)).convert("RGB")
-    buffer = io.BytesIO()
-    gradient.save(buffer, format="PNG")
-    return Payload.png(buffer.getvalue())
+    return Payload.gradient(OVERLOAD_IMAGE_SIZE)
 
 
-def saturation(service: ServiceProcess, payload: Payload) -> tuple[LoadResult, LoadResult]:
-    """One client alone (the service time), then enough clients to keep the slot and queue busy."""
-    alone = asyncio.run(closed_loop(service.url, "service", None, payload, concurrency=1, requests=60, max_s=3))
-    busy = asyncio.run(
-        closed_loop(service.url, "service", None, payload, concurrency=4, requests=10_000, max_s=SATURATION_S)
+def saturation(service: ServiceProcess, payload: Payload) -> LoadResult:
+    """Enough clients to keep the slot and queue busy: the throughput the service can take."""
+    return asyncio.run(
+        closed_loop(
+            service.url, "service", None, payload, concurrency=OVERLOAD_CLIENTS, requests=10_000, max_s=SATURATION_S
+        )
     )
-    return alone, busy
 
 
 @pytest.mark.parametrize(
@@ -83,9 +75,9 @@ def saturation(service: ServiceProcess, payload: Payload) -> tuple[LoadResult, L
 )
 def test_four_times_saturation(service: ServiceProcess, payload: Payload, seconds: int) -> None:
     asyncio.run(warm_up(service.url, None, payload, 10))
-    alone, busy = saturation(service, payload)
-    assert alone.latency is not None and busy.error_rate == 0, busy.statuses
-    rate = OVERLOAD * busy.throughput_rps
+    busy = saturation(service, payload)
+    assert busy.ok > 0 and set(busy.statuses) <= {"200", "503"}, busy.statuses
+    rate = OVERLOAD_FACTOR * busy.throughput_rps
 
     def overload(seconds: float) -> LoadResult:
         offered = int(rate * seconds) + 1
@@ -98,21 +90,21 @@ def test_four_times_saturation(service: ServiceProcess, payload: Payload, second
     print(
         f"\nsaturation {busy.throughput_rps:.0f} req/s, offered {rate:.0f} req/s for {seconds} s: {result.statuses}; "
         f"accepted {result.latency.brief() if result.latency else '-'}; "
-        f"refused {result.refused.brief() if result.refused else '-'}"
+        f"refused {result.refused.brief() if result.refused else '-'}; Retry-After {result.retry_after}"
     )
-    # No 5xx but overload, and no dropped connection.
+    # Overload is turned away with 503, nothing else fails, and no connection is dropped or reset.
     assert set(result.statuses) <= {"200", "503"}, (result.statuses, result.transport_errors)
+    assert result.transport_errors == {}
     assert result.ok > 0 and result.refused is not None
+    # Every 503 says when to retry: whole seconds, at least the service's minimum, and not absurdly far off.
     assert result.refused_without_retry_after == 0
-    assert result.refused.median_ms <= REFUSAL_P50_BOUND_MS
-    assert result.latency is not None
-    assert result.refused.p95_ms < result.latency.median_ms
-    assert result.latency.p99_ms <= P99_BOUND_SERVICE_TIMES * alone.latency.p99_ms
-    assert result.throughput_rps >= 0.5 * busy.throughput_rps  # overload does not collapse the goodput
+    assert sum(result.retry_after.values()) == result.refused.count
+    for value in result.retry_after:
+        assert value.isdigit() and RETRY_AFTER_S <= int(value) <= RETRY_AFTER_MAX_S, result.retry_after
 
     assert service.process.poll() is None
     with service.client() as client:
         assert client.get("/readyz").status_code == 200
         assert client.post("/predict", content=payload.body, headers={"content-type": payload.content_type}).is_success
     rss_after = service.rss_bytes()
-    assert abs(rss_after - rss_before) <= MEMORY_TOLERANCE * rss_before, (rss_before, rss_after)
+    assert rss_after <= (1 + MEMORY_GROWTH) * rss_before, (rss_before, rss_after)

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.server import free_port, stop
+from bench.http_load import free_port, stop
 from ensemble_contract.modes import Mode
 from tests.support import LiveServer
 

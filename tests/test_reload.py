@@ -25,7 +25,7 @@ import tritonclient.grpc as triton
 
 from app.model import LoadedModel
 from app.settings import Settings
-from bench.server import free_port
+from bench.http_load import free_port
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
 from tests.service_process import service_process

@@ -3,7 +3,6 @@ directory stops start-up with a clear reason."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from app.cpu import threads_cpu_seconds
 from app.errors import StartupError
 from app.runtime import EnsembleRuntime
-from app.settings import Settings
+from app.settings import Settings, available_cores
 from ensemble_contract.manifest import FileEntry, Manifest, load_manifest
 from ensemble_contract.modes import Mode
 from ensemble_contract.signature import TensorSpec
@@ -120,7 +119,7 @@ def test_slots_with_threads_get_sessions_of_their_own_and_pay_for_their_pools(mo
     """One slot on every core: the sessions' intra-op pools run the inference, and are charged to it. Two slots
     on one thread each: the slots share one set of sessions, each run on its caller's thread."""
     feeds = load_manifest(model_dir).example_inputs()
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     for slots in (1, 2):
         runtime = EnsembleRuntime.load(Settings(model_dir=model_dir, inference_slots=slots))
         try:

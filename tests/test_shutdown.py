@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.http_load import PartialRequest
 from tests.service_process import free_port, service_process
-from tests.slow_client import PartialRequest
 from tests.support import Scrape, png_bytes
 
 GRACE_S = 10
@@ -53,8 +53,6 @@ def test_sigterm_drains_and_exits_zero(model_dir: Path, tmp_path: Path) -> None:
             answer = in_flight.answer()
         assert answer.status == 200, answer.body
         assert set(answer.json()["labels"][0]) >= {"name", "probability", "present"}
-        started = time.monotonic()
-        assert service.wait(GRACE_S + 5) == 0, service.output()
-        assert time.monotonic() - started < GRACE_S + 5
+        assert service.wait(GRACE_S + 5) == 0, service.output()  # exits by itself (the timeout only stops a hang)
         ops.close()
     assert "Traceback" not in service.output()

@@ -1,5 +1,6 @@
 """The page at /: served with everything it needs from this origin, and working in a real headless Chromium
-(upload, labels, mask, member votes, the live latency chart). The screenshot is kept in artifacts/ui.png."""
+(upload, labels, mask, member votes, the live latency chart). The screenshot is written to the test's temporary
+directory, ui.png (pytest keeps the last few runs' under its base temporary directory; `--basetemp=DIR` picks it)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 TIMEOUT_MS = 30_000
 
 # Counts, per legend entry, the chart's opaque pixels of that entry's colour (the lines and their points).
@@ -181,8 +181,8 @@ def test_upload_shows_labels_mask_and_votes_and_the_chart_follows_every_mode(
         assert int(legend.get_attribute("data-requests") or 0) > 0
         expect(legend).to_contain_text(f"{legend.get_attribute('data-requests')} requests")
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=ARTIFACTS / "ui.png", full_page=True)
+    screenshot = page.screenshot(path=tmp_path / "ui.png", full_page=True)
+    assert screenshot.startswith(b"\x89PNG") and (tmp_path / "ui.png").read_bytes() == screenshot
 
     assert visit.console_errors == []
     for url in page.evaluate(REFERENCED_URLS):

@@ -14,7 +14,7 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from app.settings import Settings
-from bench.server import free_port
+from bench.http_load import free_port
 from ensemble_contract.manifest import Manifest, load_manifest
 from ensemble_contract.modes import Mode
 from tests.support import LiveServer, holding_the_slot, infer_json, live_server, scrape
