@@ -45,7 +45,7 @@ async def test_the_queue_is_bounded_by_the_expected_wait_not_only_by_count() -> 
     admission = Admission(slots=2, max_queue=100, max_wait_s=0.05)
     assert admission.refusal() is None  # nothing measured yet: only the count bounds the queue
     await admission.run(lambda: time.sleep(0.02), timeout_s=5)
-    assert admission.service_s == pytest.approx(0.02, abs=0.015)
+    assert admission.service_s is not None and admission.service_s >= 0.02  # a sleep lasts at least its time
     admission.service_s = 0.02  # what was measured, made exact for the arithmetic below
     tickets = [admission.ticket() for _ in range(6)]
     for ticket in tickets:  # 6 in the pipeline on 2 slots: the 7th waits (7 - 2) / 2 x 20 ms = 50 ms, in budget
