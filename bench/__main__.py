@@ -1,4 +1,4 @@
-"""Command line: `python -m bench sweep|load|interference|quant|compare|layouts|peers ...`; `--help` on each command.
+"""Command line: `python -m bench sweep|scale|load|interference|quant|compare|layouts|peers ...`; `--help` on each.
 
 Full runs take minutes and rewrite their own section of docs/benchmarks.md; `--quick` runs take seconds,
 write only under --out, and exist for the smoke tests. Run from the repository root.
@@ -17,12 +17,15 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel
 
 from app.settings import available_cores
 from bench.core import Budget, Check, Machine, log
+
+if TYPE_CHECKING:
+    from bench.sweep import SweepRow
 
 DOCS = Path("docs/benchmarks.md")
 ARTIFACTS = Path("artifacts/bench")
@@ -30,14 +33,21 @@ DEFAULT_MODEL_DIR = Path("models/default")
 
 # (full, --quick) per command; --runs replaces the timed runs of either.
 BUDGETS: dict[str, tuple[Budget, Budget]] = {
-    "sweep": (Budget(30, 300, 60), Budget(3, 20, 5)),
+    "sweep": (Budget(10, 60, 12), Budget(3, 20, 5)),  # per round
+    "scale": (Budget(3, 30, 2), Budget(1, 5, 1)),  # per round
     "load": (Budget(50, 1000, 30), Budget(3, 20, 5)),  # the in-process floor
     "interference": (Budget(50, 1000, 60), Budget(3, 20, 5)),
     "quant": (Budget(30, 300, 60), Budget(3, 20, 5)),
 }
 SWEEP_WIDTHS = ((2, 3, 4, 5, 6, 7), (2, 3))
 SWEEP_ENSEMBLES = (("2xw2", "3xw2", "2xw3", "w2+w3", "w2+w7"), ("2xw2", "w2+w3"))
+SWEEP_CSV = "sweep.csv"
 SWEEP_IMAGE_SIZE, SWEEP_STEPS, SWEEP_BATCH, SWEEP_TEST_IMAGES = 32, 400, 16, 500
+ROUNDS = {"sweep": (5, 2), "scale": (6, 2)}  # interleaved rounds, (full, --quick)
+SCALE_SIZES = ((48, 96, 192, 384), (32,))
+SCALE_TARGET_MS = 172.27  # the published loop's latency
+SCALE_LARGEST = (512, 32)  # the largest size probed for it; quick: no larger than its one size, so no other build
+SCALE_PROBE = Budget(2, 10, 5)
 LOAD_REQUESTS, LOAD_MAX_S = (1000, 12), (30.0, 10.0)  # per load point
 QUANT_CALIBRATION_IMAGES = (200, 16)
 OVERLOAD_ROUNDS, OVERLOAD_SECONDS = (3, 2), (10.0, 1.0)  # the load command's overload rounds, and each window
@@ -56,10 +66,22 @@ def _budget(args: argparse.Namespace) -> Budget:
     return Budget(budget.warmup, args.runs or budget.runs, budget.max_seconds)
 
 
+def _rounds(args: argparse.Namespace) -> int:
+    return int(args.rounds or _pick(args, ROUNDS[args.command]))
+
+
 def _out(args: argparse.Namespace) -> Path:
     out: Path = args.out or ARTIFACTS / (args.command + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _copy(file: Path, directory: Path, name: str | None = None) -> None:
+    """Copies `file` into `directory`, as `name` if given (unless it is that file already)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / (name or file.name)
+    if file.resolve() != target.resolve():
+        shutil.copyfile(file, target)
 
 
 def _publish(
@@ -72,15 +94,19 @@ def _publish(
     results: BaseModel | Sequence[BaseModel] | None = None,
     figure: Path | None = None,
     lines: Sequence[str] = (),
+    measured: str | None = None,
+    data: Path | None = None,
 ) -> None:
     """Writes OUT/<command>.md, `text` after what it was measured on and by which command (and the results as
     OUT/<command>.json: an object, or an array of one row per line); rewrites the command's section of the docs
-    (and copies the figure next to them, since artifacts/ is not committed) when asked; prints the targets
-    (`checks`, and `lines` of targets checked on intervals)."""
+    (and copies the figure and the `data` file next to them, since artifacts/ is not committed) when asked; prints
+    the targets (`checks`, and `lines` of targets checked on intervals). `measured` replaces "Measured on <this
+    machine, now> by <this command>" for a report re-rendered from an earlier run's data."""
     from bench.report import update_section
 
     name = args.command
-    text = f"Measured on {Machine.current().describe()} by `python -m bench {shlex.join(argv)}`. {text}"
+    measured = measured or f"Measured on {Machine.current().describe()} by `python -m bench {shlex.join(argv)}`."
+    text = f"{measured} {text}"
     if isinstance(results, BaseModel):
         (out / f"{name}.json").write_text(results.model_dump_json(indent=2) + "\n")
     elif results is not None:
@@ -88,9 +114,9 @@ def _publish(
     (out / f"{name}.md").write_text(text + (f"\n\n![{name}]({figure.name})" if figure else "") + "\n")
     docs = None if args.no_docs else args.docs or (None if args.quick else DOCS)
     if docs:
+        for file in (f for f in (data, figure) if f):
+            _copy(file, docs.parent)
         if figure:
-            docs.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(figure, docs.parent / figure.name)
             text += f"\n\n![{name}]({figure.name})"
         update_section(docs, name, text)
     for check in checks:
@@ -101,10 +127,12 @@ def _publish(
 
 
 def sweep(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    from bench.report import plot_sweep, sweep_checks, sweep_markdown
     from bench.sweep import build_all, ensemble, measure_all, of_model_dir, read_rows, single
     from model_build.config import PRESETS, TrainingConfig
 
+    if args.from_csv:
+        _render_sweep(args, argv, read_rows(args.from_csv))
+        return
     widths = args.widths or _pick(args, SWEEP_WIDTHS)
     labels = args.ensembles if args.ensembles is not None else _pick(args, SWEEP_ENSEMBLES)
     specs = [single(w) for w in widths] + [ensemble(label) for label in labels]
@@ -115,32 +143,95 @@ def sweep(args: argparse.Namespace, argv: Sequence[str]) -> None:
             image_size=SWEEP_IMAGE_SIZE, batch_size=SWEEP_BATCH, steps=SWEEP_STEPS, threads=available_cores()
         )
         test_images = SWEEP_TEST_IMAGES
-    changes = {"steps": args.steps, "image_size": args.image_size}
+    changes = {"steps": args.steps, "image_size": args.image_size, "threads": args.threads}
     training = base.model_copy(update={k: v for k, v in changes.items() if v is not None})
     test_images = args.test_images or test_images
-    budget, out = _budget(args), _out(args)
+    budget, rounds, out = _budget(args), _rounds(args), _out(args)
     log(f"[sweep] building {len(specs)} models into {out / 'models'} (up-to-date ones are skipped)")
     dirs = build_all(specs, training, test_images, out / "models", reuse_from=args.reuse_members)
     models = [(s, dirs[s.label]) for s in specs]
     targets_dir = args.targets_model_dir or (None if args.quick else DEFAULT_MODEL_DIR)
-    target = "2xw2"
     if targets_dir and (targets_dir / "manifest.json").is_file():
         models.append((of_model_dir(targets_dir), targets_dir))
-        target = models[-1][0].label
     elif targets_dir:
         log(f"[sweep] {targets_dir} has no manifest.json: the targets are checked on the sweep's own 2xw2")
     csv_path = out / "sweep.csv"
-    rows = measure_all(models, budget, csv_path, read_rows(csv_path) if args.resume else [])
+    rows = measure_all(models, budget, rounds, csv_path, read_rows(csv_path) if args.resume else [])
     what = (
         f"Sweep models trained {training.steps} steps at {training.image_size}x{training.image_size}, batch "
         f"{training.batch_size}, on {training.threads} thread(s); accuracy on {test_images} held-out images. "
-        f"Targets checked on `{target}`. Each configuration in its own process: {budget.warmup} warm-up runs, then "
-        f"{budget.runs} timed runs (at most {budget.max_seconds:g} s), batch 1. Latencies are p50 (p95) in ms. "
-        "Compare only ratios measured in one run."
+        f"Each model's configurations each in a process of its own, timed in {rounds} interleaved rounds (the order "
+        f"rotated each round): per round {budget.warmup} warm-up runs, then {budget.runs} timed runs (at most "
+        f"{budget.max_seconds:g} s), batch 1."
     )
-    charted = [r for r in rows if r.model in dirs]  # not the targets model: another resolution
-    chart = plot_sweep(charted, out / "sweep.png", Machine.current().describe())
-    _publish(args, argv, out, sweep_markdown(rows, what, target), sweep_checks(rows, target), figure=chart)
+    _render_sweep(args, argv, rows, what, csv_path)
+
+
+def _render_sweep(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    rows: Sequence[SweepRow],
+    what: str | None = None,
+    csv_path: Path | None = None,
+) -> None:
+    """The sweep's table, chart and targets from its rows: a run's, or an earlier run's CSV (--from-csv)."""
+    from bench.report import plot_sweep, sweep_lines, sweep_markdown
+
+    if not rows:
+        raise SystemExit("no sweep rows to render")
+    out = _out(args)
+    ensembles = [r.model for r in rows if r.kind == "ensemble" and ":" not in r.model]
+    targets = [r.model for r in rows if ":" in r.model]  # a model measured as it is, e.g. default:2xw2@48px
+    target = targets[0] if targets else ("2xw2" if "2xw2" in ensembles else (ensembles or ["2xw2"])[0])
+    measured = None
+    if what is None:  # re-rendered: say what the CSV was measured on
+        loads = [r.load_average_1m for r in rows if r.load_average_1m is not None]
+        first = rows[0]
+        measured = (
+            f"Measured on {first.cpu}, {first.cores} cores, onnxruntime {first.onnxruntime}, from "
+            f"{min(r.measured_at for r in rows)} to {max(r.measured_at for r in rows)}, 1-minute load average "
+            f"{min(loads, default=float('nan')):.2f}-{max(loads, default=float('nan')):.2f}; re-rendered from its CSV "
+            f"by `python -m bench {shlex.join(argv)}`."
+        )
+        what = f"Sweep models trained {first.training_steps} steps at {first.image_size}x{first.image_size}."
+        csv_path = args.from_csv
+    what += (
+        f" Targets checked on `{target}`. Latencies are the median over rounds of each round's p50 (p95), in ms; "
+        "ratios are the mean of the rounds' ratios with its 95 % t-interval. Compare only ratios measured in one run. "
+        "The chart plots each model's fused-default latency (a single model: its one session) and, for an "
+        f"ensemble, its separate-default latency too; the data is [{SWEEP_CSV}]({SWEEP_CSV})."
+    )
+    charted = [r for r in rows if ":" not in r.model]  # not the targets model: another resolution
+    chart = plot_sweep(charted, out / "sweep.png", f"{rows[0].cpu}, {rows[0].cores} cores, {rows[0].measured_at}")
+    if csv_path:
+        _copy(csv_path, out, SWEEP_CSV)
+    text = sweep_markdown(rows, what, target)
+    lines = sweep_lines(rows, target)
+    _publish(args, argv, out, text, [], figure=chart, lines=lines, measured=measured, data=out / SWEEP_CSV)
+
+
+def scale(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from bench.report import plot_scale, scale_lines, scale_markdown
+    from bench.sweep import SCALE_STEPS, run_scale
+
+    budget, rounds, out = _budget(args), _rounds(args), _out(args)
+    sizes = args.sizes or _pick(args, SCALE_SIZES)
+    target_ms = args.target_ms or SCALE_TARGET_MS
+    probe = Budget(SCALE_PROBE.warmup, args.runs or SCALE_PROBE.runs, SCALE_PROBE.max_seconds)
+    published, rows = run_scale(sizes, target_ms, _pick(args, SCALE_LARGEST), budget, probe, rounds, out / "models")
+    what = (
+        f"Two width-2 members ({SCALE_STEPS} training steps: latency does not depend on the weights) exported and "
+        f"fused by model_build at each size; **{published}px** is where the pair as separate sessions in a loop "
+        f"with default options took nearest {target_ms:g} ms (the published loop's cost) when probed. Per size, "
+        "each side of each layout in a process of its own, timed in "
+        f"{rounds} interleaved rounds (the order rotated each round): per round {budget.warmup} warm-up runs, then "
+        f"{budget.runs} timed runs (at most {budget.max_seconds:g} s), batch 1. Latencies are the median of the "
+        "rounds' medians; ratios and differences the mean of the rounds' with its 95 % t-interval. Both sides of a "
+        "row use the same session options."
+    )
+    chart = plot_scale(rows, published, out / "scale.png", Machine.current().describe())
+    text = scale_markdown(rows, what, published)
+    _publish(args, argv, out, text, [], results=rows, figure=chart, lines=scale_lines(rows, published))
 
 
 def load(args: argparse.Namespace, argv: Sequence[str]) -> None:
@@ -203,6 +294,7 @@ def peers(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 COMMANDS = {
     "sweep": sweep,
+    "scale": scale,
     "load": load,
     "interference": interference,
     "quant": quant,
@@ -215,9 +307,10 @@ COMMANDS = {
 Subparsers = argparse._SubParsersAction  # argparse exposes no public name for it
 
 
-def _add(commands: Subparsers, name: str, summary: str) -> argparse.ArgumentParser:
-    """A command, described by its experiment's module: `--help` prints the module's docstring."""
-    description = importlib.import_module(f"bench.{name}").__doc__
+def _add(commands: Subparsers, name: str, summary: str, module: str | None = None) -> argparse.ArgumentParser:
+    """A command, described by its experiment's module (named after it unless given): `--help` prints the module's
+    docstring."""
+    description = importlib.import_module(f"bench.{module or name}").__doc__
     return commands.add_parser(
         name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -273,6 +366,32 @@ def _add_sweep(commands: Subparsers) -> None:
         help="copy member files from this model directory (the build keeps them if their fingerprint matches)",
     )
     p.add_argument("--resume", action="store_true", help="keep the configurations the CSV under --out already has")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="training threads per member (default: every core; on a machine shared with other work, 1: two "
+        "threads that wait for each other on cores they do not get trained 10x slower here)",
+    )
+    p.add_argument("--rounds", type=int, help=f"interleaved timing rounds (default {ROUNDS['sweep'][0]})")
+    p.add_argument(
+        "--from-csv",
+        type=Path,
+        metavar="CSV",
+        help=f"no build or timing: re-render the table, chart and docs section from a run's CSV (docs/{SWEEP_CSV})",
+    )
+
+
+def _add_scale(commands: Subparsers) -> None:
+    summary = "a width-2 pair across input sizes: separate ÷ fused per thread and spinning layout"
+    p = _add(commands, "scale", summary, module="sweep")
+    _add_common(p, "scale", f"size {SCALE_SIZES[1][0]} only (no search beyond it), 2 rounds")
+    p.add_argument("--sizes", type=int, nargs="+", help=f"input sizes, multiples of 16 (default {SCALE_SIZES[0]})")
+    p.add_argument(
+        "--target-ms",
+        type=float,
+        help=f"also measure the size where the pair in a loop costs this (default {SCALE_TARGET_MS:g}, published)",
+    )
+    p.add_argument("--rounds", type=int, help=f"interleaved rounds (default {ROUNDS['scale'][0]})")
 
 
 def _add_load(commands: Subparsers) -> None:
@@ -355,9 +474,10 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = p.add_subparsers(
-        dest="command", required=True, metavar="{sweep,load,interference,quant,compare,layouts,peers}"
+        dest="command", required=True, metavar="{sweep,scale,load,interference,quant,compare,layouts,peers}"
     )
     _add_sweep(commands)
+    _add_scale(commands)
     _add_load(commands)
     _add_interference(commands)
     _add_quant(commands)

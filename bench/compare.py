@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from scipy import stats
 
 from app.runtime import EnsembleRuntime
 from app.settings import Settings
-from bench.core import Interval, Machine, log
+from bench.core import Interval, Machine, interleave, log
 from bench.http_load import free_port, hey, hey_available, started, v2_bodies
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
@@ -46,7 +46,7 @@ def ratios(per_round: dict[Mode, list[float]]) -> list[Ratio]:
     fused = per_round[Mode.FUSED]
     result = []
     for mode, figures in per_round.items():
-        ratio = Interval.of([m / f for m, f in zip(figures, fused, strict=True)])
+        ratio = Interval.of_ratios(figures, fused)
         result.append(Ratio(mode, statistics.median(figures) * 1000, ratio.mean, ratio.low, ratio.high))
     return result
 
@@ -70,15 +70,6 @@ def verdict(found: Sequence[Ratio]) -> str:
     return f"fused is not beaten; {unclear} cannot be told apart from it in this run (more --rounds)"
 
 
-def _interleaved(modes: Sequence[Mode], rounds: int, measure: Callable[[Mode], float]) -> dict[Mode, list[float]]:
-    per_round: dict[Mode, list[float]] = {mode: [] for mode in modes}
-    for round_ in range(rounds):
-        shift = round_ % len(modes)
-        for mode in (*modes[shift:], *modes[:shift]):
-            per_round[mode].append(measure(mode))
-    return per_round
-
-
 def in_process(model_dir: Path, rounds: int, calls: int) -> dict[Mode, list[float]]:
     runtime = EnsembleRuntime.load(Settings(model_dir=model_dir))
     feeds = runtime.manifest.example_inputs()
@@ -92,7 +83,7 @@ def in_process(model_dir: Path, rounds: int, calls: int) -> dict[Mode, list[floa
         return typical(seconds)
 
     try:
-        return _interleaved(runtime.modes, rounds, median_call)
+        return interleave(runtime.modes, rounds, median_call)
     finally:
         runtime.close()
 
@@ -130,7 +121,7 @@ def through_service(model_dir: Path, rounds: int, requests: int) -> dict[Mode, l
             modes = [Mode(m) for m in served]
             for mode in modes:  # warm-up
                 client(url, bodies[mode], 5)
-            return _interleaved(modes, rounds, lambda mode: client(url, bodies[mode], requests))
+            return interleave(modes, rounds, lambda mode: client(url, bodies[mode], requests))
 
 
 def run(model_dir: Path, rounds: int, calls: int, requests: int) -> str:

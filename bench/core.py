@@ -1,10 +1,12 @@
 """The measuring core every experiment shares: what a result was measured on, the one timing loop, the ways to
 run a model directory in-process, one process per configuration, and the statistics and targets of the results.
 
-    python -m bench.core < spec.json    times one configuration in this process and prints the result
+    python -m bench.core                a worker: reads a spec (one JSON line), then times it once per further line
 
-Every offline configuration is timed in a fresh process of its own (`measure_isolated` runs this module), so
-that no session, thread pool or allocator of one configuration disturbs another. Runner names:
+Every offline configuration is timed in a process of its own (a `Worker` runs this module), so that no session,
+thread pool or allocator of one configuration lives beside another's. `measure_interleaved` keeps one worker per
+configuration for several rounds and times them in turn, the order rotated each round, so that a ratio of two
+configurations is taken within a round, and its interval over the rounds survives a drifting machine. Runner names:
 
     separate-*   one session per member, run one after another
     parallel     one session per member, run at the same time in threads, the cores split between them
@@ -18,19 +20,23 @@ fused graph does, so the configurations differ only in how ONNX Runtime is asked
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
+import select
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import IO, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -49,6 +55,7 @@ ALONE_PREFIX = "alone:"
 SERVICE_PREFIX = "service:"
 ORT_ERRORS_ONLY = 3
 RESULT_MARKER = "BENCH-RESULT "
+READY_MARKER = "BENCH-READY"
 START_UP_ALLOWANCE_S = 120.0  # a worker's imports, session creation and warm-up, on a busy machine
 
 
@@ -165,8 +172,32 @@ class Interval:
         half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
         return cls(mean, mean - half, mean + half)
 
+    @classmethod
+    def of_ratios(cls, numerators: Sequence[float], denominators: Sequence[float]) -> Interval:
+        """The mean of per-round ratios (round i's numerator over round i's denominator), with its interval."""
+        return cls.of([ratio(n, d) for n, d in zip(numerators, denominators, strict=True)])
+
     def __str__(self) -> str:
         return f"{self.mean:.2f} [95% CI {self.low:.2f}-{self.high:.2f}]"
+
+    def brief(self) -> str:
+        """For a table cell: "1.52 [1.40-1.64]"."""
+        return f"{self.mean:.2f} [{self.low:.2f}-{self.high:.2f}]"
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def interleave(keys: Sequence[K], rounds: int, measure: Callable[[K], V]) -> dict[K, list[V]]:
+    """`rounds` rounds; round r measures every key once, in turn, the order rotated by r. Returns each key's figures,
+    one per round, so that ratios are taken within a round and a drifting machine moves both sides alike."""
+    per_round: dict[K, list[V]] = {key: [] for key in keys}
+    for round_ in range(rounds):
+        shift = round_ % len(keys)
+        for key in (*keys[shift:], *keys[:shift]):
+            per_round[key].append(measure(key))
+    return per_round
 
 
 # Targets: a measured figure against its limit.
@@ -335,9 +366,14 @@ def _session(path: Path, session: SessionConfig) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), session.options(), providers=["CPUExecutionProvider"])
 
 
-def open_runner(model_dir: Path, config: RunConfig, fused_file: Path | None = None) -> Runner:
-    """A runner for `config` over the model directory; `fused_file` replaces ensemble.onnx (e.g. an int8 one)."""
+def open_runner(
+    model_dir: Path, config: RunConfig, fused_file: Path | None = None, intra_op_threads: int | None = None
+) -> Runner:
+    """A runner for `config` over the model directory; `fused_file` replaces ensemble.onnx (e.g. an int8 one);
+    `intra_op_threads` replaces the configuration's intra-op threads (every session's)."""
     manifest = load_manifest(model_dir, verify_files=False)
+    if intra_op_threads is not None:
+        config = replace(config, session=replace(config.session, intra_op_threads=intra_op_threads))
     if config.session.global_pool:
         ort.set_global_thread_pool_sizes(available_cores(), 1)  # must precede the first session of the process
     if config.layout is Layout.FUSED:
@@ -406,6 +442,7 @@ class MeasureSpec(BaseModel):
     max_seconds: float = Field(gt=0)
     fused_file: Path | None = Field(None, description="Replaces ensemble.onnx for the fused-* runners.")
     service_allow_spinning: bool | None = Field(None, description="service:<mode> runners; None: service default.")
+    intra_op_threads: int | None = Field(None, ge=1, description="Replaces every runner's intra-op threads.")
 
     @classmethod
     def of(cls, model_dir: Path, rotation: tuple[str, ...], budget: Budget, **options: object) -> MeasureSpec:
@@ -425,6 +462,12 @@ class Measurement(BaseModel):
     results: dict[str, Summary]
 
 
+def mean_load(measurements: Sequence[Measurement]) -> float | None:
+    """The mean 1-minute load average the measurements were taken at (None where the platform has none)."""
+    loads = [m.machine.load_average[0] for m in measurements if m.machine.load_average]
+    return statistics.fmean(loads) if loads else None
+
+
 class MeasureError(RuntimeError):
     """A worker failed or ran out of time."""
 
@@ -435,13 +478,14 @@ def open_runners(spec: MeasureSpec) -> dict[str, Runner]:
     runners = open_service_runners(spec.model_dir, service, spec.service_allow_spinning) if service else {}
     for name in names:
         if name not in runners:
-            runners[name] = open_runner(spec.model_dir, config_named(name), spec.fused_file)
+            runners[name] = open_runner(spec.model_dir, config_named(name), spec.fused_file, spec.intra_op_threads)
     return runners
 
 
-def measure(spec: MeasureSpec) -> Measurement:
-    """Times `spec` in this process: a batch of one that fits the model's signature, through each runner."""
-    runners = open_runners(spec)
+def measure(spec: MeasureSpec, runners: dict[str, Runner] | None = None) -> Measurement:
+    """Times `spec` in this process: a batch of one that fits the model's signature, through each runner (opened
+    here unless given)."""
+    runners = runners or open_runners(spec)
     batch = load_manifest(spec.model_dir, verify_files=False).example_inputs()
     calls = [lambda runner=runners[name]: runner(batch) for name in spec.rotation]
     samples = time_calls(calls, warmup=spec.warmup, runs=spec.runs, max_seconds=spec.max_seconds)
@@ -452,30 +496,105 @@ def measure(spec: MeasureSpec) -> Measurement:
     return Measurement(spec=spec, machine=Machine.current(), results=results)
 
 
-def measure_isolated(spec: MeasureSpec) -> Measurement:
-    """Runs `python -m bench.core` in a fresh process for `spec` and returns what it measured."""
-    timeout = spec.max_seconds * 2 + START_UP_ALLOWANCE_S
-    try:
-        done = subprocess.run(
+class Worker:
+    """A process of its own for one MeasureSpec (`python -m bench.core`), kept between rounds: it opens its runners
+    once, says it is ready, then times the spec (warm-up included) each time it is asked, until it is closed."""
+
+    def __init__(self, spec: MeasureSpec) -> None:
+        self.spec = spec
+        self._stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by close())
+        self._process = subprocess.Popen(
             [sys.executable, "-m", "bench.core"],
-            input=spec.model_dump_json(),
-            capture_output=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
             text=True,
-            timeout=timeout,
-            check=False,
         )
-    except subprocess.TimeoutExpired:
-        raise MeasureError(f"{list(spec.rotation)} on {spec.model_dir}: no result within {timeout:.0f} s") from None
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
-    if done.returncode != 0 or not lines:
-        tail = "\n".join(done.stderr.strip().splitlines()[-8:])
-        raise MeasureError(f"{list(spec.rotation)} on {spec.model_dir} failed (exit {done.returncode}):\n{tail}")
-    return Measurement.model_validate_json(lines[-1].removeprefix(RESULT_MARKER))
+        self._send(spec.model_dump_json())
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, line: str) -> None:
+        assert self._process.stdin is not None
+        try:
+            self._process.stdin.write(line + "\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            raise self._error("exited") from None
+
+    def _error(self, what: str) -> MeasureError:
+        self._stderr.seek(0)
+        tail = "\n".join(self._stderr.read().strip().splitlines()[-8:])
+        return MeasureError(f"{list(self.spec.rotation)} on {self.spec.model_dir}: {what}:\n{tail}")
+
+    def _reply(self, marker: str, timeout: float) -> str:
+        """The next line that starts with `marker`, without it."""
+        stdout: IO[str] | None = self._process.stdout
+        assert stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([stdout], [], [], left)[0]:
+                self.close()
+                raise self._error(f"no answer within {timeout:.0f} s")
+            line = stdout.readline()
+            if not line:
+                self._process.wait()
+                raise self._error(f"failed (exit {self._process.returncode})")
+            if line.startswith(marker):
+                return line.removeprefix(marker).strip()
+
+    def ready(self) -> Worker:
+        """Waits until its runners are open (imports and sessions take a while on a busy machine)."""
+        self._reply(READY_MARKER, START_UP_ALLOWANCE_S)
+        return self
+
+    def measure(self) -> Measurement:
+        self._send("measure")
+        timeout = self.spec.max_seconds * 2 + START_UP_ALLOWANCE_S
+        return Measurement.model_validate_json(self._reply(RESULT_MARKER, timeout))
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            assert self._process.stdin is not None
+            with contextlib.suppress(BrokenPipeError):
+                self._process.stdin.close()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._stderr.close()
+
+
+def measure_isolated(spec: MeasureSpec) -> Measurement:
+    """Times `spec` once, in a fresh process, and returns what it measured."""
+    with Worker(spec) as worker:
+        return worker.ready().measure()
+
+
+def measure_interleaved(specs: dict[str, MeasureSpec], rounds: int) -> dict[str, list[Measurement]]:
+    """Each spec in a worker process of its own, all started (and ready) before the first round; then `rounds`
+    rounds in which every spec is timed once, in turn, the order rotated each round (`interleave`). Returns
+    each spec's measurements, one per round."""
+    with contextlib.ExitStack() as stack:
+        workers = {name: stack.enter_context(Worker(spec)) for name, spec in specs.items()}
+        for worker in workers.values():
+            worker.ready()
+        return interleave(list(specs), rounds, lambda name: workers[name].measure())
 
 
 def main() -> int:
-    spec = MeasureSpec.model_validate_json(sys.stdin.read())
-    print(RESULT_MARKER + measure(spec).model_dump_json(), flush=True)
+    """A worker: the spec on the first line of stdin, then one measurement per further line, until end of input."""
+    spec = MeasureSpec.model_validate_json(sys.stdin.readline())
+    runners = open_runners(spec)
+    print(READY_MARKER, flush=True)
+    for _ in sys.stdin:
+        print(RESULT_MARKER + measure(spec, runners).model_dump_json(), flush=True)
     return 0
 
 

@@ -188,7 +188,7 @@ def run(model_dir: Path, kserve_python: Path, rounds: int, seconds: float) -> st
     in_process_ms = _in_process_p50(model_dir, 200) * 1000
 
     def ratios(ours: str, theirs: str) -> Interval:
-        return Interval.of([o / t for o, t in zip(figures[ours], figures[theirs], strict=True)])
+        return Interval.of_ratios(figures[ours], figures[theirs])
 
     lines += [f"{name}: {Interval.of(values)}" for name, values in figures.items()]
     over_in_process = Interval.of([p / in_process_ms for p in figures["ours p50 c=1"]])

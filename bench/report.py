@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from bench.core import ALONE_PREFIX, CONFIGS, Budget, Check, Interval, Summary, interval_check, moved, ratio
 from bench.http_load import LoadResult
@@ -22,7 +24,7 @@ from bench.load import (
     OverloadRound,
 )
 from bench.quant import LATENCY_CONFIGS, Variant
-from bench.sweep import SweepRow
+from bench.sweep import ScaleRow, SweepRow
 from model_build.config import MAX_ACCURACY_LOSS
 
 NAN = float("nan")
@@ -66,7 +68,12 @@ def checks_table(checks: Sequence[Check]) -> str:
     return table(["target", "measured", "limit", "verdict"], [c.row() for c in checks])
 
 
-# The sweep: a table of every model and configuration, the ratios, the targets, and the chart.
+# The sweep: a table of every model and configuration, the ratios with their intervals over the interleaved
+# rounds, the targets, and the chart.
+
+PUBLISHED_RATIO = 172.27 / 80.47  # separate ÷ fused in the published experiment (Niville, Ixor, 2022): 2.14x
+SEPARATE_OVER_FUSED_TARGET = 1.5
+FUSED_OVER_SUM_TARGET = 1.10
 
 
 def _by_model(rows: Sequence[SweepRow]) -> dict[str, dict[str, SweepRow]]:
@@ -76,28 +83,55 @@ def _by_model(rows: Sequence[SweepRow]) -> dict[str, dict[str, SweepRow]]:
     return grouped
 
 
-def _sum_alone(configs: dict[str, SweepRow]) -> float:
-    alone = [r.median_ms for name, r in configs.items() if name.startswith(ALONE_PREFIX)]
-    return sum(alone) if alone else float("nan")
+def _sum_alone(configs: dict[str, SweepRow]) -> list[float] | None:
+    """Per round: the sum of the members' medians alone."""
+    alone = [r.rounds_ms for name, r in configs.items() if name.startswith(ALONE_PREFIX)]
+    return [sum(per_round) for per_round in zip(*alone, strict=True)] if alone else None
 
 
-def _median(configs: dict[str, SweepRow], name: str) -> float:
-    return configs[name].median_ms if name in configs else float("nan")
+def _per_round(configs: dict[str, SweepRow], name: str) -> list[float] | None:
+    return list(configs[name].rounds_ms) if name in configs else None
 
 
-def sweep_checks(rows: Sequence[SweepRow], model: str) -> list[Check]:
-    """The issue's offline targets, on `model` (the default models, 2 x width 2)."""
+def _interval(numerators: list[float] | None, denominators: list[float] | None) -> Interval | None:
+    if not numerators or not denominators:
+        return None
+    return Interval.of_ratios(numerators, denominators)
+
+
+def _ratios(configs: dict[str, SweepRow]) -> dict[str, Interval | None]:
+    """The sweep's ratios, by column heading, each the mean of per-round ratios with its 95 % interval."""
+    fused, fused_nospin = _per_round(configs, "fused-default"), _per_round(configs, "fused-nospin")
+    return {
+        "separate-default ÷ fused-default": _interval(_per_round(configs, "separate-default"), fused),
+        "separate-nospin ÷ fused-nospin": _interval(_per_round(configs, "separate-nospin"), fused_nospin),
+        "parallel ÷ fused-nospin": _interval(_per_round(configs, "parallel"), fused_nospin),
+        "fused-default ÷ sum alone": _interval(fused, _sum_alone(configs)),
+    }
+
+
+def sweep_lines(rows: Sequence[SweepRow], model: str) -> list[str]:
+    """The issue's offline targets, on `model` (the default models, 2 x width 2), each met only when its whole
+    95 % interval is."""
     configs = _by_model(rows).get(model, {})
-    fused = _median(configs, "fused-default")
-    return [
-        Check(f"{model}: fused ÷ sum of its members alone (default options)", ratio(fused, _sum_alone(configs)), 1.10),
-        Check(
+    ratios = _ratios(configs)
+    targets = (
+        (f"{model}: fused ÷ sum of its members alone (default options)", "fused-default ÷ sum alone", None, 1.10),
+        (
             f"{model}: separate sessions in a loop, default options ÷ fused",
-            ratio(_median(configs, "separate-default"), fused),
-            1.5,
-            at_most=False,
+            "separate-default ÷ fused-default",
+            SEPARATE_OVER_FUSED_TARGET,
+            None,
         ),
-    ]
+    )
+    lines = []
+    for name, column, low, high in targets:
+        interval = ratios[column]
+        if interval is None:
+            lines.append(f"not measured {name}")
+        else:
+            lines.append(interval_check(name, interval, at_least=low, at_most=high))
+    return lines
 
 
 def sweep_markdown(rows: Sequence[SweepRow], header: str, target: str) -> str:
@@ -109,14 +143,9 @@ def sweep_markdown(rows: Sequence[SweepRow], header: str, target: str) -> str:
         first = next(iter(configs.values()))
         cells: list[object] = [model, f"{first.parameters / 1e6:.2f}", f"{first.mean_label_accuracy:.3f}"]
         cells += [f"{configs[n].median_ms:.2f} ({configs[n].p95_ms:.2f})" if n in configs else "" for n in names]
-        fused = _median(configs, "fused-default")
-        cells += [
-            _sum_alone(configs),
-            ratio(_median(configs, "separate-default"), fused),
-            ratio(_median(configs, "separate-nospin"), _median(configs, "fused-nospin")),
-            ratio(_median(configs, "parallel"), _median(configs, "fused-nospin")),
-            ratio(fused, _sum_alone(configs)),
-        ]
+        alone = _sum_alone(configs)
+        cells.append(statistics.median(alone) if alone else None)
+        cells += [interval.brief() if interval else None for interval in _ratios(configs).values()]
         body.append(cells)
     headers = [
         "model",
@@ -124,10 +153,7 @@ def sweep_markdown(rows: Sequence[SweepRow], header: str, target: str) -> str:
         "mean label acc.",
         *(f"{n} p50 (p95) ms" for n in names),
         "sum of members alone, ms",
-        "separate-default ÷ fused-default",
-        "separate-nospin ÷ fused-nospin",
-        "parallel ÷ fused-nospin",
-        "fused-default ÷ sum alone",
+        *(f"{column} [95 % CI]" for column in _ratios({})),
     ]
     legend = "\n".join(f"- `{name}`: {CONFIGS[name].summary} ({CONFIGS[name].session.describe()})" for name in names)
     return "\n\n".join(
@@ -135,57 +161,186 @@ def sweep_markdown(rows: Sequence[SweepRow], header: str, target: str) -> str:
             header,
             table(headers, body),
             legend,
-            f"Targets (on `{target}`, batch 1):",
-            checks_table(sweep_checks(rows, target)),
+            f"Targets (on `{target}`, batch 1; met only when the whole 95 % interval is):",
+            "\n".join(f"- {line}" for line in sweep_lines(rows, target)),
         ]
     )
 
 
-STYLES: dict[str, dict[str, object]] = {
-    "separate-default": {"marker": "s", "color": "tab:red", "linestyle": "-"},
-    "separate-nospin": {"marker": "D", "color": "tab:orange", "linestyle": "--"},
-    "separate-globalpool": {"marker": "P", "color": "tab:brown", "linestyle": ":"},
-    "parallel": {"marker": "^", "color": "tab:purple", "linestyle": "-."},
-    "fused-default": {"marker": "o", "color": "tab:blue", "linestyle": "-"},
-    "fused-nospin": {"marker": "*", "color": "tab:green", "linestyle": "--"},
-}
-LABEL_AT = "fused-default"  # each model's label sits next to this mode's marker
-
-
-def plot_sweep(rows: Sequence[SweepRow], path: Path, subtitle: str) -> Path:
-    """Median latency (x) against mean label accuracy (y), like the published chart: a line per mode through a
-    marker per model, each model labelled once."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after choosing the backend
+
+    return plt
+
+
+def _log_axis(axis: Any) -> None:
+    """A log axis labelled in plain numbers."""
     from matplotlib.ticker import LogLocator, ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(10, 7), dpi=120, layout="constrained")
-    for config, style in STYLES.items():
-        points = sorted((r.median_ms, r.mean_label_accuracy) for r in rows if r.config == config)
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, markersize=6, linewidth=1.2, alpha=0.85, label=CONFIGS[config].summary, **style)  # type: ignore[arg-type]
-    for row in rows:
-        if row.config == LABEL_AT:
-            ax.annotate(
-                row.model,
-                (row.median_ms, row.mean_label_accuracy),
-                textcoords="offset points",
-                xytext=(5, -10),
-                fontsize=8,
-            )
+    axis.set_major_formatter(ScalarFormatter())
+    axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    axis.set_minor_formatter(ScalarFormatter())
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both counts (lower latency x, higher accuracy y), by latency."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+SEPARATE, FUSED = "separate-default", "fused-default"  # the published figure's two ways, default options
+
+
+def plot_sweep(rows: Sequence[SweepRow], path: Path, subtitle: str) -> Path:
+    """The published kind of chart: one point per model, median latency (x, log) against mean label accuracy (y),
+    coloured by total parameters; each ensemble's separate-sessions point joined to its fused point by an arrow;
+    the Pareto front as a step line."""
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    grouped = _by_model(rows)
+    millions = [r.parameters / 1e6 for r in rows]
+    norm = plt.Normalize(min(millions), max(millions))
+    cmap = plt.get_cmap("viridis")
+    fig, ax = plt.subplots(figsize=(9, 6.5), dpi=110, layout="constrained")
+    points: list[tuple[float, float]] = []
+    for model, configs in grouped.items():
+        fused = configs.get(FUSED)
+        if fused is None:
+            continue
+        colour = cmap(norm(fused.parameters / 1e6))
+        at = (fused.median_ms, fused.mean_label_accuracy)
+        points.append(at)
+        separate = configs.get(SEPARATE) if fused.kind == "ensemble" else None
+        if separate is not None:
+            start = (separate.median_ms, separate.mean_label_accuracy)
+            points.append(start)
+            ax.scatter(*start, s=60, marker="D", facecolors="white", edgecolors=[colour], linewidths=1.6, zorder=3)
+            arrow = {"arrowstyle": "-|>", "color": colour, "lw": 1.4, "shrinkA": 5, "shrinkB": 7, "mutation_scale": 14}
+            ax.annotate("", at, start, arrowprops=arrow, zorder=6)
+        marker = "s" if fused.kind == "ensemble" else "o"
+        ax.scatter(*at, s=70, marker=marker, color=colour, edgecolors="black", linewidths=0.5, zorder=4)
+        ax.annotate(model, at, textcoords="offset points", xytext=(6, 5), fontsize=8)
+    front = pareto_front(points)
+    xs, ys = zip(*front, strict=True)
+    ax.step(xs, ys, where="post", color="tab:red", linewidth=1.2, alpha=0.8, zorder=1)
+    ax.scatter(xs, ys, s=170, facecolors="none", edgecolors="tab:red", linewidths=1.2, zorder=5)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="total parameters (M)")
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
-    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    _log_axis(ax.xaxis)
     ax.tick_params(axis="x", which="minor", labelsize=7)
-    ax.set_xlabel("median latency, batch 1 (ms, log scale)")
+    ax.set_xlabel("median latency, batch 1, default session options (ms, log scale)")
     ax.set_ylabel("mean label accuracy (held out)")
-    ax.set_title(f"Latency vs accuracy: single UNets (w2..w7) and ensembles\n{subtitle}", fontsize=9)
+    ax.set_title(f"Latency vs accuracy: single UNets and ensembles\n{subtitle}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    fig.legend(fontsize=8, loc="outside lower center", ncols=2)
+    handles = [
+        Line2D([], [], marker="o", color="grey", linestyle="", label="single model"),
+        Line2D([], [], marker="s", color="grey", linestyle="", label="ensemble, fused graph"),
+        Line2D(
+            [], [], marker="D", markerfacecolor="white", color="grey", linestyle="", label="ensemble, separate sessions"
+        ),
+        Line2D([], [], color="grey", marker=r"$\rightarrow$", linestyle="", markersize=12, label="separate → fused"),
+        Line2D([], [], color="tab:red", label="Pareto front (faster and more accurate)"),
+    ]
+    ax.legend(handles=handles, fontsize=8, loc="best")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# Scale: separate ÷ fused against input size, per layout.
+
+
+def scale_lines(rows: Sequence[ScaleRow], published_size: int) -> list[str]:
+    """At the published scale, with the published layout: separate ÷ fused against the issue's >= 1.5x."""
+    return [
+        interval_check(
+            f"{r.size}px, {r.layout}: separate sessions in a loop ÷ fused",
+            r.ratio,
+            at_least=SEPARATE_OVER_FUSED_TARGET,
+        )
+        for r in rows
+        if r.size == published_size
+    ]
+
+
+def scale_markdown(rows: Sequence[ScaleRow], header: str, published_size: int) -> str:
+    body = [
+        [
+            f"**{r.size}**" if r.size == published_size else r.size,
+            r.layout,
+            r.separate_ms,
+            r.fused_ms,
+            r.ratio.brief(),
+            r.saved_ms.brief(),
+            r.load_average_1m,
+        ]
+        for r in rows
+    ]
+    headers = [
+        "size (px)",
+        "layout (both sides)",
+        "separate p50 ms",
+        "fused p50 ms",
+        "separate ÷ fused [95 % CI]",
+        "separate - fused, ms [95 % CI]",
+        "load (1 min)",
+    ]
+    return "\n\n".join(
+        [
+            header,
+            table(headers, body),
+            f"Targets (at {published_size}px, met only when the whole 95 % interval is):",
+            "\n".join(f"- {line}" for line in scale_lines(rows, published_size)),
+        ]
+    )
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
+def plot_scale(rows: Sequence[ScaleRow], published_size: int, path: Path, subtitle: str) -> Path:
+    """Left: separate ÷ fused against input size, a line per layout with 95 % error bars, 1.0 and the published
+    2.14x marked. Right: both sides' latencies (log-log)."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), dpi=100, layout="constrained")
+    layouts = list(dict.fromkeys(r.layout for r in rows))
+    sizes = sorted({r.size for r in rows})
+    for i, layout in enumerate(layouts):
+        mine = sorted((r for r in rows if r.layout == layout), key=lambda r: r.size)
+        colour = f"C{i}"
+        xs = [r.size for r in mine]
+        ratios = [r.ratio for r in mine]
+        errors = [[_finite(i.mean - i.low) for i in ratios], [_finite(i.high - i.mean) for i in ratios]]
+        left.errorbar(xs, [i.mean for i in ratios], yerr=errors, marker="o", capsize=4, color=colour, label=layout)
+        right.plot(
+            xs, [r.separate_ms for r in mine], marker="D", linestyle="--", color=colour, label=f"separate, {layout}"
+        )
+        right.plot(xs, [r.fused_ms for r in mine], marker="s", color=colour, label=f"fused, {layout}")
+    left.axhline(1.0, color="grey", linewidth=1)
+    left.axhline(PUBLISHED_RATIO, color="tab:red", linestyle=":", label=f"published: {PUBLISHED_RATIO:.2f}x")
+    for ax in (left, right):
+        ax.axvline(published_size, color="black", linestyle=":", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel(f"input size (px, square; dotted: {published_size}px, the published loop's ~170 ms)")
+        ax.grid(True, alpha=0.3)
+    left.set_ylabel("separate sessions in a loop ÷ fused (mean of rounds, 95 % CI)")
+    left.legend(fontsize=8)
+    right.set_yscale("log")
+    _log_axis(right.yaxis)
+    right.set_ylabel("median latency, ms (log)")
+    right.legend(fontsize=7)
+    fig.suptitle(f"Two width-2 UNets: separate vs fused across input sizes\n{subtitle}", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import parser
-from bench.core import Check, Summary, time_calls
+from bench.core import Check, Interval, Summary, interleave, time_calls
 from bench.http_load import hey_available, server_timing
-from bench.report import table, update_section
-from bench.sweep import ensemble, single
+from bench.report import pareto_front, table, update_section
+from bench.sweep import ensemble, single, size_for
 from ensemble_contract.modes import Mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,17 +60,41 @@ def test_sweep_quick_builds_measures_charts_and_writes_the_docs(model_dir: Path,
     assert {("w2", c) for c in ("separate-default", "separate-nospin", "fused-default", "fused-nospin")} <= configs
     for model in ("2xw2", target):
         assert {(model, c) for c in ("separate-default", "parallel", "fused-default", "alone:0", "alone:1")} <= configs
-    assert all(float(r["median_ms"]) > 0 and int(r["runs"]) == 5 and r["cpu"] and r["onnxruntime"] for r in rows)
+    # Two interleaved rounds of 5 timed runs: a median per round, kept in the CSV for the intervals.
+    assert all(float(r["median_ms"]) > 0 and int(r["runs"]) == 10 and r["cpu"] and r["onnxruntime"] for r in rows)
+    assert all(len(r["rounds_ms"].split()) == 2 and int(r["training_steps"]) == 12 for r in rows)
     assert all(0 < float(r["mean_label_accuracy"]) <= 1 for r in rows)
     for png in (out / "sweep.png", docs.parent / "sweep.png"):
         assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
+    assert (docs.parent / "sweep.csv").read_text() == (out / "sweep.csv").read_text()
     text = (out / "sweep.md").read_text()
     assert "| 2xw2 |" in text and f"Targets (on `{target}`" in text
-    assert "separate sessions in a loop, default options ÷ fused" in text
+    assert "separate-default ÷ fused-default [95 % CI]" in text
+    assert "separate sessions in a loop, default options ÷ fused: " in text and "[95% CI " in text
     published = docs.read_text()
     assert published.startswith("# Benchmarks\n\nMethod, written by hand.")
     assert "<!-- bench:sweep:start -->" in published and "![sweep](sweep.png)" in published
     assert "cores, onnxruntime" in published and "python -m bench sweep" in published
+
+    # The chart and the section again from the CSV alone, no build and no timing.
+    again = tmp_path / "again"
+    bench("sweep", "--from-csv", docs.parent / "sweep.csv", "--out", again, "--docs", again / "benchmarks.md")
+    rendered = (again / "benchmarks.md").read_text()
+    assert "re-rendered from its CSV" in rendered and "| 2xw2 |" in rendered
+    assert (again / "sweep.png").stat().st_size > 10_000 and (again / "sweep.csv").is_file()
+
+
+def test_scale_quick_builds_the_pair_times_both_sides_per_layout_and_charts(tmp_path: Path) -> None:
+    bench("scale", "--out", tmp_path)
+    rows = json.loads((tmp_path / "scale.json").read_text())
+    assert {r["size"] for r in rows} == {32}
+    assert {(r["threads"], r["spinning"]) for r in rows} == {(2, True), (2, False), (1, True)}
+    assert all(r["rounds"] == 2 and r["runs"] == 10 and r["separate_ms"] > 0 and r["fused_ms"] > 0 for r in rows)
+    assert all(r["ratio"]["low"] <= r["ratio"]["mean"] <= r["ratio"]["high"] for r in rows)
+    assert (tmp_path / "models" / "32px" / "ensemble.onnx").is_file()
+    assert (tmp_path / "scale.png").stat().st_size > 10_000
+    text = (tmp_path / "scale.md").read_text()
+    assert "separate ÷ fused [95 % CI]" in text and "| **32** |" in text and "python -m bench scale" in text
 
 
 def test_load_quick_against_the_service_and_the_baseline(model_dir: Path, tmp_path: Path) -> None:
@@ -125,7 +149,8 @@ def test_quant_quick_scores_int8_next_to_fp32(model_dir: Path, tmp_path: Path) -
     assert all(v["metrics"]["images"] == variants["fp32"]["metrics"]["images"] for v in variants.values())
 
 
-COMMANDS = ("sweep", "load", "interference", "quant", "compare", "layouts", "peers")
+COMMANDS = ("sweep", "scale", "load", "interference", "quant", "compare", "layouts", "peers")
+QUICK = COMMANDS[:5]  # the commands with a smoke-test form
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -136,9 +161,9 @@ def test_every_command_has_help(command: str | None, capsys: pytest.CaptureFixtu
     text = capsys.readouterr().out
     if command is None:
         assert all(c in text for c in COMMANDS)
-    else:  # the experiment's own module describes it; the four with a smoke-test form take --quick
+    else:  # the experiment's own module describes it; those with a smoke-test form take --quick
         assert f"`python -m bench {command}" in text
-        assert ("--quick" in text) == (command in COMMANDS[:4])
+        assert ("--quick" in text) == (command in QUICK)
 
 
 def test_server_timing_header_is_parsed() -> None:
@@ -167,6 +192,38 @@ def test_time_calls_rotates_and_respects_its_bounds() -> None:
     assert order == ["a", "b"] * 4 and [len(s) for s in samples] == [3, 3]
     # Past max_seconds after its first timed round, it stops there, however many rounds were asked for.
     assert len(time_calls([lambda: time.sleep(0.02)], warmup=0, runs=10**9, max_seconds=0.01)[0]) == 1
+
+
+def test_interleave_rotates_the_order_each_round() -> None:
+    order: list[str] = []
+    figures = interleave(["a", "b", "c"], 3, lambda key: order.append(key) or len(order))
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert figures == {"a": [1, 6, 8], "b": [2, 4, 9], "c": [3, 5, 7]}
+
+
+def test_ratio_intervals_are_taken_within_rounds() -> None:
+    # The machine halves its speed in round 2: both sides move, the ratio does not.
+    interval = Interval.of_ratios([10.0, 20.0, 10.0], [5.0, 10.0, 5.0])
+    assert interval.mean == pytest.approx(2.0) and interval.low == pytest.approx(2.0)
+    assert Interval.of_ratios([3.0], [1.0]).brief() == "3.00 [-inf-inf]"
+
+
+def test_size_for_a_target_latency_probes_towards_it() -> None:
+    probed: list[int] = []
+
+    def latency_ms(size: int) -> float:  # grows with the pixels: 170 ms at 400x400
+        probed.append(size)
+        return 170 * (size / 400) ** 2
+
+    assert size_for(170, latency_ms, start=48) == 384  # 157 ms: within 10 % of the target, the search stops
+    assert probed == [48, 96, 192, 384]  # at most a doubling a probe
+    assert size_for(170, lambda size: 170 * (size / 400) ** 2, start=48, largest=256) == 256
+    assert size_for(1.0, lambda size: 10.0, start=64) == 64  # nothing moves it: no probe is repeated
+
+
+def test_pareto_front_keeps_what_nothing_beats_on_both_counts() -> None:
+    points = [(5.0, 0.90), (6.0, 0.89), (7.0, 0.93), (7.0, 0.91), (12.0, 0.93), (20.0, 0.95)]
+    assert pareto_front(points) == [(5.0, 0.90), (7.0, 0.93), (20.0, 0.95)]
 
 
 def test_summary_and_checks() -> None:
