@@ -45,6 +45,9 @@ def train_member(member: MemberConfig, training: TrainingConfig, progress_positi
     torch.manual_seed(member.seed)
     torch.set_num_threads(training.threads)
     torch.use_deterministic_algorithms(True)
+    # Deterministic mode also fills every new tensor with NaN by default: our kernels overwrite what they allocate,
+    # so the weights are bit-identical without it, and the fills took 5-10 % of each step.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     # Channels-last: oneDNN's convolutions run about 20 % faster on the CPU in that layout.
     unet = UNet(member.width_scale, len(LABELS)).to(memory_format=torch.channels_last)
     optimiser = torch.optim.AdamW(unet.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay)
