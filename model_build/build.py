@@ -6,6 +6,7 @@ for members a user brings.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from model_build.evaluate import score_model
 from model_build.export import export_member
 from model_build.fuse import member_signature, plan
 from model_build.shapes import LABELS, Batch, held_out_set, make_batch
+from model_build.timing import Stopwatch, timed
 from model_build.train import train_member
 from model_build.unet import UNet, parameter_count
 
@@ -44,10 +46,14 @@ def is_built(path: Path, config: BuildConfig, member: MemberConfig) -> bool:
     return path.is_file() and _member_metadata(path).get("fingerprint") == config.member_fingerprint(member)
 
 
-def _train_and_export(config: BuildConfig, member: MemberConfig, path: Path, progress_position: int) -> Path:
-    """One member from seed to ONNX file; runs in a worker process when members train at once."""
+def _train_and_export(config: BuildConfig, member: MemberConfig, path: Path, progress_position: int) -> str:
+    """One member from seed to ONNX file; runs in a worker process when members train at once.
+
+    Returns where its time went, for the build log."""
+    trained = train_member(member, config.training, progress_position)
+    exporting = Stopwatch.start()
     unet = UNet(member.width_scale, len(LABELS))
-    unet.load_state_dict(train_member(member, config.training, progress_position))
+    unet.load_state_dict(trained.weights)
     metadata = {
         "name": member.name,
         "width_scale": str(member.width_scale),
@@ -57,7 +63,7 @@ def _train_and_export(config: BuildConfig, member: MemberConfig, path: Path, pro
         "image": config.image_spec.model_dump_json(),
     }
     export_member(unet, path, config.training.image_size, config.opset, metadata)
-    return path
+    return f"{member.name}: {trained.describe()}, exported in {exporting.describe()}"
 
 
 def _build_members(config: BuildConfig, members_dir: Path) -> list[Path]:
@@ -73,14 +79,17 @@ def _build_members(config: BuildConfig, members_dir: Path) -> list[Path]:
     if not todo:
         return paths
     log(f"training {len(todo)} member(s) for {config.training.steps} steps at {config.training.image_size}px")
-    if not config.parallel_training or len(todo) < 2:
-        built = [_train_and_export(config, m, path, i) for i, (m, path) in enumerate(todo)]
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=len(todo), mp_context=context) as pool:
-            futures = [pool.submit(_train_and_export, config, m, path, i) for i, (m, path) in enumerate(todo)]
-            built = [f.result() for f in futures]
-    log(f"exported {', '.join(str(p) for p in built)}")
+    with timed("training and export"):
+        if not config.parallel_training or len(todo) < 2:
+            reports = [_train_and_export(config, m, path, i) for i, (m, path) in enumerate(todo)]
+        else:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=len(todo), mp_context=context) as pool:
+                futures = [pool.submit(_train_and_export, config, m, path, i) for i, (m, path) in enumerate(todo)]
+                reports = [f.result() for f in futures]
+        for report in reports:
+            log(report)
+        log(f"exported {', '.join(str(path) for _, path in todo)}")
     return paths
 
 
@@ -108,38 +117,44 @@ def build(config: BuildConfig, out: Path) -> Manifest:
             return existing
     except ManifestError:
         pass
+    total = Stopwatch.start()
     out.mkdir(parents=True, exist_ok=True)
     member_paths = _build_members(config, out / MEMBERS_DIR)
     spec = config.image_spec
-    log(f"scoring on {config.test_images} held-out images")
-    test = held_out_set(config.training.image_size, config.test_images)
-    test_inputs = spec.normalise(test.images)
-    models = [onnx.load(p) for p in member_paths]
-    fusion = plan(
-        {p.stem: member_signature(m, p.stem) for m, p in zip(models, member_paths, strict=True)},
-        stack_members=[CLASS_PROBS],
-    )
-    random_inputs = generated_inputs(
-        fusion.signature.inputs, RANDOM_CHECK_INPUTS, sizes={IMAGE_INPUT: (RANDOM_CHECK_INPUTS, *spec.shape)}
-    )
-    check = {IMAGE_INPUT: np.concatenate([random_inputs[IMAGE_INPUT], test_inputs[:32]])}
-    ensemble = write_ensemble(out, models, member_paths, fusion, None, check)
-    members = []
-    for member, path in zip(config.members, member_paths, strict=True):
-        metrics = score_model(path, test, test_inputs)
-        members.append(
-            Member(
-                name=member.name,
-                file=FileEntry.of(out, path),
-                width_scale=member.width_scale,
-                seed=member.seed,
-                parameters=int(_member_metadata(path)["parameters"]),
-                metrics=metrics,
-            )
+    with timed(f"drawing {config.test_images} held-out images"):
+        test = held_out_set(config.training.image_size, config.test_images)
+        test_inputs = spec.normalise(test.images)
+    with timed("fusion and its numeric check"):
+        models = [onnx.load(p) for p in member_paths]
+        fusion = plan(
+            {p.stem: member_signature(m, p.stem) for m, p in zip(models, member_paths, strict=True)},
+            stack_members=[CLASS_PROBS],
         )
-        log(f"{member.name}: {members[-1].parameters:,} parameters, {_describe(metrics)}")
-    ensemble_metrics = score_model(out / ensemble.path, test, test_inputs)
-    log(f"ensemble: {_describe(ensemble_metrics)}")
+        random_inputs = generated_inputs(
+            fusion.signature.inputs, RANDOM_CHECK_INPUTS, sizes={IMAGE_INPUT: (RANDOM_CHECK_INPUTS, *spec.shape)}
+        )
+        check = {IMAGE_INPUT: np.concatenate([random_inputs[IMAGE_INPUT], test_inputs[:32]])}
+        ensemble = write_ensemble(out, models, member_paths, fusion, None, check)
+    with timed("scoring the members and the ensemble"):
+        log(f"scoring on {config.test_images} held-out images")
+        members = []
+        for member, path in zip(config.members, member_paths, strict=True):
+            metrics = score_model(path, test, test_inputs)
+            members.append(
+                Member(
+                    name=member.name,
+                    file=FileEntry.of(out, path),
+                    width_scale=member.width_scale,
+                    seed=member.seed,
+                    parameters=int(_member_metadata(path)["parameters"]),
+                    metrics=metrics,
+                )
+            )
+            log(f"{member.name}: {members[-1].parameters:,} parameters, {_describe(metrics)}")
+        ensemble_metrics = score_model(out / ensemble.path, test, test_inputs)
+        log(f"ensemble: {_describe(ensemble_metrics)}")
+    with timed("int8 (calibration, quantisation, scoring)"):
+        int8 = _write_int8(config.int8, out, test, test_inputs)
     manifest = Manifest(
         name=config.name,
         signature=fusion.signature,
@@ -148,12 +163,13 @@ def build(config: BuildConfig, out: Path) -> Manifest:
         members=tuple(members),
         ensemble=ensemble,
         ensemble_metrics=ensemble_metrics,
-        int8=_write_int8(config.int8, out, test, test_inputs),
+        int8=int8,
         opset=config.opset,
         versions=versions(),
         build_config=config_json,
     )
     log(f"wrote {manifest.write(out)}")
+    log(f"build took {total.describe()}, load average {os.getloadavg()[0]:.1f}")
     return manifest
 
 
