@@ -10,6 +10,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnx_ir.passes.common import ClearMetadataAndDocStringPass
 
 from model_build.config import CLASS_PROBS, IMAGE_INPUT, MASK_PROBS
 from model_build.unet import Probabilities, UNet
@@ -35,6 +36,9 @@ def export_member(unet: UNet, path: Path, image_size: int, opset: int, metadata:
             optimize=True,
             verbose=False,
         )
+    # The exporter annotates every node with its Python stack trace, absolute paths of this checkout included:
+    # cleared, the file's bytes (and sha256) depend on the weights only, not on where the build ran.
+    ClearMetadataAndDocStringPass()(program.model)
     proto = program.model_proto
     proto.graph.name = path.stem
     onnx.helper.set_model_props(proto, metadata)

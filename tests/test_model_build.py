@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+import model_build
 from ensemble_contract.manifest import Manifest, ManifestError, load_manifest, sha256_of
 from model_build.build import _write_int8, build
 from model_build.config import CLASS_PROBS, IMAGE_INPUT, MASK_PROBS, PRESETS, Int8Config
@@ -134,6 +135,16 @@ def test_same_config_gives_same_weights_and_rebuild_reuses(model_dir: Path, mani
     before = (again / "manifest.json").stat().st_mtime_ns
     assert build(PRESETS["test"], again) == rebuilt
     assert (again / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_members_do_not_depend_on_where_the_build_ran(model_dir: Path, manifest: Manifest) -> None:
+    """The exporter's per-node stack traces name this checkout's absolute path: kept, a clone elsewhere would build
+    the same weights into files with other sha256s."""
+    checkout = str(Path(model_build.__file__).resolve().parent.parent).encode()
+    for member in manifest.members:
+        path = model_dir / member.file.path
+        assert checkout not in path.read_bytes()
+        assert not [node.name for node in onnx.load(path).graph.node if node.metadata_props]
 
 
 def test_tampered_file_fails_verification(model_dir: Path, manifest: Manifest, tmp_path: Path) -> None:
