@@ -6,7 +6,6 @@ for members a user brings.
 from __future__ import annotations
 
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -169,7 +168,7 @@ def build(config: BuildConfig, out: Path) -> Manifest:
         build_config=config_json,
     )
     log(f"wrote {manifest.write(out)}")
-    log(f"build took {total.describe()}, load average {os.getloadavg()[0]:.1f}")
+    total.report("build")
     return manifest
 
 

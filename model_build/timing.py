@@ -38,10 +38,14 @@ class Stopwatch:
         wall, cpu = time.perf_counter() - self.wall_start, cpu_seconds() - self.cpu_start
         return f"{wall:.1f} s ({cpu:.1f} s CPU)"
 
+    def report(self, phase: str) -> None:
+        """Logs `<phase> took 12.3 s (20.1 s CPU), load average 1.9`."""
+        log(f"{phase} took {self.describe()}, load average {os.getloadavg()[0]:.1f}")
+
 
 @contextmanager
 def timed(phase: str) -> Iterator[None]:
-    """Logs how long the body took: `<phase> took 12.3 s (20.1 s CPU), load average 1.9`."""
+    """Logs how long the body took (`Stopwatch.report`)."""
     watch = Stopwatch.start()
     yield
-    log(f"{phase} took {watch.describe()}, load average {os.getloadavg()[0]:.1f}")
+    watch.report(phase)
