@@ -291,6 +291,8 @@ def measure_all(
 
 # Input size: a width-2 pair at each size, separate against fused, per thread and spinning layout.
 
+# The published experiment (Niville, Ixor, 2022): two members as separate sessions in a loop, and fused.
+PUBLISHED_SEPARATE_MS, PUBLISHED_FUSED_MS = 172.27, 80.47
 SCALE_MEMBERS = (MemberConfig(width_scale=2, seed=1), MemberConfig(width_scale=2, seed=2))
 SCALE_STEPS = 4  # latency does not depend on the weights: enough to run the build's own training path
 SIZE_STEP, MAX_SIZE = 16, 512  # the UNet's input is a multiple of 16; TrainingConfig's largest image
