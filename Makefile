@@ -19,18 +19,14 @@ install-build: $(BIN)/python
 install-dev: $(BIN)/python
 	$(PIP) -e ".[build,bench,dev]"
 
-BUILD_MODELS := $(BIN)/python -m model_build build --preset default --out $(MODEL_DIR)
-
 ## Builds the default models unless they are already built (needs the build extra: torch, onnx).
 models:
 	@if [ -f $(MODEL_DIR)/manifest.json ]; then echo "models: $(MODEL_DIR) is built"; \
-	else $(MAKE) --no-print-directory install-build && $(BUILD_MODELS); fi
+	else $(MAKE) --no-print-directory install-build && $(BIN)/python -m model_build build --preset default --out $(MODEL_DIR); fi
 
 ## Installs, builds the default models if missing, starts the service on http://127.0.0.1:8000.
-## One pip call either way: the service alone, or with the build extra when the models are still to be built.
-serve: $(BIN)/python
-	@if [ -f $(MODEL_DIR)/manifest.json ]; then echo "models: $(MODEL_DIR) is built"; $(PIP) -e .; \
-	else $(PIP) -e ".[build]" && $(BUILD_MODELS); fi
+## One pip call either way: the service alone when the models are built, else `models` (with the build extra).
+serve: $(if $(wildcard $(MODEL_DIR)/manifest.json),install-runtime,models)
 	MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m app
 
 ## Installs everything and runs the linter and the whole test suite.
