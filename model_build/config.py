@@ -102,7 +102,7 @@ PRESETS: dict[str, BuildConfig] = {
         int8=Int8Config(calibration_images=16, max_accuracy_loss=1.0),
     ),
     # What the service serves out of the box: two width-2 members at 48x48, trained at once, one core each
-    # (on 2 cores, 1.4x the throughput of training them one after the other on 2 threads each). A quarter of the
+    # (more steps a second than one after the other on 2 threads each: docs/build.md). A quarter of the
     # steps warming up: with 5 %, a member could sit at its start for hundreds of steps before it learnt (at 1,000
     # steps seed 2 ended at 0.82 mean label accuracy, against 0.94 with 25 %), and 1,200 steps so warmed score as
     # 1,400 did with 5 %.
