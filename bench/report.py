@@ -324,8 +324,8 @@ def plot_scale(rows: Sequence[ScaleRow], published_size: int, path: Path, subtit
         colour = f"C{i}"
         xs = [r.size for r in mine]
         ratios = [r.ratio for r in mine]
-        errors = [[_finite(i.mean - i.low) for i in ratios], [_finite(i.high - i.mean) for i in ratios]]
-        left.errorbar(xs, [i.mean for i in ratios], yerr=errors, marker="o", capsize=4, color=colour, label=layout)
+        errors = [[_finite(ci.mean - ci.low) for ci in ratios], [_finite(ci.high - ci.mean) for ci in ratios]]
+        left.errorbar(xs, [ci.mean for ci in ratios], yerr=errors, marker="o", capsize=4, color=colour, label=layout)
         right.plot(
             xs, [r.separate_ms for r in mine], marker="D", linestyle="--", color=colour, label=f"separate, {layout}"
         )
@@ -337,7 +337,9 @@ def plot_scale(rows: Sequence[ScaleRow], published_size: int, path: Path, subtit
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(s) for s in sizes])
         ax.minorticks_off()
-        ax.set_xlabel(f"input size (px, square; dotted: {published_size}px, the published loop's ~170 ms)")
+        ax.set_xlabel(
+            f"input size (px, square; dotted: {published_size}px, the published loop's ~{PUBLISHED_SEPARATE_MS:.0f} ms)"
+        )
         ax.grid(True, alpha=0.3)
     left.set_ylabel("separate sessions in a loop ÷ fused (mean of rounds, 95 % CI)")
     left.legend(fontsize=8)
