@@ -54,11 +54,12 @@ COPY ensemble_contract/ ensemble_contract/
 RUN pip install --no-deps . && rm -rf app ensemble_contract build *.egg-info
 COPY deploy/loadgen.py deploy/healthcheck.py deploy/
 ARG MODEL_PRESET=default
-COPY --from=builder /src/models/$MODEL_PRESET /models/$MODEL_PRESET
+# The image's own models sit at one path whatever the preset, so that compose and Kubernetes can name it.
+COPY --from=builder /src/models/$MODEL_PRESET /models/builtin
 
 # Root owns every file; the service only reads them. It writes to /tmp only (uploads, onnxruntime's cache).
 USER 10001:10001
-ENV MODEL_DIR=/models/$MODEL_PRESET HOST=0.0.0.0 PORT=8000 GRPC_PORT=8081 HOME=/tmp TMPDIR=/tmp
+ENV MODEL_DIR=/models/builtin HOST=0.0.0.0 PORT=8000 GRPC_PORT=8081 HOME=/tmp TMPDIR=/tmp
 EXPOSE 8000 8081
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 CMD ["python", "/srv/deploy/healthcheck.py"]
 # Exec form: the server is PID 1 and gets `docker stop`'s SIGTERM, and shuts down gracefully.

@@ -4,8 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 MODEL_DIR ?= models/default
+# torch's CPU build. PyPI's torch for Linux is the CUDA one (GBs of nvidia-* wheels), so torch alone comes from this
+# index, as in the Dockerfile; a wheel in pip's find-links (PIP_FIND_LINKS) is taken too, so the install also works
+# where this index is unreachable. Its own dependencies then come from PyPI with the rest.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+TORCH := torch==2.13.0
 
-.PHONY: serve test audit models install-runtime install-build install-dev lock kserve-venv
+.PHONY: serve test audit models install-runtime install-torch install-build install-fuse install-dev lock kserve-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,10 +18,17 @@ $(BIN)/python:
 install-runtime: $(BIN)/python
 	$(PIP) -e .
 
-install-build: $(BIN)/python
+install-torch: $(BIN)/python
+	$(PIP) --no-deps --retries 2 --timeout 15 --index-url $(TORCH_INDEX_URL) "$(TORCH)"
+
+install-build: install-torch
 	$(PIP) -e ".[build]"
 
-install-dev: $(BIN)/python
+## `python -m model_build fuse` for ONNX members you bring: onnx, no torch.
+install-fuse: $(BIN)/python
+	$(PIP) -e ".[fuse]"
+
+install-dev: install-torch
 	$(PIP) -e ".[build,bench,dev]"
 
 ## Builds the default models unless they are already built (needs the build extra: torch, onnx).
@@ -25,7 +37,7 @@ models:
 	else $(MAKE) --no-print-directory install-build && $(BIN)/python -m model_build build --preset default --out $(MODEL_DIR); fi
 
 ## Installs, builds the default models if missing, starts the service on http://127.0.0.1:8000.
-## One pip call either way: the service alone when the models are built, else `models` (with the build extra).
+## The service alone when the models are built, else `models` (torch's CPU build first, then the build extra).
 serve: $(if $(wildcard $(MODEL_DIR)/manifest.json),install-runtime,models)
 	MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m app
 
@@ -46,5 +58,6 @@ kserve-venv:
 ## Re-pins every dependency (run after changing pyproject.toml).
 lock:
 	rm -rf /tmp/lock-venv && $(PYTHON) -m venv /tmp/lock-venv
+	/tmp/lock-venv/bin/pip install --quiet --no-deps --index-url $(TORCH_INDEX_URL) "$(TORCH)"
 	/tmp/lock-venv/bin/pip install --quiet -e ".[build,bench,dev]"
 	/tmp/lock-venv/bin/pip freeze --exclude-editable | sed "s/+cpu$$//" | sort > constraints.txt

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import BaseModel, Field
 
+from app.cores import available_cores
 from app.errors import StartupError
 from app.runtime import EnsembleRuntime
-from app.settings import Settings, available_cores
+from app.settings import Settings
 from app.stats import percentiles_ms
 from ensemble_contract.modes import Mode
 

@@ -1,13 +1,14 @@
 """Tables of the documentation generated from the code, so that they cannot drift from it.
 
-The configuration table of docs/configuration.md comes from the Settings fields; the table of modes in
-README.md from ensemble_contract.modes. Regenerate them after changing a setting or a mode:
+The configuration table of docs/configuration.md and the settings of .env.example come from the Settings fields;
+the table of modes in README.md from ensemble_contract.modes. Regenerate them after changing a setting or a mode:
 `python -c "from app.config_docs import configuration_table; print(configuration_table())"` (or `modes_table()`)
 and paste the output between the file's markers (tests/test_settings.py and tests/test_docs.py check they agree).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import PurePath
 
@@ -26,10 +27,11 @@ THREADS = {
 CHOICE_THREADS = {COMPARE: "those of the mode it runs", AUTO: "chosen with the mode"}
 
 
-def _default(field: FieldInfo) -> str:
+def _default_text(field: FieldInfo) -> str | None:
+    """The default as its environment variable would spell it; None when unset."""
     value = field.get_default(call_default_factory=True)
     if value is None:
-        return "unset"
+        return None
     if isinstance(value, bool):
         text = str(value).lower()
     elif isinstance(value, Enum):
@@ -40,6 +42,13 @@ def _default(field: FieldInfo) -> str:
         text = ",".join(map(str, value))  # as the environment variable would spell it
     else:
         text = str(value)
+    return text
+
+
+def _default(field: FieldInfo) -> str:
+    text = _default_text(field)
+    if text is None:
+        return "unset"
     return f"`{text}`" if text else "empty"
 
 
@@ -55,6 +64,12 @@ def configuration_table(settings: type[BaseSettings] = Settings) -> str:
         for name, field in settings.model_fields.items()
     ]
     return "\n".join([HEADER, *rows])
+
+
+def env_lines(names: Sequence[str], settings: type[BaseSettings] = Settings) -> str:
+    """`# NAME=default` for each setting named (nothing after `=` when unset): .env.example's list."""
+    fields = settings.model_fields
+    return "\n".join(f"# {name}={_default_text(fields[name.lower()]) or ''}" for name in names)
 
 
 def modes_table() -> str:

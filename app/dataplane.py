@@ -18,13 +18,14 @@ import numpy as np
 
 from app import imaging
 from app.admission import Admission
+from app.cores import available_cores
 from app.cpu import timed_cpu
 from app.errors import InferenceFailed, InferenceTimeout, NotReady, Overloaded, ServiceError
 from app.metrics import Metrics
 from app.model import LoadedModel
 from app.priority import lower_thread_priority
 from app.runtime import Tensors
-from app.settings import Settings, available_cores
+from app.settings import Settings
 from ensemble_contract.modes import Mode, ModeChoice
 
 T = TypeVar("T")
@@ -72,6 +73,7 @@ class DataPlane:
         # A reload keeps the layout, so the slots stay the number the first model was loaded with.
         self.admission = Admission(model.runtime.slots, settings.max_queue, settings.max_queue_wait_ms / 1000)
         metrics.inferences_admitted.set_function(lambda: self.admission.admitted)
+        metrics.describe_machine(settings.cost_per_hour)
         self.switch(model)
         # Decoding and mask encoding run off the event loop, a few at a time (they are CPU-bound too).
         self._image_pool = ThreadPoolExecutor(

@@ -57,6 +57,10 @@ class Unauthorized(ServiceError):
         super().__init__(message, headers={"WWW-Authenticate": challenge})
 
 
+class Forbidden(ServiceError):
+    status, code = 403, "forbidden"
+
+
 class NotFound(ServiceError):
     status, code = 404, "not_found"
 
@@ -204,6 +208,7 @@ _CHALLENGE = {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "
 ERROR_STATUSES: dict[int, tuple[str, dict[str, Any]]] = {
     400: ("Malformed request.", {}),
     401: ("API_KEY is set and the request has no valid `Authorization: Bearer <key>`.", _CHALLENGE),
+    403: ("The model repository calls are off: the server runs with MODEL_CONTROL=none.", {}),
     404: ("Not found.", {}),
     408: ("The request body did not arrive within BODY_TIMEOUT_S.", {}),
     413: ("More than MAX_UPLOAD_BYTES bytes, or an image of more than MAX_IMAGE_PIXELS pixels.", {}),

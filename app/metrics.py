@@ -15,6 +15,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from app.auto import AutoChoice
+from app.cores import usable_cores
 from app.runtime import EnsembleRuntime
 
 PREFIX = "ensemble"
@@ -103,6 +104,19 @@ class Metrics:
             "load signal to autoscale on.",
             registry=registry,
         )
+        self.cores = Gauge(
+            f"{PREFIX}_cores",
+            "Cores this process sizes its sessions, layouts and costs by: its CPU affinity, or its cgroup's CPU "
+            "quota when that is smaller (source: affinity or cgroup).",
+            ["source"],
+            registry=registry,
+        )
+        self.cost_per_hour = Gauge(
+            f"{PREFIX}_cost_per_hour",
+            "COST_PER_HOUR, what the machine costs an hour (absent when unset): cost per million predictions = "
+            "cost_per_hour x CPU seconds per prediction x 1e6 / (cores x 3600).",
+            registry=registry,
+        )
         self.model = Info(
             f"{PREFIX}_model",
             "The model served (its sha256 changes with a reload) and the session options of each mode.",
@@ -118,9 +132,16 @@ class Metrics:
         GCCollector(registry=registry)
         return cls(registry)
 
+    def describe_machine(self, cost_per_hour: float | None) -> None:
+        """The cores and what they cost, which a reload does not change."""
+        cores = usable_cores()
+        self.cores.labels(cores.source).set(cores.count)
+        if cost_per_hour is not None:
+            self.cost_per_hour.set(cost_per_hour)
+
     def describe_model(self, runtime: EnsembleRuntime, auto: AutoChoice | None = None) -> None:
         """The model's info, every served mode's series at zero from the start, and auto's choice."""
-        manifest = runtime.manifest
+        manifest, cores = runtime.manifest, usable_cores()
         for mode in runtime.modes:
             for histogram in (self.inference_seconds, self.slot_wait_seconds, self.cpu_seconds):
                 histogram.labels(mode)
@@ -136,6 +157,8 @@ class Metrics:
                 "sha256": manifest.ensemble.sha256,
                 "members": ",".join(member.name for member in manifest.members),
                 "inference_slots": str(runtime.slots),
+                "cores": str(cores.count),
+                "cores_source": cores.source,
                 **{f"{mode.replace('-', '_')}_session": plan.describe() for mode, plan in runtime.plans.items()},
             }
         )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.auto import AutoChoice, Layout, choose
+from app.cores import usable_cores
 from app.errors import NotAnImageModel
 from app.modes import ModeSelector
 from app.priority import lower_thread_priority
@@ -89,11 +90,12 @@ def log_model(model: LoadedModel, settings: Settings) -> None:
     if auto is not None:
         logger.info("auto: %s in layout %s (slots x threads): %s", auto.mode, auto.layout, auto.reason)
     logger.info(
-        "serving %s from %s (ensemble sha256 %s, members %s), default mode %s, sessions: %s",
+        "serving %s from %s (ensemble sha256 %s, members %s), default mode %s, cores %s, sessions: %s",
         manifest.name,
         model.directory,
         model.sha256[:12],
         ", ".join(member.name for member in manifest.members),
         settings.default_mode,
+        usable_cores().describe(),
         "; ".join(f"{mode} {plan.describe()}" for mode, plan in runtime.plans.items()),
     )

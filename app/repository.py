@@ -5,7 +5,9 @@ A load reads MODEL_DIR again, resolving it once (an operator may point a symlink
 layout the server started with (DEFAULT_MODE=auto times the new model's modes again, in that layout), then
 switches: requests already admitted finish on the old sessions, which close after the last of them. A load that
 fails leaves the old model serving and says why: in the response, the log and `ensemble_model_loads_total`.
-Loads run one at a time; SIGHUP starts one too.
+Loads run one at a time; SIGHUP starts one too. All of it is off unless MODEL_CONTROL=explicit (403 and an ignored
+SIGHUP otherwise), as Triton keeps model control off unless asked: a server reachable from the internet must not
+let a caller unload its model.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import anyio.to_thread
 from pydantic import BaseModel
 
 from app.auto import Layout
+from app.cores import available_cores
 from app.dataplane import DataPlane
-from app.errors import BadRequest, ModelNotFound, StartupError
+from app.errors import BadRequest, Forbidden, ModelNotFound, StartupError
 from app.metrics import Metrics
 from app.model import LoadedModel, load_model, log_model
-from app.settings import Settings, available_cores
+from app.settings import Settings
 from ensemble_contract.manifest import load_manifest
 
 logger = logging.getLogger("app")
@@ -67,8 +70,17 @@ class ModelRepository:
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task[LoadReport]] = set()
 
+    def check_enabled(self) -> None:
+        """Forbidden unless MODEL_CONTROL=explicit: every repository call starts with it."""
+        if self.settings.model_control != "explicit":
+            raise Forbidden(
+                "the model repository calls are off: start the server with MODEL_CONTROL=explicit (and API_KEY) to "
+                "load, unload or list models"
+            )
+
     def index(self) -> list[RepositoryEntry]:
         """The model served, and the one MODEL_DIR holds now if that is another build (not loaded yet)."""
+        self.check_enabled()
         served = self.dataplane.model
         entries = []
         if served is not None:
@@ -87,6 +99,7 @@ class ModelRepository:
         """Loads what MODEL_DIR holds now and serves it; with a name, only if the model there has that name.
         LoadFailed (the old model still serving) if it cannot be loaded. A caller that goes away does not
         cancel a load half-way: it completes (or fails) all the same."""
+        self.check_enabled()
         return await asyncio.shield(self._load(name))
 
     async def _load(self, name: str | None) -> LoadReport:
@@ -126,6 +139,7 @@ class ModelRepository:
 
     async def unload(self, name: str) -> None:
         """Stops serving the model `name`: readiness turns false and inference requests get 503 until a load."""
+        self.check_enabled()
         async with self._lock:
             served = self.dataplane.model
             if served is None or served.manifest.name != name:
@@ -135,17 +149,23 @@ class ModelRepository:
 
     @contextmanager
     def reloading_on_sighup(self) -> Iterator[None]:
-        """SIGHUP loads MODEL_DIR again while the block runs (in the main thread only: Python's signals are
-        delivered there; a server run in another thread, as in the tests, has no SIGHUP reload)."""
+        """SIGHUP loads MODEL_DIR again while the block runs, or is logged and ignored with MODEL_CONTROL=none (in
+        the main thread only: Python's signals are delivered there; a server run in another thread, as in the
+        tests, has no SIGHUP handler)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self._load_in_background)
+        enabled = self.settings.model_control == "explicit"
+        loop.add_signal_handler(signal.SIGHUP, self._load_in_background if enabled else self._ignore_sighup)
         try:
             yield
         finally:
             loop.remove_signal_handler(signal.SIGHUP)
+
+    @staticmethod
+    def _ignore_sighup() -> None:
+        logger.warning("SIGHUP ignored: model control is off (MODEL_CONTROL=none)")
 
     def _load_in_background(self) -> None:
         logger.info("SIGHUP: loading MODEL_DIR again")

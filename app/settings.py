@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.cores import available_cores
 from app.errors import StartupError
 from ensemble_contract.modes import Mode, ModeChoice, describe_modes, intra_op_threads
 
@@ -17,11 +18,6 @@ from ensemble_contract.modes import Mode, ModeChoice, describe_modes, intra_op_t
 PILLOW_MAX_IMAGE_PIXELS = 89_478_485
 MIN_API_KEY_LENGTH = 16
 ORIGIN = re.compile(r"https?://[^/\s]+/?")
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity), which can be fewer than the machine has."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _describe(error: Any) -> str:
@@ -33,8 +29,19 @@ def _describe(error: Any) -> str:
     return f"{name}={shown}: {error['msg']}"
 
 
+def is_loopback(host: str) -> bool:
+    """Whether HOST reaches this machine only: localhost, 127.0.0.0/8 or ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
+    # An empty variable counts as unset: compose passes `VAR=` for a setting its .env leaves empty.
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False, env_ignore_empty=True)
 
     model_dir: Path = Field(
         Path("models/default"),
@@ -177,6 +184,13 @@ class Settings(BaseSettings):
         f"gRPC twins) need `Authorization: Bearer <key>` (at least {MIN_API_KEY_LENGTH} characters); without it, "
         "401 (gRPC: UNAUTHENTICATED). Unset: no authentication. Probes, metadata, /stats and /metrics stay open.",
     )
+    model_control: Literal["none", "explicit"] = Field(
+        "none",
+        description="`explicit`: the model repository calls (POST /v2/repository/index, .../load, .../unload, their "
+        "gRPC twins) and SIGHUP reload or unload the model. `none`: they answer 403 (gRPC: PERMISSION_DENIED) and "
+        "SIGHUP is ignored, so nobody who reaches the port can unload the model. `explicit` needs API_KEY unless "
+        "HOST is a loopback address.",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Origins allowed to call the API from a browser on another origin, comma-separated "
@@ -239,6 +253,15 @@ class Settings(BaseSettings):
         given = {name: port for name, port in ports.items() if port is not None}
         if len(set(given.values())) < len(given):
             raise ValueError(f"PORT, METRICS_PORT and GRPC_PORT must all differ (or be unset), got {given}")
+        return self
+
+    @model_validator(mode="after")
+    def _model_control_guarded(self) -> Settings:
+        if self.model_control == "explicit" and self.api_key is None and not is_loopback(self.host):
+            raise ValueError(
+                f"MODEL_CONTROL=explicit lets any caller unload the model: set API_KEY too, or listen on a loopback "
+                f"HOST (127.0.0.1), not {self.host!r}"
+            )
         return self
 
     @field_validator("workers")

@@ -43,7 +43,7 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
 
-from app.settings import available_cores
+from app.cores import available_cores
 from app.stats import percentiles_ms
 from ensemble_contract.combine import combine
 from ensemble_contract.manifest import load_manifest

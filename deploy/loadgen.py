@@ -7,7 +7,8 @@ the service's own percentiles, app.stats: it runs where the service is installed
 Requests start on a fixed schedule (open loop), so a slow mode shows up as latency rather than as a
 lower request rate; at most --concurrency are in flight, later ones wait for a free worker. Each image
 is a random rectangle on a random background. Stops after --count requests or --duration seconds, or
-on Ctrl-C, and prints a summary; the exit status is 1 if any request failed.
+on Ctrl-C, and prints a summary; the exit status is 1 if any request failed. With API_KEY in its environment,
+every request carries it as `Authorization: Bearer`.
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ class Stats:
         return "\n".join(lines)
 
 
-def send(url: str, image: bytes, stats: Stats, timeout_s: float) -> None:
-    request = urllib.request.Request(url, data=image, method="POST", headers={"Content-Type": "image/png"})
+def send(url: str, image: bytes, stats: Stats, timeout_s: float, api_key: str | None) -> None:
+    headers = {"Content-Type": "image/png"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+    request = urllib.request.Request(url, data=image, method="POST", headers=headers)
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> Stats:
 
     def task(image: bytes) -> None:
         try:
-            send(url, image, stats, args.timeout)
+            send(url, image, stats, args.timeout, os.environ.get("API_KEY"))
         finally:
             free.release()
 

@@ -4,6 +4,8 @@ served on a real server, and answered in every mode equal to running the members
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -403,3 +405,26 @@ def test_image_options_that_do_not_fit_the_outputs_are_refused_and_leave_out_as_
         assert "Traceback" not in result.stderr
         assert (out / "manifest.json").read_bytes() == before
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
+
+
+def test_fuse_needs_no_torch(tmp_path: Path) -> None:
+    """The `fuse` extra installs onnx and not torch: the command runs with torch impossible to import."""
+    members = export_tabular_members(tmp_path)
+    without_torch = (
+        "import runpy, sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ImportError('torch is not installed')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "runpy.run_module('model_build', run_name='__main__')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", without_torch, "fuse", *map(str, members), "--out", str(tmp_path / "model")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr
+    assert "torch" not in load_manifest(tmp_path / "model").versions

@@ -1,5 +1,7 @@
-"""The image and the compose stack, for real: build (test preset), `docker-compose up`, predict through the
-published port, Prometheus scraping the app, the load generator, and a clean `docker stop`.
+"""The image and the compose stack, for real: build (test preset), `docker-compose up` with an API key and the TLS
+profile, predict through the published port and through Caddy (HTTPS and gRPC over TLS), Prometheus scraping the
+app, the load generator, the CPU quota, a user's model directory mounted into a second stack, start-up failures
+that say what to fix, and a clean `docker stop`.
 
 Runs as root where a Docker engine answers and the base images exist: on these machines,
 `../shared/tools/docker-standins .` sets that up (.ci/run does). Skipped anywhere else.
@@ -11,9 +13,12 @@ import io
 import json
 import os
 import shutil
+import ssl
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,14 +29,21 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from PIL import Image
 
+from app.settings import Settings
 from bench.http_load import free_port
+from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
+from tests.support import infer_body
+from tests.third_party import TABULAR_FEATURES
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "onnx-ensemble-serving:test"  # docker-compose.yml's image name with MODEL_PRESET=test
-BASE_IMAGES = ("python:3.11-slim", "prom/prometheus:v2.53.0")
+BASE_IMAGES = ("python:3.11-slim", "prom/prometheus:v2.53.0", "caddy:2.8")
 MODES = {mode.value for mode in Mode}  # the test build ships the int8 graph: every mode is served
 DEADLINE_S = 180  # guards against hanging, not a performance expectation
+API_KEY = "a-compose-test-key-of-32-characters"
+AUTHORIZED = {"Authorization": f"Bearer {API_KEY}"}
+CADDY_ROOT = "/data/caddy/pki/authorities/local/root.crt"
 BUILD_TIMEOUT_S = 1200  # a first build downloads every dependency
 
 # Debian's client matches Debian's engine (docker-standins); otherwise whichever `docker` is on PATH.
@@ -108,6 +120,10 @@ class Stack:
     def prometheus_url(self) -> str:
         return f"http://127.0.0.1:{self.env['PROMETHEUS_PORT']}"
 
+    @property
+    def tls_address(self) -> str:
+        return f"127.0.0.1:{self.env['TLS_PORT']}"
+
     def compose(self, *args: str, check: bool = True) -> str:
         command = [*compose_command(), "--project-name", self.project, "--file", str(REPO / "docker-compose.yml")]
         result = run(*command, *args, env=self.env, cwd=REPO)
@@ -118,21 +134,20 @@ class Stack:
         return self.compose("ps", "-q", service).strip()
 
 
-@pytest.fixture(scope="module")
-def stack(image: str) -> Iterator[Stack]:
-    """`docker-compose up -d` of the app (test preset) and Prometheus on free ports; `down -v` whatever happens."""
+@contextmanager
+def compose_stack(name: str, **variables: str) -> Iterator[Stack]:
+    """`docker-compose up -d` of the app (test preset) and Prometheus on free ports, with the given variables, as
+    a user's environment or .env would set them; `down -v` whatever happens."""
     env = {
-        **os.environ,
+        **{key: value for key, value in os.environ.items() if key.lower() not in Settings.model_fields},
         "MODEL_PRESET": "test",  # selects the image the `image` fixture built
         "APP_PORT": str(free_port()),
         "APP_GRPC_PORT": str(free_port()),
         "PROMETHEUS_PORT": str(free_port()),
-        "APP_CPUS": "1",
         "APP_MEMORY": "1g",
-        "LOADGEN_COUNT": str(3 * len(MODES)),
-        "LOADGEN_RATE": "20",
+        **variables,
     }
-    stack = Stack(project=f"ensembletest{os.getpid()}", env=env)
+    stack = Stack(project=f"ensemble{name}{os.getpid()}", env=env)
     try:
         stack.compose("up", "-d")
         app = stack.container("app")
@@ -140,6 +155,25 @@ def stack(image: str) -> Iterator[Stack]:
         yield stack
     finally:
         stack.compose("down", "--volumes", "--remove-orphans", check=False)
+
+
+@pytest.fixture(scope="module")
+def stack(image: str) -> Iterator[Stack]:
+    """The stack as docs/operations.md sets it up on a VM: an API key, Caddy with TLS in front (its own CA, for a
+    bare IP), the app's ports published on loopback only, one core's quota."""
+    with compose_stack(
+        "main",
+        API_KEY=API_KEY,
+        COMPOSE_PROFILES="tls",
+        APP_BIND="127.0.0.1",
+        SITE_ADDRESS="127.0.0.1",
+        TLS_PORT=str(free_port()),
+        HTTP_PORT=str(free_port()),
+        APP_CPUS="1",
+        LOADGEN_COUNT=str(3 * len(MODES)),
+        LOADGEN_RATE="20",
+    ) as main:
+        yield main
 
 
 def test_app_container_is_locked_down(stack: Stack) -> None:
@@ -155,23 +189,104 @@ def test_app_container_is_locked_down(stack: Stack) -> None:
     assert not [variable for variable in image_env if variable.startswith("API_KEY")]  # no secret baked in
 
 
-def test_predicts_through_the_published_port(stack: Stack) -> None:
+def red_png() -> dict[str, tuple[str, bytes, str]]:
     png = io.BytesIO()
     Image.new("RGB", (48, 40), (200, 40, 40)).save(png, format="PNG")
-    files = {"file": ("red.png", png.getvalue(), "image/png")}
-    response = httpx.post(f"{stack.app_url}/predict", params={"mode": "sequential"}, files=files, timeout=30)
+    return {"file": ("red.png", png.getvalue(), "image/png")}
+
+
+def test_predicts_through_the_published_port(stack: Stack) -> None:
+    response = httpx.post(
+        f"{stack.app_url}/predict", params={"mode": "sequential"}, files=red_png(), headers=AUTHORIZED, timeout=30
+    )
     assert response.status_code == 200, response.text
     assert response.json()["mode"] == "sequential"
     assert response.json()["model"]["name"] == "shapes-test"
 
 
+def test_the_api_key_given_to_compose_guards_the_service(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.app_url, timeout=30) as client:
+        assert client.post("/predict", files=red_png()).status_code == 401
+        tensor = infer_body(np.zeros((1, 3, 32, 32), np.float32))
+        assert client.post("/v2/models/shapes-test/infer", json=tensor).status_code == 401
+        assert client.post("/v2/models/shapes-test/infer", json=tensor, headers=AUTHORIZED).status_code == 200
+        assert client.post("/v2/repository/models/shapes-test/unload", headers=AUTHORIZED).status_code == 403
+        assert client.get("/metrics").status_code == 404  # on the metrics port, which only Prometheus reaches
+
+
+def grpc_infer(client: triton_grpc.InferenceServerClient) -> np.ndarray:
+    image = triton_grpc.InferInput("image", [1, 3, 32, 32], "FP32")
+    image.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
+    metadata = {"authorization": AUTHORIZED["Authorization"]}  # gRPC metadata keys are lower case
+    result = client.infer("shapes-test", [image], parameters={"mode": "parallel"}, headers=metadata)
+    return result.as_numpy("class_probs")
+
+
 def test_grpc_through_the_published_port(stack: Stack) -> None:
     with triton_grpc.InferenceServerClient(stack.grpc_address) as client:
         assert client.is_model_ready("shapes-test")
-        image = triton_grpc.InferInput("image", [1, 3, 32, 32], "FP32")
-        image.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
-        result = client.infer("shapes-test", [image], parameters={"mode": "parallel"})
-    assert result.as_numpy("class_probs").shape == (1, 4)
+        assert grpc_infer(client).shape == (1, 4)
+
+
+@pytest.fixture(scope="module")
+def caddy_root(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The root certificate of Caddy's own CA, which signed the bare IP's certificate: what a client trusts."""
+    path = tmp_path_factory.mktemp("caddy") / "root.crt"
+    read = [*compose_command(), "--project-name", stack.project, "--file", str(REPO / "docker-compose.yml")]
+    read += ["exec", "-T", "proxy", "cat", CADDY_ROOT]
+    wait_until(lambda: run(*read, env=stack.env, cwd=REPO).returncode == 0, "Caddy's root certificate")
+    path.write_text(run(*read, env=stack.env, cwd=REPO).stdout)
+    return path
+
+
+def test_https_through_the_proxy(stack: Stack, caddy_root: Path) -> None:
+    trust = ssl.create_default_context(cafile=str(caddy_root))
+    with httpx.Client(base_url=f"https://{stack.tls_address}", verify=trust) as client:
+        wait_until(lambda: client.get("/readyz").status_code == 200, "the proxy to reach the app")
+        response = client.post("/predict", files=red_png(), headers=AUTHORIZED, timeout=30)
+        assert response.status_code == 200, response.text
+        assert client.post("/predict", files=red_png(), timeout=30).status_code == 401
+    with pytest.raises(httpx.ConnectError):  # an untrusted certificate is refused: the CA is Caddy's own
+        httpx.get(f"https://{stack.tls_address}/readyz", timeout=10)
+
+
+def test_curl_trusts_the_proxy_with_the_ca_root(stack: Stack, caddy_root: Path) -> None:
+    result = run("curl", "-sS", "--fail", "--cacert", str(caddy_root), f"https://{stack.tls_address}/readyz")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["model"] == "shapes-test"
+
+
+def test_grpc_over_tls_through_the_proxy(stack: Stack, caddy_root: Path) -> None:
+    with triton_grpc.InferenceServerClient(stack.tls_address, ssl=True, root_certificates=str(caddy_root)) as client:
+        assert client.is_model_ready("shapes-test")
+        assert grpc_infer(client).shape == (1, 4)
+
+
+def test_only_the_proxy_is_published_beyond_loopback(stack: Stack) -> None:
+    def host_addresses(service: str) -> set[str]:
+        bindings = inspect(stack.container(service))["HostConfig"]["PortBindings"]
+        return {binding["HostIp"] for port in bindings.values() for binding in port}
+
+    assert host_addresses("app") == {"127.0.0.1"}
+    assert host_addresses("proxy") <= {"", "0.0.0.0"}  # every interface
+
+
+def test_the_cpu_quota_sizes_the_service(stack: Stack) -> None:
+    """compose's `cpus: 1` is a CFS quota of one core on this 2-core machine: the service counts 1, from the
+    cgroup, and says so in its log, /stats and its metrics."""
+    stats = httpx.get(f"{stack.app_url}/stats", timeout=10).json()
+    assert stats["cores"] == 1
+    assert stats["cores_source"].startswith("1 (cgroup quota 100000/100000")
+    log = stack.compose("logs", "app")
+    assert "cores 1 (cgroup quota 100000/100000" in log
+    assert "intra_op=1" in log and f"intra_op={os.cpu_count()}" not in log
+    prometheus = httpx.Client(base_url=stack.prometheus_url, timeout=10)
+
+    def cores() -> list[Any]:
+        result = prometheus.get("/api/v1/query", params={"query": "ensemble_cores"}).json()["data"]["result"]
+        return [(series["metric"]["source"], series["value"][1]) for series in result]
+
+    wait_until(lambda: cores() == [("cgroup", "1")], "Prometheus to scrape the core count")
 
 
 def test_prometheus_scrapes_the_app_and_sees_the_load_generator(stack: Stack) -> None:
@@ -190,9 +305,52 @@ def test_prometheus_scrapes_the_app_and_sees_the_load_generator(stack: Stack) ->
         }
 
     wait_until(app_target_up, "Prometheus to scrape the app")
-    summary = stack.compose("--profile", "loadgen", "run", "--rm", "loadgen")  # 3 per mode, in compare mode
+    summary = stack.compose("--profile", "loadgen", "run", "--rm", "loadgen")  # 3 per mode, with the API key
     assert all(f"{mode}: 3 ok" in summary for mode in MODES), summary
     wait_until(lambda: modes_counted() == MODES, "Prometheus to count the load generator's requests of every mode")
+
+
+@pytest.fixture(scope="module")
+def users_model(tabular_dir: Path) -> Iterator[Path]:
+    """A copy of a user's fused ensemble (third-party tabular members) that the container's user can read."""
+    with tempfile.TemporaryDirectory(prefix="user-models-") as mount:
+        target = Path(mount) / "my-ensemble"
+        shutil.copytree(tabular_dir, target)
+        for path in (Path(mount), *Path(mount).rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield target
+
+
+def test_a_mounted_model_directory_is_what_is_served(image: str, users_model: Path) -> None:
+    variables = {"MODEL_MOUNT": str(users_model.parent), "MODEL_DIR": f"/mnt/models/{users_model.name}"}
+    with compose_stack("user", **variables) as user, httpx.Client(base_url=user.app_url, timeout=30) as client:
+        ready = client.get("/readyz").json()
+        assert (ready["model"], ready["sha256"]) == ("tabular", load_manifest(users_model).ensemble.sha256)
+        rows = np.zeros((2, TABULAR_FEATURES), np.float32)
+        response = client.post("/v2/models/tabular/infer", json=infer_body(rows, ["label"], input_name="X"))
+        assert response.status_code == 200, response.text
+        assert response.json()["outputs"][0]["shape"] == [2]
+
+
+@pytest.mark.parametrize(
+    ("environment", "status", "message"),
+    [
+        (["MAX_QUEUE=lots"], 2, "cannot start: invalid configuration: MAX_QUEUE='lots'"),
+        (["MODEL_CONTROL=explicit"], 2, "MODEL_CONTROL=explicit lets any caller unload the model: set API_KEY"),
+        (["MODEL_DIR=/mnt/models"], 3, "no manifest.json in /mnt/models"),
+    ],
+)
+def test_a_bad_configuration_stops_the_container_with_one_line(
+    image: str, tmp_path: Path, environment: list[str], status: int, message: str
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o755)
+    flags = [flag for variable in environment for flag in ("--env", variable)]
+    result = run(DOCKER, "run", "--rm", "--read-only", "--volume", f"{empty}:/mnt/models:ro", *flags, image)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "cannot start" in line]
+    assert result.returncode == status, result.stdout + result.stderr
+    assert len(lines) == 1 and message in lines[0], lines
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_docker_stop_shuts_the_server_down_cleanly(image: str) -> None:

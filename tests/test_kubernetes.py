@@ -1,9 +1,12 @@
 """The Kubernetes manifests, checked offline (no cluster runs here): the core kinds against the API's own schemas
-(kubernetes-validate, strict: no unknown field), the custom resources (PodMonitor, KServe's InferenceService) for
-the fields their controllers read, and the pieces against each other and against the service itself."""
+(kubernetes-validate, strict: no unknown field), the custom resources (PodMonitor, PrometheusRule, KServe's
+InferenceService) for the fields their controllers read, the Prometheus Adapter's rule (its query checked by
+promtool), and the pieces against each other and against the service itself."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,10 @@ import yaml
 from app.main import create_app
 from app.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
+REPO = Path(__file__).resolve().parents[1]
+ROOT = REPO / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.33.0"
+PROMTOOL = shutil.which("promtool")
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -49,8 +54,8 @@ def test_the_pieces_select_the_deployments_pods() -> None:
 def test_ports_probes_and_settings_are_the_services_own() -> None:
     resources = base()
     container = resources["Deployment"]["spec"]["template"]["spec"]["containers"][0]
-    env = {variable["name"]: variable["value"] for variable in container["env"]}
-    assert {name.lower() for name in env} <= set(Settings.model_fields)
+    env = {variable["name"]: variable["value"] for variable in container["env"] if "value" in variable}
+    assert {variable["name"].lower() for variable in container["env"]} <= set(Settings.model_fields)
     settings = Settings(**{name.lower(): value for name, value in env.items()})  # valid values too
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"http": settings.port, "grpc": settings.grpc_port, "metrics": settings.metrics_port}
@@ -79,9 +84,56 @@ def test_custom_resources_have_what_their_controllers_read() -> None:
     service = load(ROOT / "kserve" / "inferenceservice.yaml")
     assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     container = service["spec"]["predictor"]["containers"][0]
-    env = {variable["name"]: variable["value"] for variable in container["env"]}
+    env = {variable["name"]: variable["value"] for variable in container["env"] if "value" in variable}
     assert int(env["PORT"]) == container["ports"][0]["containerPort"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     # The container itself is a core PodSpec container: validate it as one.
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kserve"}, "spec": {"containers": [container]}}
     kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+
+
+def secret_env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    variables = container["env"]
+    return {v["name"]: v["valueFrom"]["secretKeyRef"] for v in variables if "secretKeyRef" in v.get("valueFrom", {})}
+
+
+def test_the_api_key_comes_from_a_secret_and_model_control_stays_off() -> None:
+    container = base()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert secret_env(container) == {"API_KEY": {"name": "onnx-ensemble-serving", "key": "api-key"}}
+    assert "optional" not in secret_env(container)["API_KEY"]  # no pod starts without the key
+    assert "MODEL_CONTROL" not in {variable["name"] for variable in container["env"]}  # the default: none
+    kserve = load(ROOT / "kserve" / "inferenceservice.yaml")["spec"]["predictor"]["containers"][0]
+    assert secret_env(kserve) == secret_env(container)
+
+
+def test_the_prometheus_rule_is_the_compose_stacks_recording_rules() -> None:
+    rule = base()["PrometheusRule"]
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert rule["spec"]["groups"] == load(REPO / "deploy" / "prometheus" / "rules.yml")["groups"]
+
+
+ADAPTER = load(ROOT / "prometheus-adapter" / "values.yaml")["rules"]["custom"]
+
+
+def test_the_adapter_exposes_the_autoscalers_metric() -> None:
+    hpa_metric = base()["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    (rule,) = ADAPTER
+    assert rule["name"]["as"] == hpa_metric
+    assert rule["seriesQuery"].startswith(f"{hpa_metric}{{")
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="no promtool (apt-get install prometheus)")
+def test_the_adapters_query_is_valid_promql(tmp_path: Path) -> None:
+    """The adapter's query as it renders it for the HPA (its Go template filled in), checked by promtool."""
+    (rule,) = ADAPTER
+    query = (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", rule["name"]["as"])
+        .replace("<<.LabelMatchers>>", 'namespace="default",pod=~"onnx-ensemble-serving-.*"')
+        .replace("<<.GroupBy>>", "pod")
+    )
+    rules = tmp_path / "adapter.yml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": [{"record": "q", "expr": query}]}]}))
+    result = subprocess.run([PROMTOOL, "check", "rules", str(rules)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

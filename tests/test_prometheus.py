@@ -11,14 +11,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
+from app.settings import Settings
 from bench.http_load import free_port, stop
 from ensemble_contract.modes import Mode
-from tests.support import LiveServer
+from tests.support import LiveServer, live_server
+from tests.test_compose import dashboard_queries
 
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -43,6 +46,12 @@ def test_repo_config_and_rules_are_valid() -> None:
 
 @pytest.fixture
 def prometheus(server: LiveServer, tmp_path: Path) -> Iterator[httpx.Client]:
+    with scraping(server, tmp_path) as api:
+        yield api
+
+
+@contextmanager
+def scraping(server: LiveServer, tmp_path: Path) -> Iterator[httpx.Client]:
     """Prometheus scraping `server` every second with the repo's rules; a client of its HTTP API."""
     assert PROMETHEUS is not None
     target = server.url.removeprefix("http://")
@@ -139,3 +148,19 @@ def test_prometheus_computes_latency_quantiles_of_every_mode(server: LiveServer,
         ratios = finite_values_by_mode(prometheus, f"mode:ensemble_{histogram}_seconds:p50_1m_ratio_to_fused")
         assert ratios["fused"] == pytest.approx(1.0)
         assert all(ratio > 0 for ratio in ratios.values())
+
+
+@needs_prometheus
+def test_every_panel_of_the_dashboard_returns_data(model_dir: Path, tmp_path: Path) -> None:
+    """deploy/grafana's dashboard, query by query, against Prometheus scraping a server under compare traffic (with
+    COST_PER_HOUR, which the cost panel needs)."""
+    with (
+        live_server(Settings(model_dir=model_dir, max_queue=1, cost_per_hour=0.5)) as costed,
+        scraping(costed, tmp_path) as api,
+    ):
+        deadline = time.monotonic() + DEADLINE_S
+        while missing := [title for title, expr in dashboard_queries() if not finite_values_by_mode(api, expr)]:
+            assert time.monotonic() < deadline, f"panels without data: {missing}"
+            compare_traffic(costed)
+            time.sleep(0.5)
+

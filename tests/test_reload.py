@@ -93,7 +93,7 @@ def probabilities(client: httpx.Client) -> np.ndarray:
 
 def test_a_reload_switches_models_and_frees_the_old_after_its_last_request(builds: Builds) -> None:
     builds.point_at(builds.a)
-    with live_server(Settings(model_dir=builds.current)) as live, live.client() as client:
+    with live_server(Settings(model_dir=builds.current, model_control="explicit")) as live, live.client() as client:
         assert served_sha256(client) == sha256(builds.a)
         old: LoadedModel = live.dataplane.model
         sessions = [weakref.ref(s) for sessions in old.runtime.session_sets for s in sessions.graphs.values()]
@@ -132,7 +132,7 @@ def test_a_reload_switches_models_and_frees_the_old_after_its_last_request(build
 
 def test_loads_that_cannot_work_are_refused_and_the_old_model_keeps_serving(builds: Builds) -> None:
     builds.point_at(builds.a)
-    with live_server(Settings(model_dir=builds.current)) as live, live.client() as client:
+    with live_server(Settings(model_dir=builds.current, model_control="explicit")) as live, live.client() as client:
         builds.point_at(builds.broken)
         refused = load(client)
         assert refused.status_code == 400
@@ -161,7 +161,7 @@ def test_loads_that_cannot_work_are_refused_and_the_old_model_keeps_serving(buil
 
 def test_unload_then_load(builds: Builds) -> None:
     builds.point_at(builds.a)
-    with live_server(Settings(model_dir=builds.current)) as live, live.client() as client:
+    with live_server(Settings(model_dir=builds.current, model_control="explicit")) as live, live.client() as client:
         assert client.post("/v2/repository/models/other/unload").status_code == 404
         assert client.post(f"/v2/repository/models/{NAME}/unload").status_code == 200
         assert client.get("/readyz").status_code == 503
@@ -178,7 +178,8 @@ def test_unload_then_load(builds: Builds) -> None:
 def test_the_repository_needs_the_api_key_when_one_is_set(builds: Builds) -> None:
     builds.point_at(builds.a)
     key = "a-long-enough-reload-test-key"
-    with live_server(Settings(model_dir=builds.current, api_key=key)) as live, live.client() as client:
+    settings = Settings(model_dir=builds.current, api_key=key, model_control="explicit")
+    with live_server(settings) as live, live.client() as client:
         for path in (
             "/v2/repository/index",
             f"/v2/repository/models/{NAME}/load",
@@ -187,6 +188,33 @@ def test_the_repository_needs_the_api_key_when_one_is_set(builds: Builds) -> Non
             assert client.post(path).status_code == 401, path
         assert client.post("/v2/repository/index", headers={"Authorization": f"Bearer {key}"}).status_code == 200
         assert live.dataplane.model is not None
+
+
+def test_model_control_is_closed_unless_the_operator_opens_it(builds: Builds, tmp_path: Path) -> None:
+    """With the default MODEL_CONTROL=none, no key needed or given: every repository call is refused over REST
+    (403) and gRPC (PERMISSION_DENIED), and SIGHUP is logged and ignored; the model keeps serving."""
+    builds.point_at(builds.a)
+    grpc_port = free_port()
+    with service_process(builds.current, tmp_path, GRPC_PORT=grpc_port) as service, service.client() as client:
+        builds.point_at(builds.b)
+        repository = "/v2/repository"
+        for path in (f"{repository}/index", f"{repository}/models/{NAME}/load", f"{repository}/models/{NAME}/unload"):
+            response = client.post(path)
+            assert response.status_code == 403, path
+            assert "MODEL_CONTROL=explicit" in response.json()["error"]
+        with triton.InferenceServerClient(f"127.0.0.1:{grpc_port}") as grpc_client:
+            for call in (grpc_client.unload_model, grpc_client.load_model):
+                with pytest.raises(triton.InferenceServerException) as refused:
+                    call(NAME)
+                assert refused.value.status() == "StatusCode.PERMISSION_DENIED"
+        os.kill(service.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + WAIT_S
+        while "SIGHUP ignored" not in service.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "SIGHUP ignored: model control is off (MODEL_CONTROL=none)" in service.output()
+        assert service.process.poll() is None
+        assert served_sha256(client) == sha256(builds.a)
+        assert np.allclose(probabilities(client), expected_probabilities(builds.a), rtol=1e-5)
 
 
 @dataclass
@@ -246,7 +274,10 @@ def test_two_reloads_under_load_drop_no_request(builds: Builds, tmp_path: Path) 
     builds.point_at(builds.a)
     grpc_port = free_port()
     traffic = Traffic([expected_probabilities(builds.a), expected_probabilities(builds.b)])
-    with service_process(builds.current, tmp_path, GRPC_PORT=grpc_port) as service, service.client() as client:
+    with (
+        service_process(builds.current, tmp_path, GRPC_PORT=grpc_port, MODEL_CONTROL="explicit") as service,
+        service.client() as client,
+    ):
         clients = [threading.Thread(target=traffic.http_client, args=(service.url,)) for _ in range(2)]
         clients += [threading.Thread(target=traffic.grpc_client, args=(f"127.0.0.1:{grpc_port}",)) for _ in range(2)]
         for thread in clients:
@@ -281,7 +312,9 @@ def test_two_reloads_under_load_drop_no_request(builds: Builds, tmp_path: Path) 
 
 def test_a_reload_under_auto_keeps_the_layout_and_times_the_new_models_modes(builds: Builds) -> None:
     builds.point_at(builds.a)
-    settings = Settings(model_dir=builds.current, default_mode="auto", auto_budget_s=0.05, auto_window_ms=10)
+    settings = Settings(
+        model_dir=builds.current, default_mode="auto", auto_budget_s=0.05, auto_window_ms=10, model_control="explicit"
+    )
     with live_server(settings) as live, live.client() as client:
         first = client.get("/readyz").json()["auto"]
         builds.point_at(builds.b)

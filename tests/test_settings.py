@@ -8,8 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from app.config_docs import configuration_table
+from app.cores import available_cores
 from app.errors import StartupError
-from app.settings import PILLOW_MAX_IMAGE_PIXELS, Settings, available_cores
+from app.settings import PILLOW_MAX_IMAGE_PIXELS, Settings
 from ensemble_contract.modes import Mode, ModeChoice, intra_op_threads
 
 CONFIGURATION = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
@@ -80,6 +81,34 @@ def test_a_bad_environment_is_one_startup_error_naming_the_variable(monkeypatch:
     monkeypatch.setenv("WORKERS", "2")
     with pytest.raises(StartupError, match=r"WORKERS='2'.*scale by replicas"):
         Settings.from_env()
+
+
+def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What compose passes for a setting its .env leaves empty."""
+    for name in ("API_KEY", "METRICS_PORT", "COST_PER_HOUR", "CORS_ORIGINS"):
+        monkeypatch.setenv(name, "")
+    settings = Settings.from_env()
+    unset = (settings.api_key, settings.metrics_port, settings.cost_per_hour, settings.cors_origins)
+    assert unset == (None, None, None, [])
+
+
+def test_model_control_is_off_by_default() -> None:
+    assert Settings().model_control == "none"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.5", "service.internal"])
+def test_model_control_without_a_key_is_refused_off_loopback(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    monkeypatch.setenv("MODEL_CONTROL", "explicit")
+    monkeypatch.setenv("HOST", host)
+    with pytest.raises(StartupError, match=r"MODEL_CONTROL=explicit lets any caller unload the model: set API_KEY"):
+        Settings.from_env()
+    monkeypatch.setenv("API_KEY", "a-key-of-at-least-16-characters")
+    assert Settings.from_env().model_control == "explicit"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])
+def test_model_control_without_a_key_is_allowed_on_loopback(host: str) -> None:
+    assert Settings(model_control="explicit", host=host).model_control == "explicit"
 
 
 def test_unset_thread_counts_split_the_cores() -> None:

@@ -7,9 +7,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from app.auto import AutoChoice
+from app.cores import usable_cores
 from app.deps import DataPlaneDep, ModelDep
 from app.errors import NotFound, error_responses
-from app.settings import available_cores
 from app.stats import Percentiles
 from ensemble_contract.modes import Mode
 
@@ -40,7 +40,8 @@ class ModeStats(BaseModel):
 
 class Stats(BaseModel):
     window_s: float
-    cores: int = Field(description="Cores this process may use (its CPU affinity).")
+    cores: int = Field(description="Cores this process may use: its CPU affinity, or its cgroup CPU quota if smaller.")
+    cores_source: str = Field(description="Where the core count comes from, e.g. '2 (cgroup quota 200000/100000 ...)'.")
     cost_per_hour: float | None
     modes: dict[Mode, ModeStats]
     auto: AutoChoice | None = Field(description="DEFAULT_MODE=auto: the choice, why, and every candidate's figures.")
@@ -79,10 +80,11 @@ async def metrics(request: Request) -> Response:
     responses=error_responses(500, 503),
 )
 async def stats(dataplane: DataPlaneDep, model: ModelDep) -> Stats:
-    recent, cores, cost = model.recent, available_cores(), dataplane.settings.cost_per_hour
+    recent, cores, cost = model.recent, usable_cores(), dataplane.settings.cost_per_hour
     return Stats(
         window_s=recent.window_s,
-        cores=cores,
+        cores=cores.count,
+        cores_source=cores.describe(),
         cost_per_hour=cost,
         auto=model.auto,
         modes={
@@ -94,7 +96,7 @@ async def stats(dataplane: DataPlaneDep, model: ModelDep) -> Stats:
                 if summary.requests
                 else None,
                 predictions_per_cpu_second=summary.predictions_per_cpu_second,
-                cost_per_million_predictions=cost_per_million(cost, summary.predictions_per_cpu_second, cores),
+                cost_per_million_predictions=cost_per_million(cost, summary.predictions_per_cpu_second, cores.count),
             )
             for mode, summary in recent.summary().items()
         },

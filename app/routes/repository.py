@@ -1,6 +1,7 @@
 """The Open Inference Protocol's model repository extension: list, load (reload) and unload the model.
 
-Errors come back as {"error": "message"}, as everywhere under /v2; the API key, when set, guards every call.
+Errors come back as {"error": "message"}, as everywhere under /v2; the API key, when set, guards every call, and
+every call answers 403 unless the server runs with MODEL_CONTROL=explicit.
 A request body (the protocol's optional parameters) is accepted and not read.
 """
 
@@ -16,7 +17,7 @@ router = APIRouter(
     prefix="/v2/repository",
     tags=["Model repository (v2)"],
     dependencies=[Authorized],
-    responses=error_responses(401, 500, 503, protocol=True),
+    responses=error_responses(401, 403, 500, 503, protocol=True),
 )
 
 

@@ -8,7 +8,8 @@ import httpx
 import numpy as np
 import pytest
 
-from app.settings import Settings, available_cores
+from app.cores import available_cores
+from app.settings import Settings
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
 from tests.support import infer_json, live_server, png_bytes, scrape
