@@ -218,7 +218,10 @@ def load_manifest(model_dir: Path, *, verify_files: bool = True) -> Manifest:
     """Reads and validates the manifest; with verify_files, checks each file's size and sha256."""
     path = Path(model_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise ManifestError(f"no {MANIFEST_NAME} in {model_dir}: build the models first (make models)")
+        raise ManifestError(
+            f"no {MANIFEST_NAME} in {model_dir}: build the models first (make models), or point MODEL_DIR at a "
+            "directory made by `python -m model_build build` or `fuse`"
+        )
     try:
         manifest = Manifest.model_validate_json(path.read_bytes())
     except ValueError as exc:
