@@ -67,6 +67,7 @@ def main() -> None:
         log_config=log_config(settings.log_level),
         timeout_graceful_shutdown=settings.shutdown_grace_s,
         server_header=False,  # no `server: uvicorn` in every response
+        limit_concurrency=settings.max_concurrency,  # connections and requests; beyond, 503 at once
     )
     server = DrainingServer(config, app)
     server.run()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,8 +19,10 @@ import numpy as np
 from app import imaging
 from app.admission import Admission
 from app.cores import available_cores
+from app.cost import USE_BINARY, decode_bytes, encoded_bytes
 from app.cpu import timed_cpu
 from app.errors import InferenceFailed, InferenceTimeout, NotReady, Overloaded, ServiceError
+from app.memory import Lease, MemoryBudget, default_budget_bytes
 from app.metrics import Metrics
 from app.model import LoadedModel
 from app.priority import lower_thread_priority
@@ -72,7 +74,11 @@ class DataPlane:
         self.model: LoadedModel | None = None
         # A reload keeps the layout, so the slots stay the number the first model was loaded with.
         self.admission = Admission(model.runtime.slots, settings.max_queue, settings.max_queue_wait_ms / 1000)
+        budget = settings.memory_budget_bytes or default_budget_bytes(model.cost.largest_working_bytes)
+        self.memory = MemoryBudget(budget, settings.max_request_bytes)
         metrics.inferences_admitted.set_function(lambda: self.admission.admitted)
+        metrics.memory_reserved.set_function(lambda: self.memory.held_bytes)
+        metrics.memory_budget.set(self.memory.total_bytes)
         metrics.describe_machine(settings.cost_per_hour)
         self.switch(model)
         # Decoding and mask encoding run off the event loop, a few at a time (they are CPU-bound too).
@@ -113,14 +119,16 @@ class DataPlane:
         mode: ModeChoice | None,
         with_mask: bool,
         arrived: float,
+        lease: Lease,
     ) -> ImagePrediction:
-        """One encoded image to label probabilities (and a mask). `arrived`: time.perf_counter() at arrival."""
+        """One encoded image to label probabilities (and a mask). `arrived`: time.perf_counter() at arrival; `lease`:
+        the request's memory, which decoding and the inference reserve before they run."""
         image = model.image_spec()
         chosen = model.selector.pick(mode)
         with self._outcome(chosen, "http"), self.admission.ticket():
             start = time.perf_counter()
             (batch, decode_s, preprocess_s), decode_cpu_s = await self._off_loop(
-                timed_cpu, partial(self._decode_and_preprocess, model, data)
+                timed_cpu, partial(self._decode_and_preprocess, model, data, lease)
             )
             self.metrics.decode_seconds.observe(decode_s)
             self.metrics.preprocess_seconds.observe(preprocess_s)
@@ -148,13 +156,39 @@ class DataPlane:
             ),
         )
 
+    @staticmethod
+    def reserve_tensors(
+        lease: Lease, model: LoadedModel, shapes: Mapping[str, Sequence[int]], outputs: Mapping[str, bool]
+    ) -> None:
+        """Reserves, from the header of a tensor request (its inputs' shapes, the outputs it asks for and whether
+        as binary data) and before any tensor is converted, what the rest of it will hold: 413 past MAX_BATCH_ROWS
+        or MAX_REQUEST_BYTES, 503 past the memory budget."""
+        advice = "" if all(outputs.values()) else USE_BINARY
+        needed = model.cost.request_bytes(shapes, outputs)
+        lease.reserve(needed, "its tensors, their inference and its outputs", advice=advice)
+
     async def infer_tensor(
-        self, model: LoadedModel, feeds: Tensors, *, mode: ModeChoice | None, arrived: float, protocol: Protocol
+        self,
+        model: LoadedModel,
+        feeds: Tensors,
+        *,
+        mode: ModeChoice | None,
+        arrived: float,
+        protocol: Protocol,
+        lease: Lease,
+        outputs: Mapping[str, bool],
     ) -> Inference:
-        """Inputs by name, checked against the signature, to the ensemble's outputs by name."""
+        """Inputs by name, checked against the signature, to the ensemble's outputs by name. The request reserved
+        its memory with reserve_tensors; outputs whose dimensions the signature leaves open, reserved as one
+        element each, reserve what they really hold before they are encoded."""
         chosen = model.selector.pick(mode)
         with self._outcome(chosen, protocol), self.admission.ticket():
             inference = await self._infer(model, feeds, chosen)
+            sizes = {name: (inference.outputs[name].size, inference.outputs[name].itemsize) for name in outputs}
+            rows = model.cost.rows({name: feed.shape for name, feed in feeds.items()})
+            unforeseen = encoded_bytes(sizes, outputs) - model.cost.output_bytes(rows, outputs)
+            advice = "" if all(outputs.values()) else USE_BINARY
+            lease.reserve(unforeseen, "its outputs, larger than the signature says", advice=advice)
         self._record(model, inference, arrived, inference.cpu_s, protocol)
         return inference
 
@@ -215,10 +249,16 @@ class DataPlane:
     async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._image_pool, function, *args)
 
-    def _decode_and_preprocess(self, model: LoadedModel, data: bytes) -> tuple[Tensors, float, float]:
+    def _decode_and_preprocess(self, model: LoadedModel, data: bytes, lease: Lease) -> tuple[Tensors, float, float]:
         spec = model.image_spec()
         start = time.perf_counter()
-        image = imaging.decode(data, max_pixels=self.settings.max_image_pixels, target_size=(spec.width, spec.height))
+        max_pixels = self.settings.image_pixel_limit(spec.width, spec.height)
+        opened = imaging.open_image(data, max_pixels=max_pixels, target_size=(spec.width, spec.height))
+        batch_shape = {spec.input: (1, *spec.shape)}
+        lease.reserve(decode_bytes(*opened.size), "the decoded image")
+        every_output = dict.fromkeys(model.manifest.signature.output_names, True)
+        lease.reserve(model.cost.request_bytes(batch_shape, every_output), "its inference")
+        image = imaging.decode(opened)
         decoded = time.perf_counter()
         input_spec = model.manifest.signature.input(spec.input)
         assert input_spec is not None  # the manifest's validator checks it

@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.dataplane import DataPlane
 from app.errors import NotReady, Unauthorized
+from app.memory import Lease
 from app.model import LoadedModel
 from app.repository import ModelRepository
 from app.settings import Settings
@@ -51,11 +52,30 @@ def get_arrival(request: Request) -> float:
     return float(request.state.arrived)
 
 
-def check_api_key(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> None:
-    """401 unless API_KEY is unset or the request carries it as a bearer token (compared in constant time)."""
-    verify_api_key(getattr(request.app.state, "settings", None), credentials.credentials if credentials else None)
+def requires_api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    """Marks a route as needing API_KEY, and declares the bearer key in OpenAPI. The key itself is checked from
+    the headers before the body is read, by app.middleware.Authentication, which finds the routes by this marker."""
+    del credentials
+
+
+def admits_inference() -> None:
+    """Marks a route as an inference request, which app.middleware.EarlyRefusal refuses as its headers arrive
+    when admission control would refuse it anyway."""
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (the scheme in any case); None otherwise."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def get_lease(request: Request) -> Lease:
+    """The request's share of the memory budget (app.middleware.BodyLimits takes it as the request arrives, once
+    the models are loaded; 503 before)."""
+    lease: Lease | None = getattr(request.state, "lease", None)
+    if lease is None:
+        raise NotReady()
+    return lease
 
 
 def verify_api_key(settings: Settings | None, token: str | None) -> None:
@@ -70,7 +90,9 @@ def verify_api_key(settings: Settings | None, token: str | None) -> None:
 
 
 DataPlaneDep = Annotated[DataPlane, Depends(get_dataplane)]
+LeaseDep = Annotated[Lease, Depends(get_lease)]
 ModelDep = Annotated[LoadedModel, Depends(using_model)]
 RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
 ArrivalDep = Annotated[float, Depends(get_arrival)]
-Authorized = Depends(check_api_key)
+Authorized = Depends(requires_api_key)
+Inference = Depends(admits_inference)

@@ -76,6 +76,10 @@ class BodyTimeout(ServiceError):
         super().__init__(message, headers=CLOSE)
 
 
+class Conflict(ServiceError):
+    status, code = 409, "conflict"
+
+
 class PayloadTooLarge(ServiceError):
     status, code = 413, "payload_too_large"
 
@@ -211,7 +215,12 @@ ERROR_STATUSES: dict[int, tuple[str, dict[str, Any]]] = {
     403: ("The model repository calls are off: the server runs with MODEL_CONTROL=none.", {}),
     404: ("Not found.", {}),
     408: ("The request body did not arrive within BODY_TIMEOUT_S.", {}),
-    413: ("More than MAX_UPLOAD_BYTES bytes, or an image of more than MAX_IMAGE_PIXELS pixels.", {}),
+    409: ("A model load is already running.", {}),
+    413: (
+        "More than MAX_UPLOAD_BYTES bytes, an image of more than MAX_IMAGE_PIXELS pixels, more rows than "
+        "MAX_BATCH_ROWS, or more memory than MAX_REQUEST_BYTES; the message says which.",
+        {},
+    ),
     415: ("Unsupported media type.", {}),
     422: ("Invalid parameter.", {}),
     500: ("Internal error; the message names the request id.", {}),

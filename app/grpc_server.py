@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
-import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from app.cost import BODY_COPIES
 from app.dataplane import DataPlane
-from app.deps import verify_api_key
-from app.errors import BadRequest, NotReady, ServiceError, StartupError
+from app.deps import bearer_token, verify_api_key
+from app.errors import BadRequest, NotReady, ServiceError, StartupError, Unauthorized
+from app.memory import Lease
+from app.metrics import Metrics
 from app.repository import ModelRepository, ModelState
 from app.routes.v2 import (
     EXTENSIONS,
@@ -31,11 +33,12 @@ from app.routes.v2 import (
     SERVER_NAME,
     SERVER_VERSION,
     input_feeds,
+    input_specs,
     requested_mode,
     requested_outputs,
     served_model,
 )
-from app.routes.v2_binary import BINARY_DATA_SIZE, BinaryInputs
+from app.routes.v2_binary import BINARY_DATA_SIZE, BinaryInputs, little_endian_bytes
 from app.routes.v2_types import InferenceRequest, InputTensor, RequestedOutput
 from app.settings import Settings
 from ensemble_contract.datatypes import of_numpy
@@ -43,12 +46,15 @@ from ensemble_contract.signature import TensorSpec
 
 logger = logging.getLogger("app")
 Context = grpc.aio.ServicerContext
+SERVICE_PREFIX = "/inference.GRPCInferenceService/"
+NEEDS_API_KEY = frozenset({"ModelInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"})
 
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.ABORTED,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     422: grpc.StatusCode.INVALID_ARGUMENT,
     503: grpc.StatusCode.UNAVAILABLE,
@@ -105,10 +111,6 @@ def inference_request(request: pb.ModelInferRequest) -> tuple[InferenceRequest, 
     return parsed, BinaryInputs(b"".join(raw))
 
 
-def _raw(array: np.ndarray) -> bytes:
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-
-
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """Every RPC a v2 client needs, and the model repository's; the others answer UNIMPLEMENTED (the generated
     base class). Method names are the protocol's."""
@@ -148,17 +150,33 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        lease = self.dataplane.memory.lease()
+        try:
+            return await self._infer(request, context, lease)
+        finally:
+            lease.release()
+
+    async def _infer(self, request: pb.ModelInferRequest, context: Context, lease: Lease) -> pb.ModelInferResponse:
         arrived = time.perf_counter()
-        async with self._rpc("ModelInfer", context, authorized=True):
+        async with self._rpc("ModelInfer", context):
             if not self.dataplane.serves(arrived):
                 raise NotReady("the server is shutting down")
+            lease.reserve(request.ByteSize() * BODY_COPIES, "the request message")
             with self.dataplane.using() as model:
                 manifest = served_model(model, request.model_name)
                 parsed, binary = inference_request(request)
-                feeds = input_feeds(parsed, manifest, binary)
-                outputs = {name: None for name in requested_outputs(parsed, manifest)}
+                outputs = dict.fromkeys(requested_outputs(parsed, manifest), True)  # raw_output_contents
+                specs = input_specs(parsed, manifest)
+                self.dataplane.reserve_tensors(lease, model, {t.name: t.shape for t in parsed.inputs}, outputs)
+                feeds = input_feeds(parsed, specs, binary)
                 inference = await self.dataplane.infer_tensor(
-                    model, feeds, mode=requested_mode(parsed), arrived=arrived, protocol="grpc"
+                    model,
+                    feeds,
+                    mode=requested_mode(parsed),
+                    arrived=arrived,
+                    protocol="grpc",
+                    lease=lease,
+                    outputs=outputs,
                 )
             arrays = {name: inference.outputs[name] for name in outputs}
             return pb.ModelInferResponse(
@@ -169,12 +187,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     pb.ModelInferResponse.InferOutputTensor(name=name, datatype=of_numpy(a.dtype), shape=list(a.shape))
                     for name, a in arrays.items()
                 ],
-                raw_output_contents=[_raw(a) for a in arrays.values()],
+                raw_output_contents=[little_endian_bytes(a) for a in arrays.values()],
             )
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
-        async with self._rpc("RepositoryIndex", context, authorized=True):
-            entries = [e for e in self.repository.index() if e.state is ModelState.READY or not request.ready]
+        async with self._rpc("RepositoryIndex", context):
+            entries = [e for e in await self.repository.index() if e.state is ModelState.READY or not request.ready]
             return pb.RepositoryIndexResponse(
                 models=[
                     pb.RepositoryIndexResponse.ModelIndex(name=e.name, state=e.state, reason=e.reason) for e in entries
@@ -184,25 +202,23 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        async with self._rpc("RepositoryModelLoad", context, authorized=True):
+        async with self._rpc("RepositoryModelLoad", context):
             await self.repository.load(request.model_name)
             return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        async with self._rpc("RepositoryModelUnload", context, authorized=True):
+        async with self._rpc("RepositoryModelUnload", context):
             await self.repository.unload(request.model_name)
             return pb.RepositoryModelUnloadResponse()
 
     @asynccontextmanager
-    async def _rpc(self, method: str, context: Context, *, authorized: bool = False) -> AsyncIterator[None]:
-        """Checks the API key if asked, turns an error into its status code and message (and Retry-After into
-        trailing metadata), and counts the call by method and code."""
+    async def _rpc(self, method: str, context: Context) -> AsyncIterator[None]:
+        """Turns an error into its status code and message (and Retry-After into trailing metadata), and counts
+        the call by method and code."""
         code, message = grpc.StatusCode.OK, ""
         try:
-            if authorized:
-                self._authorize(context)
             yield
         except ServiceError as exc:
             code, message = STATUS_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message
@@ -218,11 +234,37 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         if code is not grpc.StatusCode.OK:
             await context.abort(code, message)
 
-    def _authorize(self, context: Context) -> None:
-        """The API key as `authorization: Bearer <key>` metadata, when API_KEY is set."""
-        header = str(dict(context.invocation_metadata() or ()).get("authorization", ""))
-        scheme, _, token = header.partition(" ")
-        verify_api_key(self.settings, token.strip() if scheme.lower() == "bearer" and token.strip() else None)
+class Authentication(grpc.aio.ServerInterceptor):
+    """With API_KEY set, checks the `authorization: Bearer <key>` metadata of the calls that need it before their
+    message is deserialized: a wrong key costs no more than UNAUTHENTICATED."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method.removeprefix(SERVICE_PREFIX)
+        if self.settings.api_key is not None and method in NEEDS_API_KEY:
+            metadata = dict(details.invocation_metadata or ())
+            try:
+                verify_api_key(self.settings, bearer_token(str(metadata.get("authorization", ""))))
+            except Unauthorized as refused:
+                self.metrics.grpc_requests.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+                return _aborting(grpc.StatusCode.UNAUTHENTICATED, refused.message)
+        return await continuation(details)
+
+
+def _aborting(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler that refuses the call; with no deserializer, its message stays the bytes it arrived as."""
+
+    async def abort(request: bytes, context: Context) -> None:
+        await context.abort(code, message)
+
+    return grpc.unary_unary_rpc_method_handler(abort)
 
 
 class GrpcServer:
@@ -231,7 +273,9 @@ class GrpcServer:
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         self.address = f"{host}:{settings.grpc_port}"
         self._server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", settings.max_upload_bytes), ("grpc.so_reuseport", 0)]
+            interceptors=[Authentication(settings, dataplane.metrics)],
+            options=[("grpc.max_receive_message_length", settings.max_upload_bytes), ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=settings.max_concurrency,
         )
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(settings, dataplane, repository), self._server

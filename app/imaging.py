@@ -38,13 +38,10 @@ def check_media_type(content_type: str) -> None:
         )
 
 
-def decode(data: bytes, *, max_pixels: int, target_size: tuple[int, int]) -> Image.Image:
-    """The upload as an upright 8-bit RGB picture.
-
-    Raises PayloadTooLarge before decoding any pixel if the header announces more than max_pixels, and
-    BadImage for anything Pillow cannot read. target_size lets a large JPEG decode at a reduced scale
-    (never below the model's input size).
-    """
+def open_image(data: bytes, *, max_pixels: int, target_size: tuple[int, int]) -> Image.Image:
+    """The upload's header, read without decoding a pixel: PayloadTooLarge if it announces more than max_pixels,
+    BadImage for anything Pillow cannot read. A JPEG is set to decode at a reduced scale where target_size allows
+    (never below the model's input size), so the image's size is then what decoding will hold."""
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
@@ -55,11 +52,19 @@ def decode(data: bytes, *, max_pixels: int, target_size: tuple[int, int]) -> Ima
         raise BadImage(f"the image header cannot be read ({type(exc).__name__})") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise PayloadTooLarge(f"the image is {width}x{height} = {width * height} pixels, more than {max_pixels}")
+        raise PayloadTooLarge(
+            f"the image is {width}x{height} = {width * height} pixels, more than {max_pixels} (MAX_IMAGE_PIXELS, by "
+            "default proportionate to the model's input): send it smaller"
+        )
+    if image.format == "JPEG":
+        side = max(target_size)  # either side may end up as the width once EXIF rotation is applied
+        image.draft("RGB", (side, side))
+    return image
+
+
+def decode(image: Image.Image) -> Image.Image:
+    """An opened image as an upright 8-bit RGB picture; BadImage if its pixel data cannot be decoded."""
     try:
-        if image.format == "JPEG":
-            side = max(target_size)  # either side may end up as the width once EXIF rotation is applied
-            image.draft("RGB", (side, side))
         image.load()
         return _to_rgb(ImageOps.exif_transpose(image))
     except Exception as exc:  # truncated or corrupt pixel data: the client's fault, never a 500

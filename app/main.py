@@ -9,12 +9,23 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from starlette.formparsers import MultiPartParser
 
 from app.dataplane import DataPlane
+from app.deps import admits_inference, requires_api_key
 from app.errors import install_error_handlers
 from app.grpc_server import GrpcServer
+from app.memory import usable_memory
 from app.metrics import Metrics
-from app.middleware import BodyLimits, CORSFromSettings, EarlyRefusal, QuietStartupFailure, RequestContext
+from app.middleware import (
+    Authentication,
+    BodyLimits,
+    CORSFromSettings,
+    EarlyRefusal,
+    QuietStartupFailure,
+    RequestContext,
+    RouteMarkers,
+)
 from app.model import load_model, log_model
 from app.ops import OpsServer
 from app.repository import ModelRepository
@@ -38,11 +49,23 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or Settings.from_env()
+        # An upload stays in memory, where the memory budget counts it, rather than spooled to /tmp past 1 MB
+        # (Starlette's default): /tmp is a small tmpfs in the container, and in memory all the same.
+        MultiPartParser.spool_max_size = resolved.max_upload_bytes
         model = await anyio.to_thread.run_sync(load_model, resolved)
         dataplane = DataPlane(resolved, model, metrics)
         repository = ModelRepository(resolved, dataplane, metrics)
         app.state.settings, app.state.dataplane, app.state.repository = resolved, dataplane, repository
         log_model(model, resolved)
+        logger.info(
+            "memory: requests in flight may hold %.0f MiB together (MEMORY_BUDGET_BYTES; the process may use %s), "
+            "one request %.0f MiB and %d rows; ONNX Runtime needs %.0f bytes per input element",
+            dataplane.memory.total_bytes / 2**20,
+            usable_memory().describe(),
+            dataplane.memory.per_request_bytes / 2**20,
+            model.cost.max_rows,
+            model.cost.working_bytes_per_element,
+        )
         ops = OpsServer(app, resolved) if resolved.metrics_port is not None else None
         grpc = GrpcServer(resolved, dataplane, repository) if resolved.grpc_port is not None else None
         try:
@@ -66,9 +89,11 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     install_error_handlers(app)
     for router in (predict.router, v2.router, repository.router, health.router, monitoring.router, ui.router):
         app.include_router(router)
-    # The last one added is the outermost.
-    app.add_middleware(EarlyRefusal, metrics=metrics)
+    # The last one added is the outermost: a request meets the API key before anything else reads it.
+    marked = RouteMarkers(app, (requires_api_key, admits_inference))
     app.add_middleware(BodyLimits)
+    app.add_middleware(EarlyRefusal, routes=marked, metrics=metrics)
+    app.add_middleware(Authentication, routes=marked)
     app.add_middleware(CORSFromSettings)
     app.add_middleware(RequestContext, metrics=metrics)
     app.add_middleware(QuietStartupFailure)

@@ -98,6 +98,17 @@ class Metrics:
             registry=registry,
         )
         self.in_flight = Gauge(f"{PREFIX}_http_requests_in_flight", "HTTP requests being served.", registry=registry)
+        self.memory_reserved = Gauge(
+            f"{PREFIX}_memory_reserved_bytes",
+            "Memory the requests in flight have reserved (bodies, parsed JSON, tensors, ONNX Runtime's working "
+            "memory, encoded responses), every protocol.",
+            registry=registry,
+        )
+        self.memory_budget = Gauge(
+            f"{PREFIX}_memory_budget_bytes",
+            "MEMORY_BUDGET_BYTES: what the requests in flight may reserve together; past it, 503.",
+            registry=registry,
+        )
         self.inferences_admitted = Gauge(
             f"{PREFIX}_inferences_admitted",
             "Inference requests admitted and not finished (running or queued for a slot), every protocol: the "

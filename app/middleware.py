@@ -1,5 +1,11 @@
-"""ASGI middleware: request context and accounting, limits on request bodies (size and time), CORS when
-configured, a quiet start-up failure."""
+"""ASGI middleware: request context and accounting, the API key checked before anything is read, limits on
+request bodies (size, time, and their memory), early refusal under overload, CORS when configured, a quiet
+start-up failure.
+
+The middleware that act on some routes only (the API key, early refusal) look the request up in a table of the
+app's routes that declare a marker dependency (app.deps), made from the routes as FastAPI resolves them: the
+routes say what they need, not a list of paths here.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +14,72 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
 
+from fastapi import FastAPI
+from fastapi.routing import iter_route_contexts
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import BodyTimeout, PayloadTooLarge, StartupError, error_response, internal_message
+from app.cost import BODY_COPIES
+from app.deps import admits_inference, bearer_token, requires_api_key, verify_api_key
+from app.errors import (
+    BodyTimeout,
+    PayloadTooLarge,
+    ServiceError,
+    StartupError,
+    Unauthorized,
+    error_response,
+    internal_message,
+)
+from app.memory import Lease
 from app.metrics import Metrics
 from app.settings import Settings
 
 logger = logging.getLogger("app")
 REQUEST_ID_HEADER = "X-Request-ID"
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+# Methods counted by name in ensemble_http_requests_total; any other a client makes up counts as "other", so that
+# clients cannot create series.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+
+@dataclass(frozen=True)
+class MarkedRoute:
+    path: re.Pattern[str]
+    methods: frozenset[str]
+    markers: frozenset[Callable[..., Any]]
+
+
+class RouteMarkers:
+    """The app's routes that declare marker dependencies (their routers' included), to find a request's before
+    the app reads it."""
+
+    def __init__(self, app: FastAPI, markers: Collection[Callable[..., Any]]) -> None:
+        self.routes = []
+        for route in iter_route_contexts(app.routes):
+            found = frozenset(d.dependency for d in getattr(route, "dependencies", ()) if d.dependency in markers)
+            if found:
+                self.routes.append(MarkedRoute(route.path_regex, frozenset(route.methods or ()), found))
+
+    def of(self, scope: Scope) -> tuple[frozenset[Callable[..., Any]], dict[str, str]]:
+        """The markers of the route a request goes to, and its path parameters (none when it is not marked)."""
+        for route in self.routes:
+            match = route.path.match(scope["path"])
+            if match and scope["method"] in route.methods:
+                return route.markers, match.groupdict()
+        return frozenset(), {}
+
+
+async def refuse(scope: Scope, receive: Receive, send: Send, error: ServiceError) -> None:
+    """Answers with the error now, without reading the body: uvicorn drops whatever the client still sends
+    (h11 ignores a request's data once its answer is complete), so the connection ends cleanly or stays usable."""
+    response = error_response(Request(scope), error.status, error.code, error.message, error.headers)
+    await response(scope, receive, send)
 
 
 def request_id_from(headers: Headers) -> str:
@@ -57,6 +116,8 @@ class RequestContext:
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:  # the client went away before its body was complete: nobody to answer
+            logger.info("request %s: the client disconnected before sending its whole body", request_id)
         except Exception:
             logger.exception("request %s failed", request_id)
             if not started:
@@ -65,7 +126,8 @@ class RequestContext:
         finally:
             self.metrics.in_flight.dec()
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.http_requests.labels(route, scope["method"], f"{status // 100}xx").inc()
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.http_requests.labels(route, method, f"{status // 100}xx").inc()
 
 
 def settings_of(scope: Scope) -> Settings | None:
@@ -73,16 +135,37 @@ def settings_of(scope: Scope) -> Settings | None:
     return getattr(scope["app"].state, "settings", None) if scope["type"] == "http" else None
 
 
+class Authentication:
+    """With API_KEY set, checks the bearer token of a request to a route marked `requires_api_key` from its headers,
+    before anything reads its body: a wrong key costs no more than a 401."""
+
+    def __init__(self, app: ASGIApp, routes: RouteMarkers) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        settings = settings_of(scope)
+        if settings is not None and settings.api_key is not None and requires_api_key in self.routes.of(scope)[0]:
+            try:
+                verify_api_key(settings, bearer_token(Headers(scope=scope).get("authorization")))
+            except Unauthorized as refused:
+                await refuse(scope, receive, send, refused)
+                return
+        await self.app(scope, receive, send)
+
+
 class BodyLimits:
     """Bounds every request body: at most settings.max_upload_bytes (declared in Content-Length or streamed),
-    else 413; all of it within settings.body_timeout_s of the request's arrival, else 408. The 413 keeps the
-    connection alive: uvicorn drops the rest of the upload (for its keep-alive timeout at most), so the client
-    reads its answer instead of a reset; the 408 closes it, the client having stopped sending.
+    else 413; all of it within settings.body_timeout_s of the request's arrival, else 408; and its memory, which
+    it reserves on the request's lease of the memory budget as it arrives (app.memory: 413 past
+    MAX_REQUEST_BYTES, 503 past the budget). The lease, request.state.lease, is given back when the request ends.
+    The 413 keeps the connection alive: uvicorn drops the rest of the upload (for its keep-alive timeout at most),
+    so the client reads its answer instead of a reset; the 408 closes it, the client having stopped sending.
 
     Uvicorn has no timeout for a body that stops arriving; without this one a stalled upload would hold its
     connection and its task forever. Nothing is admitted (no queue place, no inference slot) before the body
-    is read, so a slow upload holds only its connection. The limits are read per request from
-    app.state.settings, which the lifespan sets.
+    is read, so a slow upload holds only its connection and the bytes it sent. The limits are read per request
+    from app.state.settings, which the lifespan sets.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -90,9 +173,18 @@ class BodyLimits:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         settings = settings_of(scope)
-        if settings is None:
+        dataplane = getattr(scope["app"].state, "dataplane", None) if settings is not None else None
+        if dataplane is None:
             await self.app(scope, receive, send)
             return
+        lease: Lease = dataplane.memory.lease()
+        scope["state"]["lease"] = lease
+        try:
+            await self._limited(settings, lease, scope, receive, send)
+        finally:
+            lease.release()
+
+    async def _limited(self, settings: Settings, lease: Lease, scope: Scope, receive: Receive, send: Send) -> None:
         limit, timeout_s = settings.max_upload_bytes, settings.body_timeout_s
         declared = Headers(scope=scope).get("content-length", "")
         deadline = asyncio.get_running_loop().time() + timeout_s
@@ -111,16 +203,15 @@ class BodyLimits:
                 raise BodyTimeout(
                     f"the request body did not arrive within {timeout_s:g} s ({received} bytes received)"
                 ) from None
-            received += len(message.get("body", b""))
+            chunk = len(message.get("body", b""))
+            received += chunk
             if received > limit:
                 raise PayloadTooLarge(f"the body has more than the limit of {limit} bytes")
+            lease.reserve(chunk * BODY_COPIES, "the request body")
             complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)
-
-
-INFERENCE_PATH = re.compile(r"/predict|/v2/models/(?P<model>[^/]+)/infer")
 
 
 class EarlyRefusal:
@@ -135,23 +226,24 @@ class EarlyRefusal:
     to its 404.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, routes: RouteMarkers, metrics: Metrics) -> None:
         self.app = app
+        self.routes = routes
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         dataplane = getattr(scope["app"].state, "dataplane", None) if scope["type"] == "http" else None
         refused = None
-        inference = INFERENCE_PATH.fullmatch(scope["path"]) if dataplane is not None else None
-        served = dataplane.model.manifest.name if dataplane is not None and dataplane.model is not None else None
-        if inference and scope["method"] == "POST" and inference["model"] in (None, served):
-            refused = dataplane.admission.refusal()
+        if dataplane is not None and dataplane.model is not None:
+            markers, parameters = self.routes.of(scope)
+            served = parameters.get("model_name") in (None, dataplane.model.manifest.name)
+            if served and admits_inference in markers:
+                refused = dataplane.admission.refusal()
         if refused is None:
             await self.app(scope, receive, send)
             return
         self.metrics.early_refusals.inc()
-        response = error_response(Request(scope), refused.status, refused.code, refused.message, refused.headers)
-        await response(scope, receive, send)
+        await refuse(scope, receive, send, refused)
 
 
 class CORSFromSettings:

@@ -8,14 +8,17 @@ its last request finishes.
 from __future__ import annotations
 
 import logging
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.auto import AutoChoice, Layout, choose
 from app.cores import usable_cores
-from app.errors import NotAnImageModel
+from app.cost import CostModel
+from app.errors import NotAnImageModel, StartupError
 from app.modes import ModeSelector
 from app.priority import lower_thread_priority
+from app.probe import working_bytes_per_element
 from app.runtime import EnsembleRuntime
 from app.settings import Settings
 from app.stats import RecentLatencies
@@ -32,6 +35,7 @@ class LoadedModel:
     auto: AutoChoice | None
     selector: ModeSelector
     recent: RecentLatencies
+    cost: CostModel
     in_flight: int = 0  # requests using it (counted on the event loop)
     retired: bool = field(default=False)  # replaced or unloaded: closed once in_flight is back to 0
 
@@ -82,7 +86,15 @@ def load_model(settings: Settings, layout: Layout | None = None) -> LoadedModel:
     else:
         runtime, auto = EnsembleRuntime.load(settings), None
     selector = ModeSelector(settings.default_mode, runtime.modes, auto.mode if auto else None)
-    return LoadedModel(directory, runtime, auto, selector, RecentLatencies(settings.stats_window_s, runtime.modes))
+    recent = RecentLatencies(settings.stats_window_s, runtime.modes)
+    try:
+        working = working_bytes_per_element(directory)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        runtime.close()
+        raise StartupError(str(exc)) from None
+    elements_per_row = sum(array.size for array in runtime.manifest.example_inputs(1).values())
+    cost = CostModel(runtime.manifest.signature, settings.max_batch_rows, working, elements_per_row)
+    return LoadedModel(directory, runtime, auto, selector, recent, cost)
 
 
 def log_model(model: LoadedModel, settings: Settings) -> None:

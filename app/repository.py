@@ -5,7 +5,8 @@ A load reads MODEL_DIR again, resolving it once (an operator may point a symlink
 layout the server started with (DEFAULT_MODE=auto times the new model's modes again, in that layout), then
 switches: requests already admitted finish on the old sessions, which close after the last of them. A load that
 fails leaves the old model serving and says why: in the response, the log and `ensemble_model_loads_total`.
-Loads run one at a time; SIGHUP starts one too. All of it is off unless MODEL_CONTROL=explicit (403 and an ignored
+Loads run one at a time (another asked for meanwhile answers 409), and a wrong name is refused before anything
+is verified or opened; SIGHUP starts one too. All of it is off unless MODEL_CONTROL=explicit (403 and an ignored
 SIGHUP otherwise), as Triton keeps model control off unless asked: a server reachable from the internet must not
 let a caller unload its model.
 """
@@ -20,6 +21,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
+from functools import lru_cache, partial
+from pathlib import Path
 
 import anyio.to_thread
 from pydantic import BaseModel
@@ -27,11 +30,11 @@ from pydantic import BaseModel
 from app.auto import Layout
 from app.cores import available_cores
 from app.dataplane import DataPlane
-from app.errors import BadRequest, Forbidden, ModelNotFound, StartupError
+from app.errors import BadRequest, Conflict, Forbidden, ModelNotFound, StartupError
 from app.metrics import Metrics
 from app.model import LoadedModel, load_model, log_model
 from app.settings import Settings
-from ensemble_contract.manifest import load_manifest
+from ensemble_contract.manifest import load_manifest, sha256_of
 
 logger = logging.getLogger("app")
 
@@ -60,6 +63,17 @@ class LoadFailed(BadRequest):
     code = "load_failed"
 
 
+def unchanged_file_sha256(path: Path) -> str:
+    """A file's sha256, computed once for as long as its size, modification time and inode stay the same."""
+    status = path.stat()
+    return _sha256(path.resolve(), status.st_size, status.st_mtime_ns, status.st_ino)
+
+
+@lru_cache(maxsize=64)  # a few builds' files
+def _sha256(path: Path, size: int, mtime_ns: int, inode: int) -> str:
+    return sha256_of(path)
+
+
 class ModelRepository:
     """The one model directory this server serves, loaded, reloaded or unloaded. Use from the event loop."""
 
@@ -78,15 +92,18 @@ class ModelRepository:
                 "load, unload or list models"
             )
 
-    def index(self) -> list[RepositoryEntry]:
-        """The model served, and the one MODEL_DIR holds now if that is another build (not loaded yet)."""
+    async def index(self) -> list[RepositoryEntry]:
+        """The model served, and the one MODEL_DIR holds now if that is another build (not loaded yet). The files
+        are checked off the event loop, each hashed once for as long as it is unchanged."""
         self.check_enabled()
         served = self.dataplane.model
         entries = []
         if served is not None:
             entries.append(RepositoryEntry(name=served.manifest.name, state=ModelState.READY))
         try:
-            manifest = load_manifest(self.settings.model_dir.resolve())
+            manifest = await anyio.to_thread.run_sync(
+                partial(load_manifest, self.settings.model_dir.resolve(), digest=unchanged_file_sha256)
+            )
         except Exception as exc:  # ManifestError, or an unreadable directory: what a load would say
             unusable = RepositoryEntry(name=self.settings.model_dir.name, state=ModelState.UNAVAILABLE, reason=str(exc))
             return [*entries, unusable]
@@ -98,8 +115,10 @@ class ModelRepository:
     async def load(self, name: str | None = None) -> LoadReport:
         """Loads what MODEL_DIR holds now and serves it; with a name, only if the model there has that name.
         LoadFailed (the old model still serving) if it cannot be loaded. A caller that goes away does not
-        cancel a load half-way: it completes (or fails) all the same."""
+        cancel a load half-way: it completes (or fails) all the same. Conflict while another load runs."""
         self.check_enabled()
+        if self._lock.locked():
+            raise Conflict("a model load is already running: retry when it has finished (GET /readyz says which)")
         return await asyncio.shield(self._load(name))
 
     async def _load(self, name: str | None) -> LoadReport:
@@ -107,6 +126,8 @@ class ModelRepository:
             started = time.perf_counter()
             previous = self.dataplane.model
             slots = self.dataplane.admission.slots
+            if name is not None:  # the cheap refusal first: the manifest's name, before any file is verified
+                await self._check_name(name, previous)
             try:
                 model = await anyio.to_thread.run_sync(
                     load_model, self.settings, Layout(slots, max(1, available_cores() // slots))
@@ -116,7 +137,7 @@ class ModelRepository:
             except Exception as exc:  # not one of ours: the traceback goes to the log
                 logger.exception("loading MODEL_DIR failed")
                 raise self._failed(f"{type(exc).__name__}: {exc}", previous) from None
-            if name is not None and model.manifest.name != name:
+            if name is not None and model.manifest.name != name:  # the directory changed while it was loading
                 model.retire()
                 raise self._failed(f"MODEL_DIR holds model {model.manifest.name!r}, not {name!r}", previous)
             self.dataplane.switch(model)
@@ -129,6 +150,18 @@ class ModelRepository:
                 directory=str(model.directory),
                 load_seconds=round(time.perf_counter() - started, 3),
             )
+
+    async def _check_name(self, name: str, serving: LoadedModel | None) -> None:
+        """LoadFailed unless the manifest in MODEL_DIR names the model `name` (read, not verified: the load
+        verifies what it opens)."""
+        try:
+            manifest = await anyio.to_thread.run_sync(
+                partial(load_manifest, self.settings.model_dir.resolve(), verify_files=False)
+            )
+        except Exception as exc:  # ManifestError, or an unreadable directory
+            raise self._failed(str(exc), serving) from None
+        if manifest.name != name:
+            raise self._failed(f"MODEL_DIR holds model {manifest.name!r}, not {name!r}", serving)
 
     def _failed(self, reason: str, serving: LoadedModel | None) -> LoadFailed:
         self.metrics.model_loads.labels("failed").inc()
@@ -168,6 +201,9 @@ class ModelRepository:
         logger.warning("SIGHUP ignored: model control is off (MODEL_CONTROL=none)")
 
     def _load_in_background(self) -> None:
+        if self._lock.locked():
+            logger.warning("SIGHUP ignored: a model load is already running")
+            return
         logger.info("SIGHUP: loading MODEL_DIR again")
         task = asyncio.get_running_loop().create_task(self.load())
         self._background.add(task)

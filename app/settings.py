@@ -16,6 +16,9 @@ from ensemble_contract.modes import Mode, ModeChoice, describe_modes, intra_op_t
 
 # Pillow's own decompression-bomb guard; ours must stop an image before Pillow's warning fires.
 PILLOW_MAX_IMAGE_PIXELS = 89_478_485
+# MAX_IMAGE_PIXELS unset: this many times the model's input pixels, and at least DEFAULT_MIN_IMAGE_PIXELS.
+IMAGE_PIXELS_PER_INPUT_PIXEL = 16
+DEFAULT_MIN_IMAGE_PIXELS = 4_000_000
 MIN_API_KEY_LENGTH = 16
 ORIGIN = re.compile(r"https?://[^/\s]+/?")
 
@@ -141,11 +144,43 @@ class Settings(BaseSettings):
         description="Longest time from a request's arrival to the last byte of its body; beyond, 408 and the "
         "connection is closed (a stalled upload never holds a queue place or an inference slot).",
     )
-    max_image_pixels: int = Field(
-        40_000_000,
+    max_image_pixels: int | None = Field(
+        None,
         ge=1,
         le=PILLOW_MAX_IMAGE_PIXELS,
-        description="Largest image (width x height) accepted, checked from the header before decoding; beyond, 413.",
+        description="Largest image (width x height) POST /predict accepts, checked from the header before decoding; "
+        f"beyond, 413. Unset: proportionate to the model's input, {IMAGE_PIXELS_PER_INPUT_PIXEL} times its pixels and "
+        f"{DEFAULT_MIN_IMAGE_PIXELS:,} at least (4 megapixels for the default 48x48 models).",
+    )
+    max_batch_rows: int = Field(
+        64,
+        ge=1,
+        le=1_000_000,
+        description="Most rows (the batch dimension, the first of each input) one inference request may carry, as "
+        "Triton's max_batch_size; beyond, 413 before the tensors are converted. MAX_REQUEST_BYTES may allow fewer.",
+    )
+    max_request_bytes: int = Field(
+        512 * 2**20,
+        ge=2**20,
+        description="Most memory one request may hold: its body, the objects its JSON becomes, its tensors, ONNX "
+        "Runtime's working memory for its rows, its encoded response (each estimated before the work that needs it); "
+        "beyond, 413 saying which part, and for large JSON outputs, that binary tensors cost a fraction.",
+    )
+    memory_budget_bytes: int | None = Field(
+        None,
+        ge=2**20,
+        description="Most memory the requests in flight may hold together, counted as MAX_REQUEST_BYTES counts it; a "
+        "request that would go past it gets 503 and Retry-After. Unset: half of what the process may use (its cgroup's "
+        "memory limit, or the machine's memory) beyond what it holds once the model is loaded and what ONNX Runtime's "
+        "arena keeps after a request of MAX_BATCH_ROWS rows; the other half is room for what is not counted.",
+    )
+    max_concurrency: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="Most HTTP connections and gRPC calls at once, idle or slow ones included; beyond, new ones get "
+        "503 (gRPC: RESOURCE_EXHAUSTED) at once. Bounds what slow or idle clients can hold; the TLS proxy of the "
+        "compose stack also bounds how long a client may take to send its headers.",
     )
     cost_per_hour: float | None = Field(
         None,
@@ -273,6 +308,13 @@ class Settings(BaseSettings):
                 "/metrics and inference slots cover all of its traffic"
             )
         return workers
+
+    def image_pixel_limit(self, width: int, height: int) -> int:
+        """MAX_IMAGE_PIXELS, or when unset the limit for a model whose input is width x height."""
+        if self.max_image_pixels is not None:
+            return self.max_image_pixels
+        proportionate = max(DEFAULT_MIN_IMAGE_PIXELS, IMAGE_PIXELS_PER_INPUT_PIXEL * width * height)
+        return min(PILLOW_MAX_IMAGE_PIXELS, proportionate)
 
     def intra_op_threads(self, mode: Mode, members: int) -> int:
         """The intra-op thread count of each session `mode` runs, with the unset ones resolved."""

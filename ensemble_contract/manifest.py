@@ -9,6 +9,7 @@ DIR/ensemble.int8.onnx      the fused graph quantised to int8, when it was made 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
@@ -114,7 +115,7 @@ class FileEntry(_Strict):
         relative = path.relative_to(root).as_posix()
         return cls(path=relative, sha256=sha256_of(path), size_bytes=path.stat().st_size)
 
-    def verify(self, root: Path) -> Path:
+    def verify(self, root: Path, digest: Callable[[Path], str] | None = None) -> Path:
         """Returns the file's absolute path, or raises ManifestError if it is missing or altered."""
         path = root / self.path
         if not path.is_file():
@@ -123,7 +124,7 @@ class FileEntry(_Strict):
             raise ManifestError(
                 f"model file {path} has {path.stat().st_size} bytes, the manifest says {self.size_bytes}"
             )
-        if sha256_of(path) != self.sha256:
+        if (digest or sha256_of)(path) != self.sha256:
             raise ManifestError(f"model file {path} does not match its sha256 in the manifest")
         return path
 
@@ -214,8 +215,11 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_manifest(model_dir: Path, *, verify_files: bool = True) -> Manifest:
-    """Reads and validates the manifest; with verify_files, checks each file's size and sha256."""
+def load_manifest(
+    model_dir: Path, *, verify_files: bool = True, digest: Callable[[Path], str] | None = None
+) -> Manifest:
+    """Reads and validates the manifest; with verify_files, checks each file's size and sha256 (computed by
+    `digest`, by default sha256_of)."""
     path = Path(model_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(
@@ -230,5 +234,5 @@ def load_manifest(model_dir: Path, *, verify_files: bool = True) -> Manifest:
     if verify_files:
         for entry in (*(m.file for m in manifest.members), manifest.ensemble, manifest.int8.file):
             if entry is not None:
-                entry.verify(Path(model_dir))
+                entry.verify(Path(model_dir), digest)
     return manifest

@@ -38,6 +38,11 @@ class TensorSpec(_Strict):
         )
 
     @property
+    def batched(self) -> bool:
+        """Whether the first dimension is dynamic: the batch (rows) dimension, which requests may stack."""
+        return bool(self.shape) and self.shape[0] == DYNAMIC
+
+    @property
     def dims(self) -> str:
         """The shape as text, -1 for dynamic dims, ? for an unknown rank."""
         return "?" if self.shape is None else "[" + ", ".join(map(str, self.shape)) + "]"

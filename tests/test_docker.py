@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -33,6 +34,7 @@ from app.settings import Settings
 from bench.http_load import free_port
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
+from tests import hostile
 from tests.support import infer_body
 from tests.third_party import TABULAR_FEATURES
 
@@ -262,6 +264,36 @@ def test_grpc_over_tls_through_the_proxy(stack: Stack, caddy_root: Path) -> None
         assert grpc_infer(client).shape == (1, 4)
 
 
+PROXY_HEADER_TIMEOUT_S = 10  # deploy/caddy/Caddyfile's read_header
+
+
+def test_the_proxy_cuts_off_a_client_that_sends_its_headers_too_slowly(stack: Stack, caddy_root: Path) -> None:
+    """Uvicorn has no timeout for headers that trickle in; Caddy in front has: a header line every 2 s is cut off
+    once the headers have taken read_header (10 s), and the connection closed."""
+    trust = ssl.create_default_context(cafile=str(caddy_root))
+    host, port = stack.tls_address.split(":")
+    with (
+        socket.create_connection((host, int(port)), timeout=30) as raw,
+        trust.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        tls.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        started, closed_after = time.monotonic(), None
+        tls.settimeout(2)
+        while time.monotonic() - started < 3 * PROXY_HEADER_TIMEOUT_S:
+            try:
+                tls.sendall(b"X-Slow: a header line every 2 s\r\n")
+                if tls.recv(4096) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except TimeoutError:
+                continue
+            except (ssl.SSLError, OSError):
+                closed_after = time.monotonic() - started
+                break
+    assert closed_after is not None, "the proxy held the slow client past three times its header timeout"
+    assert closed_after < 2 * PROXY_HEADER_TIMEOUT_S
+
+
 def test_only_the_proxy_is_published_beyond_loopback(stack: Stack) -> None:
     def host_addresses(service: str) -> set[str]:
         bindings = inspect(stack.container(service))["HostConfig"]["PortBindings"]
@@ -351,6 +383,38 @@ def test_a_bad_configuration_stops_the_container_with_one_line(
     assert result.returncode == status, result.stdout + result.stderr
     assert len(lines) == 1 and message in lines[0], lines
     assert "Traceback" not in result.stdout + result.stderr
+
+
+MEMORY_LIMIT = 512 * 2**20  # the test models' server idles near 150 MB: a tight limit
+
+
+def test_hostile_requests_under_a_memory_limit(image: str) -> None:
+    """The worst request of each kind (tests/hostile.py), alone and 16 at once, against the image in a real
+    cgroup memory limit with no swap: refused with the right status, ordinary requests answered throughout, the
+    peak resident memory under the limit, and the container never killed nor restarted."""
+    port = free_port()
+    limit = str(MEMORY_LIMIT)
+    container = docker(
+        "run", "--detach", "--memory", limit, "--memory-swap", limit, "--read-only", "--tmpfs", "/tmp:size=64m",
+        "--env", f"API_KEY={API_KEY}", "--publish", f"127.0.0.1:{port}:8000", image,
+    )  # fmt: skip
+    try:
+        healthy = [DOCKER, "exec", container, "python", "/srv/deploy/healthcheck.py"]
+        wait_until(lambda: run(*healthy).returncode == 0, "the server to be ready")
+        target = hostile.Target(f"http://127.0.0.1:{port}", API_KEY, "shapes-test", image_size=32)
+        outcomes, ordinary = hostile.storm(target, inspect(container)["State"]["Pid"])
+        for outcome, kind in zip(outcomes, hostile.kinds(target), strict=True):
+            print(f"{outcome.kind}: peak RSS {outcome.peak_rss_bytes / 2**20:.0f} MiB, {dict(outcome.at_once)}")
+            assert not hostile.unexpected(outcome, kind), (outcome.kind, outcome.alone, outcome.at_once)
+            assert outcome.peak_rss_bytes < MEMORY_LIMIT, outcome.kind
+        assert ordinary[0] == 0 and not [status for status in ordinary if status < 0], ordinary
+        assert ordinary[200] > 0, ordinary
+        state = inspect(container)
+        assert state["State"]["Running"] and not state["State"]["OOMKilled"] and state["RestartCount"] == 0
+        with httpx.Client(base_url=target.url, timeout=30, headers=target.headers()) as client:
+            assert client.post("/predict", files=red_png()).status_code == 200
+    finally:
+        run(DOCKER, "rm", "--force", container)
 
 
 def test_docker_stop_shuts_the_server_down_cleanly(image: str) -> None:

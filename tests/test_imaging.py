@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from app.errors import BadImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from app.imaging import check_media_type, decode, encode_mask_png, preprocess
+from app.imaging import check_media_type, decode, encode_mask_png, open_image, preprocess
 from ensemble_contract.manifest import ImageSpec, ImageTask
 from tests.support import encode, picture, png_header_only
 
@@ -32,7 +32,7 @@ SPEC = ImageSpec(
 
 
 def decoded(data: bytes) -> Image.Image:
-    return decode(data, max_pixels=MAX_PIXELS, target_size=TARGET)
+    return decode(open_image(data, max_pixels=MAX_PIXELS, target_size=TARGET))
 
 
 @pytest.mark.parametrize(

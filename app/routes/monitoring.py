@@ -10,6 +10,7 @@ from app.auto import AutoChoice
 from app.cores import usable_cores
 from app.deps import DataPlaneDep, ModelDep
 from app.errors import NotFound, error_responses
+from app.memory import usable_memory
 from app.stats import Percentiles
 from ensemble_contract.modes import Mode
 
@@ -38,12 +39,26 @@ class ModeStats(BaseModel):
     )
 
 
+class MemoryStats(BaseModel):
+    budget_bytes: int = Field(description="MEMORY_BUDGET_BYTES: what the requests in flight may reserve together.")
+    budget_source: str = Field(description="The memory the process may use, which the default budget is half of, "
+                               "less what the loaded model holds.")
+    reserved_bytes: int = Field(description="What the requests in flight have reserved now.")
+    per_request_bytes: int = Field(description="What one request may reserve (MAX_REQUEST_BYTES, within the budget).")
+    max_batch_rows: int = Field(description="MAX_BATCH_ROWS: the most rows one request may carry.")
+    working_bytes_per_input_element: float = Field(
+        description="ONNX Runtime's working memory per input element, measured at start-up; a request reserves it "
+        "for its inputs."
+    )
+
+
 class Stats(BaseModel):
     window_s: float
     cores: int = Field(description="Cores this process may use: its CPU affinity, or its cgroup CPU quota if smaller.")
     cores_source: str = Field(description="Where the core count comes from, e.g. '2 (cgroup quota 200000/100000 ...)'.")
     cost_per_hour: float | None
     modes: dict[Mode, ModeStats]
+    memory: MemoryStats
     auto: AutoChoice | None = Field(description="DEFAULT_MODE=auto: the choice, why, and every candidate's figures.")
 
 
@@ -87,6 +102,14 @@ async def stats(dataplane: DataPlaneDep, model: ModelDep) -> Stats:
         cores_source=cores.describe(),
         cost_per_hour=cost,
         auto=model.auto,
+        memory=MemoryStats(
+            budget_bytes=dataplane.memory.total_bytes,
+            budget_source=usable_memory().describe(),
+            reserved_bytes=dataplane.memory.held_bytes,
+            per_request_bytes=dataplane.memory.per_request_bytes,
+            max_batch_rows=model.cost.max_rows,
+            working_bytes_per_input_element=round(model.cost.working_bytes_per_element, 1),
+        ),
         modes={
             mode: ModeStats(
                 requests=summary.requests,

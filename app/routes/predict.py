@@ -11,7 +11,7 @@ from starlette.datastructures import UploadFile
 
 from app import imaging
 from app.dataplane import ImagePrediction, Timings
-from app.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep, ModelDep
+from app.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep, Inference, LeaseDep, ModelDep
 from app.errors import InvalidParameter, error_responses
 from ensemble_contract.manifest import ImageSpec, ImageTask, Manifest
 from ensemble_contract.modes import Mode, ModeChoice, describe_modes
@@ -222,7 +222,7 @@ async def read_image(request: Request) -> bytes:
     "/predict",
     summary="Labels (and optionally a mask) for one image",
     openapi_extra=REQUEST_BODY | OPTIONAL_BEARER,
-    dependencies=[Authorized],
+    dependencies=[Authorized, Inference],
     responses=error_responses(
         *(400, 401, 404, 408, 413, 415, 422, 500, 503, 504),
         s400="The body is not a decodable PNG, JPEG, WebP or BMP image.",
@@ -236,6 +236,7 @@ async def predict(
     dataplane: DataPlaneDep,
     model: ModelDep,
     arrived: ArrivalDep,
+    lease: LeaseDep,
     mode: Annotated[
         ModeChoice | None,
         Query(description=f"{describe_modes()}. Default: DEFAULT_MODE."),
@@ -255,7 +256,7 @@ async def predict(
 ) -> Prediction:
     model.image_spec()  # a model without an image input answers 404 before the body is read
     data = await read_image(request)
-    result = await dataplane.predict_image(model, data, mode=mode, with_mask=mask, arrived=arrived)
+    result = await dataplane.predict_image(model, data, mode=mode, with_mask=mask, arrived=arrived, lease=lease)
     response.headers["Server-Timing"] = server_timing(result.timings)
     return Prediction.of(
         result,

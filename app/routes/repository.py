@@ -27,7 +27,7 @@ router = APIRouter(
     openapi_extra=OPTIONAL_BEARER,
 )
 async def index(repository: RepositoryDep) -> list[RepositoryEntry]:
-    return repository.index()
+    return await repository.index()
 
 
 @router.post(

@@ -13,10 +13,10 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Body, Request, Response
 
-from app.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep, ModelDep
+from app.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep, Inference, LeaseDep, ModelDep
 from app.errors import BadRequest, ModelNotFound, error_responses
 from app.model import LoadedModel
-from app.routes.v2_binary import BINARY_BODY_STATE, BINARY_DATA_SIZE, BinaryInputs, BinaryTensors, binary_response
+from app.routes.v2_binary import BINARY_BODY_STATE, BINARY_DATA_SIZE, BinaryInputs, BinaryTensors, infer_response
 from app.routes.v2_types import (
     InferenceRequest,
     InferenceResponse,
@@ -24,7 +24,6 @@ from app.routes.v2_types import (
     Live,
     ModelMetadata,
     ModelReady,
-    OutputTensor,
     Ready,
     ServerMetadata,
     TensorMetadata,
@@ -56,21 +55,31 @@ def served_model(model: LoadedModel, name: str) -> Manifest:
     return model.manifest
 
 
-def input_feeds(request: InferenceRequest, manifest: Manifest, binary: BinaryInputs) -> dict[str, np.ndarray]:
-    """The request's inputs as arrays by name, each checked against the signature, or BadRequest saying why."""
+def input_specs(request: InferenceRequest, manifest: Manifest) -> dict[str, TensorSpec]:
+    """The signature's spec of each input, once the request's inputs are checked to be the model's, with datatypes
+    and shapes that fit: everything a request's header says, checked before any of its data is converted."""
     expected = {spec.name: spec for spec in manifest.signature.inputs}
     given = [tensor.name for tensor in request.inputs]
     if sorted(given) != sorted(expected):
         raise BadRequest(f"expected inputs {sorted(expected)}, got {given}")
+    for tensor in request.inputs:
+        _check_header(tensor, expected[tensor.name])
+    return expected
+
+
+def input_feeds(request: InferenceRequest, specs: dict[str, TensorSpec], binary: BinaryInputs) -> dict[str, np.ndarray]:
+    """The request's inputs as arrays by name (JSON data or binary tensor data, checked by input_specs), or
+    BadRequest saying why; floating inputs must be finite whatever their encoding."""
     feeds = {}
     for tensor in request.inputs:
-        spec = expected[tensor.name]
+        spec = specs[tensor.name]
         size = (tensor.parameters or {}).get(BINARY_DATA_SIZE)
-        if size is None:
-            feeds[tensor.name] = _array(tensor, spec)
-            continue
-        _check_header(tensor, spec)
-        feeds[tensor.name] = binary.take(tensor.name, size, tensor.shape, spec)
+        array = _array(tensor, spec) if size is None else binary.take(tensor.name, size, tensor.shape, spec)
+        if is_floating(spec.datatype) and not np.isfinite(array).all():
+            raise BadRequest(
+                f"input {tensor.name!r}: data must be finite (no NaN or infinity) and within {spec.datatype}'s range"
+            )
+        feeds[tensor.name] = array
     binary.check_all_taken()
     return feeds
 
@@ -89,7 +98,6 @@ def _check_header(tensor: InputTensor, spec: TensorSpec) -> None:
 def _array(tensor: InputTensor, spec: TensorSpec) -> np.ndarray:
     """One JSON input tensor as an array of the signature's type, or BadRequest saying what is wrong with it."""
     name = repr(tensor.name)
-    _check_header(tensor, spec)
     if tensor.data is None:
         raise BadRequest(f"input {name} has neither data nor parameters.{BINARY_DATA_SIZE}")
     try:
@@ -115,13 +123,8 @@ def _array(tensor: InputTensor, spec: TensorSpec) -> np.ndarray:
         _require(all(type(v) in (int, float) for v in raw), name, "numbers")
         raw = raw.astype(np.float64)
     _require(raw.dtype.kind in "iuf", name, "numbers")
-    if not np.isfinite(raw).all():
-        raise BadRequest(f"input {name}: data must be finite (no NaN or infinity)")
-    with np.errstate(over="ignore"):  # overflow is reported below, as a 400
-        array = raw.astype(dtype).reshape(tensor.shape)
-    if is_floating(spec.datatype) and not np.isfinite(array).all():
-        raise BadRequest(f"input {name}: values out of {spec.datatype}'s range")
-    return array
+    with np.errstate(over="ignore"):  # overflow becomes infinity: input_feeds refuses it, as any other encoding's
+        return raw.astype(dtype).reshape(tensor.shape)
 
 
 def _require(condition: bool, name: str, kind: str) -> None:
@@ -197,7 +200,7 @@ async def model_ready(model_name: str, model: ModelDep, dataplane: DataPlaneDep)
     "`binary_data_output` (per request).",
     response_model=InferenceResponse,
     response_model_exclude_none=True,
-    dependencies=[Authorized],
+    dependencies=[Authorized, Inference],
     openapi_extra=OPTIONAL_BEARER,
     responses=error_responses(400, 401, 404, 408, 413, 500, 503, 504, protocol=True, s404=UNKNOWN_MODEL),
 )
@@ -208,16 +211,15 @@ async def infer(
     dataplane: DataPlaneDep,
     model: ModelDep,
     arrived: ArrivalDep,
-) -> InferenceResponse | Response:
+    lease: LeaseDep,
+) -> Response:
     manifest = served_model(model, model_name)
-    feeds = input_feeds(body, manifest, BinaryInputs(getattr(request.state, BINARY_BODY_STATE, b"")))
     outputs = requested_outputs(body, manifest)
-    inference = await dataplane.infer_tensor(model, feeds, mode=requested_mode(body), arrived=arrived, protocol="http")
-    binary = {name: inference.outputs[name] for name, as_binary in outputs.items() if as_binary}
-    response = InferenceResponse(
-        model_name=manifest.name,
-        id=body.id or request.state.request_id,
-        parameters={"mode": inference.mode.value},
-        outputs=[OutputTensor.of(name, inference.outputs[name], with_data=name not in binary) for name in outputs],
+    specs = input_specs(body, manifest)
+    dataplane.reserve_tensors(lease, model, {tensor.name: tensor.shape for tensor in body.inputs}, outputs)
+    feeds = input_feeds(body, specs, BinaryInputs(getattr(request.state, BINARY_BODY_STATE, b"")))
+    inference = await dataplane.infer_tensor(
+        model, feeds, mode=requested_mode(body), arrived=arrived, protocol="http", lease=lease, outputs=outputs
     )
-    return binary_response(response.model_dump(), binary) if binary else response
+    header = {"model_name": manifest.name, "id": body.id or request.state.request_id}
+    return infer_response(header | {"parameters": {"mode": inference.mode.value}}, inference.outputs, outputs)

@@ -8,17 +8,19 @@ tritonclient.http does by default. Elements are little-endian, row-major; BOOL i
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
+from app.cost import json_parse_bytes
+from app.deps import get_lease
 from app.errors import BadRequest
-from ensemble_contract.datatypes import NUMPY
+from ensemble_contract.datatypes import NUMPY, of_numpy
 from ensemble_contract.signature import TensorSpec
 
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -27,21 +29,25 @@ BINARY_BODY_STATE = "binary_tensor_data"
 
 
 class BinaryTensors(APIRoute):
-    """Splits a binary-extension body: the route parses the JSON header as usual, and finds the bytes after it in
-    request.state.binary_tensor_data (b"" when the request is plain JSON)."""
+    """Reads a tensor request's body and splits a binary-extension one: the route parses the JSON (the header) as
+    usual, and finds the bytes after it in request.state.binary_tensor_data (b"" for plain JSON). Before the JSON is
+    parsed, the memory it will take as Python objects is reserved on the request's lease (request.state.lease):
+    a JSON body too large for MAX_REQUEST_BYTES is refused with 413 before it is parsed."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
 
         async def handle_binary(request: Request) -> Response:
             declared = request.headers.get(BINARY_HEADER)
-            if declared is None:
-                setattr(request.state, BINARY_BODY_STATE, b"")
-                return await handle(request)
             body = await request.body()
-            if not declared.isdigit() or int(declared) > len(body):
-                raise BadRequest(f"{BINARY_HEADER} must be the JSON header's length, at most the body's {len(body)}")
-            header, binary = body[: int(declared)], body[int(declared) :]
+            header, binary = body, b""
+            if declared is not None:
+                if not declared.isdigit() or int(declared) > len(body):
+                    raise BadRequest(f"{BINARY_HEADER} must be the JSON header's length, at most {len(body)}")
+                header, binary = body[: int(declared)], body[int(declared) :]
+            if header:  # GET requests under /v2 have none
+                advice = "" if declared is not None else f"; send the tensors as binary data ({BINARY_HEADER})"
+                get_lease(request).reserve(json_parse_bytes(header), "its JSON, parsed", advice=advice)
 
             async def receive_header() -> dict[str, Any]:
                 return {"type": "http.request", "body": header, "more_body": False}
@@ -79,18 +85,28 @@ class BinaryInputs:
             raise BadRequest(f"the body has {len(self._data) - self._offset} binary bytes that no input claims")
 
 
-def binary_response(header: dict[str, Any], binary: Mapping[str, np.ndarray]) -> Response:
-    """The JSON header (the binary outputs' entries carry binary_data_size and no data), then their bytes."""
-    chunks = []
-    for output in header["outputs"]:
-        array = binary.get(output["name"])
-        if array is None:
-            continue
-        data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-        output["parameters"] = {BINARY_DATA_SIZE: len(data)}
-        output.pop("data", None)
-        chunks.append(data)
-    head = json.dumps(header, separators=(",", ":")).encode()
+def little_endian_bytes(array: np.ndarray) -> bytes:
+    """An output's elements as the protocol sends them raw (binary tensor data, gRPC's raw_output_contents)."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def infer_response(header: dict[str, Any], arrays: Mapping[str, np.ndarray], outputs: Mapping[str, bool]) -> Response:
+    """The inference response: `header` (model name, id, parameters) with an entry per output asked for, JSON
+    numbers or, for those asked as binary data, their binary_data_size, followed by their bytes. orjson writes the
+    arrays' numbers straight from numpy, without a Python object per element."""
+    entries, chunks = [], []
+    for name, binary in outputs.items():
+        array = arrays[name]
+        entry: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": of_numpy(array.dtype)}
+        if binary:
+            chunks.append(little_endian_bytes(array))
+            entry["parameters"] = {BINARY_DATA_SIZE: len(chunks[-1])}
+        else:
+            entry["data"] = np.ascontiguousarray(array).ravel()
+        entries.append(entry)
+    head = orjson.dumps(header | {"outputs": entries}, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return Response(head, media_type="application/json")
     return Response(
         head + b"".join(chunks), media_type="application/octet-stream", headers={BINARY_HEADER: str(len(head))}
     )

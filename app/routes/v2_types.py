@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, Field
 
-from ensemble_contract.datatypes import of_numpy
 from ensemble_contract.modes import describe_modes
 
 
@@ -88,11 +86,6 @@ class OutputTensor(BaseModel):
     datatype: str
     parameters: dict[str, Any] | None = None
     data: list[float] | list[int] | list[bool] | None = Field(None, description="Absent for a binary output.")
-
-    @classmethod
-    def of(cls, name: str, array: np.ndarray, *, with_data: bool = True) -> OutputTensor:
-        data = array.ravel().tolist() if with_data else None
-        return cls(name=name, shape=list(array.shape), datatype=of_numpy(array.dtype), data=data)
 
 
 class InferenceResponse(BaseModel):

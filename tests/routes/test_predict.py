@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.imaging import decode, preprocess
+from app.imaging import decode, open_image, preprocess
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
 from tests.support import INT8_ATOL, LiveServer, encode, infer_json, picture, png_bytes, png_header_only
@@ -113,7 +113,7 @@ def test_mask_is_the_argmax_of_the_mask_probabilities(client: httpx.Client, mani
     png = Image.open(io.BytesIO(base64.b64decode(mask["png_base64"])))
     assert (png.format, png.mode, png.size) == ("PNG", "P", (spec.width, spec.height))
     # The same picture through the protocol that takes tensors: one preprocessing, one model, one answer.
-    batch = preprocess(decode(data, max_pixels=10**6, target_size=(spec.width, spec.height)), spec)
+    batch = preprocess(decode(open_image(data, max_pixels=10**6, target_size=(spec.width, spec.height))), spec)
     outputs = infer_json(client, manifest.name, batch, outputs=["mask_probs"])
     mask_probs = np.asarray(outputs["mask_probs"]["data"], dtype=np.float32).reshape(outputs["mask_probs"]["shape"])
     np.testing.assert_array_equal(np.asarray(png), mask_probs[0].argmax(axis=0))

@@ -1,5 +1,6 @@
-"""The core count honours the cgroup CPU quota (v2 and v1) and the CPU affinity, whichever is smaller; read from
-fake cgroup trees here, and from a real container under `docker run --cpus` in tests/test_docker.py."""
+"""What the cgroup allows, read from fake cgroup trees here (and from real containers under `--cpus` and `--memory`
+in tests/test_docker.py): the core count honours the CPU quota (v2 and v1) and the CPU affinity, whichever is
+smaller; the memory the process may use is its cgroup's limit, or the machine's memory."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.cores import AFFINITY, CGROUP, count_cores, usable_cores
+from app.memory import MemorySize, memory_size
 
 
 def v2_tree(tmp_path: Path, cgroup: str, limits: dict[str, str]) -> tuple[Path, Path]:
@@ -92,3 +94,24 @@ def test_unreadable_or_missing_files_mean_no_quota(tmp_path: Path) -> None:
 def test_this_process_is_counted_once() -> None:
     assert usable_cores() is usable_cores()
     assert usable_cores().count >= 1
+
+
+def test_a_memory_limit_is_read_from_v2_and_v1_and_the_machine_caps_it(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       8000000 kB\nMemFree:        100 kB\n")
+    root = tmp_path / "cgroup"
+    (root / "app").mkdir(parents=True)
+    (root / "app" / "memory.max").write_text(f"{2**30}\n")
+    membership = tmp_path / "membership"
+    membership.write_text("0::/app\n")
+    assert memory_size(root, membership, meminfo).bytes == 2**30
+    (root / "app" / "memory.max").write_text("max\n")
+    machine = MemorySize(8_000_000 * 1024, "the machine's memory, no cgroup limit")
+    assert memory_size(root, membership, meminfo) == machine
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    membership.write_text("4:memory:/docker/abc\n")
+    assert memory_size(v1, membership, meminfo).bytes == 8_000_000 * 1024
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{512 * 2**20}\n")
+    assert memory_size(v1, membership, meminfo).bytes == 512 * 2**20

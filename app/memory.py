@@ -1,0 +1,119 @@
+"""The memory this process may use, and what the requests in flight hold of it.
+
+Every request takes a lease on the server's memory budget (MEMORY_BUDGET_BYTES, by default half of what the
+process may use beyond what the loaded model and its largest request's arena hold) and reserves, before the work
+that needs it, what it will hold: its body as it arrives, the objects its JSON becomes, its tensors, ONNX
+Runtime's working memory for its rows, its encoded response. A reservation over MAX_REQUEST_BYTES is refused with
+413, one that would take the budget past its total with 503 and Retry-After: so no request, nor any number of
+them at once, can take the process past its memory limit.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from app.cgroup import CGROUP_ROOT, MEMBERSHIP, memory_limit
+from app.errors import Overloaded, PayloadTooLarge
+
+MEMINFO = Path("/proc/meminfo")
+STATUS = Path("/proc/self/status")
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class MemorySize:
+    bytes: int
+    source: str  # the cgroup file of the limit, or /proc/meminfo
+
+    def describe(self) -> str:
+        return f"{self.bytes / MIB:,.0f} MiB ({self.source})"
+
+
+def memory_size(root: Path = CGROUP_ROOT, membership: Path = MEMBERSHIP, meminfo: Path = MEMINFO) -> MemorySize:
+    """The cgroup's memory limit, or the machine's memory when that is smaller or there is no limit."""
+    lines = meminfo.read_text().splitlines()
+    total = next(int(line.split()[1]) * 1024 for line in lines if line.startswith("MemTotal:"))
+    limit = memory_limit(root, membership)
+    if limit is not None and limit.bytes < total:
+        return MemorySize(limit.bytes, f"cgroup limit in {limit.file}")
+    return MemorySize(total, "the machine's memory, no cgroup limit")
+
+
+@cache
+def usable_memory() -> MemorySize:
+    return memory_size()
+
+
+def default_budget_bytes(arena_bytes: int) -> int:
+    """Half of what the process may use beyond what it holds now, once its model is loaded, and beyond the
+    `arena_bytes` ONNX Runtime's arena may keep after the largest request (1 MiB at least): the other half is room
+    for what the budget does not count, as what the heap keeps of freed objects."""
+    return max(MIB, (usable_memory().bytes - rss_bytes() - arena_bytes) // 2)
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (VmRSS); 0 where /proc has none."""
+    try:
+        line = next(line for line in STATUS.read_text().splitlines() if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+    return int(line.split()[1]) * 1024
+
+
+class MemoryBudget:
+    """The bytes the requests in flight may hold together, and each one alone. Thread-safe: reservations come from
+    the event loop and from the threads that decode images."""
+
+    def __init__(self, total_bytes: int, per_request_bytes: int) -> None:
+        self.total_bytes = total_bytes
+        self.per_request_bytes = min(per_request_bytes, total_bytes)  # more could never be held
+        self.held_bytes = 0
+        self._lock = threading.Lock()
+
+    def lease(self) -> Lease:
+        return Lease(self)
+
+    def take(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.held_bytes + nbytes > self.total_bytes:
+                return False
+            self.held_bytes += nbytes
+            return True
+
+    def give_back(self, nbytes: int) -> None:
+        with self._lock:
+            self.held_bytes -= nbytes
+
+
+class Lease:
+    """One request's share of the budget: what it reserved so far, given back at once when it ends."""
+
+    def __init__(self, budget: MemoryBudget) -> None:
+        self._budget = budget
+        self.bytes = 0
+
+    def reserve(self, nbytes: int, what: str, *, advice: str = "") -> None:
+        """Holds `nbytes` more for `what` ("the JSON body, parsed", ...); PayloadTooLarge if this request would then
+        hold more than MAX_REQUEST_BYTES, Overloaded if the requests in flight would hold more than the budget."""
+        nbytes = max(0, int(nbytes))
+        budget = self._budget
+        if self.bytes + nbytes > budget.per_request_bytes:
+            raise PayloadTooLarge(
+                f"{what} would take this request to {(self.bytes + nbytes) / MIB:,.1f} MiB of memory, more than the "
+                f"{budget.per_request_bytes / MIB:,.0f} MiB one request may hold (MAX_REQUEST_BYTES, within "
+                f"MEMORY_BUDGET_BYTES){advice}"
+            )
+        if not budget.take(nbytes):
+            held, total = budget.held_bytes / MIB, budget.total_bytes / MIB
+            raise Overloaded(
+                f"the requests in flight hold {held:,.0f} MiB of the {total:,.0f} MiB of MEMORY_BUDGET_BYTES: no room "
+                f"for {what} ({nbytes / MIB:,.1f} MiB); retry later"
+            )
+        self.bytes += nbytes
+
+    def release(self) -> None:
+        self._budget.give_back(self.bytes)
+        self.bytes = 0
