@@ -11,13 +11,14 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.formparsers import MultiPartParser
 
-from app.dataplane import DataPlane
-from app.deps import admits_inference, requires_api_key
+from app.core.dataplane import DataPlane
+from app.core.repository import ModelRepository
+from app.engine.model import load_model, log_model
+from app.engine.resources import usable_memory
 from app.errors import install_error_handlers
-from app.grpc_server import GrpcServer
-from app.memory import usable_memory
-from app.metrics import Metrics
-from app.middleware import (
+from app.grpc import GrpcServer
+from app.http.deps import admits_inference, requires_api_key
+from app.http.middleware import (
     Authentication,
     BodyLimits,
     CORSFromSettings,
@@ -26,10 +27,9 @@ from app.middleware import (
     RequestContext,
     RouteMarkers,
 )
-from app.model import load_model, log_model
-from app.ops import OpsServer
-from app.repository import ModelRepository
-from app.routes import health, monitoring, predict, repository, ui, v2
+from app.http.ops import OpsServer
+from app.http.routes import health, monitoring, predict, repository, ui, v2
+from app.observability.metrics import Metrics
 from app.settings import Settings
 from ensemble_contract.modes import describe_modes
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.cores import available_cores
+from app.engine.resources import available_cores
 from app.errors import StartupError
 from ensemble_contract.modes import Mode, ModeChoice, describe_modes, intra_op_threads
 

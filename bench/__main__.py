@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from app.cores import available_cores
+from app.engine.resources import available_cores
 from bench.core import Budget, Check, Machine, log
 from bench.sweep import PUBLISHED_SEPARATE_MS, SweepRow
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 from scipy import stats
 
-from app.runtime import EnsembleRuntime
+from app.engine.runtime import EnsembleRuntime
 from app.settings import Settings
 from bench.core import Interval, Machine, interleave, log
 from bench.http_load import free_port, hey, hey_available, started, v2_bodies

@@ -12,7 +12,7 @@ configurations is taken within a round, and its interval over the rounds survive
     parallel     one session per member, run at the same time in threads, the cores split between them
     fused-*      one session on ensemble.onnx
     alone:<i>    member i by itself (for "the sum of the members alone")
-    service:<m>  the service's own runtime (app.runtime) in mode m, with the service's settings
+    service:<m>  the service's own runtime (app.engine.runtime) in mode m, with the service's settings
 
 Every runner takes the same inputs (by name) and combines the members with ensemble_contract.combine, as the
 fused graph does, so the configurations differ only in how ONNX Runtime is asked to do the work.
@@ -43,8 +43,8 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
 
-from app.cores import available_cores
-from app.stats import percentiles_ms
+from app.engine.resources import available_cores
+from app.observability.stats import percentiles_ms
 from ensemble_contract.combine import combine
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
@@ -396,12 +396,12 @@ def open_runner(
     return lambda feeds: combine(list(pool.map(lambda s: run(s, feeds), sessions)), manifest.combine, weights)
 
 
-# The service's own runtime (app.runtime) in this process: the in-process floor of each service mode.
+# The service's own runtime (app.engine.runtime) in this process: the in-process floor of each service mode.
 
 
 def service_modes(model_dir: Path) -> tuple[str, ...]:
     """The modes the service serves for this model directory (fused-int8 only if the build shipped it)."""
-    from app.runtime import served_modes
+    from app.engine.runtime import served_modes
 
     return tuple(mode.value for mode in served_modes(load_manifest(model_dir, verify_files=False)))
 
@@ -413,7 +413,7 @@ def service_runner_name(mode: Mode | str) -> str:
 def open_service_runners(model_dir: Path, names: Sequence[str], allow_spinning: bool | None) -> dict[str, Runner]:
     """One EnsembleRuntime, loaded as the service loads it (its default settings unless spinning is given),
     and a runner per `service:<mode>` name. The service is imported only when asked."""
-    from app.runtime import EnsembleRuntime
+    from app.engine.runtime import EnsembleRuntime
     from app.settings import Settings
 
     overrides: dict[str, object] = {"model_dir": model_dir}

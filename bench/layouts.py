@@ -20,9 +20,9 @@ from typing import Any
 
 import httpx
 
-from app.auto import CandidateFigures, choose
+from app.engine.auto import CandidateFigures, choose
+from app.observability.stats import percentiles_ms
 from app.settings import Settings
-from app.stats import percentiles_ms
 from bench.core import Interval, Machine, interval_check, log
 from bench.http_load import Reply, free_port, hey, started, v2_bodies
 from ensemble_contract.manifest import load_manifest

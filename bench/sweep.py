@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, field_serializer, field_validator
 
-from app.cores import available_cores
+from app.engine.resources import available_cores
 from bench.core import (
     CONFIGS,
     Budget,

@@ -1,5 +1,5 @@
 """Steady load for the service: small generated PNGs POSTed to /predict at a fixed rate (the standard library and
-the service's own percentiles, app.stats: it runs where the service is installed, as in the app's image).
+the service's own percentiles, app.observability.stats: it runs where the service is installed, as in the app's image).
 
     python deploy/loadgen.py --url http://127.0.0.1:8000 --rate 5 --duration 60
     docker-compose --profile loadgen up      (the `loadgen` service runs this in the app's image)
@@ -28,7 +28,7 @@ import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from app.stats import percentiles_ms
+from app.observability.stats import percentiles_ms
 
 
 def png(width: int, height: int, rows: list[bytes]) -> bytes:

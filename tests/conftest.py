@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from app.runtime import EnsembleRuntime
+from app.engine.runtime import EnsembleRuntime
 from app.settings import Settings
 from ensemble_contract.manifest import Manifest, load_manifest
 from model_build.build import build

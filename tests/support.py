@@ -26,7 +26,7 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.dataplane import DataPlane
+from app.core.dataplane import DataPlane
 from app.main import create_app
 from app.settings import Settings
 from ensemble_contract.manifest import Int8, load_manifest

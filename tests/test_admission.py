@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.admission import Admission
+from app.core.admission import Admission
 from app.errors import InferenceTimeout, Overloaded
 from app.settings import Settings
 from bench.http_load import PartialRequest

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from app.auto import CandidateFigures, Layout, choose, layouts, rank
-from app.cores import available_cores
+from app.engine.auto import CandidateFigures, Layout, choose, layouts, rank
+from app.engine.resources import available_cores
 from app.settings import Settings
 from ensemble_contract.modes import Mode
 from tests.support import LiveServer, live_server, png_bytes, scrape

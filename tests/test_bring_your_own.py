@@ -104,7 +104,7 @@ def test_vision_predict_answers_labels_with_probabilities_in_every_mode(
 ) -> None:
     manifest = load_manifest(vision_dir)
     image = picture(width=90, height=70, seed=3)
-    from app.imaging import preprocess
+    from app.core.imaging import preprocess
 
     feeds = {"input": preprocess(image, manifest.image)}
     logits = run_members(vision_dir, manifest, feeds)["logits"][0]

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.cores import AFFINITY, CGROUP, count_cores, usable_cores
-from app.memory import MemorySize, memory_size
+from app.engine.resources import AFFINITY, CGROUP, MemorySize, count_cores, memory_size, usable_cores
 
 
 def v2_tree(tmp_path: Path, cgroup: str, limits: dict[str, str]) -> tuple[Path, Path]:

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from app.core.imaging import check_media_type, decode, encode_mask_png, open_image, preprocess
 from app.errors import BadImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from app.imaging import check_media_type, decode, encode_mask_png, open_image, preprocess
 from ensemble_contract.manifest import ImageSpec, ImageTask
 from tests.support import encode, picture, png_header_only
 

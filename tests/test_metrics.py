@@ -4,8 +4,8 @@ import itertools
 
 from prometheus_client import CollectorRegistry
 
-from app.metrics import LATENCY_BUCKETS, Metrics
-from app.runtime import EnsembleRuntime
+from app.engine.runtime import EnsembleRuntime
+from app.observability.metrics import LATENCY_BUCKETS, Metrics
 from ensemble_contract.modes import Mode
 
 

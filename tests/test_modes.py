@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
+from app.engine.selector import ModeSelector
 from app.errors import InvalidParameter, StartupError
-from app.modes import ModeSelector
 from ensemble_contract.modes import Mode, ModeChoice
 
 WITHOUT_INT8 = (Mode.FUSED, Mode.SEQUENTIAL, Mode.PARALLEL)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from app.priority import WORKER_NICENESS
+from app.engine.priority import WORKER_NICENESS
 from tests.support import png_bytes
 
 

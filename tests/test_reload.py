@@ -23,7 +23,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
 
-from app.model import LoadedModel
+from app.engine.model import LoadedModel
 from app.settings import Settings
 from bench.http_load import free_port
 from ensemble_contract.manifest import load_manifest

@@ -22,10 +22,10 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from app.cost import JSON_BYTES_PER_VALUE, CostModel
+from app.core.cost import JSON_BYTES_PER_VALUE, CostModel
+from app.core.memory import MemoryBudget
+from app.engine.probe import working_bytes_per_element
 from app.errors import Overloaded, PayloadTooLarge
-from app.memory import MemoryBudget
-from app.probe import working_bytes_per_element
 from app.settings import Settings
 from bench.http_load import free_port
 from ensemble_contract.manifest import Manifest

@@ -10,10 +10,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from app.cores import available_cores
-from app.cpu import threads_cpu_seconds
+from app.engine.cpu import threads_cpu_seconds
+from app.engine.resources import available_cores
+from app.engine.runtime import EnsembleRuntime
 from app.errors import StartupError
-from app.runtime import EnsembleRuntime
 from app.settings import Settings
 from ensemble_contract.manifest import FileEntry, Manifest, load_manifest
 from ensemble_contract.modes import Mode

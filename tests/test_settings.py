@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.config_docs import configuration_table
-from app.cores import available_cores
+from app.engine.resources import available_cores
 from app.errors import StartupError
 from app.settings import PILLOW_MAX_IMAGE_PIXELS, Settings
 from ensemble_contract.modes import Mode, ModeChoice, intra_op_threads

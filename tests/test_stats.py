@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.stats import MAX_SAMPLES_PER_MODE, RecentLatencies
+from app.observability.stats import MAX_SAMPLES_PER_MODE, RecentLatencies
 from ensemble_contract.modes import Mode
 
 

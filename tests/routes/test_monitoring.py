@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.cores import available_cores
+from app.engine.resources import available_cores
 from app.settings import Settings
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.imaging import decode, open_image, preprocess
+from app.core.imaging import decode, open_image, preprocess
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
 from tests.support import INT8_ATOL, LiveServer, encode, infer_json, picture, png_bytes, png_header_only

@@ -16,17 +16,17 @@ from typing import Literal, TypeVar
 
 import numpy as np
 
-from app import imaging
-from app.admission import Admission
-from app.cores import available_cores
-from app.cost import USE_BINARY, decode_bytes, encoded_bytes
-from app.cpu import timed_cpu
+from app.core import imaging
+from app.core.admission import Admission
+from app.core.cost import USE_BINARY, decode_bytes, encoded_bytes
+from app.core.memory import Lease, MemoryBudget, default_budget_bytes
+from app.engine.cpu import timed_cpu
+from app.engine.model import LoadedModel
+from app.engine.priority import lower_thread_priority
+from app.engine.resources import available_cores
+from app.engine.runtime import Tensors
 from app.errors import InferenceFailed, InferenceTimeout, NotReady, Overloaded, ServiceError
-from app.memory import Lease, MemoryBudget, default_budget_bytes
-from app.metrics import Metrics
-from app.model import LoadedModel
-from app.priority import lower_thread_priority
-from app.runtime import Tensors
+from app.observability.metrics import Metrics
 from app.settings import Settings
 from ensemble_contract.modes import Mode, ModeChoice
 

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from app.engine.priority import lower_thread_priority
 from app.errors import InferenceTimeout, Overloaded
-from app.priority import lower_thread_priority
 
 T = TypeVar("T")
 

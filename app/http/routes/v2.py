@@ -1,7 +1,7 @@
 """The Open Inference Protocol (KServe v2) REST endpoints, translated onto the shared data plane.
 
 Inputs and outputs are the fused graph's, as the manifest's signature records them (the members' names, any of
-the common datatypes, -1 for dynamic dims), as JSON or with the binary tensor data extension (app.routes.
+the common datatypes, -1 for dynamic dims), as JSON or with the binary tensor data extension (app.http.routes.
 v2_binary). Errors come back as {"error": "message"} (see app.errors).
 """
 
@@ -13,11 +13,11 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Body, Request, Response
 
-from app.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep, Inference, LeaseDep, ModelDep
+from app.engine.model import LoadedModel
 from app.errors import BadRequest, ModelNotFound, error_responses
-from app.model import LoadedModel
-from app.routes.v2_binary import BINARY_BODY_STATE, BINARY_DATA_SIZE, BinaryInputs, BinaryTensors, infer_response
-from app.routes.v2_types import (
+from app.http.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep, Inference, LeaseDep, ModelDep
+from app.v2.codec import BINARY_BODY_STATE, BINARY_DATA_SIZE, BinaryInputs, BinaryTensors, infer_response
+from app.v2.types import (
     InferenceRequest,
     InferenceResponse,
     InputTensor,

@@ -17,9 +17,9 @@ import orjson
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
-from app.cost import json_parse_bytes
-from app.deps import get_lease
+from app.core.cost import json_parse_bytes
 from app.errors import BadRequest
+from app.http.deps import get_lease
 from ensemble_contract.datatypes import NUMPY, of_numpy
 from ensemble_contract.signature import TensorSpec
 

@@ -1,9 +1,10 @@
-"""How many cores this process may use: its CPU affinity, or its cgroup's CPU quota when that is smaller.
+"""What this process may use: cores (its CPU affinity, or its cgroup's CPU quota when that is smaller) and
+memory (its cgroup's memory limit, or the machine's memory), and what it uses now.
 
 Under `docker run --cpus 2`, compose's `cpus: 2` or a Kubernetes `limits.cpu: 2` on a 16-vCPU machine, the
 affinity shows 16 cores but the process gets 2 cores' worth of time: sizing thread pools, layouts and costs by the
 affinity would oversubscribe it eightfold. The quota is rounded down, one core at least. Read once per process
-(`usable_cores`); `count_cores` takes the paths, for tests.
+(`usable_cores`); `count_cores` takes the paths, for tests. Memory likewise (`usable_memory`, `memory_size`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from app.cgroup import CGROUP_ROOT, MEMBERSHIP, Quota, cpu_quota
+from app.engine.cgroup import CGROUP_ROOT, MEMBERSHIP, Quota, cpu_quota, memory_limit
 
 AFFINITY, CGROUP = "affinity", "cgroup"
 
@@ -58,3 +59,41 @@ def usable_cores() -> CoreCount:
 def available_cores() -> int:
     """usable_cores()'s count."""
     return usable_cores().count
+
+
+MEMINFO = Path("/proc/meminfo")
+STATUS = Path("/proc/self/status")
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class MemorySize:
+    bytes: int
+    source: str  # the cgroup file of the limit, or /proc/meminfo
+
+    def describe(self) -> str:
+        return f"{self.bytes / MIB:,.0f} MiB ({self.source})"
+
+
+def memory_size(root: Path = CGROUP_ROOT, membership: Path = MEMBERSHIP, meminfo: Path = MEMINFO) -> MemorySize:
+    """The cgroup's memory limit, or the machine's memory when that is smaller or there is no limit."""
+    lines = meminfo.read_text().splitlines()
+    total = next(int(line.split()[1]) * 1024 for line in lines if line.startswith("MemTotal:"))
+    limit = memory_limit(root, membership)
+    if limit is not None and limit.bytes < total:
+        return MemorySize(limit.bytes, f"cgroup limit in {limit.file}")
+    return MemorySize(total, "the machine's memory, no cgroup limit")
+
+
+@cache
+def usable_memory() -> MemorySize:
+    return memory_size()
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (VmRSS); 0 where /proc has none."""
+    try:
+        line = next(line for line in STATUS.read_text().splitlines() if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+    return int(line.split()[1]) * 1024

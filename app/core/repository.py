@@ -27,12 +27,12 @@ from pathlib import Path
 import anyio.to_thread
 from pydantic import BaseModel
 
-from app.auto import Layout
-from app.cores import available_cores
-from app.dataplane import DataPlane
+from app.core.dataplane import DataPlane
+from app.engine.auto import Layout
+from app.engine.model import LoadedModel, load_model, log_model
+from app.engine.resources import available_cores
 from app.errors import BadRequest, Conflict, Forbidden, ModelNotFound, StartupError
-from app.metrics import Metrics
-from app.model import LoadedModel, load_model, log_model
+from app.observability.metrics import Metrics
 from app.settings import Settings
 from ensemble_contract.manifest import load_manifest, sha256_of
 

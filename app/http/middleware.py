@@ -3,7 +3,7 @@ request bodies (size, time, and their memory), early refusal under overload, COR
 start-up failure.
 
 The middleware that act on some routes only (the API key, early refusal) look the request up in a table of the
-app's routes that declare a marker dependency (app.deps), made from the routes as FastAPI resolves them: the
+app's routes that declare a marker dependency (app.http.deps), made from the routes as FastAPI resolves them: the
 routes say what they need, not a list of paths here.
 """
 
@@ -25,8 +25,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.cost import BODY_COPIES
-from app.deps import admits_inference, bearer_token, requires_api_key, verify_api_key
+from app.core.cost import BODY_COPIES
+from app.core.memory import Lease
 from app.errors import (
     BodyTimeout,
     PayloadTooLarge,
@@ -36,8 +36,8 @@ from app.errors import (
     error_response,
     internal_message,
 )
-from app.memory import Lease
-from app.metrics import Metrics
+from app.http.deps import admits_inference, bearer_token, requires_api_key, verify_api_key
+from app.observability.metrics import Metrics
 from app.settings import Settings
 
 logger = logging.getLogger("app")
@@ -157,7 +157,7 @@ class Authentication:
 class BodyLimits:
     """Bounds every request body: at most settings.max_upload_bytes (declared in Content-Length or streamed),
     else 413; all of it within settings.body_timeout_s of the request's arrival, else 408; and its memory, which
-    it reserves on the request's lease of the memory budget as it arrives (app.memory: 413 past
+    it reserves on the request's lease of the memory budget as it arrives (app.core.memory: 413 past
     MAX_REQUEST_BYTES, 503 past the budget). The lease, request.state.lease, is given back when the request ends.
     The 413 keeps the connection alive: uvicorn drops the rest of the upload (for its keep-alive timeout at most),
     so the client reads its answer instead of a reset; the 408 closes it, the client having stopped sending.

@@ -14,9 +14,9 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from app.auto import AutoChoice
-from app.cores import usable_cores
-from app.runtime import EnsembleRuntime
+from app.engine.auto import AutoChoice
+from app.engine.resources import usable_cores
+from app.engine.runtime import EnsembleRuntime
 
 PREFIX = "ensemble"
 OUTCOMES = ("ok", "bad_input", "overloaded", "timeout", "error")

@@ -6,12 +6,11 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from app.auto import AutoChoice
-from app.cores import usable_cores
-from app.deps import DataPlaneDep, ModelDep
+from app.engine.auto import AutoChoice
+from app.engine.resources import usable_cores, usable_memory
 from app.errors import NotFound, error_responses
-from app.memory import usable_memory
-from app.stats import Percentiles
+from app.http.deps import DataPlaneDep, ModelDep
+from app.observability.stats import Percentiles
 from ensemble_contract.modes import Mode
 
 router = APIRouter(tags=["monitoring"])

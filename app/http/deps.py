@@ -10,11 +10,11 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.dataplane import DataPlane
+from app.core.dataplane import DataPlane
+from app.core.memory import Lease
+from app.core.repository import ModelRepository
+from app.engine.model import LoadedModel
 from app.errors import NotReady, Unauthorized
-from app.memory import Lease
-from app.model import LoadedModel
-from app.repository import ModelRepository
 from app.settings import Settings
 
 bearer = HTTPBearer(
@@ -54,12 +54,12 @@ def get_arrival(request: Request) -> float:
 
 def requires_api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
     """Marks a route as needing API_KEY, and declares the bearer key in OpenAPI. The key itself is checked from
-    the headers before the body is read, by app.middleware.Authentication, which finds the routes by this marker."""
+    the headers before the body is read, by app.http.middleware.Authentication, which finds routes by this marker."""
     del credentials
 
 
 def admits_inference() -> None:
-    """Marks a route as an inference request, which app.middleware.EarlyRefusal refuses as its headers arrive
+    """Marks a route as an inference request, which app.http.middleware.EarlyRefusal refuses as its headers arrive
     when admission control would refuse it anyway."""
 
 
@@ -70,7 +70,7 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 def get_lease(request: Request) -> Lease:
-    """The request's share of the memory budget (app.middleware.BodyLimits takes it as the request arrives, once
+    """The request's share of the memory budget (app.http.middleware.BodyLimits takes it as the request arrives, once
     the models are loaded; 503 before)."""
     lease: Lease | None = getattr(request.state, "lease", None)
     if lease is None:

@@ -12,16 +12,16 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.auto import AutoChoice, Layout, choose
-from app.cores import usable_cores
-from app.cost import CostModel
+from app.core.cost import CostModel
+from app.engine.auto import AutoChoice, Layout, choose
+from app.engine.priority import lower_thread_priority
+from app.engine.probe import working_bytes_per_element
+from app.engine.resources import usable_cores
+from app.engine.runtime import EnsembleRuntime
+from app.engine.selector import ModeSelector
 from app.errors import NotAnImageModel, StartupError
-from app.modes import ModeSelector
-from app.priority import lower_thread_priority
-from app.probe import working_bytes_per_element
-from app.runtime import EnsembleRuntime
+from app.observability.stats import RecentLatencies
 from app.settings import Settings
-from app.stats import RecentLatencies
 from ensemble_contract.manifest import ImageSpec, Manifest
 from ensemble_contract.modes import AUTO
 

@@ -11,40 +11,9 @@ them at once, can take the process past its memory limit.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 
-from app.cgroup import CGROUP_ROOT, MEMBERSHIP, memory_limit
+from app.engine.resources import MIB, rss_bytes, usable_memory
 from app.errors import Overloaded, PayloadTooLarge
-
-MEMINFO = Path("/proc/meminfo")
-STATUS = Path("/proc/self/status")
-MIB = 2**20
-
-
-@dataclass(frozen=True)
-class MemorySize:
-    bytes: int
-    source: str  # the cgroup file of the limit, or /proc/meminfo
-
-    def describe(self) -> str:
-        return f"{self.bytes / MIB:,.0f} MiB ({self.source})"
-
-
-def memory_size(root: Path = CGROUP_ROOT, membership: Path = MEMBERSHIP, meminfo: Path = MEMINFO) -> MemorySize:
-    """The cgroup's memory limit, or the machine's memory when that is smaller or there is no limit."""
-    lines = meminfo.read_text().splitlines()
-    total = next(int(line.split()[1]) * 1024 for line in lines if line.startswith("MemTotal:"))
-    limit = memory_limit(root, membership)
-    if limit is not None and limit.bytes < total:
-        return MemorySize(limit.bytes, f"cgroup limit in {limit.file}")
-    return MemorySize(total, "the machine's memory, no cgroup limit")
-
-
-@cache
-def usable_memory() -> MemorySize:
-    return memory_size()
 
 
 def default_budget_bytes(arena_bytes: int) -> int:
@@ -52,15 +21,6 @@ def default_budget_bytes(arena_bytes: int) -> int:
     `arena_bytes` ONNX Runtime's arena may keep after the largest request (1 MiB at least): the other half is room
     for what the budget does not count, as what the heap keeps of freed objects."""
     return max(MIB, (usable_memory().bytes - rss_bytes() - arena_bytes) // 2)
-
-
-def rss_bytes() -> int:
-    """This process's resident memory (VmRSS); 0 where /proc has none."""
-    try:
-        line = next(line for line in STATUS.read_text().splitlines() if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0
-    return int(line.split()[1]) * 1024
 
 
 class MemoryBudget:

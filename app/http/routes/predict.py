@@ -9,10 +9,10 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
-from app import imaging
-from app.dataplane import ImagePrediction, Timings
-from app.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep, Inference, LeaseDep, ModelDep
+from app.core import imaging
+from app.core.dataplane import ImagePrediction, Timings
 from app.errors import InvalidParameter, error_responses
+from app.http.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep, Inference, LeaseDep, ModelDep
 from ensemble_contract.manifest import ImageSpec, ImageTask, Manifest
 from ensemble_contract.modes import Mode, ModeChoice, describe_modes
 

@@ -31,7 +31,7 @@ HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 @cache
 def read_static(name: str) -> bytes:
     """One file of app/static, read once (it is part of the installed package)."""
-    return resources.files("app").joinpath("static", name).read_bytes()
+    return resources.files("app.http").joinpath("static", name).read_bytes()
 
 
 @router.get("/")

@@ -16,8 +16,8 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from app.errors import StartupError, install_error_handlers
-from app.routes import health
-from app.routes.monitoring import METRICS_RESPONSE, prometheus_text
+from app.http.routes import health
+from app.http.routes.monitoring import METRICS_RESPONSE, prometheus_text
 from app.settings import Settings
 
 START_TIMEOUT_S = 10

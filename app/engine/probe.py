@@ -1,13 +1,13 @@
 """ONNX Runtime's working memory per input element of a model directory's fused graph, measured in a fresh process.
 
-The service reserves a request's working memory before it runs (app.cost), so it must know what a row costs. In
-the service's own process the answer would be skewed: every session shares one arena (app.runtime), which earlier
+The service reserves a request's working memory before it runs (app.core.cost), so it must know what a row costs. In
+the service's own process the answer would be skewed: every session shares one arena (app.engine.runtime), which earlier
 requests or models have already grown, and requests in flight allocate beside the measurement. A child process
 opens the fused graph alone, runs it on one row, then on PROBE_ROWS rows, and reports how much its resident memory
 grew per extra input element: the activations the arena had to grow for (the fused graph runs every member, so
 it needs as much as the member modes do).
 
-    python -m app.probe MODEL_DIR    # prints the bytes per input element
+    python -m app.engine.probe MODEL_DIR    # prints the bytes per input element
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def measure(model_dir: Path) -> float:
     """Bytes of working memory per input element; 0 for a model whose inputs have no batch dimension."""
     import onnxruntime as ort
 
-    from app.memory import rss_bytes
+    from app.engine.resources import rss_bytes
     from ensemble_contract.manifest import load_manifest
 
     manifest = load_manifest(model_dir, verify_files=False)  # the service has verified it
@@ -54,7 +54,7 @@ def _return_free_heap() -> None:
 def working_bytes_per_element(model_dir: Path) -> float:
     """`measure`, in a child process (StartupError-worthy failures are the caller's to report)."""
     result = subprocess.run(
-        [sys.executable, "-m", "app.probe", str(model_dir)], capture_output=True, text=True, timeout=TIMEOUT_S
+        [sys.executable, "-m", "app.engine.probe", str(model_dir)], capture_output=True, text=True, timeout=TIMEOUT_S
     )
     if result.returncode != 0:
         raise RuntimeError(f"measuring the working memory failed: {result.stderr.strip()[-500:]}")

@@ -2,7 +2,7 @@
 
 The service and its messages are the protocol's `inference.GRPCInferenceService`, with the generated code that
 tritonclient ships (Triton's superset of the KServe v2 .proto; the methods a v2 client calls are the same).
-A request is turned into the REST request's model and checked by the same functions (app.routes.v2): inputs
+A request is turned into the REST request's model and checked by the same functions (app.http.routes.v2): inputs
 as `raw_input_contents` (what tritonclient sends) or typed `contents`; outputs always as `raw_output_contents`.
 Errors carry the status code of the REST error's HTTP status (400: INVALID_ARGUMENT, 503: UNAVAILABLE, ...).
 A grpc.aio server on the main server's event loop, started and stopped by the app's lifespan.
@@ -20,14 +20,13 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from app.cost import BODY_COPIES
-from app.dataplane import DataPlane
-from app.deps import bearer_token, verify_api_key
+from app.core.cost import BODY_COPIES
+from app.core.dataplane import DataPlane
+from app.core.memory import Lease
+from app.core.repository import ModelRepository, ModelState
 from app.errors import BadRequest, NotReady, ServiceError, StartupError, Unauthorized
-from app.memory import Lease
-from app.metrics import Metrics
-from app.repository import ModelRepository, ModelState
-from app.routes.v2 import (
+from app.http.deps import bearer_token, verify_api_key
+from app.http.routes.v2 import (
     EXTENSIONS,
     PLATFORM,
     SERVER_NAME,
@@ -38,9 +37,10 @@ from app.routes.v2 import (
     requested_outputs,
     served_model,
 )
-from app.routes.v2_binary import BINARY_DATA_SIZE, BinaryInputs, little_endian_bytes
-from app.routes.v2_types import InferenceRequest, InputTensor, RequestedOutput
+from app.observability.metrics import Metrics
 from app.settings import Settings
+from app.v2.codec import BINARY_DATA_SIZE, BinaryInputs, little_endian_bytes
+from app.v2.types import InferenceRequest, InputTensor, RequestedOutput
 from ensemble_contract.datatypes import of_numpy
 from ensemble_contract.signature import TensorSpec
 

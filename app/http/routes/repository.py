@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.deps import OPTIONAL_BEARER, Authorized, RepositoryDep
+from app.core.repository import LoadReport, RepositoryEntry
 from app.errors import error_responses
-from app.repository import LoadReport, RepositoryEntry
+from app.http.deps import OPTIONAL_BEARER, Authorized, RepositoryDep
 
 router = APIRouter(
     prefix="/v2/repository",

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from app.auto import AutoChoice
-from app.deps import ModelDep
+from app.engine.auto import AutoChoice
 from app.errors import error_responses
+from app.http.deps import ModelDep
 from ensemble_contract.modes import Mode
 
 router = APIRouter(tags=["health"])

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import BaseModel, Field
 
-from app.cores import available_cores
+from app.engine.resources import available_cores
+from app.engine.runtime import EnsembleRuntime
 from app.errors import StartupError
-from app.runtime import EnsembleRuntime
+from app.observability.stats import percentiles_ms
 from app.settings import Settings
-from app.stats import percentiles_ms
 from ensemble_contract.modes import Mode
 
 STABLE_WINDOWS = 3

@@ -7,7 +7,7 @@ have their own member sessions, because their thread budgets differ (parallel: t
 
 Every session takes its working memory from one arena per process (ONNX Runtime's shared environment allocator),
 so that the arenas of four modes' sessions do not each grow to the largest batch: the process's memory grows
-with the requests running at once, which the memory budget bounds (app.memory), not with the number of modes.
+with the requests running at once, which the memory budget bounds (app.core.memory), not with the number of modes.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from app.cpu import new_threads, threads_cpu_seconds, timed_cpu
+from app.engine.cpu import new_threads, threads_cpu_seconds, timed_cpu
+from app.engine.priority import lower_thread_priority
 from app.errors import StartupError
-from app.priority import lower_thread_priority
 from app.settings import Settings
 from ensemble_contract.combine import combine
 from ensemble_contract.datatypes import UnsupportedDatatype, of_onnxruntime

@@ -1,7 +1,7 @@
 """What one inference request costs in memory, estimated from its header before the work it describes.
 
 The figures below were measured on this service's own request path (the resident memory a v2 JSON request of
-48x48 images and its response add); app.memory holds what they add up to against MAX_REQUEST_BYTES and the budget.
+48x48 images and its response add); app.core.memory holds what they add up to against MAX_REQUEST_BYTES and the budget.
 """
 
 from __future__ import annotations
