@@ -14,9 +14,9 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
 from uvicorn.config import LOGGING_CONFIG
 
+from app.core.service import Service
 from app.errors import StartupError
 from app.main import create_app
 from app.settings import Settings
@@ -38,17 +38,16 @@ class DrainingServer(uvicorn.Server):
     (exit status 143 for SIGTERM); a graceful stop is a success here, so it exits 0 instead.
     """
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
         super().__init__(config)
-        self.app = app
+        self.service = service
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
             return
-        dataplane = getattr(self.app.state, "dataplane", None)
-        if dataplane is not None:
-            dataplane.drain()
+        if self.service.dataplane is not None:
+            self.service.dataplane.drain()
         self.should_exit = True
 
 
@@ -69,7 +68,7 @@ def main() -> None:
         server_header=False,  # no `server: uvicorn` in every response
         limit_concurrency=settings.max_concurrency,  # connections and requests; beyond, 503 at once
     )
-    server = DrainingServer(config, app)
+    server = DrainingServer(config, app.state.service)
     server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)

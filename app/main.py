@@ -1,4 +1,5 @@
-"""The application factory; `uvicorn app.main:app` serves `app`, configured from the environment at start-up."""
+"""The application factory: `create_app(settings)`, or `uvicorn --factory app.main:create_app` to read the
+settings from the environment. The settings are resolved once, here, into the Service every front receives."""
 
 from __future__ import annotations
 
@@ -10,27 +11,29 @@ import anyio.to_thread
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.formparsers import MultiPartParser
+from starlette.middleware.cors import CORSMiddleware
 
 from app.core.dataplane import DataPlane
+from app.core.model import load_model, log_model
 from app.core.repository import ModelRepository
-from app.engine.model import load_model, log_model
+from app.core.service import Service
 from app.engine.resources import usable_memory
-from app.errors import install_error_handlers
 from app.grpc import GrpcServer
 from app.http.deps import admits_inference, requires_api_key
+from app.http.errors import install_error_handlers
 from app.http.middleware import (
     Authentication,
     BodyLimits,
-    CORSFromSettings,
     EarlyRefusal,
     QuietStartupFailure,
     RequestContext,
-    RouteMarkers,
+    RouteTable,
 )
 from app.http.ops import OpsServer
 from app.http.routes import health, monitoring, predict, repository, ui, v2
-from app.observability.metrics import Metrics
+from app.observability.metrics import ServiceMetrics
 from app.settings import Settings
+from app.v2.codec import SERVER_VERSION
 from ensemble_contract.modes import describe_modes
 
 logger = logging.getLogger("app")
@@ -43,20 +46,22 @@ and lets you compare them live. Modes: {describe_modes()}. Choose per request wi
 
 
 def create_app(settings: Settings | None = None, *, registry: CollectorRegistry | None = None) -> FastAPI:
-    """The app; without settings they are read from the environment when it starts (in the lifespan)."""
-    metrics = Metrics(registry) if registry is not None else Metrics.with_process_collectors()
+    """The app, with `settings` (by default read from the environment now: StartupError naming what is wrong)
+    and its metrics on `registry` (by default a new one with the process's collectors)."""
+    settings = settings or Settings.from_env()
+    metrics = ServiceMetrics(registry) if registry is not None else ServiceMetrics.with_process_collectors()
+    service = Service(settings, metrics)
+    # An upload stays in memory, where the memory budget counts it, rather than spooled to /tmp past 1 MB
+    # (Starlette's default): /tmp is a small tmpfs in the container, and in memory all the same.
+    MultiPartParser.spool_max_size = settings.max_upload_bytes
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        resolved = settings or Settings.from_env()
-        # An upload stays in memory, where the memory budget counts it, rather than spooled to /tmp past 1 MB
-        # (Starlette's default): /tmp is a small tmpfs in the container, and in memory all the same.
-        MultiPartParser.spool_max_size = resolved.max_upload_bytes
-        model = await anyio.to_thread.run_sync(load_model, resolved)
-        dataplane = DataPlane(resolved, model, metrics)
-        repository = ModelRepository(resolved, dataplane, metrics)
-        app.state.settings, app.state.dataplane, app.state.repository = resolved, dataplane, repository
-        log_model(model, resolved)
+        model = await anyio.to_thread.run_sync(load_model, settings)
+        dataplane = DataPlane(settings, model, metrics)
+        repository = ModelRepository(settings, dataplane, metrics)
+        service.dataplane, service.repository = dataplane, repository
+        log_model(model, settings)
         logger.info(
             "memory: requests in flight may hold %.0f MiB together (MEMORY_BUDGET_BYTES; the process may use %s), "
             "one request %.0f MiB and %d rows; ONNX Runtime needs %.0f bytes per input element",
@@ -66,38 +71,43 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
             model.cost.max_rows,
             model.cost.working_bytes_per_element,
         )
-        ops = OpsServer(app, resolved) if resolved.metrics_port is not None else None
-        grpc = GrpcServer(resolved, dataplane, repository) if resolved.grpc_port is not None else None
+        ops = OpsServer(app, settings) if settings.metrics_port is not None else None
+        grpc = GrpcServer(service) if settings.grpc_port is not None else None
         try:
             if ops is not None:
                 await ops.start()
-                logger.info("serving /metrics and the probes on port %d too", resolved.metrics_port)
+                logger.info("serving /metrics and the probes on port %d too", settings.metrics_port)
             if grpc is not None:
                 await grpc.start()
-                logger.info("serving the Open Inference Protocol over gRPC on port %d", resolved.grpc_port)
+                logger.info("serving the Open Inference Protocol over gRPC on port %d", settings.grpc_port)
             with repository.reloading_on_sighup():
                 yield
         finally:
             if grpc is not None:
-                await grpc.stop(resolved.shutdown_grace_s)
+                await grpc.stop(settings.shutdown_grace_s)
             if ops is not None:
                 await ops.stop()
             dataplane.close()
 
-    app = FastAPI(title="ONNX ensemble serving", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
-    app.state.metrics = metrics
+    app = FastAPI(title="ONNX ensemble serving", version=SERVER_VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app.state.service = service
     install_error_handlers(app)
     for router in (predict.router, v2.router, repository.router, health.router, monitoring.router, ui.router):
         app.include_router(router)
     # The last one added is the outermost: a request meets the API key before anything else reads it.
-    marked = RouteMarkers(app, (requires_api_key, admits_inference))
-    app.add_middleware(BodyLimits)
-    app.add_middleware(EarlyRefusal, routes=marked, metrics=metrics)
-    app.add_middleware(Authentication, routes=marked)
-    app.add_middleware(CORSFromSettings)
-    app.add_middleware(RequestContext, metrics=metrics)
+    routes = RouteTable(app, (requires_api_key, admits_inference))
+    app.add_middleware(BodyLimits, service=service)
+    app.add_middleware(EarlyRefusal, service=service, routes=routes)
+    app.add_middleware(Authentication, service=service, routes=routes)
+    if settings.cors_origins:  # otherwise no CORS header: browsers allow same-origin only
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Server-Timing", "Retry-After"],
+            max_age=600,
+        )
+    app.add_middleware(RequestContext, service=service)
     app.add_middleware(QuietStartupFailure)
     return app
-
-
-app = create_app()

@@ -10,9 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.engine.resources import available_cores
 from app.errors import StartupError
-from ensemble_contract.modes import Mode, ModeChoice, describe_modes, intra_op_threads
+from ensemble_contract.modes import ModeChoice, describe_modes
 
 # Pillow's own decompression-bomb guard; ours must stop an image before Pillow's warning fires.
 PILLOW_MAX_IMAGE_PIXELS = 89_478_485
@@ -315,14 +314,3 @@ class Settings(BaseSettings):
             return self.max_image_pixels
         proportionate = max(DEFAULT_MIN_IMAGE_PIXELS, IMAGE_PIXELS_PER_INPUT_PIXEL * width * height)
         return min(PILLOW_MAX_IMAGE_PIXELS, proportionate)
-
-    def intra_op_threads(self, mode: Mode, members: int) -> int:
-        """The intra-op thread count of each session `mode` runs, with the unset ones resolved."""
-        cores = available_cores()
-        configured = {
-            Mode.FUSED: self.fused_intra_op_threads,
-            Mode.FUSED_INT8: self.fused_intra_op_threads,
-            Mode.SEQUENTIAL: self.sequential_intra_op_threads,
-            Mode.PARALLEL: self.parallel_intra_op_threads,
-        }[mode]
-        return configured if configured is not None else intra_op_threads(mode, cores, members, self.inference_slots)

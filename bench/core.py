@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
 
 from app.engine.resources import available_cores
-from app.observability.stats import percentiles_ms
+from app.engine.timing import percentiles_ms
 from ensemble_contract.combine import combine
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode

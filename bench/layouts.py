@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from app.engine.auto import CandidateFigures, choose
-from app.observability.stats import percentiles_ms
+from app.engine.timing import percentiles_ms
 from app.settings import Settings
 from bench.core import Interval, Machine, interval_check, log
 from bench.http_load import Reply, free_port, hey, started, v2_bodies

@@ -143,7 +143,7 @@ def _in_process_p50(model_dir: Path, calls: int) -> float:
 
 def _measure(url: str, body: Path, seconds: float, figures: dict[str, list[float]], name: str) -> None:
     """One round of one server: p50 at one client, goodput and accepted p99 at 16 and 32."""
-    from app.observability.stats import percentiles_ms
+    from app.engine.timing import percentiles_ms
     from bench.http_load import hey
 
     one = [r.seconds for r in hey(url, body, concurrency=1, seconds=seconds)]

@@ -28,7 +28,7 @@ import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from app.observability.stats import percentiles_ms
+from app.engine.timing import percentiles_ms
 
 
 def png(width: int, height: int, rows: list[bytes]) -> bytes:

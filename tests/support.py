@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
+import json
 import shutil
 import socket
 import subprocess
@@ -16,6 +18,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -27,6 +30,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.core.dataplane import DataPlane
+from app.core.service import Service
 from app.main import create_app
 from app.settings import Settings
 from ensemble_contract.manifest import Int8, load_manifest
@@ -45,8 +49,12 @@ class LiveServer:
     loop: asyncio.AbstractEventLoop
 
     @property
+    def service(self) -> Service:
+        return self.app.state.service
+
+    @property
     def dataplane(self) -> DataPlane:
-        return self.app.state.dataplane
+        return self.service.serving()
 
     def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Runs a coroutine on the server's event loop (where its asyncio objects live) and waits for it."""
@@ -201,3 +209,52 @@ def holding_the_slot(server: LiveServer, *, with_ticket: bool) -> Iterator[None]
     finally:
         release.set()
         held.result(timeout=30)
+
+
+# A stalled uploader: a raw HTTP/1.1 client that can stop in the middle of a request body.
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class PartialRequest:
+    """Sends the request line and headers, then the body only when told to."""
+
+    def __init__(self, url: str, path: str, headers: dict[str, str], *, timeout_s: float = 30) -> None:
+        parts = urlsplit(url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout_s)
+        lines = [f"POST {path} HTTP/1.1", f"Host: {parts.netloc}", *(f"{k}: {v}" for k, v in headers.items())]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def answer(self) -> Answer:
+        response = http.client.HTTPResponse(self.sock, method="POST")
+        response.begin()
+        return Answer(response.status, response.headers, response.read())
+
+    def closed_by_server(self) -> bool:
+        """True once the server has closed its side (a read returns end of file or a reset)."""
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> PartialRequest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

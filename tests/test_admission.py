@@ -16,9 +16,8 @@ import pytest
 from app.core.admission import Admission
 from app.errors import InferenceTimeout, Overloaded
 from app.settings import Settings
-from bench.http_load import PartialRequest
 from ensemble_contract.manifest import Manifest
-from tests.support import LiveServer, holding_the_slot, live_server, png_bytes
+from tests.support import LiveServer, PartialRequest, holding_the_slot, live_server, png_bytes
 
 SHORT_TIMEOUT_S = 0.3
 
@@ -140,7 +139,7 @@ def test_no_slot_within_the_timeout_is_504_and_the_loop_keeps_serving(strict_ser
         assert client.get("/healthz").status_code == 200
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "timeout"
-    registry = strict_server.app.state.metrics.registry
+    registry = strict_server.service.metrics.registry
     assert (
         registry.get_sample_value(
             "ensemble_predictions_total", {"mode": "fused", "protocol": "http", "outcome": "timeout"}
@@ -157,7 +156,7 @@ def test_a_request_refused_under_overload_is_answered_while_still_uploading_and_
     """The slot and the only ticket are taken: a request gets its 503 with Retry-After as its headers arrive, while
     its body is still on the way; the rest of its upload is dropped and the connection stays usable (never
     reset). Nothing of it is parsed, decoded or counted as a prediction; the early refusals count it."""
-    registry = strict_server.app.state.metrics.registry
+    registry = strict_server.service.metrics.registry
     early = registry.get_sample_value("ensemble_early_refusals_total") or 0
     predictions = registry.get_sample_value(
         "ensemble_predictions_total", {"mode": "fused", "protocol": "http", "outcome": "overloaded"}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.engine.auto import CandidateFigures, Layout, choose, layouts, rank
+from app.engine.auto import CandidateFigures, SlotLayout, choose, layouts, rank
 from app.engine.resources import available_cores
 from app.settings import Settings
 from ensemble_contract.modes import Mode
@@ -16,9 +16,9 @@ from tests.support import LiveServer, live_server, png_bytes, scrape
 
 
 def test_layouts_divide_the_cores_between_slots() -> None:
-    assert layouts(1) == [Layout(1, 1)]
-    assert layouts(2) == [Layout(1, 2), Layout(2, 1)]
-    assert layouts(6) == [Layout(1, 6), Layout(2, 3), Layout(4, 1), Layout(6, 1)]
+    assert layouts(1) == [SlotLayout(1, 1)]
+    assert layouts(2) == [SlotLayout(1, 2), SlotLayout(2, 1)]
+    assert layouts(6) == [SlotLayout(1, 6), SlotLayout(2, 3), SlotLayout(4, 1), SlotLayout(6, 1)]
     assert [str(layout) for layout in layouts(16)] == ["1x16", "2x8", "4x4", "8x2", "16x1"]
     assert all(layout.slots * layout.threads <= 16 for layout in layouts(16))
 

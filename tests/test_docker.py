@@ -31,10 +31,10 @@ import tritonclient.grpc as triton_grpc
 from PIL import Image
 
 from app.settings import Settings
-from bench.http_load import free_port
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
 from tests import hostile
+from tests.service_process import free_port
 from tests.support import infer_body
 from tests.third_party import TABULAR_FEATURES
 

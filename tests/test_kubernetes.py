@@ -73,7 +73,7 @@ def test_ports_probes_and_settings_are_the_services_own() -> None:
 
 def test_the_autoscaler_scales_on_a_metric_the_service_exports() -> None:
     metric = base()["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
-    names = {family.name for family in create_app(Settings()).state.metrics.registry.collect()}
+    names = {family.name for family in create_app(Settings()).state.service.metrics.registry.collect()}
     assert metric in names
 
 

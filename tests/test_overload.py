@@ -9,7 +9,7 @@ shared core, the generator's own backlog would be charged to the server). The re
 offer 4x what the server can take.
 
 How fast the refusals come back, the accepted requests' p99 and the goodput under overload are timings, which a
-slow or busy machine moves: `python -m bench load` measures them, as ratios with 95 % intervals over rounds.
+slow or busy machine moves: they are left to the benchmarks, as ratios with 95 % intervals over rounds.
 """
 
 from __future__ import annotations
@@ -22,10 +22,13 @@ from pathlib import Path
 import pytest
 
 from app.errors import RETRY_AFTER_S
-from bench.http_load import LoadResult, Payload, closed_loop, open_loop, warm_up
-from bench.load import OVERLOAD_CLIENTS, OVERLOAD_FACTOR, OVERLOAD_IMAGE_SIZE, OVERLOAD_QUEUE, OVERLOAD_SLOTS
+from tests.load import LoadResult, Payload, closed_loop, open_loop, warm_up
 from tests.service_process import ServiceProcess, service_process
 
+OVERLOAD_SLOTS, OVERLOAD_QUEUE = 1, 8
+OVERLOAD_FACTOR = 4  # the open loop's rate, times the saturation throughput
+OVERLOAD_IMAGE_SIZE = 1200
+OVERLOAD_CLIENTS = 4  # closed-loop clients that keep the slot and queue busy: the saturation throughput
 SATURATION_S = 4.0
 WARM_UP_S = 3.0
 # Retry-After is whole seconds until the queue should have room: the queue's expected wait, at least RETRY_AFTER_S.
@@ -59,9 +62,7 @@ def payload() -> Payload:
 def saturation(service: ServiceProcess, payload: Payload) -> LoadResult:
     """Enough clients to keep the slot and queue busy: the throughput the service can take."""
     return asyncio.run(
-        closed_loop(
-            service.url, "service", None, payload, concurrency=OVERLOAD_CLIENTS, requests=10_000, max_s=SATURATION_S
-        )
+        closed_loop(service.url, payload, concurrency=OVERLOAD_CLIENTS, requests=10_000, max_s=SATURATION_S)
     )
 
 
@@ -74,14 +75,14 @@ def saturation(service: ServiceProcess, payload: Payload) -> LoadResult:
     ],
 )
 def test_four_times_saturation(service: ServiceProcess, payload: Payload, seconds: int) -> None:
-    asyncio.run(warm_up(service.url, None, payload, 10))
+    asyncio.run(warm_up(service.url, payload, 10))
     busy = saturation(service, payload)
     assert busy.ok > 0 and set(busy.statuses) <= {"200", "503"}, busy.statuses
     rate = OVERLOAD_FACTOR * busy.throughput_rps
 
     def overload(seconds: float) -> LoadResult:
         offered = int(rate * seconds) + 1
-        return asyncio.run(open_loop(service.url, "service", None, payload, rate=rate, requests=offered, max_s=seconds))
+        return asyncio.run(open_loop(service.url, payload, rate=rate, requests=offered, max_s=seconds))
 
     overload(WARM_UP_S)  # the allocator's high-water mark of this load shape: after it, growth is a leak
     rss_before = service.rss_bytes()

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from app.settings import Settings
-from bench.http_load import free_port, stop
 from ensemble_contract.modes import Mode
+from tests.service_process import free_port, stop
 from tests.support import LiveServer, live_server
 from tests.test_compose import dashboard_queries
 

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 
 from app.settings import Settings
-from bench.http_load import PartialRequest
 from ensemble_contract.manifest import Manifest
-from tests.support import LiveServer, live_server, png_bytes
+from tests.support import LiveServer, PartialRequest, live_server, png_bytes
 
 BODY_TIMEOUT_S = 1.0
 
@@ -105,7 +104,7 @@ def test_a_slow_upload_that_ends_in_time_is_served(strict_server: LiveServer) ->
 
 
 def test_timed_out_requests_are_counted_as_client_errors(strict_server: LiveServer) -> None:
-    registry = strict_server.app.state.metrics.registry
+    registry = strict_server.service.metrics.registry
     labels = {"route": "/predict", "method": "POST", "status": "4xx"}
     before = registry.get_sample_value("ensemble_http_requests_total", labels) or 0
     started = time.monotonic()

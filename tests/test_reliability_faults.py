@@ -179,7 +179,7 @@ def assert_no_internals(text: str) -> None:
 def test_an_onnx_runtime_error_is_a_json_500_with_the_request_id_and_is_counted(
     fragile_server: LiveServer, mode: Mode, caplog: pytest.LogCaptureFixture
 ) -> None:
-    name = load_manifest(fragile_server.app.state.settings.model_dir).name
+    name = load_manifest(fragile_server.service.settings.model_dir).name
     with fragile_server.client() as client:
         before = scrape(client)
         failed = client.post(f"/v2/models/{name}/infer", json=filled_body(1000.0, mode=mode.value))

@@ -23,12 +23,11 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
 
-from app.engine.model import LoadedModel
+from app.core.model import LoadedModel
 from app.settings import Settings
-from bench.http_load import free_port
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
-from tests.service_process import service_process
+from tests.service_process import free_port, service_process
 from tests.support import fuse, infer_json, live_server, scrape
 from tests.third_party import TABULAR_FEATURES, export_tabular_members
 

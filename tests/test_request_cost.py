@@ -27,10 +27,9 @@ from app.core.memory import MemoryBudget
 from app.engine.probe import working_bytes_per_element
 from app.errors import Overloaded, PayloadTooLarge
 from app.settings import Settings
-from bench.http_load import free_port
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.signature import Signature, TensorSpec
-from tests.service_process import service_process
+from tests.service_process import free_port, service_process
 from tests.support import LiveServer, infer_body, live_server, png_bytes, png_header_only, scrape
 
 API_KEY = "a-request-cost-test-key-of-32-chars"
@@ -201,7 +200,7 @@ def test_a_full_memory_budget_is_503_with_retry_after_and_frees_up(model_dir: Pa
 
 def test_the_default_pixel_limit_is_proportionate_to_the_model(server: LiveServer) -> None:
     """A 32x32 model: 4 megapixels at least (16 times its input would be far less)."""
-    assert server.app.state.settings.max_image_pixels is None
+    assert server.service.settings.max_image_pixels is None
     with server.client() as client:
         too_large = client.post("/predict", files={"file": ("big.png", png_header_only(2001, 2000), "image/png")})
         assert too_large.status_code == 413
@@ -310,7 +309,7 @@ def test_connections_beyond_max_concurrency_are_refused_at_once(model_dir: Path,
 def test_a_load_while_one_runs_is_409(model_dir: Path) -> None:
     settings = Settings(model_dir=model_dir, model_control="explicit")
     with live_server(settings) as server, server.client() as client:
-        repository = server.app.state.repository
+        repository = server.service.repository
         started, release = threading.Event(), threading.Event()
 
         async def hold_the_load_lock() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from app.engine.cpu import threads_cpu_seconds
 from app.engine.resources import available_cores
-from app.engine.runtime import EnsembleRuntime
+from app.engine.runtime import EnsembleRuntime, session_threads
 from app.errors import StartupError
 from app.settings import Settings
 from ensemble_contract.manifest import FileEntry, Manifest, load_manifest
@@ -60,7 +60,7 @@ def test_each_mode_has_its_thread_plan(runtime: EnsembleRuntime) -> None:
     settings = Settings()
     members = len(runtime.manifest.members)
     for mode, plan in runtime.plans.items():
-        assert plan.intra_op_threads == settings.intra_op_threads(mode, members)
+        assert plan.intra_op_threads == session_threads(settings, mode, members)
         assert plan.allow_spinning is False
         assert "spinning=off" in plan.describe()
 

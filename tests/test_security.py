@@ -65,7 +65,7 @@ def test_probes_and_metadata_stay_open(locked: LiveServer, manifest: Manifest) -
 
 
 def test_metrics_move_to_the_operations_port(locked: LiveServer) -> None:
-    port = locked.app.state.settings.metrics_port
+    port = locked.service.settings.metrics_port
     with locked.client() as client:
         assert client.get("/metrics").status_code == 404
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as ops:

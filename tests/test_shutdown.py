@@ -9,9 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.http_load import PartialRequest
 from tests.service_process import free_port, service_process
-from tests.support import Scrape, png_bytes
+from tests.support import PartialRequest, Scrape, png_bytes
 
 GRACE_S = 10
 

@@ -28,12 +28,17 @@ _PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 2
             (70, 240, 240), (245, 130, 48), (240, 50, 230), (210, 245, 60), (128, 128, 128))  # fmt: skip
 
 
+def media_type(content_type: str | None) -> str:
+    """'image/png' of 'Image/PNG; charset=...': the type alone, in lower case."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
 def check_media_type(content_type: str) -> None:
     """Refuses (415) a declared media type we do not decode."""
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type not in ACCEPTED_MEDIA_TYPES:
+    declared = media_type(content_type)
+    if declared not in ACCEPTED_MEDIA_TYPES:
         raise UnsupportedMediaType(
-            f"unsupported media type {media_type or '(none)'!r}: send a PNG, JPEG, WebP or BMP image as the body "
+            f"unsupported media type {declared or '(none)'!r}: send a PNG, JPEG, WebP or BMP image as the body "
             "(Content-Type image/png, image/jpeg, image/webp or image/bmp) or as the multipart field 'file'"
         )
 

@@ -28,11 +28,11 @@ import anyio.to_thread
 from pydantic import BaseModel
 
 from app.core.dataplane import DataPlane
-from app.engine.auto import Layout
-from app.engine.model import LoadedModel, load_model, log_model
+from app.core.model import LoadedModel, load_model, log_model
+from app.engine.auto import SlotLayout
 from app.engine.resources import available_cores
 from app.errors import BadRequest, Conflict, Forbidden, ModelNotFound, StartupError
-from app.observability.metrics import Metrics
+from app.observability.metrics import ServiceMetrics
 from app.settings import Settings
 from ensemble_contract.manifest import load_manifest, sha256_of
 
@@ -51,7 +51,7 @@ class RepositoryEntry(BaseModel):
     reason: str = ""
 
 
-class LoadReport(BaseModel):
+class ModelLoad(BaseModel):
     name: str
     sha256: str
     previous_sha256: str | None
@@ -77,12 +77,12 @@ def _sha256(path: Path, size: int, mtime_ns: int, inode: int) -> str:
 class ModelRepository:
     """The one model directory this server serves, loaded, reloaded or unloaded. Use from the event loop."""
 
-    def __init__(self, settings: Settings, dataplane: DataPlane, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, dataplane: DataPlane, metrics: ServiceMetrics) -> None:
         self.settings = settings
         self.dataplane = dataplane
         self.metrics = metrics
         self._lock = asyncio.Lock()
-        self._background: set[asyncio.Task[LoadReport]] = set()
+        self._background: set[asyncio.Task[ModelLoad]] = set()
 
     def check_enabled(self) -> None:
         """Forbidden unless MODEL_CONTROL=explicit: every repository call starts with it."""
@@ -112,7 +112,7 @@ class ModelRepository:
             entries.append(RepositoryEntry(name=manifest.name, state=ModelState.UNAVAILABLE, reason=reason))
         return entries
 
-    async def load(self, name: str | None = None) -> LoadReport:
+    async def load(self, name: str | None = None) -> ModelLoad:
         """Loads what MODEL_DIR holds now and serves it; with a name, only if the model there has that name.
         LoadFailed (the old model still serving) if it cannot be loaded. A caller that goes away does not
         cancel a load half-way: it completes (or fails) all the same. Conflict while another load runs."""
@@ -121,7 +121,7 @@ class ModelRepository:
             raise Conflict("a model load is already running: retry when it has finished (GET /readyz says which)")
         return await asyncio.shield(self._load(name))
 
-    async def _load(self, name: str | None) -> LoadReport:
+    async def _load(self, name: str | None) -> ModelLoad:
         async with self._lock:
             started = time.perf_counter()
             previous = self.dataplane.model
@@ -130,7 +130,7 @@ class ModelRepository:
                 await self._check_name(name, previous)
             try:
                 model = await anyio.to_thread.run_sync(
-                    load_model, self.settings, Layout(slots, max(1, available_cores() // slots))
+                    load_model, self.settings, SlotLayout(slots, max(1, available_cores() // slots))
                 )
             except StartupError as exc:
                 raise self._failed(str(exc), previous) from None
@@ -143,7 +143,7 @@ class ModelRepository:
             self.dataplane.switch(model)
             self.metrics.model_loads.labels("ok").inc()
             log_model(model, self.settings)
-            return LoadReport(
+            return ModelLoad(
                 name=model.manifest.name,
                 sha256=model.sha256,
                 previous_sha256=previous.sha256 if previous else None,
@@ -209,7 +209,7 @@ class ModelRepository:
         self._background.add(task)
         task.add_done_callback(self._finished)
 
-    def _finished(self, task: asyncio.Task[LoadReport]) -> None:
+    def _finished(self, task: asyncio.Task[ModelLoad]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is None:
             logger.info("SIGHUP: now serving sha256 %s", task.result().sha256[:12])

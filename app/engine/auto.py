@@ -27,21 +27,16 @@ from pydantic import BaseModel, Field
 
 from app.engine.resources import available_cores
 from app.engine.runtime import EnsembleRuntime
+from app.engine.timing import mean_interval, percentiles_ms
 from app.errors import StartupError
-from app.observability.stats import percentiles_ms
 from app.settings import Settings
 from ensemble_contract.modes import Mode
 
 STABLE_WINDOWS = 3
 STABLE_SPREAD = 0.05  # the last STABLE_WINDOWS throughputs within 5 % of their mean
 EQUAL_THROUGHPUT = 0.02  # throughputs this close count as equal: the lower p50 wins
-# Student's t at 97.5 % by degrees of freedom (the service has no scipy); past 30, the normal's 1.96.
-T_975 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11,
-         2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04)  # fmt: skip
-
-
 @dataclass(frozen=True, order=True)
-class Layout:
+class SlotLayout:
     slots: int
     threads: int
 
@@ -49,10 +44,10 @@ class Layout:
         return f"{self.slots}x{self.threads}"
 
 
-def layouts(cores: int) -> list[Layout]:
+def layouts(cores: int) -> list[SlotLayout]:
     """Slots 1, 2, 4, ... and the cores themselves, each with cores // slots threads per session."""
     slots = sorted({*(2**i for i in range(cores.bit_length())), cores})
-    return [Layout(s, cores // s) for s in slots]
+    return [SlotLayout(s, cores // s) for s in slots]
 
 
 class CandidateFigures(BaseModel):
@@ -81,7 +76,7 @@ class AutoChoice(BaseModel):
 @dataclass
 class _Candidate:
     mode: Mode
-    layout: Layout
+    layout: SlotLayout
     throughputs: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
 
@@ -94,12 +89,9 @@ class _Candidate:
         return mean > 0 and all(abs(t - mean) <= STABLE_SPREAD * mean for t in last)
 
     def figures(self, latency_budget_s: float) -> CandidateFigures:
-        mean = statistics.fmean(self.throughputs)
+        mean, low, high = mean_interval(self.throughputs)
         n = len(self.throughputs)
-        interval: tuple[float | None, float | None] = (None, None)
-        if n > 1:
-            half = (T_975[n - 2] if n - 2 < len(T_975) else 1.96) * statistics.stdev(self.throughputs) / n**0.5
-            interval = (round(mean - half, 2), round(mean + half, 2))
+        interval = (round(low, 2), round(high, 2)) if n > 1 else (None, None)
         p50_ms, p99_ms = percentiles_ms(self.latencies, [50, 99])
         return CandidateFigures(
             mode=self.mode,
@@ -151,7 +143,7 @@ def rank(candidates: Sequence[CandidateFigures]) -> list[CandidateFigures]:
     return [*equal, *rest, *over]
 
 
-def _time_layout(runtime: EnsembleRuntime, layout: Layout, budget_s: float, window_s: float) -> list[_Candidate]:
+def _time_layout(runtime: EnsembleRuntime, layout: SlotLayout, budget_s: float, window_s: float) -> list[_Candidate]:
     """Every mode of one layout, in turns of one window each, until all are stable or the budget is spent (one
     window each at least)."""
     candidates = [_Candidate(mode, layout) for mode in runtime.modes]
@@ -168,7 +160,9 @@ def _time_layout(runtime: EnsembleRuntime, layout: Layout, budget_s: float, wind
     return candidates
 
 
-def choose(settings: Settings, candidate_layouts: Sequence[Layout] | None = None) -> tuple[EnsembleRuntime, AutoChoice]:
+def choose(
+    settings: Settings, candidate_layouts: Sequence[SlotLayout] | None = None
+) -> tuple[EnsembleRuntime, AutoChoice]:
     """Times every mode under every layout (or those given), one layout loaded at a time, and returns the runtime
     of the chosen layout (the only one left open) with the measurement."""
     started = time.perf_counter()
@@ -176,7 +170,7 @@ def choose(settings: Settings, candidate_layouts: Sequence[Layout] | None = None
     every_layout = list(candidate_layouts or layouts(available_cores()))
     share_s, window_s = settings.auto_budget_s / len(every_layout), settings.auto_window_ms / 1000
     figures: list[CandidateFigures] = []
-    kept: tuple[Layout, EnsembleRuntime] | None = None
+    kept: tuple[SlotLayout, EnsembleRuntime] | None = None
     for layout in every_layout:
         runtime = EnsembleRuntime.load(settings.model_copy(update={"inference_slots": layout.slots}))
         figures += [c.figures(latency_budget_s) for c in _time_layout(runtime, layout, share_s, window_s)]

@@ -27,12 +27,13 @@ import onnxruntime as ort
 
 from app.engine.cpu import new_threads, threads_cpu_seconds, timed_cpu
 from app.engine.priority import lower_thread_priority
+from app.engine.resources import available_cores
 from app.errors import StartupError
 from app.settings import Settings
 from ensemble_contract.combine import combine
 from ensemble_contract.datatypes import UnsupportedDatatype, of_onnxruntime
 from ensemble_contract.manifest import Manifest, load_manifest
-from ensemble_contract.modes import MODES, Mode, Runs, served_modes
+from ensemble_contract.modes import MODES, Mode, Runs, intra_op_threads, served_modes
 from ensemble_contract.signature import TensorSpec
 
 PROVIDERS = ("CPUExecutionProvider",)
@@ -82,9 +83,23 @@ def share_one_arena() -> None:
             _shared_arena_registered = True
 
 
+def session_threads(settings: Settings, mode: Mode, members: int) -> int:
+    """The intra-op threads of each session `mode` runs: its setting, or its share of the cores the process may
+    use under INFERENCE_SLOTS (ensemble_contract.modes.intra_op_threads)."""
+    configured = {
+        Mode.FUSED: settings.fused_intra_op_threads,
+        Mode.FUSED_INT8: settings.fused_intra_op_threads,
+        Mode.SEQUENTIAL: settings.sequential_intra_op_threads,
+        Mode.PARALLEL: settings.parallel_intra_op_threads,
+    }[mode]
+    if configured is not None:
+        return configured
+    return intra_op_threads(mode, available_cores(), members, settings.inference_slots)
+
+
 def thread_plans(settings: Settings, members: int, modes: Sequence[Mode]) -> dict[Mode, ThreadPlan]:
     return {
-        mode: ThreadPlan(settings.intra_op_threads(mode, members), settings.inter_op_threads, settings.allow_spinning)
+        mode: ThreadPlan(session_threads(settings, mode, members), settings.inter_op_threads, settings.allow_spinning)
         for mode in modes
     }
 

@@ -1,10 +1,10 @@
 """ASGI middleware: request context and accounting, the API key checked before anything is read, limits on
-request bodies (size, time, and their memory), early refusal under overload, CORS when configured, a quiet
-start-up failure.
+request bodies (size, time, and their memory), early refusal under overload, a quiet start-up failure.
 
-The middleware that act on some routes only (the API key, early refusal) look the request up in a table of the
-app's routes that declare a marker dependency (app.http.deps), made from the routes as FastAPI resolves them: the
-routes say what they need, not a list of paths here.
+Each receives the server's Service at construction. The middleware that act on some routes only (the API key,
+early refusal) look the request up in a table of the app's routes made from the routes as FastAPI resolves them:
+the routes say what they need (their marker dependencies, app.http.deps) and the shape of their errors (their
+route class), not a list of paths here.
 """
 
 from __future__ import annotations
@@ -21,24 +21,16 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.core.auth import verify_api_key
 from app.core.cost import BODY_COPIES
 from app.core.memory import Lease
-from app.errors import (
-    BodyTimeout,
-    PayloadTooLarge,
-    ServiceError,
-    StartupError,
-    Unauthorized,
-    error_response,
-    internal_message,
-)
-from app.http.deps import admits_inference, bearer_token, requires_api_key, verify_api_key
-from app.observability.metrics import Metrics
-from app.settings import Settings
+from app.core.service import Service
+from app.errors import BodyTimeout, PayloadTooLarge, ServiceError, StartupError, Unauthorized
+from app.http.deps import admits_inference, requires_api_key
+from app.http.errors import ProtocolRoute, Shape, error_response, internal_message
 
 logger = logging.getLogger("app")
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -49,36 +41,53 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"}
 
 
 @dataclass(frozen=True)
-class MarkedRoute:
+class RouteEntry:
     path: re.Pattern[str]
     methods: frozenset[str]
     markers: frozenset[Callable[..., Any]]
+    shape: Shape
 
 
-class RouteMarkers:
-    """The app's routes that declare marker dependencies (their routers' included), to find a request's before
-    the app reads it."""
+@dataclass(frozen=True)
+class RouteMatch:
+    markers: frozenset[Callable[..., Any]]
+    parameters: dict[str, str]
+    shape: Shape
+
+
+NO_ROUTE = RouteMatch(frozenset(), {}, "service")
+
+
+class RouteTable:
+    """The app's routes with their marker dependencies (their routers' included) and their error shape, to find
+    a request's before the app reads it."""
 
     def __init__(self, app: FastAPI, markers: Collection[Callable[..., Any]]) -> None:
-        self.routes = []
-        for route in iter_route_contexts(app.routes):
-            found = frozenset(d.dependency for d in getattr(route, "dependencies", ()) if d.dependency in markers)
-            if found:
-                self.routes.append(MarkedRoute(route.path_regex, frozenset(route.methods or ()), found))
+        self.routes = [
+            RouteEntry(
+                route.path_regex,
+                frozenset(route.methods or ()),
+                frozenset(d.dependency for d in getattr(route, "dependencies", ()) if d.dependency in markers),
+                "protocol" if isinstance(route.original_route, ProtocolRoute) else "service",
+            )
+            for route in iter_route_contexts(app.routes)
+            if getattr(route, "path_regex", None) is not None
+        ]
 
-    def of(self, scope: Scope) -> tuple[frozenset[Callable[..., Any]], dict[str, str]]:
-        """The markers of the route a request goes to, and its path parameters (none when it is not marked)."""
+    def match(self, scope: Scope) -> RouteMatch:
+        """The markers, path parameters and error shape of the route a request goes to."""
         for route in self.routes:
-            match = route.path.match(scope["path"])
-            if match and scope["method"] in route.methods:
-                return route.markers, match.groupdict()
-        return frozenset(), {}
+            found = route.path.match(scope["path"])
+            if found and scope["method"] in route.methods:
+                return RouteMatch(route.markers, found.groupdict(), route.shape)
+        return NO_ROUTE
 
 
-async def refuse(scope: Scope, receive: Receive, send: Send, error: ServiceError) -> None:
+async def refuse(scope: Scope, receive: Receive, send: Send, error: ServiceError, shape: Shape) -> None:
     """Answers with the error now, without reading the body: uvicorn drops whatever the client still sends
     (h11 ignores a request's data once its answer is complete), so the connection ends cleanly or stays usable."""
-    response = error_response(Request(scope), error.status, error.code, error.message, error.headers)
+    request_id = scope.get("state", {}).get("request_id")
+    response = error_response(shape, error.status, error.code, error.message, request_id, error.headers)
     await response(scope, receive, send)
 
 
@@ -93,9 +102,9 @@ class RequestContext:
     requests by route template and status class, and turns any unexpected error into a JSON 500 that
     carries the request id and nothing of the internals (the traceback goes to the log)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
-        self.metrics = metrics
+        self.metrics = service.metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -121,7 +130,7 @@ class RequestContext:
         except Exception:
             logger.exception("request %s failed", request_id)
             if not started:
-                response = error_response(Request(scope), 500, "internal_error", internal_message(request_id))
+                response = error_response("service", 500, "internal_error", internal_message(request_id), request_id)
                 await response(scope, receive, send_with_id)
         finally:
             self.metrics.in_flight.dec()
@@ -130,61 +139,58 @@ class RequestContext:
             self.metrics.http_requests.labels(route, method, f"{status // 100}xx").inc()
 
 
-def settings_of(scope: Scope) -> Settings | None:
-    """The settings the lifespan resolved (None before it ran, and for lifespan and websocket scopes)."""
-    return getattr(scope["app"].state, "settings", None) if scope["type"] == "http" else None
-
-
 class Authentication:
     """With API_KEY set, checks the bearer token of a request to a route marked `requires_api_key` from its headers,
     before anything reads its body: a wrong key costs no more than a 401."""
 
-    def __init__(self, app: ASGIApp, routes: RouteMarkers) -> None:
+    def __init__(self, app: ASGIApp, service: Service, routes: RouteTable) -> None:
         self.app = app
+        self.settings = service.settings
         self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        settings = settings_of(scope)
-        if settings is not None and settings.api_key is not None and requires_api_key in self.routes.of(scope)[0]:
-            try:
-                verify_api_key(settings, bearer_token(Headers(scope=scope).get("authorization")))
-            except Unauthorized as refused:
-                await refuse(scope, receive, send, refused)
-                return
+        if scope["type"] == "http" and self.settings.api_key is not None:
+            route = self.routes.match(scope)
+            if requires_api_key in route.markers:
+                try:
+                    verify_api_key(self.settings, Headers(scope=scope).get("authorization"))
+                except Unauthorized as refused:
+                    await refuse(scope, receive, send, refused, route.shape)
+                    return
         await self.app(scope, receive, send)
 
 
 class BodyLimits:
-    """Bounds every request body: at most settings.max_upload_bytes (declared in Content-Length or streamed),
-    else 413; all of it within settings.body_timeout_s of the request's arrival, else 408; and its memory, which
-    it reserves on the request's lease of the memory budget as it arrives (app.core.memory: 413 past
-    MAX_REQUEST_BYTES, 503 past the budget). The lease, request.state.lease, is given back when the request ends.
-    The 413 keeps the connection alive: uvicorn drops the rest of the upload (for its keep-alive timeout at most),
-    so the client reads its answer instead of a reset; the 408 closes it, the client having stopped sending.
+    """Bounds every request body: at most MAX_UPLOAD_BYTES (declared in Content-Length or streamed), else 413; all
+    of it within BODY_TIMEOUT_S of the request's arrival, else 408; and its memory, which it reserves on the
+    request's lease of the memory budget as it arrives (app.core.memory: 413 past MAX_REQUEST_BYTES, 503 past the
+    budget). The lease, request.state.lease, is given back when the request ends. The 413 keeps the connection
+    alive: uvicorn drops the rest of the upload (for its keep-alive timeout at most), so the client reads its
+    answer instead of a reset; the 408 closes it, the client having stopped sending.
 
     Uvicorn has no timeout for a body that stops arriving; without this one a stalled upload would hold its
     connection and its task forever. Nothing is admitted (no queue place, no inference slot) before the body
-    is read, so a slow upload holds only its connection and the bytes it sent. The limits are read per request
-    from app.state.settings, which the lifespan sets.
+    is read, so a slow upload holds only its connection and the bytes it sent.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
+        self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        settings = settings_of(scope)
-        dataplane = getattr(scope["app"].state, "dataplane", None) if settings is not None else None
-        if dataplane is None:
+        dataplane = self.service.dataplane if scope["type"] == "http" else None
+        if dataplane is None:  # not an HTTP request, or the model is still loading: the routes answer 503
             await self.app(scope, receive, send)
             return
-        lease: Lease = dataplane.memory.lease()
+        lease = dataplane.memory.lease()
         scope["state"]["lease"] = lease
         try:
-            await self._limited(settings, lease, scope, receive, send)
+            await self.app(scope, self._limited(lease, scope, receive), send)
         finally:
             lease.release()
 
-    async def _limited(self, settings: Settings, lease: Lease, scope: Scope, receive: Receive, send: Send) -> None:
+    def _limited(self, lease: Lease, scope: Scope, receive: Receive) -> Receive:
+        settings = self.service.settings
         limit, timeout_s = settings.max_upload_bytes, settings.body_timeout_s
         declared = Headers(scope=scope).get("content-length", "")
         deadline = asyncio.get_running_loop().time() + timeout_s
@@ -211,7 +217,7 @@ class BodyLimits:
             complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
-        await self.app(scope, limited_receive, send)
+        return limited_receive
 
 
 class EarlyRefusal:
@@ -226,49 +232,22 @@ class EarlyRefusal:
     to its 404.
     """
 
-    def __init__(self, app: ASGIApp, routes: RouteMarkers, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, service: Service, routes: RouteTable) -> None:
         self.app = app
+        self.service = service
         self.routes = routes
-        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        dataplane = getattr(scope["app"].state, "dataplane", None) if scope["type"] == "http" else None
-        refused = None
+        dataplane = self.service.dataplane if scope["type"] == "http" else None
         if dataplane is not None and dataplane.model is not None:
-            markers, parameters = self.routes.of(scope)
-            served = parameters.get("model_name") in (None, dataplane.model.manifest.name)
-            if served and admits_inference in markers:
-                refused = dataplane.admission.refusal()
-        if refused is None:
-            await self.app(scope, receive, send)
-            return
-        self.metrics.early_refusals.inc()
-        await refuse(scope, receive, send, refused)
-
-
-class CORSFromSettings:
-    """Starlette's CORS middleware with settings.cors_origins, built on the first request (the settings are
-    resolved in the lifespan); with no origins configured, requests pass untouched and get no CORS header."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self._cors: ASGIApp | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        settings = settings_of(scope)
-        if settings is None or not settings.cors_origins:
-            await self.app(scope, receive, send)
-            return
-        if self._cors is None:
-            self._cors = CORSMiddleware(
-                self.app,
-                allow_origins=settings.cors_origins,
-                allow_methods=["GET", "POST"],
-                allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-                expose_headers=["X-Request-ID", "Server-Timing", "Retry-After"],
-                max_age=600,
-            )
-        await self._cors(scope, receive, send)
+            route = self.routes.match(scope)
+            served = route.parameters.get("model_name") in (None, dataplane.model.manifest.name)
+            refused = dataplane.admission.refusal() if served and admits_inference in route.markers else None
+            if refused is not None:
+                self.service.metrics.early_refusals.inc()
+                await refuse(scope, receive, send, refused, route.shape)
+                return
+        await self.app(scope, receive, send)
 
 
 class QuietStartupFailure:

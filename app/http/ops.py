@@ -13,9 +13,11 @@ import socket
 from collections.abc import Iterator
 
 import uvicorn
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 
-from app.errors import StartupError, install_error_handlers
+from app.errors import StartupError
+from app.http.deps import ServiceDep
+from app.http.errors import install_error_handlers
 from app.http.routes import health
 from app.http.routes.monitoring import METRICS_RESPONSE, prometheus_text
 from app.settings import Settings
@@ -30,8 +32,8 @@ def create_ops_app(main: FastAPI) -> FastAPI:
     ops.include_router(health.router)
 
     @ops.get("/metrics", response_class=Response, responses=METRICS_RESPONSE)
-    async def metrics(request: Request) -> Response:
-        return prometheus_text(request)
+    async def metrics(service: ServiceDep) -> Response:
+        return prometheus_text(service)
 
     return ops
 

@@ -31,7 +31,7 @@ def geometric_buckets(start: float = 0.001, stop: float = 10.0, ratio: float = 1
 LATENCY_BUCKETS = geometric_buckets()
 
 
-class Metrics:
+class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         mode_histogram = {"labelnames": ["mode"], "buckets": LATENCY_BUCKETS, "registry": registry}
@@ -135,7 +135,7 @@ class Metrics:
         )
 
     @classmethod
-    def with_process_collectors(cls) -> Metrics:
+    def with_process_collectors(cls) -> ServiceMetrics:
         """On a new registry that also reports the process (memory, CPU, file descriptors) and the GC."""
         registry = CollectorRegistry()
         ProcessCollector(registry=registry)

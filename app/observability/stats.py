@@ -7,17 +7,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
+from app.engine.timing import percentiles_ms
 from ensemble_contract.modes import Mode
 
 MAX_SAMPLES_PER_MODE = 10_000  # bounds memory whatever the request rate
-
-
-def percentiles_ms(seconds: Sequence[float], percents: Sequence[float]) -> list[float]:
-    """The given percentiles (0 to 100, linearly interpolated) of durations in seconds, in milliseconds: the one
-    percentile function of the service, the benchmarks and deploy/loadgen.py."""
-    return [float(p) for p in np.percentile(np.asarray(seconds, dtype=np.float64) * 1000, percents)]
 
 
 @dataclass(frozen=True)

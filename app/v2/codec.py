@@ -1,88 +1,174 @@
-"""The Open Inference Protocol's binary tensor data extension: a JSON header, then the tensors' raw bytes.
+"""The Open Inference Protocol's encodings, written once for both fronts: requests from REST JSON (with the binary
+tensor data extension) and from gRPC messages into the data plane's TensorRequest, input data into arrays, and
+outputs, metadata and parameters back into each wire format.
 
-A request with `Inference-Header-Content-Length: N` carries N bytes of JSON, then the binary data of the inputs
-whose parameters give `binary_data_size`, in the order of the inputs. Outputs are sent the same way when the
-request asks (`binary_data: true` on an output, or `binary_data_output: true` on the request), which is what
-tritonclient.http does by default. Elements are little-endian, row-major; BOOL is one byte each.
+Binary tensor data (REST): a request with `Inference-Header-Content-Length: N` carries N bytes of JSON, then the
+raw bytes of the inputs whose parameters give `binary_data_size`, in the order of the inputs; outputs go the same
+way when the request asks (`binary_data` on an output, or `binary_data_output` on the request), as tritonclient.http
+does by default. gRPC carries inputs as `raw_input_contents` (what tritonclient.grpc sends) or typed `contents`,
+and outputs always as `raw_output_contents`. Raw elements are little-endian, row-major; BOOL is one byte each.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import Request, Response
-from fastapi.routing import APIRoute
+from tritonclient.grpc import service_pb2 as pb
 
-from app.core.cost import json_parse_bytes
+from app.core.tensors import InputHeader, TensorRequest
 from app.errors import BadRequest
-from app.http.deps import get_lease
+from app.v2.types import InferenceRequest
 from ensemble_contract.datatypes import NUMPY, of_numpy
+from ensemble_contract.manifest import Manifest
+from ensemble_contract.modes import ModeChoice
 from ensemble_contract.signature import TensorSpec
 
+SERVER_NAME = "onnx-ensemble-serving"
+SERVER_VERSION = version(SERVER_NAME)
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
 BINARY_HEADER = "Inference-Header-Content-Length"
 BINARY_DATA_SIZE = "binary_data_size"
-BINARY_BODY_STATE = "binary_tensor_data"
+# The typed field of gRPC's InferTensorContents that carries each datatype (FP16 has none: raw contents only).
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
 
 
-class BinaryTensors(APIRoute):
-    """Reads a tensor request's body and splits a binary-extension one: the route parses the JSON (the header) as
-    usual, and finds the bytes after it in request.state.binary_tensor_data (b"" for plain JSON). Before the JSON is
-    parsed, the memory it will take as Python objects is reserved on the request's lease (request.state.lease):
-    a JSON body too large for MAX_REQUEST_BYTES is refused with 413 before it is parsed."""
+@dataclass(frozen=True)
+class Numbers:
+    """An input's data as numbers: JSON's `data` (flat or nested), or gRPC's typed contents."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handle = super().get_route_handler()
+    data: Sequence[Any] | None
 
-        async def handle_binary(request: Request) -> Response:
-            declared = request.headers.get(BINARY_HEADER)
-            body = await request.body()
-            header, binary = body, b""
-            if declared is not None:
-                if not declared.isdigit() or int(declared) > len(body):
-                    raise BadRequest(f"{BINARY_HEADER} must be the JSON header's length, at most {len(body)}")
-                header, binary = body[: int(declared)], body[int(declared) :]
-            if header:  # GET requests under /v2 have none
-                advice = "" if declared is not None else f"; send the tensors as binary data ({BINARY_HEADER})"
-                get_lease(request).reserve(json_parse_bytes(header), "its JSON, parsed", advice=advice)
+    def array(self, name: str, shape: Sequence[int], spec: TensorSpec) -> np.ndarray:
+        label = repr(name)
+        if self.data is None:
+            raise BadRequest(f"input {label} has neither data nor parameters.{BINARY_DATA_SIZE}")
+        try:
+            raw = np.asarray(self.data)
+        except ValueError:  # ragged nesting
+            raise BadRequest(f"input {label}: data must be flat or nested in row-major order") from None
+        if raw.size != math.prod(shape):
+            raise BadRequest(f"input {label}: shape {list(shape)} needs {math.prod(shape)} elements, got {raw.size}")
+        dtype = NUMPY[spec.datatype]
+        if dtype.kind == "b":
+            _require(raw.dtype.kind == "b", label, "booleans")
+            return raw.reshape(shape)
+        if dtype.kind in "iu":
+            if raw.dtype.kind not in "iu":  # past int64 (UINT64's upper half) numpy guesses float or object
+                raw = np.asarray(self.data, dtype=object).ravel()
+                _require(all(type(v) is int for v in raw), label, "integers")
+            info = np.iinfo(dtype)
+            if raw.size and (int(raw.min()) < info.min or int(raw.max()) > info.max):
+                raise BadRequest(f"input {label}: values out of {spec.datatype}'s range [{info.min}, {info.max}]")
+            return np.asarray(raw.tolist() if raw.dtype == object else raw, dtype=dtype).reshape(shape)
+        if raw.dtype.kind == "O":  # integers past int64 among the numbers
+            raw = np.asarray(self.data, dtype=object).ravel()
+            _require(all(type(v) in (int, float) for v in raw), label, "numbers")
+            raw = raw.astype(np.float64)
+        _require(raw.dtype.kind in "iuf", label, "numbers")
+        with np.errstate(over="ignore"):  # overflow becomes infinity, which the data plane refuses
+            return raw.astype(dtype).reshape(shape)
 
-            async def receive_header() -> dict[str, Any]:
-                return {"type": "http.request", "body": header, "more_body": False}
 
-            setattr(request.state, BINARY_BODY_STATE, binary)
-            headers = [(k, v) for k, v in request.scope["headers"] if k not in (b"content-type", b"content-length")]
-            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(header)).encode())]
-            return await handle(Request(request.scope | {"headers": headers}, receive_header))
+@dataclass(frozen=True)
+class RawBytes:
+    """An input's data as raw little-endian bytes: binary tensor data, or gRPC's raw_input_contents."""
 
-        return handle_binary
+    data: memoryview
 
-
-class BinaryInputs:
-    """Hands out the binary part of a request, input by input, checking each one's size against its shape."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = memoryview(data)
-        self._offset = 0
-
-    def take(self, name: str, size: object, shape: list[int], spec: TensorSpec) -> np.ndarray:
+    def array(self, name: str, shape: Sequence[int], spec: TensorSpec) -> np.ndarray:
         dtype = NUMPY[spec.datatype].newbyteorder("<")
         needed = math.prod(shape) * dtype.itemsize
-        if not isinstance(size, int) or size != needed:
-            raise BadRequest(f"input {name!r}: {BINARY_DATA_SIZE} must be {needed} for shape {shape}, got {size!r}")
-        if self._offset + size > len(self._data):
-            raise BadRequest(
-                f"input {name!r}: the body has {len(self._data) - self._offset} binary bytes left, not {size}"
-            )
-        chunk = self._data[self._offset : self._offset + size]
-        self._offset += size
-        return np.frombuffer(chunk, dtype=dtype).astype(NUMPY[spec.datatype]).reshape(shape)
+        if len(self.data) != needed:
+            raise BadRequest(f"input {name!r}: {needed} bytes of data for shape {list(shape)}, got {len(self.data)}")
+        return np.frombuffer(self.data, dtype=dtype).astype(NUMPY[spec.datatype]).reshape(shape)
 
-    def check_all_taken(self) -> None:
-        if self._offset != len(self._data):
-            raise BadRequest(f"the body has {len(self._data) - self._offset} binary bytes that no input claims")
+
+def _require(condition: bool, name: str, kind: str) -> None:
+    if not condition:
+        raise BadRequest(f"input {name}: data must be {kind}, flat or nested in row-major order")
+
+
+def requested_mode(parameters: Mapping[str, Any] | None) -> ModeChoice | None:
+    mode = (parameters or {}).get("mode")
+    if mode is None:
+        return None
+    try:
+        return ModeChoice(mode)
+    except ValueError:
+        raise BadRequest(f"parameter mode must be one of {[m.value for m in ModeChoice]}, got {mode!r}") from None
+
+
+def rest_request(model_name: str, request: InferenceRequest, binary: bytes) -> TensorRequest:
+    """A REST request (its JSON, and the binary tensor data after it) as the data plane's request."""
+    data, offset, inputs = memoryview(binary), 0, []
+    for tensor in request.inputs:
+        size = (tensor.parameters or {}).get(BINARY_DATA_SIZE)
+        if size is None:
+            payload: Numbers | RawBytes = Numbers(tensor.data)
+        else:
+            dtype = NUMPY.get(tensor.datatype)  # an unknown datatype is refused with the rest of the header
+            needed = math.prod(tensor.shape) * dtype.itemsize if dtype is not None else size
+            if not isinstance(size, int) or size != needed:
+                raise BadRequest(
+                    f"input {tensor.name!r}: {BINARY_DATA_SIZE} must be {needed} for shape {tensor.shape}, got {size!r}"
+                )
+            if offset + size > len(data):
+                left = len(data) - offset
+                raise BadRequest(f"input {tensor.name!r}: the body has {left} binary bytes left, not {size}")
+            payload, offset = RawBytes(data[offset : offset + size]), offset + size
+        inputs.append(InputHeader(tensor.name, tensor.datatype, tuple(tensor.shape), payload))
+    if offset != len(data):
+        raise BadRequest(f"the body has {len(data) - offset} binary bytes that no input claims")
+    parameters = request.parameters or {}
+    outputs = None
+    if request.outputs:
+        every = bool(parameters.get("binary_data_output", False))
+        outputs = {o.name: bool((o.parameters or {}).get("binary_data", every)) for o in request.outputs}
+    binary_outputs = bool(parameters.get("binary_data_output", False))
+    return TensorRequest(model_name, tuple(inputs), outputs, binary_outputs, requested_mode(parameters))
+
+
+def grpc_request(request: pb.ModelInferRequest) -> TensorRequest:
+    """A gRPC request as the data plane's request; its outputs always go as raw_output_contents."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
+    if not request.inputs:
+        raise BadRequest("the request has no inputs")
+    inputs = []
+    for i, tensor in enumerate(request.inputs):
+        if raw:
+            payload: Numbers | RawBytes = RawBytes(memoryview(raw[i]))
+        else:
+            field = CONTENTS_FIELD.get(tensor.datatype)
+            if field is None:
+                raise BadRequest(f"input {tensor.name!r}: {tensor.datatype} goes in raw_input_contents")
+            payload = Numbers(list(getattr(tensor.contents, field)))
+        inputs.append(InputHeader(tensor.name, tensor.datatype, tuple(tensor.shape), payload))
+    parameters = {
+        name: getattr(value, value.WhichOneof("parameter_choice")) for name, value in request.parameters.items()
+    }
+    outputs = dict.fromkeys((o.name for o in request.outputs), True) or None
+    return TensorRequest(request.model_name, tuple(inputs), outputs, True, requested_mode(parameters))
 
 
 def little_endian_bytes(array: np.ndarray) -> bytes:
@@ -90,10 +176,12 @@ def little_endian_bytes(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
-def infer_response(header: dict[str, Any], arrays: Mapping[str, np.ndarray], outputs: Mapping[str, bool]) -> Response:
-    """The inference response: `header` (model name, id, parameters) with an entry per output asked for, JSON
-    numbers or, for those asked as binary data, their binary_data_size, followed by their bytes. orjson writes the
-    arrays' numbers straight from numpy, without a Python object per element."""
+def rest_response(
+    header: dict[str, Any], arrays: Mapping[str, np.ndarray], outputs: Mapping[str, bool]
+) -> tuple[bytes, dict[str, str]]:
+    """The REST inference response's body and headers: `header` (model name, id, parameters) with an entry per
+    output asked for, JSON numbers or, for those asked as binary data, their binary_data_size, followed by their
+    bytes. orjson writes the arrays' numbers straight from numpy, without a Python object per element."""
     entries, chunks = [], []
     for name, binary in outputs.items():
         array = arrays[name]
@@ -106,7 +194,38 @@ def infer_response(header: dict[str, Any], arrays: Mapping[str, np.ndarray], out
         entries.append(entry)
     head = orjson.dumps(header | {"outputs": entries}, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
-        return Response(head, media_type="application/json")
-    return Response(
-        head + b"".join(chunks), media_type="application/octet-stream", headers={BINARY_HEADER: str(len(head))}
+        return head, {"content-type": "application/json"}
+    return head + b"".join(chunks), {"content-type": "application/octet-stream", BINARY_HEADER: str(len(head))}
+
+
+def grpc_response(
+    model_name: str, request_id: str, mode: str, arrays: Mapping[str, np.ndarray]
+) -> pb.ModelInferResponse:
+    return pb.ModelInferResponse(
+        model_name=model_name,
+        id=request_id,
+        parameters={"mode": pb.InferParameter(string_param=mode)},
+        outputs=[
+            pb.ModelInferResponse.InferOutputTensor(name=name, datatype=of_numpy(a.dtype), shape=list(a.shape))
+            for name, a in arrays.items()
+        ],
+        raw_output_contents=[little_endian_bytes(a) for a in arrays.values()],
     )
+
+
+@dataclass(frozen=True)
+class TensorDescription:
+    """A tensor of the model's metadata: -1 for a dynamic dimension."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+def tensor_descriptions(manifest: Manifest) -> tuple[list[TensorDescription], list[TensorDescription]]:
+    """The model's inputs and outputs, as both fronts describe them."""
+
+    def describe(specs: Sequence[TensorSpec]) -> list[TensorDescription]:
+        return [TensorDescription(spec.name, spec.datatype, list(spec.shape or [])) for spec in specs]
+
+    return describe(manifest.signature.inputs), describe(manifest.signature.outputs)

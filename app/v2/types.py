@@ -29,11 +29,11 @@ class ModelMetadata(BaseModel):
     outputs: list[TensorMetadata]
 
 
-class Live(BaseModel):
+class ServerLive(BaseModel):
     live: bool
 
 
-class Ready(BaseModel):
+class ServerReady(BaseModel):
     ready: bool
 
 

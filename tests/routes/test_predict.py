@@ -149,7 +149,7 @@ def test_decompression_bomb_is_413(client: httpx.Client) -> None:
 
 
 def test_too_many_bytes_is_413_declared_or_streamed(client: httpx.Client, server: LiveServer) -> None:
-    limit = server.app.state.settings.max_upload_bytes
+    limit = server.service.settings.max_upload_bytes
     too_big = b"\0" * (limit + 1)
     assert_error(predict(client, too_big), 413, "payload_too_large")
     chunked = client.post(

@@ -6,8 +6,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from app.engine.auto import AutoChoice
-from app.errors import error_responses
-from app.http.deps import ModelDep
+from app.http.deps import ArrivalDep, DataPlaneDep
+from app.http.errors import error_responses
 from ensemble_contract.modes import Mode
 
 router = APIRouter(tags=["health"])
@@ -17,7 +17,7 @@ class Alive(BaseModel):
     status: str = "alive"
 
 
-class Ready(BaseModel):
+class Readiness(BaseModel):
     status: str = "ready"
     model: str
     sha256: str
@@ -38,12 +38,12 @@ async def healthz() -> Alive:
         500, 503, s503="Not ready: the models are loading, the model was unloaded, or the server is stopping."
     ),
 )
-async def readyz(model: ModelDep) -> Ready:
-    manifest = model.manifest
-    return Ready(
-        model=manifest.name,
-        sha256=model.sha256,
-        modes=list(model.runtime.modes),
-        images=manifest.image is not None,
-        auto=model.auto,
-    )
+async def readyz(dataplane: DataPlaneDep, arrived: ArrivalDep) -> Readiness:
+    with dataplane.using(arrived) as model:
+        return Readiness(
+            model=model.manifest.name,
+            sha256=model.sha256,
+            modes=list(model.runtime.modes),
+            images=model.manifest.image is not None,
+            auto=model.auto,
+        )

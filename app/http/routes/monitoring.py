@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from app.core.dataplane import DataPlane
+from app.core.model import LoadedModel
+from app.core.service import Service
 from app.engine.auto import AutoChoice
 from app.engine.resources import usable_cores, usable_memory
-from app.errors import NotFound, error_responses
-from app.http.deps import DataPlaneDep, ModelDep
+from app.errors import NotFound
+from app.http.deps import ArrivalDep, DataPlaneDep, ServiceDep
+from app.http.errors import error_responses
 from app.observability.stats import Percentiles
 from ensemble_contract.modes import Mode
 
@@ -71,8 +75,8 @@ def cost_per_million(cost_per_hour: float | None, per_cpu_second: float | None, 
 METRICS_RESPONSE = {200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}}
 
 
-def prometheus_text(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+def prometheus_text(service: Service) -> Response:
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get(
@@ -81,11 +85,10 @@ def prometheus_text(request: Request) -> Response:
     response_class=Response,
     responses=METRICS_RESPONSE | error_responses(404, 500, s404="METRICS_PORT is set: /metrics is served there."),
 )
-async def metrics(request: Request) -> Response:
-    settings = getattr(request.app.state, "settings", None)
-    if settings is not None and settings.metrics_port is not None:
+async def metrics(service: ServiceDep) -> Response:
+    if service.settings.metrics_port is not None:
         raise NotFound("/metrics is not served on this port")
-    return prometheus_text(request)
+    return prometheus_text(service)
 
 
 @router.get(
@@ -93,7 +96,12 @@ async def metrics(request: Request) -> Response:
     summary="Requests and latency percentiles per mode over a recent window",
     responses=error_responses(500, 503),
 )
-async def stats(dataplane: DataPlaneDep, model: ModelDep) -> Stats:
+async def stats(dataplane: DataPlaneDep, arrived: ArrivalDep) -> Stats:
+    with dataplane.using(arrived) as model:
+        return _stats(dataplane, model)
+
+
+def _stats(dataplane: DataPlane, model: LoadedModel) -> Stats:
     recent, cores, cost = model.recent, usable_cores(), dataplane.settings.cost_per_hour
     return Stats(
         window_s=recent.window_s,

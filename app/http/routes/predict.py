@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -11,9 +12,10 @@ from starlette.datastructures import UploadFile
 
 from app.core import imaging
 from app.core.dataplane import ImagePrediction, Timings
-from app.errors import InvalidParameter, error_responses
-from app.http.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep, Inference, LeaseDep, ModelDep
-from ensemble_contract.manifest import ImageSpec, ImageTask, Manifest
+from app.errors import InvalidParameter
+from app.http.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep, Inference, LeaseDep
+from app.http.errors import error_responses
+from ensemble_contract.manifest import ImageSpec, ImageTask
 from ensemble_contract.modes import Mode, ModeChoice, describe_modes
 
 router = APIRouter(tags=["predict"])
@@ -66,26 +68,6 @@ class ModelRef(BaseModel):
     task: ImageTask
 
 
-class TimingsMs(BaseModel):
-    decode: float
-    preprocess: float
-    queue: float = Field(description="Waiting for an inference slot.")
-    inference: float
-    total: float = Field(description="From the start of decoding to the result.")
-    cpu: float = Field(description="CPU time of every thread that served it (decode, inference, pools).")
-
-    @classmethod
-    def of(cls, timings: Timings) -> TimingsMs:
-        return cls(
-            decode=timings.decode_s * 1000,
-            preprocess=timings.preprocess_s * 1000,
-            queue=timings.queue_s * 1000,
-            inference=timings.inference_s * 1000,
-            total=timings.total_s * 1000,
-            cpu=timings.cpu_s * 1000,
-        )
-
-
 class Prediction(BaseModel):
     request_id: str
     model: ModelRef
@@ -96,7 +78,7 @@ class Prediction(BaseModel):
     )
     members: list[MemberProbabilities] | None = Field(None, description="With ?members=true, for the same labels.")
     mask: Mask | None = Field(None, description="With ?mask=true.")
-    timings_ms: TimingsMs
+    timings_ms: Timings
 
     model_config = {
         "json_schema_extra": {
@@ -127,17 +109,9 @@ class Prediction(BaseModel):
 
     @classmethod
     def of(
-        cls,
-        result: ImagePrediction,
-        manifest: Manifest,
-        *,
-        threshold: float,
-        request_id: str,
-        with_members: bool,
-        top: int | None,
+        cls, result: ImagePrediction, *, threshold: float, request_id: str, with_members: bool, top: int | None
     ) -> Prediction:
-        image = manifest.image
-        assert image is not None  # the data plane answers /predict only for image models
+        manifest, image = result.manifest, result.image
         shown = _shown_labels(result, image, top)
         members = None
         if with_members and result.member_probabilities is not None:
@@ -161,7 +135,7 @@ class Prediction(BaseModel):
             labels=_labels(result, image, shown, threshold),
             members=members,
             mask=mask,
-            timings_ms=TimingsMs.of(result.timings),
+            timings_ms=result.timings,
         )
 
 
@@ -191,28 +165,20 @@ def _labels(result: ImagePrediction, image: ImageSpec, shown: list[int], thresho
 
 
 def server_timing(timings: Timings) -> str:
-    parts = {
-        "decode": timings.decode_s,
-        "preprocess": timings.preprocess_s,
-        "queue": timings.queue_s,
-        "inference": timings.inference_s,
-        "total": timings.total_s,
-        "cpu": timings.cpu_s,
-    }
-    return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in parts.items())
+    return ", ".join(f"{name};dur={ms:.3f}" for name, ms in timings.model_dump().items())
 
 
 async def read_image(request: Request) -> bytes:
     """The image bytes from a multipart upload or a raw image/* body; 415 for any other declared type."""
     content_type = request.headers.get("content-type", "")
-    if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
+    if imaging.media_type(content_type) != "multipart/form-data":
         imaging.check_media_type(content_type)
         return await request.body()
     async with request.form(max_files=1, max_fields=8) as form:
         upload = form.get(UPLOAD_FIELD)
         if not isinstance(upload, UploadFile):
             raise InvalidParameter(f"the multipart body has no file field named {UPLOAD_FIELD!r}")
-        part_type = (upload.content_type or "").split(";", 1)[0].strip().lower()
+        part_type = imaging.media_type(upload.content_type)
         if part_type not in GENERIC_PART_TYPES:
             imaging.check_media_type(part_type)
         return await upload.read()
@@ -234,7 +200,6 @@ async def predict(
     request: Request,
     response: Response,
     dataplane: DataPlaneDep,
-    model: ModelDep,
     arrived: ArrivalDep,
     lease: LeaseDep,
     mode: Annotated[
@@ -254,13 +219,12 @@ async def predict(
         ),
     ] = None,
 ) -> Prediction:
-    model.image_spec()  # a model without an image input answers 404 before the body is read
-    data = await read_image(request)
-    result = await dataplane.predict_image(model, data, mode=mode, with_mask=mask, arrived=arrived, lease=lease)
+    result = await dataplane.predict_image(
+        partial(read_image, request), mode=mode, with_mask=mask, arrived=arrived, lease=lease
+    )
     response.headers["Server-Timing"] = server_timing(result.timings)
     return Prediction.of(
         result,
-        model.manifest,
         threshold=dataplane.settings.probability_threshold,
         request_id=request.state.request_id,
         with_members=members,

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.core.repository import LoadReport, RepositoryEntry
-from app.errors import error_responses
+from app.core.repository import ModelLoad, RepositoryEntry
 from app.http.deps import OPTIONAL_BEARER, Authorized, RepositoryDep
+from app.http.errors import ProtocolRoute, error_responses
 
 router = APIRouter(
     prefix="/v2/repository",
     tags=["Model repository (v2)"],
     dependencies=[Authorized],
     responses=error_responses(401, 403, 500, 503, protocol=True),
+    route_class=ProtocolRoute,
 )
 
 
@@ -39,7 +40,7 @@ async def index(repository: RepositoryDep) -> list[RepositoryEntry]:
     openapi_extra=OPTIONAL_BEARER,
     responses=error_responses(400, protocol=True, s400="The load failed; the old model is still served."),
 )
-async def load(model_name: str, repository: RepositoryDep) -> LoadReport:
+async def load(model_name: str, repository: RepositoryDep) -> ModelLoad:
     return await repository.load(model_name)
 
 

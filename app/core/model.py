@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.core.cost import CostModel
-from app.engine.auto import AutoChoice, Layout, choose
+from app.engine.auto import AutoChoice, SlotLayout, choose
 from app.engine.priority import lower_thread_priority
 from app.engine.probe import working_bytes_per_element
 from app.engine.resources import usable_cores
@@ -74,7 +74,7 @@ class LoadedModel:
             self.runtime.close()
 
 
-def load_model(settings: Settings, layout: Layout | None = None) -> LoadedModel:
+def load_model(settings: Settings, layout: SlotLayout | None = None) -> LoadedModel:
     """Verifies MODEL_DIR, opens and warms its sessions (StartupError saying why if any of it fails). With
     DEFAULT_MODE=auto the modes are timed, under every layout or, given one (a reload), under that one.
     Runs at the inference threads' priority: ONNX Runtime's pool threads, started here, inherit it."""

@@ -1,0 +1,93 @@
+"""A tensor inference request as the data plane sees it, whatever the protocol it came in, and its checks
+against the model's signature.
+
+The fronts (the v2 REST routes, the gRPC servicer) turn their wire format into a TensorRequest with app.v2.codec:
+each input's header (name, datatype, shape) and its data as a Payload that can become an array once the header
+is known to fit. The data plane checks the header against the signature, reserves the memory the request will
+hold, then turns the payloads into arrays: in that order, so that no element is converted for a request that
+would be refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from app.errors import BadRequest
+from ensemble_contract.datatypes import is_floating
+from ensemble_contract.modes import ModeChoice
+from ensemble_contract.signature import Signature, TensorSpec
+
+
+class Payload(Protocol):
+    """An input's data as it arrived (JSON numbers, raw bytes), turned into an array of the spec's type on demand;
+    BadRequest saying why if it cannot be."""
+
+    def array(self, name: str, shape: Sequence[int], spec: TensorSpec) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class InputHeader:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    payload: Payload
+
+
+@dataclass(frozen=True)
+class TensorRequest:
+    model_name: str
+    inputs: tuple[InputHeader, ...]
+    outputs: Mapping[str, bool] | None  # the outputs asked for, each with whether as binary data; None: every one
+    binary_outputs: bool  # for every output when `outputs` is None
+    mode: ModeChoice | None
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {tensor.name: tensor.shape for tensor in self.inputs}
+
+
+def input_specs(request: TensorRequest, signature: Signature) -> dict[str, TensorSpec]:
+    """The signature's spec of each input, once the request's inputs are checked to be the model's, with datatypes
+    and shapes that fit: everything the request's header says, checked before any of its data is converted."""
+    expected = {spec.name: spec for spec in signature.inputs}
+    given = [tensor.name for tensor in request.inputs]
+    if sorted(given) != sorted(expected):
+        raise BadRequest(f"expected inputs {sorted(expected)}, got {given}")
+    for tensor in request.inputs:
+        spec, name = expected[tensor.name], repr(tensor.name)
+        if tensor.datatype != spec.datatype:
+            raise BadRequest(f"input {name} must be {spec.datatype}, got {tensor.datatype}")
+        if any(d < 1 for d in tensor.shape):
+            raise BadRequest(f"input {name}: every dimension must be at least 1, got {list(tensor.shape)}")
+        if not spec.fits(tensor.shape):
+            raise BadRequest(f"input {name} must have shape {spec.dims} (-1: any size), got {list(tensor.shape)}")
+    return expected
+
+
+def asked_outputs(request: TensorRequest, signature: Signature) -> dict[str, bool]:
+    """The outputs asked for (every output when none is named), each with whether it goes as binary data."""
+    known = signature.output_names
+    if request.outputs is None:
+        return dict.fromkeys(known, request.binary_outputs)
+    unknown = sorted(set(request.outputs) - set(known))
+    if unknown:
+        raise BadRequest(f"unknown outputs {unknown}; the model has {', '.join(known)}")
+    return dict(request.outputs)
+
+
+def input_arrays(request: TensorRequest, specs: Mapping[str, TensorSpec]) -> dict[str, np.ndarray]:
+    """The inputs as arrays by name; floating inputs must be finite whatever their encoding."""
+    feeds = {}
+    for tensor in request.inputs:
+        spec = specs[tensor.name]
+        array = tensor.payload.array(tensor.name, tensor.shape, spec)
+        if is_floating(spec.datatype) and not np.isfinite(array).all():
+            raise BadRequest(
+                f"input {tensor.name!r}: data must be finite (no NaN or infinity) and within {spec.datatype}'s range"
+            )
+        feeds[tensor.name] = array
+    return feeds
