@@ -30,7 +30,7 @@ from app.http.middleware import (
     RouteTable,
 )
 from app.http.ops import OpsServer
-from app.http.routes import health, monitoring, predict, repository, ui, v2
+from app.http.routes import health, monitoring, predict, ui, v2, v2_repository
 from app.observability.metrics import ServiceMetrics
 from app.settings import Settings
 from app.v2.codec import SERVER_VERSION
@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     app = FastAPI(title="ONNX ensemble serving", version=SERVER_VERSION, description=DESCRIPTION, lifespan=lifespan)
     app.state.service = service
     install_error_handlers(app)
-    for router in (predict.router, v2.router, repository.router, health.router, monitoring.router, ui.router):
+    for router in (predict.router, v2.router, v2_repository.router, health.router, monitoring.router, ui.router):
         app.include_router(router)
     # The last one added is the outermost: a request meets the API key before anything else reads it.
     routes = RouteTable(app, (requires_api_key, admits_inference))

@@ -1,140 +1,89 @@
-"""`python -m bench compare --model-dir DIR`: one command that answers "fused or separate?" for any model directory.
+"""`python -m bench compare --model-dir DIR`: fused or separate, for any model directory, on this machine.
 
-Times every served mode on this machine, in interleaved rounds (the modes' order rotates each round), twice:
-in-process (the service's own runtime, its default settings) and through the service over /v2 (a compiled
-client, `hey`, when it is installed; otherwise a Python client, said so in the output). Prints each mode's
-latency ratio to fused with a 95 % confidence interval over the rounds, and a one-line verdict. A round's
-figure for a mode is the 10 %-trimmed mean of its calls (robust to outliers, and finer than a median of
-hey's 0.1 ms readings).
+Times every mode the directory serves in interleaved rounds (the modes' order rotated each round), twice: in-process
+(the service's own runtime with its default settings) and through the service (`python -m app`) over /v2, the v2
+JSON request of the model's example input sent by `hey` from one client. A round's figure for a mode is the
+10 %-trimmed mean of its calls (robust to outliers, and finer than a median of hey's 0.1 ms readings); a ratio is
+the mean of the rounds' ratios to fused's, with its 95 % t-interval, in bold when the whole interval is on one side
+of 1. About a minute with the defaults.
 """
 
 from __future__ import annotations
 
 import statistics
-import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-from scipy import stats
-
-from app.engine.runtime import EnsembleRuntime
 from app.settings import Settings
-from bench.core import Interval, Machine, interleave, log
-from bench.http_load import free_port, hey, hey_available, started, v2_bodies
+from bench.common import NAN, Budget, Interval, Report, table, time_in_process
+from bench.serving import Target, load_rounds, v2_body
 from ensemble_contract.manifest import load_manifest
-from ensemble_contract.modes import Mode
+from ensemble_contract.modes import Mode, served_modes
+from tests.service_process import service_process
+
+TRIMMED = 0.1  # of each end
+
+
+def trimmed_mean(seconds: Sequence[float]) -> float:
+    """In milliseconds, without the `TRIMMED` share of the fastest and of the slowest."""
+    ordered = sorted(seconds)
+    cut = int(len(ordered) * TRIMMED)
+    return statistics.fmean(ordered[cut : len(ordered) - cut]) * 1000 if ordered else NAN
 
 
 @dataclass(frozen=True)
 class Ratio:
     mode: Mode
     typical_ms: float  # the median of the rounds' figures
-    mean: float  # of the per-round ratios to fused
-    low: float
-    high: float
+    to_fused: Interval
 
-    def line(self) -> str:
-        interval = f"[95% CI {self.low:.2f}-{self.high:.2f}]"
-        return f"{self.mode:<11} {self.typical_ms:8.3f} ms   {self.mean:5.2f}x fused  {interval}"
+    def cell(self) -> str:
+        """The ratio, bold when its whole interval is on one side of 1."""
+        clear = self.to_fused.low > 1 or self.to_fused.high < 1
+        return f"**{self.to_fused.brief()}**" if clear and self.mode is not Mode.FUSED else self.to_fused.brief()
 
 
 def ratios(per_round: dict[Mode, list[float]]) -> list[Ratio]:
-    """Each mode's per-round figure over fused's, with a t-interval over the rounds."""
+    """Each mode's figures over fused's, round by round."""
     fused = per_round[Mode.FUSED]
-    result = []
-    for mode, figures in per_round.items():
-        ratio = Interval.of_ratios(figures, fused)
-        result.append(Ratio(mode, statistics.median(figures) * 1000, ratio.mean, ratio.low, ratio.high))
-    return result
-
-
-def typical(seconds: Sequence[float]) -> float:
-    """A round's figure: the 10 %-trimmed mean."""
-    return float(stats.trim_mean(seconds, 0.1))
+    return [Ratio(m, statistics.median(f), Interval.of_ratios(f, fused)) for m, f in per_round.items()]
 
 
 def verdict(found: Sequence[Ratio]) -> str:
     """One line: which mode is fastest, and whether the whole interval says so."""
     others = [r for r in found if r.mode is not Mode.FUSED]
-    faster = [r for r in others if r.high < 1]
-    slower = [r for r in others if r.low > 1]
+    faster = [r for r in others if r.to_fused.high < 1]
+    slower = [r for r in others if r.to_fused.low > 1]
     if faster:
-        best = min(faster, key=lambda r: r.mean)
-        return f"{best.mode} beats fused here ({best.mean:.2f}x, the whole interval below 1)"
+        best = min(faster, key=lambda r: r.to_fused.mean)
+        return f"{best.mode} beats fused here ({best.to_fused.mean:.2f}x, the whole interval below 1)"
     if len(slower) == len(others):
         return "fused is the fastest here: every other mode is slower with its whole interval above 1"
     unclear = ", ".join(str(r.mode) for r in others if r not in slower)
     return f"fused is not beaten; {unclear} cannot be told apart from it in this run (more --rounds)"
 
 
-def in_process(model_dir: Path, rounds: int, calls: int) -> dict[Mode, list[float]]:
-    runtime = EnsembleRuntime.load(Settings(model_dir=model_dir))
-    feeds = runtime.manifest.example_inputs()
-
-    def median_call(mode: Mode) -> float:
-        seconds = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            runtime.infer(feeds, mode)
-            seconds.append(time.perf_counter() - start)
-        return typical(seconds)
-
-    try:
-        return interleave(runtime.modes, rounds, median_call)
-    finally:
-        runtime.close()
-
-
-def _hey_median(url: str, body: Path, requests: int) -> float:
-    replies = hey(url, body, concurrency=1, requests=requests)
-    ok = [r.seconds for r in replies if r.status == 200]
-    if len(ok) < requests:
-        raise RuntimeError(f"hey: {requests - len(ok)} of {requests} requests failed against {url}")
-    return typical(ok)
-
-
-def _python_median(url: str, body: Path, requests: int) -> float:
-    seconds = []
-    data = body.read_bytes()
-    with httpx.Client(timeout=30) as client:
-        for _ in range(requests):
-            start = time.perf_counter()
-            client.post(url, content=data, headers={"content-type": "application/json"}).raise_for_status()
-            seconds.append(time.perf_counter() - start)
-    return typical(seconds)
-
-
-def through_service(model_dir: Path, rounds: int, requests: int) -> dict[Mode, list[float]]:
+def run(model_dir: Path, budget: Budget, rounds: int, seconds: float, work: Path) -> Report:
     manifest = load_manifest(model_dir)
-    client = _hey_median if hey_available() else _python_median
-    log(f"[compare] HTTP client: {'hey' if client is _hey_median else 'Python httpx (install hey for a compiled one)'}")
-    port = free_port()
-    with tempfile.TemporaryDirectory() as work:
-        bodies = v2_bodies(manifest, Path(work))
-        env = {"MODEL_DIR": str(model_dir.resolve()), "PORT": str(port), "MAX_QUEUE": "64"}
-        with started(["-m", "app"], env, port, Path(work) / "server.log", "/readyz") as server:
-            served = httpx.get(server.url + "/readyz", timeout=10).json()["modes"]
-            url = f"{server.url}/v2/models/{manifest.name}/infer"
-            modes = [Mode(m) for m in served]
-            for mode in modes:  # warm-up
-                client(url, bodies[mode], 5)
-            return interleave(modes, rounds, lambda mode: client(url, bodies[mode], requests))
-
-
-def run(model_dir: Path, rounds: int, calls: int, requests: int) -> str:
-    """The report: both tables and the verdicts."""
-    lines = [
-        f"model directory {model_dir}: {rounds} interleaved rounds, ratios of each round's figures to fused's",
-        f"machine: {Machine.current().describe()}",
+    modes = served_modes(manifest)
+    settings = Settings(model_dir=model_dir)
+    timed = time_in_process({mode: (settings, mode) for mode in modes}, budget, rounds)
+    in_process = ratios({Mode(m): [trimmed_mean(calls) for calls in per_round] for m, per_round in timed.items()})
+    with service_process(model_dir, work) as service:
+        url = f"{service.url}/v2/models/{manifest.name}/infer"
+        targets = [Target(mode, url, v2_body(manifest, mode, work / f"{mode}.json")) for mode in modes]
+        runs = load_rounds(targets, (1,), seconds, rounds)
+    over_v2 = ratios({Mode(t.name): [trimmed_mean(run.accepted) for run in runs[t, 1]] for t in targets})
+    rows = [
+        [a.mode, f"{a.typical_ms:.3f} ms", a.cell(), f"{b.typical_ms:.2f} ms", b.cell()]
+        for a, b in zip(in_process, over_v2, strict=True)
     ]
-    measured = {
-        f"in-process ({calls} calls a mode a round)": in_process(model_dir, rounds, calls),
-        f"through the service, /v2 ({requests} requests a mode a round)": through_service(model_dir, rounds, requests),
-    }
-    for title, per_round in measured.items():
-        found = ratios(per_round)
-        lines += ["", title, *(r.line() for r in found), f"verdict: {verdict(found)}"]
-    return "\n".join(lines)
+    headers = ["mode", "in-process", "÷ fused [95 % CI]", "over /v2", "÷ fused [95 % CI]"]
+    header = (
+        f"Model directory {model_dir} ({manifest.name}), {rounds} interleaved rounds: in-process {budget.runs} calls "
+        f"a mode a round (the service's runtime, default settings), over /v2 {seconds:g} s of `hey` a mode a round "
+        "(one client). Each round's figure is the 10 %-trimmed mean of its calls."
+    )
+    verdicts = f"In-process: {verdict(in_process)}.\n\nOver /v2: {verdict(over_v2)}."
+    return Report("\n\n".join([header, table(headers, rows), verdicts]))

@@ -1,56 +1,78 @@
-"""`python -m bench sweep`: the offline sweep. Builds single UNets and ensembles of them (reusing what an earlier
-run built under --out), then times each model in each configuration (separate sessions in a loop with default or
-tuned options, in parallel threads, fused), each in a process of its own, a model's configurations in interleaved
-rounds. Writes sweep.csv, sweep.png (latency against accuracy), sweep.md; a full run also docs/sweep.png, its CSV
-and its section of docs/benchmarks.md. About 20 min on 2 cores (--from-csv re-renders them without a run).
+"""`python -m bench sweep`: the published experiment, latency against accuracy, separate sessions against fused.
 
-`python -m bench scale`: the same question across input sizes. The members are fully convolutional, so a pair of
-width-2 members (briefly trained: latency does not depend on the weights) is built and fused by the build's own
-code at each size, and at the size where the pair in a loop costs what the published loop did (170 ms, found by
-probing); then separate sessions in a loop and the fused graph are timed in interleaved rounds, per thread and
-spinning layout. Writes scale.json, scale.png (separate ÷ fused against input size), scale.md.
-
-Every distinct member is built once, as a single-member model directory (`OUT/<member name>/`). An ensemble's
-directory gets copies of its members' files before its build, so the build reuses them (same fingerprint) and
-only fuses and scores. Re-running skips whatever is up to date.
+Builds single UNets of several widths and ensembles of them with model_build: every distinct member once, as a model
+directory of its own (`OUT/models/<member>/`, trained at once, as many as the cores hold); an ensemble's directory
+gets copies of its members first, so its build only fuses and scores (`--reuse-members DIR` copies members built
+with the same configuration from elsewhere; up-to-date builds are skipped). Then times every model, through the
+service's own runtime (app.engine.runtime) in this process, in each configuration below, a model's configurations
+in interleaved rounds. Writes sweep.csv, sweep.png (one point per model, median latency against mean label
+accuracy; an ensemble's separate sessions joined to its fused graph by an arrow; the Pareto front) and sweep.md; a
+full run also rewrites its section of docs/benchmarks.md. `--from-csv docs/sweep.csv` re-renders them without a
+build or timing. About 20 minutes on 2 cores.
 """
 
 from __future__ import annotations
 
 import csv
-import math
 import multiprocessing
 import re
 import shutil
 import statistics
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, field_serializer, field_validator
+from pydantic import BaseModel, field_serializer, field_validator
 
 from app.engine.resources import available_cores
-from bench.core import (
-    CONFIGS,
+from app.engine.timing import percentiles_ms
+from app.settings import Settings
+from bench.common import (
     Budget,
     Interval,
-    Measurement,
-    MeasureSpec,
-    alone,
+    Machine,
+    Report,
+    Setup,
+    interval_check,
     log,
-    mean_load,
-    measure_interleaved,
-    measure_isolated,
+    log_axis,
+    pyplot,
+    table,
+    time_in_process,
+    write_csv,
 )
 from ensemble_contract.manifest import Manifest, load_manifest
+from ensemble_contract.modes import Mode
 from model_build.config import BuildConfig, Int8Config, MemberConfig, TrainingConfig
 
+SEPARATE_OVER_FUSED_TARGET = 1.5  # the published 2.14x, with room for a machine of another kind
+FUSED_OVER_SUM_TARGET = 1.10  # fusing saves no work: the fused graph costs about its members alone
+WIDTHS = (2, 3, 4, 5, 6, 7)
+ENSEMBLES = ("2xw2", "3xw2", "2xw3", "w2+w3", "w2+w7")
 _TERM = re.compile(r"^(?:(\d+)x)?w(\d+)$")
-SINGLE_CONFIGS = ("separate-default", "separate-nospin", "fused-default", "fused-nospin")
 
-# The zoo.
+
+@dataclass(frozen=True)
+class Config:
+    """One way to run a model: a mode of the service's runtime, with ONNX Runtime's default spinning or without."""
+
+    name: str
+    mode: Mode
+    spinning: bool
+    summary: str
+
+
+CONFIGS = (
+    Config("separate-default", Mode.SEQUENTIAL, True, "separate sessions in a loop, spinning on (the default)"),
+    Config("separate-nospin", Mode.SEQUENTIAL, False, "separate sessions in a loop, spinning off"),
+    Config("parallel", Mode.PARALLEL, False, "the members at once, cores // members threads each, spinning off"),
+    Config("fused-default", Mode.FUSED, True, "one session on the fused graph, spinning on (the default)"),
+    Config("fused-nospin", Mode.FUSED, False, "one session on the fused graph, spinning off"),
+)
+ALONE = "alone:"  # alone:<i>: member i of an ensemble by itself (its own model directory), spinning on
 
 
 @dataclass(frozen=True)
@@ -67,10 +89,6 @@ class ModelSpec:
     @property
     def dir_name(self) -> str:
         return self.label.replace("+", "_") if self.is_ensemble else self.members[0].name
-
-    @property
-    def widths(self) -> str:
-        return "+".join(str(m.width_scale) for m in self.members)
 
 
 def single(width: int) -> ModelSpec:
@@ -94,81 +112,48 @@ def ensemble(label: str) -> ModelSpec:
     return ModelSpec(label, tuple(members))
 
 
-def of_model_dir(model_dir: Path) -> ModelSpec:
-    """A model built elsewhere (e.g. models/default), measured as it is: labelled like "default:2xw2@48px"."""
-    manifest = load_manifest(model_dir)
-    widths = [m.width_scale for m in manifest.members]
-    if None in widths:
-        raise ValueError(f"{model_dir}: the manifest does not give every member's width_scale")
-    counts = Counter(widths)
-    terms = "+".join(f"{n}xw{w}" if n > 1 else f"w{w}" for w, n in counts.items())
-    members = tuple(MemberConfig(width_scale=m.width_scale, seed=m.seed or 0) for m in manifest.members)
-    return ModelSpec(f"{model_dir.name}:{terms}@{manifest.image.height}px", members)
-
-
-def build_config(spec: ModelSpec, training: TrainingConfig, test_images: int) -> BuildConfig:
-    name = f"sweep-{spec.dir_name}"
-    # No int8 graph: the sweep times fp32 configurations; `python -m bench quant` covers int8.
-    no_int8 = Int8Config(enabled=False)
-    return BuildConfig(name=name, members=spec.members, training=training, test_images=test_images, int8=no_int8)
-
-
-def _member_file(root: Path, member: MemberConfig) -> Path:
-    return root / "members" / f"{member.name}.onnx"
-
-
-def _build(spec: ModelSpec, training: TrainingConfig, test_images: int, out: Path, sources: Sequence[Path]) -> None:
-    """Builds `spec` into `out`, first copying in each member that `out` lacks (or holds from another
-    configuration) from the first of `sources` (model directories) that has it built with this one."""
+def _build(spec: ModelSpec, out: Path, training: TrainingConfig, test_images: int, sources: Sequence[Path]) -> None:
+    """Builds `spec` into `out` (no int8 graph: the sweep times fp32), first copying in each member `out` lacks from
+    the first of `sources` (model directories) that has it built the same way."""
     from model_build.build import build, is_built  # torch is imported only where a build runs
 
-    config = build_config(spec, training, test_images)
+    config = BuildConfig(
+        name=f"sweep-{spec.dir_name}",
+        members=spec.members,
+        training=training,
+        test_images=test_images,
+        int8=Int8Config(enabled=False),
+    )
     for member in config.members:
-        target = _member_file(out, member)
-        if is_built(target, config, member):
-            continue
-        source = next((p for p in (_member_file(s, member) for s in sources) if is_built(p, config, member)), None)
-        if source is not None:
+        target = out / "members" / f"{member.name}.onnx"
+        found = [s / "members" / f"{member.name}.onnx" for s in sources]
+        source = next((path for path in found if is_built(path, config, member)), None)
+        if not is_built(target, config, member) and source is not None:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
-    build(config, out)  # skips what is up to date, reuses matching members
+    build(config, out)
 
 
 def build_all(
-    specs: Sequence[ModelSpec],
-    training: TrainingConfig,
-    test_images: int,
-    root: Path,
-    reuse_from: Sequence[Path] = (),
+    specs: Sequence[ModelSpec], training: TrainingConfig, test_images: int, root: Path, reuse: Sequence[Path] = ()
 ) -> dict[str, Path]:
-    """Builds every model of `specs` under `root`; returns each label's model directory.
-
-    Members train at once, as many as the cores hold at `training.threads` threads each, each in a process of its
-    own (trained one after another on one thread each, they left one of two cores idle)."""
+    """Builds every model of `specs` under `root`; returns each label's model directory. The members train at once,
+    as many as the cores hold at `training.threads` threads each, a process each."""
     members = list(dict.fromkeys(m for spec in specs for m in spec.members))
-    member_dirs = {m: root / m.name for m in members}
     workers = max(1, min(len(members), available_cores() // training.threads))
+    build_member = partial(_build, training=training, test_images=test_images, sources=reuse)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        builds = [
-            pool.submit(_build, ModelSpec(m.name, (m,)), training, test_images, member_dirs[m], reuse_from)
-            for m in members
-        ]
-        for build in builds:
-            build.result()
-    dirs = {}
+        specs_and_dirs = [ModelSpec(m.name, (m,)) for m in members], [root / m.name for m in members]
+        list(pool.map(build_member, *specs_and_dirs))  # list(): a failed build raises here
     for spec in specs:
         if spec.is_ensemble:
-            dirs[spec.label] = root / spec.dir_name
-            _build(spec, training, test_images, dirs[spec.label], [member_dirs[m] for m in spec.members])
-        else:
-            dirs[spec.label] = member_dirs[spec.members[0]]
-    return dirs
-
-
-# The measurements.
+            _build(spec, root / spec.dir_name, training, test_images, [root / m.name for m in spec.members])
+    return {spec.label: root / spec.dir_name for spec in specs}
 
 
 class SweepRow(BaseModel):
+    """One model in one configuration: a line of sweep.csv."""
+
     model: str
     kind: str
     widths: str
@@ -192,10 +177,6 @@ class SweepRow(BaseModel):
     load_average_1m: float | None
     measured_at: str
 
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.model, self.config
-
     @field_validator("rounds_ms", mode="before")
     @classmethod
     def _from_csv(cls, value: object) -> object:
@@ -206,33 +187,47 @@ class SweepRow(BaseModel):
         return " ".join(f"{x:.4f}" for x in value)
 
 
-def configs_for(spec: ModelSpec) -> list[str]:
-    """A single model runs the same alone, separate or in parallel, so it gets fewer configurations."""
-    if not spec.is_ensemble:
-        return list(SINGLE_CONFIGS)
-    return [*CONFIGS, *(alone(i).name for i in range(len(spec.members)))]
+def read_rows(path: Path) -> list[SweepRow]:
+    with path.open(newline="") as f:
+        return [SweepRow.model_validate({k: v or None for k, v in row.items()}) for row in csv.DictReader(f)]
 
 
-def _row(spec: ModelSpec, manifest: Manifest, config: str, rounds: Sequence[Measurement]) -> SweepRow:
+def setups(spec: ModelSpec, model_dir: Path, root: Path) -> dict[str, Setup]:
+    """A model's configurations: a single model runs the same separate or in parallel, so it has no `parallel`; an
+    ensemble also times each member alone."""
+    found = {
+        c.name: (Settings(model_dir=model_dir, allow_spinning=c.spinning), c.mode)
+        for c in CONFIGS
+        if spec.is_ensemble or c.mode is not Mode.PARALLEL
+    }
+    if spec.is_ensemble:
+        for i, member in enumerate(spec.members):
+            found[f"{ALONE}{i}"] = (Settings(model_dir=root / member.name, allow_spinning=True), Mode.SEQUENTIAL)
+    return found
+
+
+def _row(
+    spec: ModelSpec, manifest: Manifest, config: str, rounds: Sequence[Sequence[float]], machine: Machine
+) -> SweepRow:
+    """`rounds`: each round's durations, in seconds."""
+    p50, p95, p99 = zip(*(percentiles_ms(seconds, [50, 95, 99]) for seconds in rounds), strict=True)
     metrics = manifest.ensemble_metrics or manifest.members[0].metrics
     if metrics is None:
         raise ValueError(f"{spec.label}: the manifest has no held-out metrics")
-    summaries = [m.results[config] for m in rounds]
-    machine = rounds[0].machine
     return SweepRow(
         model=spec.label,
         kind="ensemble" if spec.is_ensemble else "single",
-        widths=spec.widths,
+        widths="+".join(str(m.width_scale) for m in spec.members),
         members=len(spec.members),
         parameters=sum(m.parameters or 0 for m in manifest.members),
         image_size=manifest.image.height if manifest.image else 0,
         config=config,
-        median_ms=statistics.median(s.median_ms for s in summaries),
-        p95_ms=statistics.median(s.p95_ms for s in summaries),
-        p99_ms=statistics.median(s.p99_ms for s in summaries),
-        mean_ms=statistics.fmean(s.mean_ms for s in summaries),
-        runs=sum(s.count for s in summaries),
-        rounds_ms=tuple(s.median_ms for s in summaries),
+        median_ms=statistics.median(p50),
+        p95_ms=statistics.median(p95),
+        p99_ms=statistics.median(p99),
+        mean_ms=statistics.fmean(statistics.fmean(seconds) * 1000 for seconds in rounds),
+        runs=sum(len(seconds) for seconds in rounds),
+        rounds_ms=p50,
         training_steps=(manifest.build_config or {}).get("training", {}).get("steps", 0),
         mean_label_accuracy=metrics.mean_label_accuracy,
         exact_match_accuracy=metrics.exact_match_accuracy,
@@ -240,202 +235,204 @@ def _row(spec: ModelSpec, manifest: Manifest, config: str, rounds: Sequence[Meas
         cpu=machine.cpu,
         cores=machine.cores,
         onnxruntime=machine.onnxruntime,
-        load_average_1m=mean_load(rounds),
+        load_average_1m=machine.load_average[0] if machine.load_average else None,
         measured_at=machine.measured_at,
     )
 
 
-def read_rows(path: Path) -> list[SweepRow]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [SweepRow.model_validate({k: (v if v != "" else None) for k, v in r.items()}) for r in csv.DictReader(f)]
-
-
-def write_rows(rows: Sequence[SweepRow], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".csv.partial")
-    with partial.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(SweepRow.model_fields))
-        writer.writeheader()
-        writer.writerows(r.model_dump() for r in rows)
-    partial.replace(path)
-
-
-def measure_all(
-    models: Sequence[tuple[ModelSpec, Path]],
-    budget: Budget,
-    rounds: int,
-    csv_path: Path,
-    keep: Sequence[SweepRow] = (),
+def measure(
+    specs: Sequence[ModelSpec], dirs: dict[str, Path], root: Path, budget: Budget, rounds: int, csv_path: Path
 ) -> list[SweepRow]:
-    """Times every configuration of every model: a model's configurations each in a process of its own, in
-    `rounds` interleaved rounds of `budget` each, one model after another.
+    """Times every configuration of every model, a model's configurations in interleaved rounds, one model after
+    another; the CSV is rewritten after each model, so an interruption keeps what was measured."""
+    rows: list[SweepRow] = []
+    for spec in specs:
+        manifest = load_manifest(dirs[spec.label])
+        timed = time_in_process(setups(spec, dirs[spec.label], root), budget, rounds)
+        machine = Machine.current()
+        for config, per_round in timed.items():
+            rows.append(_row(spec, manifest, config, per_round, machine))
+            log(f"[sweep] {spec.label:>8} {config:<18} p50 {rows[-1].median_ms:.2f} ms, rounds {rows[-1].rounds_ms}")
+        write_csv(csv_path, [row.model_dump() for row in rows])
+    return rows
 
-    Rows in `keep` (an earlier, interrupted run) are not measured again. The CSV is rewritten after each model,
-    so an interruption loses at most one."""
-    rows = list(keep)
-    done = {r.key for r in rows}
-    for spec, model_dir in models:
-        manifest = load_manifest(model_dir)
-        todo = [c for c in configs_for(spec) if (spec.label, c) not in done]
-        if not todo:
+
+def _by_model(rows: Sequence[SweepRow]) -> dict[str, dict[str, SweepRow]]:
+    grouped: dict[str, dict[str, SweepRow]] = defaultdict(dict)
+    for row in rows:
+        grouped[row.model][row.config] = row
+    return grouped
+
+
+def _sum_alone(configs: dict[str, SweepRow]) -> list[float] | None:
+    """Per round: the sum of the members' medians alone."""
+    alone = [row.rounds_ms for name, row in configs.items() if name.startswith(ALONE)]
+    return [sum(per_round) for per_round in zip(*alone, strict=True)] if alone else None
+
+
+def _ratios(configs: dict[str, SweepRow]) -> dict[str, Interval | None]:
+    """The sweep's ratios, by column heading: each the mean of the rounds' ratios, with its 95 % interval."""
+
+    def rounds(name: str) -> Sequence[float] | None:
+        return configs[name].rounds_ms if name in configs else None
+
+    pairs = {
+        "separate-default ÷ fused-default": (rounds("separate-default"), rounds("fused-default")),
+        "separate-nospin ÷ fused-nospin": (rounds("separate-nospin"), rounds("fused-nospin")),
+        "parallel ÷ fused-nospin": (rounds("parallel"), rounds("fused-nospin")),
+        "fused-default ÷ sum alone": (rounds("fused-default"), _sum_alone(configs)),
+    }
+    return {column: Interval.of_ratios(n, d) if n and d else None for column, (n, d) in pairs.items()}
+
+
+def target_lines(rows: Sequence[SweepRow], model: str) -> list[str]:
+    """The published claims' bounds on `model`, each holding only where its whole 95 % interval is."""
+    ratios = _ratios(_by_model(rows).get(model, {}))
+    targets = (
+        (f"{model}: fused ÷ sum of its members alone", "fused-default ÷ sum alone", None, FUSED_OVER_SUM_TARGET),
+        (
+            f"{model}: separate sessions in a loop ÷ fused, spinning on",
+            "separate-default ÷ fused-default",
+            SEPARATE_OVER_FUSED_TARGET,
+            None,
+        ),
+    )
+    lines = []
+    for name, column, low, high in targets:
+        interval = ratios[column]
+        lines.append(interval_check(name, interval, at_least=low, at_most=high) if interval else f"not measured {name}")
+    return lines
+
+
+def markdown(rows: Sequence[SweepRow], header: str, target: str) -> str:
+    grouped = _by_model(rows)
+    names = [c.name for c in CONFIGS if any(c.name in configs for configs in grouped.values())]
+    body = []
+    for model, configs in grouped.items():
+        first = next(iter(configs.values()))
+        cells: list[object] = [model, f"{first.parameters / 1e6:.2f}", f"{first.mean_label_accuracy:.3f}"]
+        cells += [f"{configs[n].median_ms:.2f} ({configs[n].p95_ms:.2f})" if n in configs else "" for n in names]
+        alone = _sum_alone(configs)
+        cells.append(statistics.median(alone) if alone else None)
+        cells += [interval.brief() if interval else None for interval in _ratios(configs).values()]
+        body.append(cells)
+    headers = ["model", "params (M)", "mean label acc.", *(f"{n} p50 (p95) ms" for n in names)]
+    headers += ["sum of members alone, ms", *(f"{column} [95 % CI]" for column in _ratios({}))]
+    legend = "\n".join(f"- `{c.name}`: {c.summary}" for c in CONFIGS if c.name in names)
+    targets = "\n".join(f"- {line}" for line in target_lines(rows, target))
+    against = f"Against the published claims (on `{target}`, batch 1; a bound holds where the whole 95 % interval is):"
+    return "\n\n".join([header, table(headers, body), legend, against, targets])
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both counts (lower latency x, higher accuracy y), by latency."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def plot(rows: Sequence[SweepRow], path: Path, subtitle: str) -> Path:
+    """The published kind of chart: one point per model, median latency (x, log) against mean label accuracy (y),
+    coloured by total parameters; an ensemble's separate sessions (spinning on) joined to its fused graph by an
+    arrow; the Pareto front as a step line."""
+    plt = pyplot()
+    from matplotlib.lines import Line2D
+
+    millions = [r.parameters / 1e6 for r in rows]
+    norm, cmap = plt.Normalize(min(millions), max(millions)), plt.get_cmap("viridis")
+    fig, ax = plt.subplots(figsize=(9, 6.5), dpi=110, layout="constrained")
+    points: list[tuple[float, float]] = []
+    for model, configs in _by_model(rows).items():
+        fused = configs.get("fused-default")
+        if fused is None:
             continue
-        measured = measure_interleaved({c: MeasureSpec.of(model_dir, (c,), budget) for c in todo}, rounds)
-        for config in todo:
-            rows.append(_row(spec, manifest, config, measured[config]))
-            log(f"[sweep] {spec.label:>8} {config:<20} p50 {rows[-1].median_ms:.2f} ms, rounds {rows[-1].rounds_ms}")
-        write_rows(rows, csv_path)
-    return rows
+        colour = cmap(norm(fused.parameters / 1e6))
+        at = (fused.median_ms, fused.mean_label_accuracy)
+        points.append(at)
+        separate = configs.get("separate-default") if fused.kind == "ensemble" else None
+        if separate is not None:
+            start = (separate.median_ms, separate.mean_label_accuracy)
+            points.append(start)
+            ax.scatter(*start, s=60, marker="D", facecolors="white", edgecolors=[colour], linewidths=1.6, zorder=3)
+            arrow = {"arrowstyle": "-|>", "color": colour, "lw": 1.4, "shrinkA": 5, "shrinkB": 7, "mutation_scale": 14}
+            ax.annotate("", at, start, arrowprops=arrow, zorder=6)
+        marker = "s" if fused.kind == "ensemble" else "o"
+        ax.scatter(*at, s=70, marker=marker, color=colour, edgecolors="black", linewidths=0.5, zorder=4)
+        ax.annotate(model, at, textcoords="offset points", xytext=(6, 5), fontsize=8)
+    xs, ys = zip(*pareto_front(points), strict=True)
+    ax.step(xs, ys, where="post", color="tab:red", linewidth=1.2, alpha=0.8, zorder=1)
+    ax.scatter(xs, ys, s=170, facecolors="none", edgecolors="tab:red", linewidths=1.2, zorder=5)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="total parameters (M)")
+    ax.set_xscale("log")
+    log_axis(ax.xaxis)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("median latency, batch 1, spinning on as ONNX Runtime's default (ms, log scale)")
+    ax.set_ylabel("mean label accuracy (held out)")
+    ax.set_title(f"Latency vs accuracy: single UNets and ensembles\n{subtitle}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    hollow = {"marker": "D", "markerfacecolor": "white", "color": "grey", "linestyle": ""}
+    handles = [
+        Line2D([], [], marker="o", color="grey", linestyle="", label="single model"),
+        Line2D([], [], marker="s", color="grey", linestyle="", label="ensemble, fused graph"),
+        Line2D([], [], **hollow, label="ensemble, separate sessions"),
+        Line2D([], [], color="grey", marker=r"$\rightarrow$", linestyle="", markersize=12, label="separate → fused"),
+        Line2D([], [], color="tab:red", label="Pareto front (faster and more accurate)"),
+    ]
+    ax.legend(handles=handles, fontsize=8, loc="best")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
-# Input size: a width-2 pair at each size, separate against fused, per thread and spinning layout.
-
-# The published experiment (Niville, Ixor, 2022): two members as separate sessions in a loop, and fused.
-PUBLISHED_SEPARATE_MS, PUBLISHED_FUSED_MS = 172.27, 80.47
-SCALE_MEMBERS = (MemberConfig(width_scale=2, seed=1), MemberConfig(width_scale=2, seed=2))
-SCALE_STEPS = 4  # latency does not depend on the weights: enough to run the build's own training path
-SIZE_STEP, MAX_SIZE = 16, 512  # the UNet's input is a multiple of 16; TrainingConfig's largest image
-MAX_PROBES = 5
-TARGET_TOLERANCE = 1.1  # a probe within 10 % of the target latency ends the search
-
-
-@dataclass(frozen=True)
-class ScaleLayout:
-    """How the sessions of both sides are set up: intra-op threads, and whether their pools spin (ORT's default)."""
-
-    threads: int
-    spinning: bool
-
-    @property
-    def name(self) -> str:
-        if self.threads == 1:
-            return "1 thread"  # no intra-op pool: the caller's thread runs everything, nothing spins
-        return f"{self.threads} threads, spinning {'on (default)' if self.spinning else 'off'}"
-
-    @property
-    def configs(self) -> tuple[str, str]:
-        """The separate and fused runner configurations (bench.core.CONFIGS)."""
-        suffix = "default" if self.spinning else "nospin"
-        return f"separate-{suffix}", f"fused-{suffix}"
-
-
-def scale_layouts(cores: int) -> tuple[ScaleLayout, ...]:
-    return (ScaleLayout(cores, True), ScaleLayout(cores, False), ScaleLayout(1, True))
-
-
-def build_at(size: int, root: Path) -> Path:
-    """The width-2 pair at `size` x `size`, built and fused by model_build (reused when up to date)."""
-    from model_build.build import build
-
-    training = TrainingConfig(image_size=size, batch_size=2, steps=SCALE_STEPS, threads=1)
-    config = BuildConfig(
-        name=f"scale-{size}px",
-        members=SCALE_MEMBERS,
-        training=training,
-        test_images=1,
-        int8=Int8Config(enabled=False),
-        parallel_training=False,
+def render(rows: Sequence[SweepRow], out: Path, what: str, measured_on: str | None = None) -> Report:
+    """The report, chart and CSV of a run's rows (`what`: how they were built and timed)."""
+    if not rows:
+        raise SystemExit("no sweep rows to render")
+    ensembles = [r.model for r in rows if r.kind == "ensemble"]
+    target = "2xw2" if "2xw2" in ensembles else (ensembles or ["2xw2"])[0]
+    what += (
+        f" Bounds checked on `{target}`. Latencies are the median over rounds of each round's p50 (p95), in ms; "
+        "ratios are the mean of the rounds' ratios with its 95 % t-interval. Compare only ratios measured in one run. "
+        "The chart plots each model's fused-default latency (a single model: its one session) and, for an ensemble, "
+        "its separate-default latency too; the data is [sweep.csv](sweep.csv)."
     )
-    out = root / f"{size}px"
-    build(config, out)
-    return out
+    data = write_csv(out / "sweep.csv", [row.model_dump() for row in rows])
+    chart = plot(rows, out / "sweep.png", f"{rows[0].cpu}, {rows[0].cores} cores, {rows[0].measured_at}")
+    return Report(markdown(rows, what, target), figure=chart, data=data, measured_on=measured_on)
 
 
-def size_for(target_ms: float, latency_ms: Callable[[int], float], start: int, largest: int = MAX_SIZE) -> int:
-    """The input size (a multiple of 16, at most `largest`) whose latency is nearest `target_ms`, found by probing:
-    latency grows about with the pixels, so each probe aims at the size whose pixel count scales by target /
-    measured, moving at most a doubling (or halving) of the side at a time."""
-    probed: dict[int, float] = {}
-    size = start
-    while len(probed) < MAX_PROBES:
-        probed[size] = latency_ms(size)
-        log(f"[scale] probe {size}px: {probed[size]:.1f} ms (target {target_ms:g} ms)")
-        if abs(math.log(probed[size] / target_ms)) < math.log(TARGET_TOLERANCE):
-            break
-        factor = min(2.0, max(0.5, math.sqrt(target_ms / probed[size])))
-        following = min(largest, max(SIZE_STEP, round(size * factor / SIZE_STEP) * SIZE_STEP))
-        if following in probed:
-            break
-        size = following
-    return min(probed, key=lambda s: abs(math.log(probed[s] / target_ms)))
-
-
-class ScaleRow(BaseModel):
-    model_config = ConfigDict(ser_json_inf_nan="constants")  # one round's interval is unbounded: Infinity
-
-    size: int
-    layout: str
-    threads: int
-    spinning: bool
-    separate_ms: float  # the median of the rounds' medians
-    fused_ms: float
-    ratio: Interval  # separate ÷ fused: the mean of the rounds' ratios, with its 95 % interval
-    saved_ms: Interval  # separate - fused: the mean of the rounds' differences, with its 95 % interval
-    rounds: int
-    runs: int  # timed runs of each side, all rounds together
-    load_average_1m: float | None
-
-
-def _scale_row(
-    size: int, layout: ScaleLayout, separate: Sequence[Measurement], fused: Sequence[Measurement]
-) -> ScaleRow:
-    sep_config, fused_config = layout.configs
-    sep_ms = [m.results[sep_config].median_ms for m in separate]
-    fused_ms = [m.results[fused_config].median_ms for m in fused]
-    return ScaleRow(
-        size=size,
-        layout=layout.name,
-        threads=layout.threads,
-        spinning=layout.spinning,
-        separate_ms=statistics.median(sep_ms),
-        fused_ms=statistics.median(fused_ms),
-        ratio=Interval.of_ratios(sep_ms, fused_ms),
-        saved_ms=Interval.of([s - f for s, f in zip(sep_ms, fused_ms, strict=True)]),
-        rounds=len(sep_ms),
-        runs=sum(m.results[sep_config].count for m in separate),
-        load_average_1m=mean_load([*separate, *fused]),
+def rerender(csv_path: Path, out: Path) -> Report:
+    """The report of an earlier run from its CSV, saying what it was measured on."""
+    rows = read_rows(csv_path)
+    loads = [r.load_average_1m for r in rows if r.load_average_1m is not None] or [float("nan")]
+    first = rows[0]
+    measured_on = (
+        f"{first.cpu}, {first.cores} cores, onnxruntime {first.onnxruntime}, from {min(r.measured_at for r in rows)} "
+        f"to {max(r.measured_at for r in rows)}, 1-minute load average {min(loads):.2f}-{max(loads):.2f}"
     )
+    what = f"Sweep models trained {first.training_steps} steps at {first.image_size}x{first.image_size}."
+    return render(rows, out, what, measured_on)
 
 
-def measure_scale(dirs: dict[int, Path], layouts: Sequence[ScaleLayout], budget: Budget, rounds: int) -> list[ScaleRow]:
-    """Per size: both sides of every layout, each in a process of its own, in `rounds` interleaved rounds."""
-    rows = []
-    for size, model_dir in sorted(dirs.items()):
-        specs = {
-            f"{layout.name} | {config}": MeasureSpec.of(model_dir, (config,), budget, intra_op_threads=layout.threads)
-            for layout in layouts
-            for config in layout.configs
-        }
-        measured = measure_interleaved(specs, rounds)
-        for layout in layouts:
-            separate, fused = (measured[f"{layout.name} | {config}"] for config in layout.configs)
-            rows.append(_scale_row(size, layout, separate, fused))
-            log(f"[scale] {size:>4}px {layout.name:<30} separate ÷ fused {rows[-1].ratio}")
-    return rows
-
-
-def run_scale(
-    sizes: Sequence[int],
-    target_ms: float,
-    largest: int,
+def run(
+    specs: Sequence[ModelSpec],
+    training: TrainingConfig,
+    test_images: int,
+    reuse: Sequence[Path],
     budget: Budget,
-    probe: Budget,
     rounds: int,
-    root: Path,
-) -> tuple[int, list[ScaleRow]]:
-    """Builds the pair at `sizes`, finds the size where it costs `target_ms` in a loop with default options (the
-    published loop; probed with `probe`, starting from the largest of `sizes`), then measures them all. Returns
-    that size and the rows."""
-    layouts = scale_layouts(available_cores())
-    dirs = {size: build_at(size, root) for size in sizes}
-
-    def published_loop_ms(size: int) -> float:
-        if size not in dirs:
-            dirs[size] = build_at(size, root)
-        spec = MeasureSpec.of(dirs[size], ("separate-default",), probe, intra_op_threads=layouts[0].threads)
-        return measure_isolated(spec).results["separate-default"].median_ms
-
-    published = size_for(target_ms, published_loop_ms, start=max(sizes), largest=largest)
-    measured = {size: dirs[size] for size in {*sizes, published}}
-    return published, measure_scale(measured, layouts, budget, rounds)
+    out: Path,
+) -> Report:
+    log(f"[sweep] building {len(specs)} models into {out / 'models'} (up-to-date ones are skipped)")
+    dirs = build_all(specs, training, test_images, out / "models", reuse)
+    rows = measure(specs, dirs, out / "models", budget, rounds, out / "sweep.csv")
+    what = (
+        f"Sweep models trained {training.steps} steps at {training.image_size}x{training.image_size}, batch "
+        f"{training.batch_size}, on {training.threads} thread(s); accuracy on {test_images} held-out images. Each "
+        "model's configurations run through the service's runtime in one process, one runtime per spinning setting, "
+        f"timed in {rounds} interleaved rounds (the order rotated each round): per round {budget.warmup} warm-up runs, "
+        f"then {budget.runs} timed runs (at most {budget.max_seconds:g} s), batch 1."
+    )
+    return render(rows, out, what)

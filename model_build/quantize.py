@@ -1,5 +1,5 @@
-"""int8 versions of a fused graph with onnxruntime.quantization: static QDQ (what the build ships when it
-keeps the accuracy) and dynamic (which the benchmark compares against).
+"""The int8 version of a fused graph with onnxruntime.quantization: static QDQ, which the build ships when it
+keeps the accuracy.
 
 Static quantisation calibrates on inputs the caller gives: ours on shapes images drawn from training seeds,
 never the held-out ones; a user's on the rows of `fuse --calibration inputs.npz`.
@@ -18,7 +18,6 @@ from onnxruntime.quantization import (
     QuantFormat,
     QuantType,
     quant_pre_process,
-    quantize_dynamic,
     quantize_static,
 )
 
@@ -65,11 +64,4 @@ def quantize_static_int8(fp32: Path, target: Path, calibration: Mapping[str, np.
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
         )
-    return target
-
-
-def quantize_dynamic_int8(fp32: Path, target: Path) -> Path:
-    """uint8 weights; activations quantised at run time."""
-    with tempfile.TemporaryDirectory() as work:
-        quantize_dynamic(_prepared(fp32, Path(work)), target, weight_type=QuantType.QUInt8)
     return target

@@ -1,5 +1,5 @@
 """`python -m app` in a child process, for the tests that need the real entry point: signals, exit codes, and the
-server's own resident memory."""
+server's own resident memory; any other HTTP server in a child process too (the benchmarks' peer servers)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
 
 from app.settings import Settings
 
@@ -61,6 +60,10 @@ def service_environment(model_dir: Path, **settings: object) -> dict[str, str]:
     return environment
 
 
+class NotReady(RuntimeError):
+    """A server exited, or did not answer its readiness path in time."""
+
+
 def run_to_exit(
     model_dir: Path, timeout_s: float = START_TIMEOUT_S, **settings: object
 ) -> subprocess.CompletedProcess[str]:
@@ -98,40 +101,58 @@ class ServiceProcess:
 
 
 @contextmanager
-def service_process(
-    model_dir: Path, log_dir: Path, *, cores: set[int] | None = None, **settings: object
+def server_process(
+    command: Sequence[str],
+    port: int,
+    log: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    ready_path: str = "/readyz",
+    cores: set[int] | None = None,
+    start_timeout_s: float = START_TIMEOUT_S,
 ) -> Iterator[ServiceProcess]:
-    """The service in a child process on a free loopback port (on `cores` only, if given), ready (its /readyz
-    says 200) when yielded; stopped with SIGTERM (and killed if it does not stop) when the block ends."""
-    port = free_port()
-    log = log_dir / f"service-{port}.log"
+    """`command` (an HTTP server listening on loopback `port`, its output to `log`) in a child process (on `cores`
+    only, if given), ready (`ready_path` says 200) when yielded; stopped with SIGTERM (and killed if it does not
+    stop) when the block ends."""
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app"],
-            env=service_environment(model_dir, PORT=port, **settings),
+            list(command),
+            env=None if env is None else dict(env),
             cwd=REPO,
             stdout=sink,
             stderr=subprocess.STDOUT,
             preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores),
         )
-    service = ServiceProcess(process, f"http://127.0.0.1:{port}", port, log)
+    server = ServiceProcess(process, f"http://{LOOPBACK}:{port}", port, log)
     try:
-        _wait_until_ready(service)
-        yield service
+        _wait_until_ready(server, ready_path, start_timeout_s)
+        yield server
     finally:
         stop(process, timeout_s=30)
 
 
-def _wait_until_ready(service: ServiceProcess) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    with httpx.Client(base_url=service.url, timeout=5) as client:
+@contextmanager
+def service_process(
+    model_dir: Path, log_dir: Path, *, cores: set[int] | None = None, **settings: object
+) -> Iterator[ServiceProcess]:
+    """`python -m app` with these settings on a free loopback port, as server_process runs it."""
+    port = free_port()
+    environment = service_environment(model_dir, PORT=port, **settings)
+    command = [sys.executable, "-m", "app"]
+    with server_process(command, port, log_dir / f"service-{port}.log", env=environment, cores=cores) as service:
+        yield service
+
+
+def _wait_until_ready(server: ServiceProcess, path: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=server.url, timeout=5) as client:
         while time.monotonic() < deadline:
-            if service.process.poll() is not None:
-                pytest.fail(f"the service exited with {service.process.returncode}:\n{service.output()}")
+            if server.process.poll() is not None:
+                raise NotReady(f"the server exited with {server.process.returncode}:\n{server.output()}")
             try:
-                if client.get("/readyz").status_code == 200:
+                if client.get(path).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-    pytest.fail(f"the service was not ready within {START_TIMEOUT_S} s:\n{service.output()}")
+    raise NotReady(f"the server was not ready within {timeout_s:.0f} s:\n{server.output()}")

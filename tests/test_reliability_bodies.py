@@ -1,8 +1,7 @@
 """Slow and never-finishing request bodies: 408, not before BODY_TIMEOUT_S, the connection closed, and nothing of
 the service held (no queue place, no inference slot) while the body trickles in or after it is given up.
 
-How soon after BODY_TIMEOUT_S the 408 comes is a timing, which a busy machine moves: `python -m bench load`
-measures it (the stalled upload of each overload round, as a ratio to BODY_TIMEOUT_S with a 95 % interval)."""
+How soon after BODY_TIMEOUT_S the 408 comes is a timing, which a busy machine moves: it is not asserted here."""
 
 from __future__ import annotations
 

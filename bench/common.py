@@ -1,0 +1,217 @@
+"""What every experiment shares: the machine a result was measured on, the service's own runtime timed in-process
+in interleaved rounds, the mean of per-round figures with its 95 % interval, markdown tables, charts, and the marked
+sections of docs/benchmarks.md that full runs rewrite."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import onnxruntime as ort
+
+from app.engine.resources import available_cores
+from app.engine.runtime import EnsembleRuntime
+from app.engine.timing import mean_interval
+from app.settings import Settings
+from ensemble_contract.modes import Mode
+
+NAN = float("nan")
+K = TypeVar("K")
+V = TypeVar("V")
+Setup = tuple[Settings, Mode]  # one way to run a model: the service's runtime under these settings, in this mode
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr; stdout carries the reports."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What a result was measured on: only ratios travel between machines."""
+
+    cpu: str
+    cores: int
+    onnxruntime: str
+    python: str
+    load_average: tuple[float, float, float] | None
+    measured_at: str
+
+    @classmethod
+    def current(cls) -> Machine:
+        cpu = platform.processor() or "unknown"
+        if Path("/proc/cpuinfo").is_file():
+            names = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+            cpu = names[0].split(":", 1)[1].strip() if names else cpu
+        load = os.getloadavg() if hasattr(os, "getloadavg") else None
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        return cls(cpu, available_cores(), ort.__version__, platform.python_version(), load, now)
+
+    def describe(self) -> str:
+        load = "n/a" if self.load_average is None else " ".join(f"{x:.2f}" for x in self.load_average)
+        return (
+            f"{self.cpu}, {self.cores} cores, onnxruntime {self.onnxruntime}, Python {self.python}, "
+            f"load average {load}, {self.measured_at}"
+        )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long one setup is timed in a round: warm-up calls, then timed calls up to a count or a duration."""
+
+    warmup: int
+    runs: int
+    max_seconds: float
+
+    def time(self, call: Callable[[], object]) -> list[float]:
+        """The timed calls' durations in seconds; at least one, however long it takes."""
+        for _ in range(self.warmup):
+            call()
+        seconds: list[float] = []
+        deadline = time.perf_counter() + self.max_seconds
+        while len(seconds) < self.runs and (not seconds or time.perf_counter() < deadline):
+            start = time.perf_counter()
+            call()
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+
+def interleave(keys: Sequence[K], rounds: int, measure: Callable[[K], V]) -> dict[K, list[V]]:
+    """`rounds` rounds; round r measures every key once, in turn, the order rotated by r. Returns each key's figures,
+    one per round, so that ratios are taken within a round and a drifting machine moves both sides alike."""
+    per_round: dict[K, list[V]] = {key: [] for key in keys}
+    for round_ in range(rounds):
+        shift = round_ % len(keys)
+        for key in (*keys[shift:], *keys[:shift]):
+            per_round[key].append(measure(key))
+    return per_round
+
+
+def time_in_process(setups: Mapping[str, Setup], budget: Budget, rounds: int) -> dict[str, list[list[float]]]:
+    """Times each named setup on the model's example input in interleaved rounds, in this process: one
+    EnsembleRuntime per distinct settings (every session the service would open), all loaded before the first round.
+    A pool spins only after its own session ran, so the warm-up calls of each setup absorb the spinning its
+    predecessor leaves. Returns each setup's durations in seconds, one list per round."""
+    with ExitStack() as stack:
+        runtimes: dict[str, EnsembleRuntime] = {}
+        for settings, _ in setups.values():
+            if settings.model_dump_json() not in runtimes:
+                runtime = runtimes[settings.model_dump_json()] = EnsembleRuntime.load(settings)
+                stack.callback(runtime.close)
+
+        def measure(name: str) -> list[float]:
+            settings, mode = setups[name]
+            runtime = runtimes[settings.model_dump_json()]
+            feeds = runtime.manifest.example_inputs()
+            return budget.time(lambda: runtime.infer(feeds, mode))
+
+        return interleave(list(setups), rounds, measure)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The mean of per-round figures with its 95 % t-interval (unbounded with one round; NaN throughout when a round
+    has no figure)."""
+
+    mean: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Interval:
+        if not all(math.isfinite(v) for v in values):
+            return cls(NAN, NAN, NAN)
+        return cls(*mean_interval(values))
+
+    @classmethod
+    def of_ratios(cls, numerators: Sequence[float], denominators: Sequence[float]) -> Interval:
+        """The mean of the rounds' ratios (round i's numerator over round i's denominator), with its interval."""
+        return cls.of([n / d if d else NAN for n, d in zip(numerators, denominators, strict=True)])
+
+    def brief(self) -> str:
+        """For a table cell: "1.52 [1.40-1.64]"."""
+        return "n/a" if math.isnan(self.mean) else f"{self.mean:.2f} [{self.low:.2f}-{self.high:.2f}]"
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2f} [95% CI {self.low:.2f}-{self.high:.2f}]"
+
+
+def interval_check(
+    name: str, interval: Interval, *, at_least: float | None = None, at_most: float | None = None
+) -> str:
+    """One line: the figure, and whether its whole interval is on the bound's side (the only way a ratio measured
+    on a noisy machine says anything about the bound)."""
+    inside = (at_least is None or interval.low >= at_least) and (at_most is None or interval.high <= at_most)
+    bounds = " and ".join(f"{sign} {bound:g}" for sign, bound in ((">=", at_least), ("<=", at_most)) if bound)
+    return f"{name}: {interval}, {'the whole interval' if inside else 'not the whole interval'} {bounds}"
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a command measured, in markdown, and the files it wrote besides its report (a chart, its data).
+    `measured_on`: the machine and time of earlier data this report was re-rendered from (else: here, now)."""
+
+    text: str
+    figure: Path | None = None
+    data: Path | None = None
+    measured_on: str | None = None
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(value: object) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "n/a"
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows])
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def update_section(path: Path, name: str, body: str) -> None:
+    """Replaces the text between `<!-- bench:NAME:start -->` and its end marker (appends the section if absent)."""
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = path.read_text() if path.is_file() else ""
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.lstrip())
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only (imported when a chart is drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after choosing the backend
+
+    return plt
+
+
+def log_axis(axis: Any) -> None:
+    """A log axis labelled in plain numbers."""
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    axis.set_major_formatter(ScalarFormatter())
+    axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    axis.set_minor_formatter(ScalarFormatter())

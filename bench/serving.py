@@ -1,0 +1,118 @@
+"""The HTTP side of the serving experiments (compare, layouts, peers): the v2 JSON request of a model's example
+input, Debian's `hey` sending it (compiled, so the client's Python does not weigh on the servers), and servers put
+under the same load in interleaved rounds. The servers are started by tests/service_process.py."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.engine.timing import percentiles_ms
+from bench.common import NAN, Interval, interleave, table
+from ensemble_contract.datatypes import of_numpy
+from ensemble_contract.manifest import Manifest
+from ensemble_contract.modes import Mode
+
+WARMUP_REQUESTS = 10
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server (and mode) under load: where requests go, and the body each sends."""
+
+    name: str
+    url: str
+    body: Path
+
+
+@dataclass(frozen=True)
+class Run:
+    """One `hey` run: the answered requests' latencies in seconds, the refused (503) and otherwise failed ones."""
+
+    accepted: list[float]
+    refused: int
+    failed: int
+    seconds: float
+
+    @property
+    def goodput(self) -> float:
+        return len(self.accepted) / self.seconds
+
+    def percentile_ms(self, percent: float) -> float:
+        return percentiles_ms(self.accepted, [percent])[0] if self.accepted else NAN
+
+
+def v2_body(manifest: Manifest, mode: Mode, path: Path) -> Path:
+    """Writes the v2 JSON inference request of the model's example input, asking for `mode`."""
+    inputs = [
+        {"name": name, "shape": list(array.shape), "datatype": of_numpy(array.dtype), "data": array.ravel().tolist()}
+        for name, array in manifest.example_inputs().items()
+    ]
+    path.write_text(json.dumps({"inputs": inputs, "parameters": {"mode": mode.value}}))
+    return path
+
+
+def hey(url: str, body: Path, *, clients: int, seconds: float | None = None, requests: int | None = None) -> Run:
+    """POSTs `body` to `url` from `clients` closed-loop workers (each sends its next request when the last is
+    answered), for `seconds`, or `requests` in all."""
+    if shutil.which("hey") is None:
+        raise SystemExit("this command needs Debian's `hey` (apt-get install hey)")
+    amount = ["-z", f"{seconds}s"] if seconds is not None else ["-n", str(requests)]
+    command = ["hey", *amount, "-c", str(clients), "-m", "POST", "-T", "application/json", "-D", str(body)]
+    timeout = 60 + (seconds or 0) * 2 + (requests or 0)
+    output = subprocess.run([*command, "-o", "csv", url], capture_output=True, text=True, timeout=timeout, check=True)
+    replies = [row for row in csv.DictReader(io.StringIO(output.stdout)) if row.get("status-code", "").isdigit()]
+    statuses = [int(row["status-code"]) for row in replies]
+    elapsed = seconds or max((float(row["offset"]) + float(row["response-time"]) for row in replies), default=1.0)
+    return Run(
+        accepted=[float(row["response-time"]) for row, status in zip(replies, statuses, strict=True) if status == 200],
+        refused=statuses.count(503),
+        failed=sum(status not in (200, 503) for status in statuses),
+        seconds=elapsed,
+    )
+
+
+def load_rounds(
+    targets: Sequence[Target], clients: Sequence[int], seconds: float, rounds: int
+) -> dict[tuple[Target, int], list[Run]]:
+    """A few requests to each target (warm-up), then `rounds` interleaved rounds in which each target gets `seconds`
+    of load from each number of `clients` in turn. Returns the runs of each (target, clients), one per round."""
+    for target in targets:
+        hey(target.url, target.body, clients=1, requests=WARMUP_REQUESTS)
+    per_round = interleave(
+        list(targets), rounds, lambda t: {c: hey(t.url, t.body, clients=c, seconds=seconds) for c in clients}
+    )
+    return {(t, c): [runs[c] for runs in per_round[t]] for t in targets for c in clients}
+
+
+def load_table(runs: dict[tuple[Target, int], list[Run]], targets: Sequence[Target], clients: Sequence[int]) -> str:
+    """Per target and number of clients: goodput (answered requests a second) and the accepted requests' p50 and
+    p99, each the mean over rounds with its 95 % interval, and the first target's figures' ratios in each round."""
+    first = targets[0]
+    rows = []
+    for target in targets:
+        for c in clients:
+            mine, theirs = runs[target, c], runs[first, c]
+            p50s = [r.percentile_ms(50) for r in mine]
+            rows.append(
+                [
+                    target.name,
+                    c,
+                    Interval.of([r.goodput for r in mine]).brief(),
+                    Interval.of_ratios([r.goodput for r in mine], [r.goodput for r in theirs]).brief(),
+                    Interval.of(p50s).brief(),
+                    Interval.of_ratios(p50s, [r.percentile_ms(50) for r in theirs]).brief(),
+                    Interval.of([r.percentile_ms(99) for r in mine]).brief(),
+                    sum(r.refused for r in mine),
+                    sum(r.failed for r in mine),
+                ]
+            )
+    headers = ["server", "clients", "goodput /s [95 % CI]", f"goodput ÷ {first.name}", "p50 ms [95 % CI]"]
+    headers += [f"p50 ÷ {first.name}", "accepted p99 ms [95 % CI]", "refused (503)", "failed"]
+    return table(headers, rows)
