@@ -111,7 +111,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 result = await dataplane.infer_tensors(tensors, arrived=arrived, front="grpc", lease=lease)
             finally:
                 lease.release()
-            return grpc_response(result.model_name, request.id, result.mode.value, result.outputs)
+            return grpc_response(result, request.id)
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
         async with self._rpc("RepositoryIndex", context):

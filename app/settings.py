@@ -109,6 +109,22 @@ class Settings(BaseSettings):
         "least), and each slot has sessions of its own when they use several threads. DEFAULT_MODE=auto "
         "chooses the slots itself.",
     )
+    batching_max_rows: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Requests waiting for an inference slot whose inputs agree in all but the batch dimension (same "
+        "model and mode) run as one inference of up to this many rows, each getting its own rows back, as "
+        "Triton's dynamic batcher does. 1: no batching. Models whose batch dimension is fixed are never batched. "
+        "DEFAULT_MODE=auto chooses it itself, keeping batching only where it was measured to pay.",
+    )
+    batching_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        le=10_000,
+        description="How long a free slot waits for more requests to fill a batch. 0: it takes what is already "
+        "waiting (Triton's default), so batching costs no latency to a lone request.",
+    )
     max_queue: int = Field(
         64,
         ge=0,

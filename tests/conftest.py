@@ -18,6 +18,7 @@ from app.settings import Settings
 from ensemble_contract.manifest import Manifest, load_manifest
 from model_build.build import build
 from model_build.config import PRESETS
+from tests.onnx_members import member_failing_on_large_values
 from tests.support import VISION_LABELS, LiveServer, fuse, live_server
 from tests.third_party import export_tabular_members, export_vision_members, tabular_data
 
@@ -66,6 +67,16 @@ def tabular_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return work / "model"
+
+
+@pytest.fixture(scope="session")
+def fragile_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two members that fail inside ONNX Runtime on an input holding a large value, fused by the real `fuse`."""
+    work = tmp_path_factory.mktemp("fragile")
+    members = [member_failing_on_large_values(work / f"fragile{i}.onnx", seed=i) for i in range(2)]
+    result = fuse(*members, "--out", work / "models", "--labels", "a,b,c")
+    assert result.returncode == 0, result.stderr
+    return work / "models"
 
 
 @pytest.fixture(scope="session")

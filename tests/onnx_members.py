@@ -12,12 +12,22 @@ from model_build.config import CLASS_PROBS, IMAGE_INPUT, MASK_PROBS
 
 
 def hand_made_member(
-    path: Path, size: int, labels: int, seed: int, *, output: str = CLASS_PROBS, lookup_table: int | None = None
+    path: Path,
+    size: int,
+    labels: int,
+    seed: int,
+    *,
+    output: str = CLASS_PROBS,
+    lookup_table: int | None = None,
+    batch: str | int = "N",
+    mix_rows: bool = False,
 ) -> Path:
     """A 1x1 conv segmenter and a pooled classifier, saved to `path`.
 
     With `lookup_table=T` the class logits are shifted by table[floor(max(image))], a table of T zeros: the same
-    answers, but ONNX Runtime fails at run time on an input holding a value of T or more.
+    answers, but ONNX Runtime fails at run time on an input holding a value of T or more. A number for `batch`
+    fixes the batch dimension. With `mix_rows` the pooled features are centred on their mean over the batch, so
+    each row's answer depends on the other rows (as batch statistics or a per-batch quantisation scale make it).
     """
     rng = np.random.default_rng(seed)
     initializers = [
@@ -29,8 +39,15 @@ def hand_made_member(
         helper.make_node("Softmax", ["logits"], [MASK_PROBS], axis=1),
         helper.make_node("GlobalAveragePool", [IMAGE_INPUT], ["pooled"]),
         helper.make_node("Flatten", ["pooled"], ["flat"]),
-        helper.make_node("MatMul", ["flat", "dense_w"], ["class_logits"]),
     ]
+    features = "flat"
+    if mix_rows:
+        nodes += [
+            helper.make_node("ReduceMean", ["flat"], ["batch_mean"], axes=[0], keepdims=1),
+            helper.make_node("Sub", ["flat", "batch_mean"], ["centred"]),
+        ]
+        features = "centred"
+    nodes.append(helper.make_node("MatMul", [features, "dense_w"], ["class_logits"]))
     class_logits = "class_logits"
     if lookup_table is not None:
         initializers.append(numpy_helper.from_array(np.zeros(lookup_table, np.float32), "table"))
@@ -46,12 +63,24 @@ def hand_made_member(
     graph = helper.make_graph(
         nodes,
         "hand_made_member",
-        [helper.make_tensor_value_info(IMAGE_INPUT, TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info(IMAGE_INPUT, TensorProto.FLOAT, [batch, 3, size, size])],
         [
-            helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", labels]),
-            helper.make_tensor_value_info(MASK_PROBS, TensorProto.FLOAT, ["N", labels + 1, size, size]),
+            helper.make_tensor_value_info(output, TensorProto.FLOAT, [batch, labels]),
+            helper.make_tensor_value_info(MASK_PROBS, TensorProto.FLOAT, [batch, labels + 1, size, size]),
         ],
         initializer=initializers,
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
+
+
+FRAGILE_SIZE, FRAGILE_LABELS, FRAGILE_TABLE = 8, 3, 16
+
+
+def member_failing_on_large_values(path: Path, seed: int) -> Path:
+    """A valid member whose graph fails inside ONNX Runtime when the input holds a value of FRAGILE_TABLE or more.
+
+    It looks up floor(max(image)) in a table of FRAGILE_TABLE entries (Gather); any value from a normalised picture
+    or the build's random check inputs is a valid index, 1000 is not, and ONNX Runtime raises at run time.
+    """
+    return hand_made_member(path, FRAGILE_SIZE, FRAGILE_LABELS, seed, lookup_table=FRAGILE_TABLE)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.engine.auto import CandidateFigures, SlotLayout, choose, layouts, rank
+from app.core.auto import CandidateFigures, SlotLayout, batching_options, choose, layouts, rank
 from app.engine.resources import available_cores
 from app.settings import Settings
 from ensemble_contract.modes import Mode
@@ -23,10 +23,18 @@ def test_layouts_divide_the_cores_between_slots() -> None:
     assert all(layout.slots * layout.threads <= 16 for layout in layouts(16))
 
 
+def test_batching_is_timed_off_and_at_a_few_sizes_up_to_the_maximum() -> None:
+    assert batching_options(1) == [1]
+    assert batching_options(2) == [1, 2]
+    assert batching_options(8) == [1, 4, 8]
+    assert batching_options(64) == [1, 4, 8, 16]
+
+
 def figures(mode: Mode, layout: str, throughput: float, p50: float, p99: float, within: bool) -> CandidateFigures:
     return CandidateFigures(
-        mode=mode, layout=layout, throughput_per_s=throughput, throughput_ci95=(throughput - 1, throughput + 1),
-        p50_ms=p50, p99_ms=p99, windows=3, stable=True, within_budget=within,
+        mode=mode, layout=layout, batching_rows=1, throughput_per_s=throughput,
+        throughput_ci95=(throughput - 1, throughput + 1), p50_ms=p50, p99_ms=p99, mean_batch_rows=1, windows=3,
+        stable=True, within_budget=within,
     )  # fmt: skip
 
 
@@ -47,18 +55,32 @@ def auto_server(model_dir: Path) -> Iterator[LiveServer]:
         yield live
 
 
-def test_auto_times_every_mode_under_every_layout_and_serves_its_choice(auto_server: LiveServer) -> None:
+def test_auto_times_every_mode_under_every_layout_and_batching_and_serves_its_choice(
+    auto_server: LiveServer,
+) -> None:
     with auto_server.client() as client:
         auto = client.get("/readyz").json()["auto"]
         candidates = auto["candidates"]
-        expected = {(mode.value, str(layout)) for mode in Mode for layout in layouts(available_cores())}
-        assert {(c["mode"], c["layout"]) for c in candidates} == expected
+        expected = {
+            (mode.value, str(layout), rows)
+            for mode in Mode
+            for layout in layouts(available_cores())
+            for rows in batching_options(Settings.model_fields["batching_max_rows"].default)
+        }
+        assert {(c["mode"], c["layout"], c["batching_rows"]) for c in candidates} == expected
         assert all(c["windows"] >= 1 and c["throughput_per_s"] > 0 for c in candidates)
+        # Without batching every inference ran one request; with it, the callers (slots x rows) filled batches.
+        assert all(c["mean_batch_rows"] == 1 for c in candidates if c["batching_rows"] == 1)
+        assert all(1 < c["mean_batch_rows"] <= c["batching_rows"] for c in candidates if c["batching_rows"] > 1)
         assert [CandidateFigures(**c) for c in candidates] == rank([CandidateFigures(**c) for c in candidates])
-        assert (auto["mode"], auto["layout"]) == (candidates[0]["mode"], candidates[0]["layout"])
+        best = candidates[0]
+        assert (auto["mode"], auto["layout"], auto["batching_rows"]) == (
+            best["mode"], best["layout"], best["batching_rows"]
+        )  # fmt: skip
         assert auto["slots"] * auto["threads"] <= available_cores()
         assert auto_server.dataplane.admission.slots == auto["slots"]
         assert auto_server.dataplane.model.runtime.slots == auto["slots"]
+        assert auto_server.dataplane.model.batching_rows == auto["batching_rows"]
         # Requests without a mode, and ?mode=auto, run the chosen mode.
         for params in ({}, {"mode": "auto"}):
             response = client.post(
@@ -67,8 +89,8 @@ def test_auto_times_every_mode_under_every_layout_and_serves_its_choice(auto_ser
             assert response.status_code == 200 and response.json()["mode"] == auto["mode"]
         metrics = scrape(client)
         for c in candidates:
-            chosen = (c["mode"], c["layout"]) == (auto["mode"], auto["layout"])
-            assert metrics.value("ensemble_auto_choice", mode=c["mode"], layout=c["layout"]) == (1.0 if chosen else 0.0)
+            labels = {"mode": c["mode"], "layout": c["layout"], "batching_rows": str(c["batching_rows"])}
+            assert metrics.value("ensemble_auto_choice", **labels) == (1.0 if c is best else 0.0)
         assert client.get("/stats").json()["auto"] == auto
 
 
@@ -81,9 +103,12 @@ def test_mode_auto_needs_the_start_up_measurement(client) -> None:
 
 
 def test_a_budget_too_small_still_times_every_candidate_once(model_dir: Path) -> None:
-    runtime, auto = choose(Settings(model_dir=model_dir, default_mode="auto", auto_budget_s=0.001, auto_window_ms=10))
+    settings = Settings(
+        model_dir=model_dir, default_mode="auto", auto_budget_s=0.001, auto_window_ms=10, batching_max_rows=4
+    )
+    runtime, auto = choose(settings)
     try:
-        assert len(auto.candidates) == len(Mode) * len(layouts(available_cores()))
+        assert len(auto.candidates) == len(Mode) * len(layouts(available_cores())) * len([1, 4])
         assert all(c.windows == 1 and c.throughput_ci95 == (None, None) for c in auto.candidates)
         assert runtime.slots == auto.slots and auto.threads == runtime.plans[auto.mode].intra_op_threads
     finally:

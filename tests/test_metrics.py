@@ -18,7 +18,7 @@ def test_latency_buckets_span_1ms_to_10s_finely() -> None:
 
 def test_every_served_mode_has_its_series_from_the_start(runtime: EnsembleRuntime) -> None:
     registry = CollectorRegistry()
-    ServiceMetrics(registry).describe_model(runtime)
+    ServiceMetrics(registry).describe_model(runtime, {})
     assert runtime.modes == tuple(Mode)
     for mode in runtime.modes:
         assert registry.get_sample_value("ensemble_inference_seconds_count", {"mode": mode}) == 0
@@ -33,7 +33,7 @@ def test_every_served_mode_has_its_series_from_the_start(runtime: EnsembleRuntim
 def test_two_apps_can_have_their_own_registries(runtime: EnsembleRuntime) -> None:
     first, second = ServiceMetrics(CollectorRegistry()), ServiceMetrics(CollectorRegistry())
     for metrics in (first, second):
-        metrics.describe_model(runtime)
+        metrics.describe_model(runtime, {})
     first.inference_seconds.labels(Mode.FUSED).observe(0.01)
     assert first.registry.get_sample_value("ensemble_inference_seconds_count", {"mode": "fused"}) == 1
     assert second.registry.get_sample_value("ensemble_inference_seconds_count", {"mode": "fused"}) == 0

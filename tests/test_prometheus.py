@@ -122,6 +122,14 @@ def compare_traffic(server: LiveServer, requests: int = len(MODES)) -> str:
     return result.stdout
 
 
+BATCHING_RULES = (
+    "mode:ensemble_batch_size:mean_1m",
+    "mode:ensemble_predictions:ok_rate_1m",
+    "mode:ensemble_cpu_seconds_per_prediction:mean_1m",
+    "mode:ensemble_inference_slot_wait_seconds:p95_1m",
+)
+
+
 @needs_prometheus
 def test_prometheus_computes_latency_quantiles_of_every_mode(server: LiveServer, prometheus: httpx.Client) -> None:
     summary = compare_traffic(server)
@@ -139,7 +147,7 @@ def test_prometheus_computes_latency_quantiles_of_every_mode(server: LiveServer,
         f"mode:ensemble_{histogram}_seconds:{suffix}"
         for histogram in ("request", "inference")
         for suffix in ("p50_1m", "p95_1m", "p99_1m", "p50_1m_ratio_to_fused")
-    ]
+    ] + list(BATCHING_RULES)
     while not all(set(finite_values_by_mode(prometheus, name)) >= set(MODES) for name in recorded):
         assert time.monotonic() < deadline, f"recording rules without a value for every mode: {recorded}"
         compare_traffic(server)
@@ -148,6 +156,10 @@ def test_prometheus_computes_latency_quantiles_of_every_mode(server: LiveServer,
         ratios = finite_values_by_mode(prometheus, f"mode:ensemble_{histogram}_seconds:p50_1m_ratio_to_fused")
         assert ratios["fused"] == pytest.approx(1.0)
         assert all(ratio > 0 for ratio in ratios.values())
+    # Whether batching pays: the traffic went one request at a time, so every inference ran one row.
+    assert set(finite_values_by_mode(prometheus, "mode:ensemble_batch_size:mean_1m").values()) == {1.0}
+    for name in BATCHING_RULES:
+        assert all(value >= 0 for value in finite_values_by_mode(prometheus, name).values()), name
 
 
 @needs_prometheus
@@ -163,4 +175,3 @@ def test_every_panel_of_the_dashboard_returns_data(model_dir: Path, tmp_path: Pa
             assert time.monotonic() < deadline, f"panels without data: {missing}"
             compare_traffic(costed)
             time.sleep(0.5)
-

@@ -8,8 +8,6 @@ import json
 import re
 import shutil
 import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,8 +18,8 @@ import pytest
 from app.settings import Settings
 from ensemble_contract.manifest import FileEntry, Manifest, load_manifest
 from ensemble_contract.modes import Mode
-from tests.onnx_members import hand_made_member
-from tests.service_process import REPO, free_port, run_to_exit
+from tests.onnx_members import FRAGILE_SIZE
+from tests.service_process import free_port, run_to_exit
 from tests.support import LiveServer, infer_body, live_server, scrape
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,43 +128,15 @@ def test_a_taken_metrics_port_stops_start_up(model_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # An error inside ONNX Runtime during a request
 
-SIZE, LABELS, TABLE = 8, 3, 16
-
-
-def member_failing_on_large_values(path: Path, seed: int) -> Path:
-    """A valid member whose graph fails inside ONNX Runtime when the input holds a value of TABLE or more.
-
-    It looks up floor(max(image)) in a table of TABLE entries (Gather); any value from a normalised picture or
-    the build's random check inputs is a valid index, 1000 is not, and ONNX Runtime raises at run time.
-    """
-    return hand_made_member(path, SIZE, LABELS, seed, lookup_table=TABLE)
-
 
 @pytest.fixture(scope="module")
-def fragile_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model directory made by the real `python -m model_build fuse` from two fragile members."""
-    work = tmp_path_factory.mktemp("fragile")
-    members = [member_failing_on_large_values(work / f"fragile{i}.onnx", seed=i) for i in range(2)]
-    out = work / "models"
-    result = subprocess.run(
-        [sys.executable, "-m", "model_build", "fuse", *map(str, members), "--out", str(out), "--labels", "a,b,c"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def fragile_server(fragile_models: Path) -> Iterator[LiveServer]:
-    with live_server(Settings(model_dir=fragile_models, max_queue=4)) as live:
+def fragile_server(fragile_dir: Path) -> Iterator[LiveServer]:
+    with live_server(Settings(model_dir=fragile_dir, max_queue=4)) as live:
         yield live
 
 
 def filled_body(value: float, **parameters: str) -> dict[str, object]:
-    return infer_body(np.full((1, 3, SIZE, SIZE), value, np.float32), **parameters)
+    return infer_body(np.full((1, 3, FRAGILE_SIZE, FRAGILE_SIZE), value, np.float32), **parameters)
 
 
 def assert_no_internals(text: str) -> None:
@@ -203,10 +173,10 @@ def test_an_onnx_runtime_error_is_a_json_500_with_the_request_id_and_is_counted(
     assert fragile_server.dataplane.admission.admitted == 0
 
 
-def test_fragile_members_do_fail_inside_onnx_runtime(fragile_models: Path) -> None:
+def test_fragile_members_do_fail_inside_onnx_runtime(fragile_dir: Path) -> None:
     """The premise of the tests above: batch values that a picture never produces break the graph itself."""
-    manifest = json.loads((fragile_models / "manifest.json").read_text())
-    session = onnxruntime.InferenceSession(fragile_models / manifest["ensemble"]["path"])
-    session.run(None, {"image": np.zeros((2, 3, SIZE, SIZE), np.float32)})
+    manifest = json.loads((fragile_dir / "manifest.json").read_text())
+    session = onnxruntime.InferenceSession(fragile_dir / manifest["ensemble"]["path"])
+    session.run(None, {"image": np.zeros((2, 3, FRAGILE_SIZE, FRAGILE_SIZE), np.float32)})
     with pytest.raises(Exception, match="Gather"):
-        session.run(None, {"image": np.full((1, 3, SIZE, SIZE), 1000.0, np.float32)})
+        session.run(None, {"image": np.full((1, 3, FRAGILE_SIZE, FRAGILE_SIZE), 1000.0, np.float32)})

@@ -89,7 +89,7 @@ def test_rows_are_the_batch_dimension_and_bounded() -> None:
 def test_a_requests_memory_is_known_from_its_header() -> None:
     cost = CostModel(SIGNATURE, max_rows=8, working_bytes_per_element=10.0, elements_per_row=192)
     binary = cost.request_bytes({"x": [2, 3, 8, 8]}, {"scores": True, "mask": True})
-    inputs, working = 2 * 192 * 4, 2 * 192 * 10
+    inputs, working = 2 * 192 * 4 * 2, 2 * 192 * 10  # the inputs, and their copy in a batch
     outputs_binary = (2 * 4 + 2 * 128) * 4 * 4  # each element: the array, its bytes, the body, the transport's
     assert binary == inputs + working + outputs_binary
     as_json = cost.request_bytes({"x": [2, 3, 8, 8]}, {"scores": False, "mask": False})

@@ -9,12 +9,22 @@ from ensemble_contract.modes import Mode
 def test_percentiles_per_mode() -> None:
     recent = RecentLatencies(window_s=60, modes=list(Mode))
     for ms in range(1, 101):
-        recent.record(Mode.PARALLEL, request_s=ms / 1000, inference_s=ms / 2000, cpu_s=ms / 4000)
+        recent.record(
+            Mode.PARALLEL,
+            request_s=ms / 1000,
+            queue_s=ms / 10_000,
+            inference_s=ms / 2000,
+            cpu_s=ms / 4000,
+            batch_rows=1 + ms % 4,  # 1, 2, 3, 4 in turn: 2.5 on average
+        )
     summary = recent.summary()
     assert summary[Mode.PARALLEL].requests == 100
     assert summary[Mode.PARALLEL].request.p50_ms == pytest.approx(50.5)
     assert summary[Mode.PARALLEL].request.p95_ms == pytest.approx(95.05)
     assert summary[Mode.PARALLEL].inference.p50_ms == pytest.approx(25.25)
+    assert summary[Mode.PARALLEL].queue.p50_ms == pytest.approx(5.05)
+    assert summary[Mode.PARALLEL].mean_batch_rows == 2.5
+    assert summary[Mode.FUSED].mean_batch_rows is None
     assert summary[Mode.PARALLEL].cpu_seconds == pytest.approx(sum(range(1, 101)) / 4000)
     assert summary[Mode.PARALLEL].predictions_per_cpu_second == pytest.approx(100 / (5050 / 4000), rel=1e-3)
     assert summary[Mode.FUSED].predictions_per_cpu_second is None
@@ -22,11 +32,14 @@ def test_percentiles_per_mode() -> None:
     assert summary[Mode.FUSED].request.p50_ms is None
 
 
+SAMPLE = {"request_s": 0.01, "queue_s": 0.001, "inference_s": 0.005, "cpu_s": 0.004, "batch_rows": 1}
+
+
 def test_samples_leave_the_window_and_memory_is_bounded() -> None:
     recent = RecentLatencies(window_s=1e-9, modes=list(Mode))
-    recent.record(Mode.FUSED, 0.01, 0.005, 0.004)
+    recent.record(Mode.FUSED, **SAMPLE)
     assert recent.summary()[Mode.FUSED].requests == 0
     bounded = RecentLatencies(window_s=60, modes=list(Mode))
     for _ in range(MAX_SAMPLES_PER_MODE + 10):
-        bounded.record(Mode.FUSED, 0.01, 0.005, 0.004)
+        bounded.record(Mode.FUSED, **SAMPLE)
     assert bounded.summary()[Mode.FUSED].requests == MAX_SAMPLES_PER_MODE

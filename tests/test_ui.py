@@ -180,6 +180,8 @@ def test_upload_shows_labels_mask_and_votes_and_the_chart_follows_every_mode(
         expect(legend).to_contain_text(f"{mode} ")
         assert int(legend.get_attribute("data-requests") or 0) > 0
         expect(legend).to_contain_text(f"{legend.get_attribute('data-requests')} requests")
+        expect(legend).to_contain_text("queue p50 ")
+        expect(legend).to_contain_text("batch 1.0")  # the page's requests went one at a time
 
     screenshot = page.screenshot(path=tmp_path / "ui.png", full_page=True)
     assert screenshot.startswith(b"\x89PNG") and (tmp_path / "ui.png").read_bytes() == screenshot
@@ -268,5 +270,11 @@ def test_the_page_ranks_what_auto_measured(open_page: Callable[[str], Visit], mo
         expect(rows).to_have_count(len(auto.candidates))
         expect(rows.first).to_have_attribute("data-mode", auto.mode)
         expect(rows.first).to_have_attribute("data-layout", auto.layout)
+        expect(rows.first).to_have_attribute("data-batching", str(auto.batching_rows))
+        batched = [c for c in auto.candidates if c.batching_rows > 1]
+        assert batched  # the test models batch: auto timed batching too
+        expect(
+            page.locator(f'#auto-ranking tbody tr[data-batching="{batched[0].batching_rows}"]').first
+        ).to_contain_text(f"{batched[0].batching_rows} (")
         expect(page.locator("#auto-reason")).to_contain_text(auto.reason)
         assert visit.console_errors == []

@@ -14,6 +14,7 @@ from app.errors import PayloadTooLarge
 from ensemble_contract.signature import DYNAMIC, Signature
 
 BODY_COPIES = 2  # a body is held as the chunks it arrived in, then joined
+INPUT_COPIES = 2  # an input array, and its copy in the stacked inputs of a batch it runs in
 JSON_BYTES_PER_VALUE = 52  # a number of a JSON body once parsed and converted: a float object and its list slot,
 # the model's list slot, a float64 then a float32 array element; a body has a comma at most per value, plus one
 JSON_OUTPUT_BYTES_PER_ELEMENT = 56  # a number of a JSON response: its array element (8 at most) and its text (24 at
@@ -70,20 +71,18 @@ class CostModel:
 
     def request_bytes(self, shapes: Mapping[str, Sequence[int]], outputs: Mapping[str, bool]) -> int:
         """A tensor request from its header: its input arrays (shapes as declared; inputs the model does not have
-        are refused later), ONNX Runtime's working memory for them, its encoded outputs. PayloadTooLarge past
-        MAX_BATCH_ROWS."""
+        are refused later) and their copy in a batch, ONNX Runtime's working memory for them, its encoded outputs.
+        PayloadTooLarge past MAX_BATCH_ROWS."""
         rows = self.rows(shapes)
         inputs = {name: (math.prod(max(0, d) for d in dim), self.signature.input(name)) for name, dim in shapes.items()}
         input_bytes = sum(elements * spec.dtype.itemsize for elements, spec in inputs.values() if spec is not None)
         elements = sum(elements for elements, _ in inputs.values())
-        return input_bytes + self.working_bytes(elements) + self.output_bytes(rows, outputs)
+        return input_bytes * INPUT_COPIES + self.working_bytes(elements) + self.output_bytes(rows, outputs)
 
 
 def encoded_bytes(arrays: Mapping[str, tuple[int, int]], outputs: Mapping[str, bool]) -> int:
     """The real outputs' size in the response's encoding: name -> (elements, item size) of each array."""
-    return sum(
-        elements * _bytes_per_element(itemsize, outputs[name]) for name, (elements, itemsize) in arrays.items()
-    )
+    return sum(elements * _bytes_per_element(itemsize, outputs[name]) for name, (elements, itemsize) in arrays.items())
 
 
 def json_parse_bytes(body: bytes) -> int:
@@ -97,4 +96,3 @@ def decode_bytes(width: int, height: int) -> int:
 
 def _bytes_per_element(itemsize: int, binary: bool) -> int:
     return itemsize * BINARY_OUTPUT_COPIES if binary else JSON_OUTPUT_BYTES_PER_ELEMENT
-

@@ -43,21 +43,27 @@ class Timings(BaseModel):
 
     decode: float
     preprocess: float
-    queue: float = Field(description="Waiting for an inference slot.")
+    queue: float = Field(description="Waiting for an inference slot, and for the requests batched with it.")
+    batch_wait: float = Field(
+        description="The part of the queue spent gathering its batch once a slot was free (BATCHING_DELAY_MS)."
+    )
     inference: float
     total: float = Field(description="From the start of decoding to the result.")
     cpu: float = Field(description="CPU time of every thread that served it (decode, inference, pools).")
+    batch_size: int = Field(description="Not a time: the rows of the inference it ran in, its own included.")
 
 
 @dataclass(frozen=True)
 class Inference:
-    """The outputs of one batch, the mode that computed them, and how long it took."""
+    """A request's outputs, the mode that computed them, and how long it took."""
 
     mode: Mode
-    outputs: Tensors
+    outputs: Tensors  # its own rows
     queue_s: float
+    batch_wait_s: float
+    batch_rows: int  # of the inference it ran in
     inference_s: float
-    cpu_s: float  # the inference's, all threads
+    cpu_s: float  # its share (by rows) of the inference's, all threads
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class TensorResult:
     mode: Mode
     outputs: dict[str, np.ndarray]  # the outputs asked for, in the order asked
     binary: dict[str, bool]  # whether each goes as binary data
+    batch_rows: int  # of the inference it ran in
 
 
 class DataPlane:
@@ -88,7 +95,13 @@ class DataPlane:
         self.metrics = metrics
         self.model: LoadedModel | None = None
         # A reload keeps the layout, so the slots stay the number the first model was loaded with.
-        self.admission = Admission(model.runtime.slots, settings.max_queue, settings.max_queue_wait_ms / 1000)
+        self.admission = Admission(
+            model.runtime.slots,
+            settings.max_queue,
+            settings.max_queue_wait_ms / 1000,
+            settings.batching_delay_ms / 1000,
+            lambda mode, rows: metrics.batch_size.labels(mode).observe(rows),
+        )
         budget = settings.memory_budget_bytes or default_budget_bytes(model.cost.largest_working_bytes)
         self.memory = MemoryBudget(budget, settings.max_request_bytes)
         metrics.inferences_admitted.set_function(lambda: self.admission.admitted)
@@ -109,7 +122,7 @@ class DataPlane:
         replaced, self.model = self.model, model
         if model is not None:
             self.admission.service_s = model.runtime.typical_inference_s  # the warm-up's, until requests measure it
-            self.metrics.describe_model(model.runtime, model.auto)
+            self.metrics.describe_model(model.runtime, model.auto.flags() if model.auto else {})
         if replaced is not None:
             replaced.retire()
         return replaced
@@ -193,9 +206,11 @@ class DataPlane:
                 decode=decode_s * 1000,
                 preprocess=preprocess_s * 1000,
                 queue=inference.queue_s * 1000,
+                batch_wait=inference.batch_wait_s * 1000,
                 inference=inference.inference_s * 1000,
                 total=(time.perf_counter() - start) * 1000,
                 cpu=cpu_s * 1000,
+                batch_size=inference.batch_rows,
             )
             return ImagePrediction(model.manifest, image, chosen, scores, member_scores, mask_png, timings)
 
@@ -222,21 +237,26 @@ class DataPlane:
                 unforeseen = encoded_bytes(sizes, outputs) - foreseen
                 lease.reserve(unforeseen, "its outputs, larger than the signature says", advice=advice)
             self._record(model, inference, arrived, inference.cpu_s, front)
-            return TensorResult(
-                model.manifest.name, chosen, {name: inference.outputs[name] for name in outputs}, outputs
-            )
+            asked = {name: inference.outputs[name] for name in outputs}
+            return TensorResult(model.manifest.name, chosen, asked, outputs, inference.batch_rows)
 
     async def _infer(self, model: LoadedModel, feeds: Tensors, mode: Mode) -> Inference:
         try:
-            admitted = await self.admission.run(
-                lambda: model.runtime.infer_measured(feeds, mode), self.settings.request_timeout_s
-            )
+            admitted = await self.admission.run(model.batchable(mode, feeds), self.settings.request_timeout_s)
         except ServiceError:
             raise
         except Exception as exc:  # ONNX Runtime's own error types: a 500 naming the request id, cause in the log
             raise InferenceFailed(f"the {mode} inference failed") from exc
         measured = admitted.value
-        return Inference(mode, measured.outputs, admitted.waited_s, measured.seconds, measured.cpu_s)
+        return Inference(
+            mode,
+            measured.outputs,
+            admitted.waited_s,
+            admitted.batch_wait_s,
+            admitted.batch_rows,
+            measured.seconds,
+            measured.cpu_s,
+        )
 
     @contextmanager
     def _outcome(self, mode: Mode, front: Front) -> Iterator[None]:
@@ -260,7 +280,14 @@ class DataPlane:
         self.metrics.slot_wait_seconds.labels(mode).observe(inference.queue_s)
         self.metrics.inference_seconds.labels(mode).observe(inference.inference_s)
         self.metrics.request_seconds.labels(mode, front).observe(request_s)
-        model.recent.record(mode, request_s, inference.inference_s, cpu_s)
+        model.recent.record(
+            mode,
+            request_s=request_s,
+            queue_s=inference.queue_s,
+            inference_s=inference.inference_s,
+            cpu_s=cpu_s,
+            batch_rows=inference.batch_rows,
+        )
 
     def drain(self) -> None:
         """The server is stopping: readiness turns false and requests that arrive from now on are refused with

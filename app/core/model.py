@@ -10,20 +10,22 @@ from __future__ import annotations
 import logging
 import subprocess
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+from app.core.admission import Batchable
+from app.core.auto import AutoChoice, SlotLayout, choose
 from app.core.cost import CostModel
-from app.engine.auto import AutoChoice, SlotLayout, choose
 from app.engine.priority import lower_thread_priority
 from app.engine.probe import working_bytes_per_element
 from app.engine.resources import usable_cores
-from app.engine.runtime import EnsembleRuntime
+from app.engine.runtime import EnsembleRuntime, Tensors
 from app.engine.selector import ModeSelector
 from app.errors import NotAnImageModel, StartupError
 from app.observability.stats import RecentLatencies
 from app.settings import Settings
 from ensemble_contract.manifest import ImageSpec, Manifest
-from ensemble_contract.modes import AUTO
+from ensemble_contract.modes import AUTO, Mode
 
 logger = logging.getLogger("app")
 
@@ -36,6 +38,7 @@ class LoadedModel:
     selector: ModeSelector
     recent: RecentLatencies
     cost: CostModel
+    batching_rows: int  # the most rows it runs as one inference, merging requests (1: no batching)
     in_flight: int = 0  # requests using it (counted on the event loop)
     retired: bool = field(default=False)  # replaced or unloaded: closed once in_flight is back to 0
 
@@ -57,6 +60,14 @@ class LoadedModel:
                 f"/v2/models/{manifest.name}/infer"
             )
         return manifest.image
+
+    def batchable(self, mode: Mode, feeds: Tensors) -> Batchable:
+        """A request's inference: it may run as one with others of this model, in this mode, whose inputs agree with
+        its own in all but the batch dimension (alone when the model does not batch)."""
+        shapes = tuple((name, array.shape[1:], array.dtype.str) for name, array in sorted(feeds.items()))
+        rows = next(iter(feeds.values())).shape[0]
+        infer = partial(self.runtime.infer_measured, mode=mode)
+        return Batchable((id(self), mode, shapes), mode, rows, self.batching_rows, feeds, infer)
 
     def members_output(self, output: str) -> str | None:
         """The output stacking each member's `output`, when the fused graph has one."""
@@ -94,13 +105,27 @@ def load_model(settings: Settings, layout: SlotLayout | None = None) -> LoadedMo
         raise StartupError(str(exc)) from None
     elements_per_row = sum(array.size for array in runtime.manifest.example_inputs(1).values())
     cost = CostModel(runtime.manifest.signature, settings.max_batch_rows, working, elements_per_row)
-    return LoadedModel(directory, runtime, auto, selector, recent, cost)
+    batching_rows = auto.batching_rows if auto else 1 if runtime.unbatchable else settings.batching_max_rows
+    batching_rows = min(batching_rows, settings.max_batch_rows)  # a batch is no larger than a request may be
+    return LoadedModel(directory, runtime, auto, selector, recent, cost, batching_rows)
 
 
 def log_model(model: LoadedModel, settings: Settings) -> None:
     manifest, runtime, auto = model.manifest, model.runtime, model.auto
     if auto is not None:
-        logger.info("auto: %s in layout %s (slots x threads): %s", auto.mode, auto.layout, auto.reason)
+        logger.info(
+            "auto: %s in layout %s (slots x threads), batches of up to %d rows: %s",
+            auto.mode,
+            auto.layout,
+            auto.batching_rows,
+            auto.reason,
+        )
+    if runtime.unbatchable is not None:
+        logger.info("batching off: %s", runtime.unbatchable)
+    elif model.batching_rows == 1:
+        logger.info("batching off: %s", "auto measured no gain" if auto else "BATCHING_MAX_ROWS=1")
+    else:
+        logger.info("batching: requests waiting together run as one inference of up to %d rows", model.batching_rows)
     logger.info(
         "serving %s from %s (ensemble sha256 %s, members %s), default mode %s, cores %s, sessions: %s",
         manifest.name,

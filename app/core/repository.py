@@ -27,9 +27,9 @@ from pathlib import Path
 import anyio.to_thread
 from pydantic import BaseModel
 
+from app.core.auto import SlotLayout
 from app.core.dataplane import DataPlane
 from app.core.model import LoadedModel, load_model, log_model
-from app.engine.auto import SlotLayout
 from app.engine.resources import available_cores
 from app.errors import BadRequest, Conflict, Forbidden, ModelNotFound, StartupError
 from app.observability.metrics import ServiceMetrics

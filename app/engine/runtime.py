@@ -38,6 +38,8 @@ from ensemble_contract.signature import TensorSpec
 
 PROVIDERS = ("CPUExecutionProvider",)
 ORT_ERRORS_ONLY = 3
+# Rows computed in a batch of two and alone agree within this, relative to the output's scale, or not at all.
+ROW_TOLERANCE = 1e-5
 Tensors = dict[str, np.ndarray]
 
 
@@ -147,6 +149,7 @@ class EnsembleRuntime:
         self.modes = served_modes(manifest)
         self.session_sets = tuple(session_sets)
         self.typical_inference_s = 0.0  # measured by warm_up
+        self.unbatchable: str | None = None  # why requests never run as one inference (found by warm_up), if so
         has_pools = any(threads for sessions in session_sets for threads in sessions.pool_threads.values())
         if len(self.session_sets) not in (1, slots) or (len(self.session_sets) < slots and has_pools):
             raise ValueError("give one session set per slot, or one set without pools that every slot shares")
@@ -254,7 +257,27 @@ class EnsembleRuntime:
             for mode in self.modes:
                 sessions.charge_pool_cpu(mode)
         self.typical_inference_s = statistics.median(self.infer_measured(feeds, mode).seconds for mode in self.modes)
+        self.unbatchable = self._why_rows_cannot_stack()
 
+    def _why_rows_cannot_stack(self) -> str | None:
+        """Why requests must not run as one inference, their rows stacked, or None: a batch dimension the signature
+        fixes, or, run on two rows together and on each alone, a mode whose outputs do not come one row per input
+        row, or whose rows differ (rows that depend on each other, as a quantisation scale computed over the whole
+        batch makes them)."""
+        fixed = [t.name for t in (*self.manifest.signature.inputs, *self.manifest.signature.outputs) if not t.batched]
+        if fixed:
+            return f"the batch dimension of {', '.join(fixed)} is fixed"
+        feeds = self.manifest.example_inputs(2, seed=1)
+        for mode in self.modes:
+            together = self.infer(feeds, mode)
+            for row in range(2):
+                alone = self.infer({name: array[row : row + 1] for name, array in feeds.items()}, mode)
+                for name, expected in alone.items():
+                    if together[name].shape[0] != 2 or expected.shape[0] != 1:
+                        return f"in {mode} mode, output {name} does not have one row per input row"
+                    if not _same_rows(together[name][row : row + 1], expected):
+                        return f"in {mode} mode, the rows of {name} depend on the other rows of the batch"
+        return None
 
     def close(self) -> None:
         """Lets the sessions go (their memory is freed once nothing else holds them). Only once no call is running:
@@ -287,6 +310,14 @@ def _open(path: Path, plan: ThreadPlan, tensors: Sequence[TensorSpec | None]) ->
                 f"{path}: tensor {spec.name!r} is {datatype} {tensor.shape}, the manifest says {spec.describe()}"
             )
     return session
+
+
+def _same_rows(batched: np.ndarray, alone: np.ndarray) -> bool:
+    """Floats within ROW_TOLERANCE of the output's scale; anything else exactly."""
+    if alone.dtype.kind not in "fc":
+        return np.array_equal(batched, alone)
+    scale = float(np.nanmax(np.abs(alone), initial=0))
+    return bool(np.allclose(batched, alone, rtol=ROW_TOLERANCE, atol=ROW_TOLERANCE * scale, equal_nan=True))
 
 
 def _compatible(actual: Sequence[int], expected: Sequence[int]) -> bool:

@@ -8,13 +8,13 @@ route templates, status classes.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from app.engine.auto import AutoChoice
 from app.engine.resources import usable_cores
 from app.engine.runtime import EnsembleRuntime
 
@@ -29,6 +29,7 @@ def geometric_buckets(start: float = 0.001, stop: float = 10.0, ratio: float = 1
 
 
 LATENCY_BUCKETS = geometric_buckets()
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512, 1024)
 
 
 class ServiceMetrics:
@@ -44,16 +45,27 @@ class ServiceMetrics:
             registry=registry,
         )
         self.inference_seconds = Histogram(
-            f"{PREFIX}_inference_seconds", "ONNX Runtime time of one inference, all members.", **mode_histogram
+            f"{PREFIX}_inference_seconds",
+            "ONNX Runtime time of the inference a successful prediction ran in (its batch's), all members.",
+            **mode_histogram,
         )
         self.cpu_seconds = Histogram(
             f"{PREFIX}_cpu_seconds",
             "CPU seconds of a successful prediction: the threads that decoded, preprocessed and ran it, ONNX "
-            "Runtime's pools included (their spinning too).",
+            "Runtime's pools included (their spinning too); of a batch, its share by rows.",
             **mode_histogram,
         )
         self.slot_wait_seconds = Histogram(
-            f"{PREFIX}_inference_slot_wait_seconds", "Time waiting for a free inference slot.", **mode_histogram
+            f"{PREFIX}_inference_slot_wait_seconds",
+            "Time a successful prediction waited for a free inference slot, and for the requests batched with it.",
+            **mode_histogram,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size",
+            "Rows of each inference run: requests waiting together merged into one (1 when batching is off).",
+            labelnames=["mode"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
         self.decode_seconds = Histogram(
             f"{PREFIX}_decode_seconds", "Image decoding time.", buckets=LATENCY_BUCKETS, registry=registry
@@ -93,8 +105,9 @@ class ServiceMetrics:
         )
         self.auto_choice = Gauge(
             f"{PREFIX}_auto_choice",
-            "DEFAULT_MODE=auto: 1 for the mode and layout (slots x threads) chosen at start-up, 0 for the others.",
-            ["mode", "layout"],
+            "DEFAULT_MODE=auto: 1 for the mode, layout (slots x threads) and batching (the most rows one inference "
+            "merges, 1: none) chosen at start-up, 0 for the other candidates.",
+            ["mode", "layout", "batching_rows"],
             registry=registry,
         )
         self.in_flight = Gauge(f"{PREFIX}_http_requests_in_flight", "HTTP requests being served.", registry=registry)
@@ -150,11 +163,12 @@ class ServiceMetrics:
         if cost_per_hour is not None:
             self.cost_per_hour.set(cost_per_hour)
 
-    def describe_model(self, runtime: EnsembleRuntime, auto: AutoChoice | None = None) -> None:
-        """The model's info, every served mode's series at zero from the start, and auto's choice."""
+    def describe_model(self, runtime: EnsembleRuntime, auto_candidates: Mapping[tuple[str, str, int], bool]) -> None:
+        """The model's info, every served mode's series at zero from the start, and auto's candidates (mode, layout,
+        batching rows), true for the one chosen."""
         manifest, cores = runtime.manifest, usable_cores()
         for mode in runtime.modes:
-            for histogram in (self.inference_seconds, self.slot_wait_seconds, self.cpu_seconds):
+            for histogram in (self.inference_seconds, self.slot_wait_seconds, self.cpu_seconds, self.batch_size):
                 histogram.labels(mode)
             for protocol in PROTOCOLS:
                 self.request_seconds.labels(mode, protocol)
@@ -174,7 +188,5 @@ class ServiceMetrics:
             }
         )
         self.auto_choice.clear()
-        if auto is not None:
-            for candidate in auto.candidates:
-                chosen = (candidate.mode, candidate.layout) == (auto.mode, auto.layout)
-                self.auto_choice.labels(candidate.mode, candidate.layout).set(1 if chosen else 0)
+        for (mode, layout, batching_rows), chosen in auto_candidates.items():
+            self.auto_choice.labels(mode, layout, str(batching_rows)).set(1 if chosen else 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -17,8 +18,10 @@ MAX_SAMPLES_PER_MODE = 10_000  # bounds memory whatever the request rate
 class Sample:
     at: float  # time.monotonic() when the request finished
     request_s: float
+    queue_s: float
     inference_s: float
     cpu_s: float
+    batch_rows: int
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,10 @@ class Percentiles:
 class ModeSummary:
     requests: int
     request: Percentiles
+    queue: Percentiles
     inference: Percentiles
     cpu_seconds: float  # of every request in the window
+    mean_batch_rows: float | None  # of the inferences the requests ran in
 
     @property
     def predictions_per_cpu_second(self) -> float | None:
@@ -53,8 +58,10 @@ class RecentLatencies:
         self.window_s = window_s
         self._samples = {mode: deque[Sample](maxlen=MAX_SAMPLES_PER_MODE) for mode in modes}
 
-    def record(self, mode: Mode, request_s: float, inference_s: float, cpu_s: float) -> None:
-        self._samples[mode].append(Sample(time.monotonic(), request_s, inference_s, cpu_s))
+    def record(
+        self, mode: Mode, *, request_s: float, queue_s: float, inference_s: float, cpu_s: float, batch_rows: int
+    ) -> None:
+        self._samples[mode].append(Sample(time.monotonic(), request_s, queue_s, inference_s, cpu_s, batch_rows))
 
     def summary(self) -> dict[Mode, ModeSummary]:
         since = time.monotonic() - self.window_s
@@ -66,7 +73,9 @@ class RecentLatencies:
             result[mode] = ModeSummary(
                 len(recent),
                 Percentiles.of([s.request_s for s in recent]),
+                Percentiles.of([s.queue_s for s in recent]),
                 Percentiles.of([s.inference_s for s in recent]),
                 sum(s.cpu_s for s in recent),
+                round(statistics.fmean(s.batch_rows for s in recent), 2) if recent else None,
             )
         return result

@@ -21,6 +21,7 @@ import numpy as np
 import orjson
 from tritonclient.grpc import service_pb2 as pb
 
+from app.core.dataplane import TensorResult
 from app.core.tensors import InputHeader, TensorRequest
 from app.errors import BadRequest
 from app.v2.types import InferenceRequest
@@ -198,19 +199,28 @@ def rest_response(
     return head + b"".join(chunks), {"content-type": "application/octet-stream", BINARY_HEADER: str(len(head))}
 
 
-def grpc_response(
-    model_name: str, request_id: str, mode: str, arrays: Mapping[str, np.ndarray]
-) -> pb.ModelInferResponse:
+def response_parameters(result: TensorResult) -> dict[str, str | int]:
+    """What both fronts tell of how a response was computed: the mode, and the rows of the inference it ran in
+    (its own and those of the requests batched with it)."""
+    return {"mode": result.mode.value, "batch_size": result.batch_rows}
+
+
+def grpc_response(result: TensorResult, request_id: str) -> pb.ModelInferResponse:
+    arrays = result.outputs
     return pb.ModelInferResponse(
-        model_name=model_name,
+        model_name=result.model_name,
         id=request_id,
-        parameters={"mode": pb.InferParameter(string_param=mode)},
+        parameters={name: _grpc_parameter(value) for name, value in response_parameters(result).items()},
         outputs=[
             pb.ModelInferResponse.InferOutputTensor(name=name, datatype=of_numpy(a.dtype), shape=list(a.shape))
             for name, a in arrays.items()
         ],
         raw_output_contents=[little_endian_bytes(a) for a in arrays.values()],
     )
+
+
+def _grpc_parameter(value: str | int) -> pb.InferParameter:
+    return pb.InferParameter(string_param=value) if isinstance(value, str) else pb.InferParameter(int64_param=value)
 
 
 @dataclass(frozen=True)

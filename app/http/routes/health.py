@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from app.engine.auto import AutoChoice
+from app.core.auto import AutoChoice
 from app.http.deps import ArrivalDep, DataPlaneDep
 from app.http.errors import error_responses
 from ensemble_contract.modes import Mode

@@ -6,10 +6,10 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from app.core.auto import AutoChoice
 from app.core.dataplane import DataPlane
 from app.core.model import LoadedModel
 from app.core.service import Service
-from app.engine.auto import AutoChoice
 from app.engine.resources import usable_cores, usable_memory
 from app.errors import NotFound
 from app.http.deps import ArrivalDep, DataPlaneDep, ServiceDep
@@ -32,7 +32,11 @@ class LatencyMs(BaseModel):
 class ModeStats(BaseModel):
     requests: int = Field(description="Successful predictions in the window.")
     request_ms: LatencyMs = Field(description="From arrival to result.")
-    inference_ms: LatencyMs = Field(description="ONNX Runtime time alone.")
+    queue_ms: LatencyMs = Field(description="Waiting for an inference slot, and for the requests batched with it.")
+    inference_ms: LatencyMs = Field(description="ONNX Runtime time alone (of the batch a prediction ran in).")
+    mean_batch_size: float | None = Field(
+        description="The rows of the inference a prediction ran in, on average (1: none was batched)."
+    )
     cpu_ms_per_prediction: float | None = Field(description="Mean CPU time of a prediction, every thread's.")
     predictions_per_cpu_second: float | None = Field(description="What one busy core serves, in this mode.")
     cost_per_million_predictions: float | None = Field(
@@ -44,8 +48,10 @@ class ModeStats(BaseModel):
 
 class MemoryStats(BaseModel):
     budget_bytes: int = Field(description="MEMORY_BUDGET_BYTES: what the requests in flight may reserve together.")
-    budget_source: str = Field(description="The memory the process may use, which the default budget is half of, "
-                               "less what the loaded model holds.")
+    budget_source: str = Field(
+        description="The memory the process may use, which the default budget is half of, "
+        "less what the loaded model holds."
+    )
     reserved_bytes: int = Field(description="What the requests in flight have reserved now.")
     per_request_bytes: int = Field(description="What one request may reserve (MAX_REQUEST_BYTES, within the budget).")
     max_batch_rows: int = Field(description="MAX_BATCH_ROWS: the most rows one request may carry.")
@@ -55,6 +61,12 @@ class MemoryStats(BaseModel):
     )
 
 
+class BatchingStats(BaseModel):
+    max_rows: int = Field(description="The most rows one inference merges (BATCHING_MAX_ROWS, or auto's choice).")
+    delay_ms: float = Field(description="BATCHING_DELAY_MS: how long a free slot waits to fill a batch.")
+    off_because: str | None = Field(description="Why this model never batches, if it does not.")
+
+
 class Stats(BaseModel):
     window_s: float
     cores: int = Field(description="Cores this process may use: its CPU affinity, or its cgroup CPU quota if smaller.")
@@ -62,6 +74,7 @@ class Stats(BaseModel):
     cost_per_hour: float | None
     modes: dict[Mode, ModeStats]
     memory: MemoryStats
+    batching: BatchingStats
     auto: AutoChoice | None = Field(description="DEFAULT_MODE=auto: the choice, why, and every candidate's figures.")
 
 
@@ -109,6 +122,11 @@ def _stats(dataplane: DataPlane, model: LoadedModel) -> Stats:
         cores_source=cores.describe(),
         cost_per_hour=cost,
         auto=model.auto,
+        batching=BatchingStats(
+            max_rows=model.batching_rows,
+            delay_ms=dataplane.settings.batching_delay_ms,
+            off_because=model.runtime.unbatchable,
+        ),
         memory=MemoryStats(
             budget_bytes=dataplane.memory.total_bytes,
             budget_source=usable_memory().describe(),
@@ -121,7 +139,9 @@ def _stats(dataplane: DataPlane, model: LoadedModel) -> Stats:
             mode: ModeStats(
                 requests=summary.requests,
                 request_ms=LatencyMs.of(summary.request),
+                queue_ms=LatencyMs.of(summary.queue),
                 inference_ms=LatencyMs.of(summary.inference),
+                mean_batch_size=summary.mean_batch_rows,
                 cpu_ms_per_prediction=round(summary.cpu_seconds * 1000 / summary.requests, 3)
                 if summary.requests
                 else None,

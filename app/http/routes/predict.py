@@ -98,9 +98,11 @@ class Prediction(BaseModel):
                         "decode": 0.4,
                         "preprocess": 0.2,
                         "queue": 0.0,
+                        "batch_wait": 0.0,
                         "inference": 13.1,
                         "total": 14.0,
                         "cpu": 14.2,
+                        "batch_size": 1,
                     },
                 }
             ]
@@ -165,7 +167,8 @@ def _labels(result: ImagePrediction, image: ImageSpec, shown: list[int], thresho
 
 
 def server_timing(timings: Timings) -> str:
-    return ", ".join(f"{name};dur={ms:.3f}" for name, ms in timings.model_dump().items())
+    durations = timings.model_dump(exclude={"batch_size"})
+    return ", ".join([*(f"{name};dur={ms:.3f}" for name, ms in durations.items()), f"batch;desc={timings.batch_size}"])
 
 
 async def read_image(request: Request) -> bytes:

@@ -22,6 +22,7 @@ from app.v2.codec import (
     PLATFORM,
     SERVER_NAME,
     SERVER_VERSION,
+    response_parameters,
     rest_request,
     rest_response,
     tensor_descriptions,
@@ -141,7 +142,7 @@ async def infer(
     header = {
         "model_name": result.model_name,
         "id": body.id or request.state.request_id,
-        "parameters": {"mode": result.mode.value},
+        "parameters": response_parameters(result),
     }
     content, headers = rest_response(header, result.outputs, result.binary)
     return Response(content, headers=headers)

@@ -256,6 +256,7 @@ function renderLegend(latest) {
         swatch,
         element("strong", {}, mode),
         ` ${requests} request${requests === 1 ? "" : "s"} · p50 ${formatMs(stats && stats.p50)} ms · p95 ${formatMs(stats && stats.p95)} ms` +
+          ` · queue p50 ${formatMs(stats && stats.queue)} ms · batch ${stats && stats.batch != null ? stats.batch.toFixed(1) : "–"}` +
           ` · CPU ${formatMs(stats && stats.cpu)} ms` +
           (stats && stats.cost != null ? ` · ${stats.cost.toFixed(3)} per million` : ""),
       );
@@ -360,6 +361,8 @@ function record(stats) {
       requests: entry.requests,
       p50: entry.request_ms.p50,
       p95: entry.request_ms.p95,
+      queue: entry.queue_ms.p50,
+      batch: entry.mean_batch_size,
       cpu: entry.cpu_ms_per_prediction,
       cost: entry.cost_per_million_predictions,
     };
@@ -396,14 +399,16 @@ function pollSoon() {
 function renderAuto(auto) {
   $("auto").hidden = !auto;
   if (!auto) return;
-  $("auto-reason").textContent = `${auto.mode} in layout ${auto.layout}: ${auto.reason} (measured in ${auto.measured_s} s).`;
+  const batching = auto.batching_rows > 1 ? `batches of up to ${auto.batching_rows} rows` : "no batching";
+  $("auto-reason").textContent = `${auto.mode} in layout ${auto.layout}, ${batching}: ${auto.reason} (measured in ${auto.measured_s} s).`;
   const rows = auto.candidates.map((c, i) =>
     element(
       "tr",
-      { "data-mode": c.mode, "data-layout": c.layout, className: i === 0 ? "present" : "" },
+      { "data-mode": c.mode, "data-layout": c.layout, "data-batching": String(c.batching_rows), className: i === 0 ? "present" : "" },
       element("td", { className: "number" }, String(i + 1)),
       element("th", { scope: "row" }, c.mode),
       element("td", {}, c.layout),
+      element("td", { className: "number" }, c.batching_rows > 1 ? `${c.batching_rows} (${c.mean_batch_rows.toFixed(1)})` : "off"),
       element(
         "td",
         { className: "number" },

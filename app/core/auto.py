@@ -1,40 +1,47 @@
-"""DEFAULT_MODE=auto: at start-up, every served mode is timed under every sensible layout on this machine, and the
-fastest that keeps its p99 within LATENCY_BUDGET_MS is served.
+"""DEFAULT_MODE=auto: at start-up, every served mode is timed under every sensible layout and batching on this
+machine, and the fastest that keeps its p99 within LATENCY_BUDGET_MS is served.
 
 A layout is inference slots x intra-op threads per session: slots 1, 2, 4, ... up to the cores the process may
-use, each with cores // slots threads (parallel mode divides them by the members again). The layouts are loaded
+use, each with cores // slots threads (parallel mode divides them by the members again). Batching is off, or on
+with a few sizes up to BATCHING_MAX_ROWS (for a model whose batch dimension is not fixed). The layouts are loaded
 one at a time (a layout of many multi-threaded slots holds a session set per slot: loading them all at once
-would multiply the memory), and each layout's modes (the candidates) are timed in windows of AUTO_WINDOW_MS, a
-closed loop with as many callers as slots, taking turns window by window (interleaved, so a slow spell of the
-machine hits them all), until every candidate's last three windows agree within 5 % (perf_analyzer's
+would multiply the memory), and each layout's candidates (mode x batching) are timed through the service's own
+admission and batching, in windows of AUTO_WINDOW_MS: a closed loop of one-row requests from as many callers as
+slots x batch rows (enough to fill the batches), taking turns window by window (interleaved, so a slow spell of
+the machine hits them all), until every candidate's last three windows agree within 5 % (perf_analyzer's
 stability rule) or the layout's share of AUTO_BUDGET_S (which counts the timing, not the loading) runs out;
-every candidate gets one window at least. The latencies are an inference's in that closed loop, queueing for
-a slot not included. The choice: the highest throughput among the candidates whose p99 is within
-LATENCY_BUDGET_MS; among those within 2 % of it, the lowest p50. If none is within the budget, the lowest p99.
+every candidate gets one window at least. A latency is a request's in that loop, waiting for its slot and its
+batch included. The choice: the highest throughput among the candidates whose p99 is within LATENCY_BUDGET_MS;
+among those within 2 % of it, the lowest p50. If none is within the budget, the lowest p99. Batching is kept
+only where it raised the throughput so; it costs a lone request nothing (BATCHING_DELAY_MS 0 takes what waits).
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 import statistics
-import threading
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
-import numpy as np
 from pydantic import BaseModel, Field
 
+from app.core.admission import Admission, Batchable
 from app.engine.resources import available_cores
-from app.engine.runtime import EnsembleRuntime
+from app.engine.runtime import EnsembleRuntime, Tensors
 from app.engine.timing import mean_interval, percentiles_ms
 from app.errors import StartupError
 from app.settings import Settings
 from ensemble_contract.modes import Mode
 
+BATCHING_CANDIDATES = (4, 8, 16)  # rows, besides no batching, up to BATCHING_MAX_ROWS
 STABLE_WINDOWS = 3
 STABLE_SPREAD = 0.05  # the last STABLE_WINDOWS throughputs within 5 % of their mean
 EQUAL_THROUGHPUT = 0.02  # throughputs this close count as equal: the lower p50 wins
+
+
 @dataclass(frozen=True, order=True)
 class SlotLayout:
     slots: int
@@ -53,10 +60,12 @@ def layouts(cores: int) -> list[SlotLayout]:
 class CandidateFigures(BaseModel):
     mode: Mode
     layout: str = Field(description="slots x intra-op threads")
+    batching_rows: int = Field(description="The most rows one inference merged (1: no batching).")
     throughput_per_s: float = Field(description="Mean over the windows.")
     throughput_ci95: tuple[float | None, float | None] = Field(description="None with a single window.")
     p50_ms: float
     p99_ms: float
+    mean_batch_rows: float = Field(description="Rows an inference ran, on average.")
     windows: int
     stable: bool
     within_budget: bool
@@ -67,18 +76,25 @@ class AutoChoice(BaseModel):
     layout: str
     slots: int
     threads: int
+    batching_rows: int
     reason: str
     latency_budget_ms: float
     measured_s: float
     candidates: list[CandidateFigures] = Field(description="Best first.")
+
+    def flags(self) -> dict[tuple[str, str, int], bool]:
+        """Every candidate (mode, layout, batching rows): whether it is the one chosen."""
+        return {(c.mode, c.layout, c.batching_rows): c is self.candidates[0] for c in self.candidates}
 
 
 @dataclass
 class _Candidate:
     mode: Mode
     layout: SlotLayout
+    batching_rows: int
     throughputs: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    batch_rows: list[int] = field(default_factory=list)
 
     @property
     def stable(self) -> bool:
@@ -96,35 +112,43 @@ class _Candidate:
         return CandidateFigures(
             mode=self.mode,
             layout=str(self.layout),
+            batching_rows=self.batching_rows,
             throughput_per_s=round(mean, 2),
             throughput_ci95=interval,
             p50_ms=round(p50_ms, 3),
             p99_ms=round(p99_ms, 3),
+            mean_batch_rows=round(statistics.fmean(self.batch_rows), 2),
             windows=n,
             stable=self.stable,
             within_budget=p99_ms <= latency_budget_s * 1000,
         )
 
 
-def _window(
-    runtime: EnsembleRuntime, mode: Mode, feeds: Mapping[str, np.ndarray], callers: ThreadPoolExecutor, seconds: float
-) -> tuple[float, list[float]]:
-    """Throughput and latencies of as many callers as the runtime has slots, in a closed loop for `seconds`."""
-    deadline = time.perf_counter() + seconds
-    lock, latencies = threading.Lock(), []
+def batching_options(max_rows: int) -> list[int]:
+    """No batching, and BATCHING_CANDIDATES rows capped at max_rows (1: the model or the operator forbids it)."""
+    return sorted({1, *(min(rows, max_rows) for rows in BATCHING_CANDIDATES)})
 
-    def caller() -> None:
-        mine = []
+
+async def _window(
+    admission: Admission, runtime: EnsembleRuntime, candidate: _Candidate, feeds: Tensors, seconds: float
+) -> None:
+    """One window of a closed loop of one-row requests through `admission`, from as many callers as the slots
+    hold rows of one batch each; adds the window's throughput and latencies to the candidate."""
+    mode, rows = candidate.mode, candidate.batching_rows
+    request = Batchable(mode, mode, 1, rows, feeds, partial(runtime.infer_measured, mode=mode))
+    deadline = time.perf_counter() + seconds
+    latencies: list[float] = []
+
+    async def caller() -> None:
         while (start := time.perf_counter()) < deadline:
-            runtime.infer(feeds, mode)
-            mine.append(time.perf_counter() - start)
-        with lock:
-            latencies.extend(mine)
+            admitted = await admission.run(request, math.inf)
+            latencies.append(time.perf_counter() - start)
+            candidate.batch_rows.append(admitted.batch_rows)
 
     started = time.perf_counter()
-    for future in [callers.submit(caller) for _ in range(runtime.slots)]:
-        future.result()
-    return len(latencies) / (time.perf_counter() - started), latencies
+    await asyncio.gather(*(caller() for _ in range(admission.slots * rows)))
+    candidate.throughputs.append(len(latencies) / (time.perf_counter() - started))
+    candidate.latencies.extend(latencies)
 
 
 def rank(candidates: Sequence[CandidateFigures]) -> list[CandidateFigures]:
@@ -143,37 +167,46 @@ def rank(candidates: Sequence[CandidateFigures]) -> list[CandidateFigures]:
     return [*equal, *rest, *over]
 
 
-def _time_layout(runtime: EnsembleRuntime, layout: SlotLayout, budget_s: float, window_s: float) -> list[_Candidate]:
-    """Every mode of one layout, in turns of one window each, until all are stable or the budget is spent (one
-    window each at least)."""
-    candidates = [_Candidate(mode, layout) for mode in runtime.modes]
-    feeds = runtime.manifest.example_inputs()
-    deadline = time.perf_counter() + budget_s
-    with ThreadPoolExecutor(layout.slots, thread_name_prefix="auto") as callers:
-        while not candidates[-1].throughputs or (
-            time.perf_counter() < deadline and not all(c.stable for c in candidates)
-        ):
-            for candidate in candidates:
-                throughput, latencies = _window(runtime, candidate.mode, feeds, callers, window_s)
-                candidate.throughputs.append(throughput)
-                candidate.latencies.extend(latencies)
+def _time_layout(
+    runtime: EnsembleRuntime, layout: SlotLayout, settings: Settings, batching: Sequence[int], budget_s: float
+) -> list[_Candidate]:
+    """Every candidate (mode x batching) of one layout, in turns of one window each, until all are stable or the
+    budget is spent (one window each at least)."""
+    candidates = [_Candidate(mode, layout, rows) for mode in runtime.modes for rows in batching]
+    feeds = runtime.manifest.example_inputs(1)
+    window_s = settings.auto_window_ms / 1000
+
+    async def take_turns() -> None:
+        admission = Admission(layout.slots, layout.slots * max(batching), math.inf, settings.batching_delay_ms / 1000)
+        deadline = time.perf_counter() + budget_s
+        try:
+            while not candidates[-1].throughputs or (
+                time.perf_counter() < deadline and not all(c.stable for c in candidates)
+            ):
+                for candidate in candidates:
+                    await _window(admission, runtime, candidate, feeds, window_s)
+        finally:
+            admission.close()
+
+    asyncio.run(take_turns())
     return candidates
 
 
 def choose(
     settings: Settings, candidate_layouts: Sequence[SlotLayout] | None = None
 ) -> tuple[EnsembleRuntime, AutoChoice]:
-    """Times every mode under every layout (or those given), one layout loaded at a time, and returns the runtime
-    of the chosen layout (the only one left open) with the measurement."""
+    """Times every mode under every layout (or those given) and batching (where the model allows it), one layout
+    loaded at a time, and returns the runtime of the chosen layout (the only one left open) with the measurement."""
     started = time.perf_counter()
     latency_budget_s = settings.latency_budget_ms / 1000
     every_layout = list(candidate_layouts or layouts(available_cores()))
-    share_s, window_s = settings.auto_budget_s / len(every_layout), settings.auto_window_ms / 1000
+    share_s = settings.auto_budget_s / len(every_layout)
     figures: list[CandidateFigures] = []
     kept: tuple[SlotLayout, EnsembleRuntime] | None = None
     for layout in every_layout:
         runtime = EnsembleRuntime.load(settings.model_copy(update={"inference_slots": layout.slots}))
-        figures += [c.figures(latency_budget_s) for c in _time_layout(runtime, layout, share_s, window_s)]
+        batching = batching_options(1 if runtime.unbatchable else settings.batching_max_rows)
+        figures += [c.figures(latency_budget_s) for c in _time_layout(runtime, layout, settings, batching, share_s)]
         best_layout = rank(figures)[0].layout
         if best_layout == str(layout):
             if kept is not None:
@@ -188,8 +221,8 @@ def choose(
     timed = len(ranked)
     stable = sum(c.stable for c in ranked)
     reason = (
-        f"highest throughput ({best.throughput_per_s:.1f}/s, p99 {best.p99_ms:.1f} ms within "
-        f"{settings.latency_budget_ms:g} ms)"
+        f"highest throughput ({best.throughput_per_s:.1f}/s in batches of {best.mean_batch_rows:g} rows on "
+        f"average, p99 {best.p99_ms:.1f} ms within {settings.latency_budget_ms:g} ms)"
         if best.within_budget
         else f"no candidate kept p99 within {settings.latency_budget_ms:g} ms: the lowest p99 ({best.p99_ms:.1f} ms)"
     ) + f"; {stable} of {timed} candidates stable"
@@ -198,6 +231,7 @@ def choose(
         layout=best.layout,
         slots=layout.slots,
         threads=runtime.plans[best.mode].intra_op_threads,
+        batching_rows=best.batching_rows,
         reason=reason,
         latency_budget_ms=settings.latency_budget_ms,
         measured_s=round(time.perf_counter() - started, 2),
