@@ -4,13 +4,15 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 MODEL_DIR ?= models/default
+# Triton's environment needs the system's Python (its stub links /usr/lib's libpython3.11).
+TRITON_PYTHON ?= /usr/bin/python3.11
 # torch's CPU build. PyPI's torch for Linux is the CUDA one (GBs of nvidia-* wheels), so torch alone comes from this
 # index, as in the Dockerfile; a wheel in pip's find-links (PIP_FIND_LINKS) is taken too, so the install also works
 # where this index is unreachable. Its own dependencies then come from PyPI with the rest.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 TORCH := torch==2.13.0
 
-.PHONY: serve test audit models install-runtime install-torch install-build install-fuse install-dev lock kserve-venv
+.PHONY: serve test audit models install-runtime install-torch install-build install-fuse install-dev lock kserve-venv triton-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +56,12 @@ audit: install-dev
 kserve-venv:
 	$(PYTHON) -m venv .venv-kserve
 	.venv-kserve/bin/python -m pip install --quiet --disable-pip-version-check -c bench/kserve-constraints.txt kserve onnxruntime
+
+## Triton Inference Server through PyTriton (its bundled tritonserver), for `bench peers`, in a virtual environment of
+## its own. PyTriton's Python stub links the system's libpython3.11: make it from Debian's python3.11 (pyenv's fails).
+triton-venv:
+	$(TRITON_PYTHON) -m venv .venv-triton
+	.venv-triton/bin/python -m pip install --quiet --disable-pip-version-check -c bench/triton-constraints.txt nvidia-pytriton onnxruntime
 
 ## Re-pins every dependency (run after changing pyproject.toml).
 lock:

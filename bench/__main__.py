@@ -1,4 +1,4 @@
-"""`python -m bench sweep|scale|compare|layouts|peers ...`, from the repository root; `--help` on each.
+"""`python -m bench sweep|scale|compare|layouts|batching|peers ...`, from the repository root; `--help` on each.
 
 Every command prints its report (markdown) and writes it under --out; `--quick` runs take seconds and exist for the
 smoke tests. Full runs of sweep and scale also rewrite their own section of docs/benchmarks.md (and copy their chart
@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from app.engine.resources import available_cores
-from bench import compare, layouts, peers, scale, sweep
+from bench import batching, compare, layouts, peers, scale, sweep
 from bench.common import Budget, Machine, Report, update_section
+from ensemble_contract.modes import Mode
 from model_build.config import PRESETS, TrainingConfig
 
 DOCS = Path("docs/benchmarks.md")
@@ -25,8 +26,8 @@ ARTIFACTS = Path("artifacts/bench")
 DEFAULT_MODEL_DIR = Path("models/default")
 SECTIONS = ("sweep", "scale")  # the commands whose full runs rewrite their section of the docs
 # (full, --quick) per command: interleaved rounds, and the length of each `hey` run
-ROUNDS = {"sweep": (5, 2), "scale": (6, 2), "compare": (5, 2), "layouts": (3, 2), "peers": (3, 2)}
-SECONDS = {"compare": (1.0, 0.3), "layouts": (5.0, 0.3), "peers": (5.0, 0.3)}
+ROUNDS = {"sweep": (5, 2), "scale": (6, 2), "compare": (5, 2), "layouts": (3, 2), "batching": (5, 2), "peers": (5, 2)}
+SECONDS = {"compare": (1.0, 0.3), "layouts": (5.0, 0.3), "batching": (3.0, 0.3), "peers": (5.0, 0.3)}
 T = TypeVar("T")
 
 
@@ -81,8 +82,12 @@ def layouts_command(args: argparse.Namespace, out: Path) -> Report:
     return layouts.run(args.model_dir, args.slots, args.clients, _rounds(args), _seconds(args), out)
 
 
+def batching_command(args: argparse.Namespace, out: Path) -> Report:
+    return batching.run(args.model_dir, args.modes, args.rows, _rounds(args), _seconds(args), out)
+
+
 def peers_command(args: argparse.Namespace, out: Path) -> Report:
-    return peers.run(args.model_dir, args.kserve_python, _rounds(args), _seconds(args), out)
+    return peers.run(args.model_dir, args.kserve_python, args.triton_python, _rounds(args), _seconds(args), out)
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Path], Report], str]] = {
@@ -90,7 +95,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Path], Report], str]] = 
     "scale": (scale_command, "a width-2 pair across input sizes: separate ÷ fused per thread and spinning layout"),
     "compare": (compare_command, "fused or separate, for any model directory: every mode in-process and over /v2"),
     "layouts": (layouts_command, "the service under each INFERENCE_SLOTS layout, through HTTP"),
-    "peers": (peers_command, "this service against KServe's Python model server and a naive server"),
+    "batching": (batching_command, "batched against unbatched throughput in-process, and what reaches HTTP clients"),
+    "peers": (peers_command, "this service against Triton, KServe's Python model server and a naive server"),
 }
 
 
@@ -161,12 +167,19 @@ def parser() -> argparse.ArgumentParser:
         "--target-ms", type=float, default=scale.PUBLISHED_SEPARATE_MS, help="also measure where the loop costs this"
     )
     sub["compare"].add_argument("--calls", type=int, help="in-process calls a mode a round (default 30)")
-    slots, kserve = sorted({1, available_cores()}), Path(".venv-kserve/bin/python")
+    slots, kserve, triton = (
+        sorted({1, available_cores()}),
+        Path(".venv-kserve/bin/python"),
+        Path(".venv-triton/bin/python"),
+    )
     sub["layouts"].add_argument(
         "--slots", type=int, nargs="+", default=slots, help="INFERENCE_SLOTS (default 1, cores)"
     )
     sub["layouts"].add_argument("--clients", type=int, nargs="+", default=[4, 32], help="hey's clients (default 4 32)")
     sub["peers"].add_argument("--kserve-python", type=Path, default=kserve, help=f"from `make kserve-venv`: {kserve}")
+    sub["peers"].add_argument("--triton-python", type=Path, default=triton, help=f"from `make triton-venv`: {triton}")
+    sub["batching"].add_argument("--modes", type=Mode, nargs="+", help="default: every mode the model serves")
+    sub["batching"].add_argument("--rows", type=int, default=8, help="the most rows a batch merges (default 8)")
     return p
 
 

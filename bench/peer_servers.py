@@ -2,10 +2,12 @@
 
     python -m bench.peer_servers naive --model-dir DIR --port PORT
     .venv-kserve/bin/python -m bench.peer_servers kserve --model-dir DIR --port PORT
+    .venv-triton/bin/python -m bench.peer_servers triton --model-dir DIR --port PORT [--config usual|matched ...]
 
-KServe's environment (`make kserve-venv`) has numpy, FastAPI, uvicorn and ONNX Runtime, but neither this project's
-packages nor its other dependencies (kserve's pins clash with ours). So this module imports only the standard
-library at its top, each server imports what it uses, and the KServe server reads manifest.json as plain JSON.
+KServe's environment (`make kserve-venv`) has numpy, FastAPI, uvicorn and ONNX Runtime, and Triton's (`make
+triton-venv`) PyTriton and ONNX Runtime, but neither has this project's packages nor its other dependencies (their
+pins clash with ours). So this module imports only the standard library at its top, each server imports what it
+uses, and the peers read manifest.json as plain JSON.
 """
 
 import argparse
@@ -19,7 +21,8 @@ ORT_DATATYPES = {"tensor(float)": "FP32", "tensor(int64)": "INT64", "tensor(doub
 def serve_naive(model_dir: Path, port: int) -> None:
     """The server users start from: FastAPI and ONNX Runtime written the straightforward way. One session per member
     with default options, run one after another inside an `async` endpoint, the outputs combined as the fused graph
-    combines them; no fused graph, no thread tuning, no admission control, no validation."""
+    combines them, those asked for sent back; no fused graph, no thread tuning, no admission control, no
+    validation."""
     import numpy as np
     import onnxruntime as ort
     import uvicorn
@@ -42,9 +45,11 @@ def serve_naive(model_dir: Path, port: int) -> None:
     async def infer(name: str, body: dict[str, Any]) -> dict[str, object]:
         feeds = {t["name"]: np.asarray(t["data"], NUMPY[t["datatype"]]).reshape(t["shape"]) for t in body["inputs"]}
         members = [dict(zip(names, session.run(names, feeds), strict=True)) for session in sessions]
+        combined = combine(members, manifest.combine, manifest.weights)
+        asked = [o["name"] for o in body.get("outputs") or []] or list(combined)
         outputs = [
             {"name": k, "shape": list(v.shape), "datatype": of_numpy(v.dtype), "data": v.ravel().tolist()}
-            for k, v in combine(members, manifest.combine, manifest.weights).items()
+            for k, v in ((k, combined[k]) for k in asked)
         ]
         return {"model_name": name, "outputs": outputs}
 
@@ -53,7 +58,7 @@ def serve_naive(model_dir: Path, port: int) -> None:
 
 def serve_kserve(model_dir: Path, port: int) -> None:
     """KServe's Python model server (kserve 0.21) running the model directory's fused graph: a custom `Model` with
-    one ONNX Runtime session, default session options."""
+    one ONNX Runtime session, default session options, every output computed and those asked for sent back."""
     import onnxruntime as ort
     from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
 
@@ -67,9 +72,11 @@ def serve_kserve(model_dir: Path, port: int) -> None:
         def predict(self, payload: InferRequest, headers: dict[str, str] | None = None) -> InferResponse:
             feeds = {tensor.name: tensor.as_numpy() for tensor in payload.inputs}
             results = self.session.run([name for name, _ in self.outputs], feeds)
+            asked = {output.name for output in payload.request_outputs or []}
             outputs = [
                 InferOutput(name=name, shape=list(array.shape), datatype=datatype, data=array.ravel().tolist())
                 for (name, datatype), array in zip(self.outputs, results, strict=True)
+                if not asked or name in asked
             ]
             return InferResponse(response_id=payload.id or "", model_name=self.name, infer_outputs=outputs)
 
@@ -78,7 +85,56 @@ def serve_kserve(model_dir: Path, port: int) -> None:
     ModelServer(http_port=port, enable_grpc=False, workers=1, enable_latency_logging=False).start([model])
 
 
-SERVERS = {"naive": serve_naive, "kserve": serve_kserve}
+def serve_triton(
+    model_dir: Path, port: int, *, max_batch: int = 8, instances: int = 1, intra_op_threads: int = 0
+) -> None:
+    """Triton Inference Server (PyTriton 0.7 bundles a real `tritonserver`: its C++ HTTP front end and dynamic
+    batcher) running the fused graph in ONNX Runtime behind a Python function, as PyTriton serves any model: up to
+    `max_batch` rows an inference, default batcher options (no queue delay: what waits is taken), `instances` model
+    instances, each with its own session of `intra_op_threads` threads (0: ONNX Runtime's default, every core)."""
+    import numpy as np
+    import onnxruntime as ort
+    from pytriton.decorators import batch
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    path = str(model_dir / manifest["ensemble"]["path"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+
+    def instance() -> Any:
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+
+        @batch
+        def infer(**inputs: Any) -> dict[str, Any]:
+            return dict(zip(names, session.run(names, inputs), strict=True))
+
+        return infer
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+    def tensors(described: list[Any]) -> list[Any]:
+        """PyTriton's tensors: the shape without the batch dimension, -1 where it is dynamic."""
+        dtypes = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(double)": np.float64}
+        shapes = [tuple(d if isinstance(d, int) else -1 for d in t.shape[1:]) for t in described]
+        return [Tensor(name=t.name, dtype=dtypes[t.type], shape=s) for t, s in zip(described, shapes, strict=True)]
+
+    config = TritonConfig(http_address="127.0.0.1", http_port=port, allow_grpc=False, allow_metrics=False)
+    with Triton(config=config) as triton:
+        triton.bind(
+            model_name=manifest["name"],
+            infer_func=[instance() for _ in range(instances)],
+            inputs=tensors(session.get_inputs()),
+            outputs=tensors(session.get_outputs()),
+            config=ModelConfig(max_batch_size=max_batch, batcher=DynamicBatcher()),
+            strict=False,
+        )
+        triton.serve()
+
+
+SERVERS = {"naive": serve_naive, "kserve": serve_kserve, "triton": serve_triton}
 
 
 def main() -> None:
@@ -86,8 +142,20 @@ def main() -> None:
     parser.add_argument("server", choices=sorted(SERVERS))
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--max-batch", type=int, default=8, help="triton: rows an inference (1: no batching)")
+    parser.add_argument("--instances", type=int, default=1, help="triton: model instances")
+    parser.add_argument("--intra-op-threads", type=int, default=0, help="triton: threads a session (0: default)")
     args = parser.parse_args()
-    SERVERS[args.server](args.model_dir, args.port)
+    if args.server == "triton":
+        serve_triton(
+            args.model_dir,
+            args.port,
+            max_batch=args.max_batch,
+            instances=args.instances,
+            intra_op_threads=args.intra_op_threads,
+        )
+    else:
+        SERVERS[args.server](args.model_dir, args.port)
 
 
 if __name__ == "__main__":

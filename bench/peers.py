@@ -1,40 +1,66 @@
 """`python -m bench peers --model-dir DIR`: this service against other servers of the same model, through HTTP.
 
-The peers (bench/peer_servers.py): KServe's Python model server running the same fused graph with one default ONNX
-Runtime session, in its own virtual environment (`make kserve-venv`; left out, saying so, when it is absent), and
-the naive server users start from (the members' sessions in a loop with default options, straight on the event
-loop). Ours runs with its default settings. `hey` sends each the same v2 JSON request (the model's example input,
-fused mode) from 1, 16 and 32 closed-loop clients, the servers taking turns round by round.
+The peers (bench/peer_servers.py), each in its own virtual environment and left out, saying so, when it is absent:
+- triton: Triton Inference Server through PyTriton (`make triton-venv`), its usual configuration: one model
+  instance with ONNX Runtime's default session options (every core, spinning), the dynamic batcher with up to 8 rows
+  and no queue delay;
+- triton-tuned: the configuration we think fairest to Triton on this machine, what its Model Analyzer would find:
+  one instance per core, one intra-op thread each, the same batcher;
+- kserve: KServe's Python model server with one default ONNX Runtime session (`make kserve-venv`);
+- naive: the server users start from (the members' sessions in a loop with default options, on the event loop).
+Ours runs with its default settings. Every one runs the model directory's fused graph (naive: its members) and
+computes every output. `hey` sends each the same v2 JSON request (the model's example input, fused mode, asking for
+the same outputs: an image model's scores) from 1, 4 and 16 closed-loop clients, the servers taking turns round by
+round. The targets compare ours with each peer round by round: goodput at 16 clients and at 4, accepted p99 at 16,
+p50 at 1.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.common import Report, log
-from bench.serving import Target, load_rounds, load_table, v2_body
+from app.engine.resources import available_cores
+from bench.common import Interval, Report, interval_check, log
+from bench.serving import Run, Target, load_rounds, load_table, requested_outputs, v2_body
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
 from tests.service_process import free_port, server_process, service_process
 
-CLIENTS = (1, 16, 32)
-PEER_START_TIMEOUT_S = 180  # KServe imports a great deal
+CLIENTS = (1, 4, 16)
+PEER_START_TIMEOUT_S = 180  # KServe imports a great deal; Triton starts a server and its Python stub
 
 
-def run(model_dir: Path, kserve_python: Path, rounds: int, seconds: float, work: Path) -> Report:
+def peer_commands(kserve_python: Path, triton_python: Path) -> dict[str, tuple[Path, list[str]]]:
+    """Each peer's interpreter and its arguments to bench.peer_servers (without the model directory and port)."""
+    cores = str(available_cores())
+    return {
+        "triton": (triton_python, ["triton", "--max-batch", "8"]),
+        "triton-tuned": (
+            triton_python,
+            ["triton", "--max-batch", "8", "--instances", cores, "--intra-op-threads", "1"],
+        ),
+        "kserve": (kserve_python, ["kserve"]),
+        "naive": (Path(sys.executable), ["naive"]),
+    }
+
+
+def run(model_dir: Path, kserve_python: Path, triton_python: Path, rounds: int, seconds: float, work: Path) -> Report:
     manifest = load_manifest(model_dir)
     infer = f"/v2/models/{manifest.name}/infer"
-    peers = {"kserve": kserve_python, "naive": Path(sys.executable)}
-    if not kserve_python.is_file():
-        log(f"[peers] no {kserve_python} (`make kserve-venv` makes it): KServe is left out")
-        del peers["kserve"]
+    peers = peer_commands(kserve_python, triton_python)
+    for name, (python, _) in list(peers.items()):
+        if not python.is_file():
+            log(f"[peers] no {python} (`make {name.split('-')[0]}-venv` makes it): {name} is left out")
+            del peers[name]
+    outputs = requested_outputs(manifest)
     with ExitStack() as stack:
         servers = {"ours": stack.enter_context(service_process(model_dir, work))}
-        for name, python in peers.items():
+        for name, (python, arguments) in peers.items():
             port = free_port()
-            command = [str(python), "-m", "bench.peer_servers", name, "--model-dir", str(model_dir.resolve())]
+            command = [str(python), "-m", "bench.peer_servers", *arguments, "--model-dir", str(model_dir.resolve())]
             server = server_process(
                 [*command, "--port", str(port)],
                 port,
@@ -43,12 +69,32 @@ def run(model_dir: Path, kserve_python: Path, rounds: int, seconds: float, work:
                 start_timeout_s=PEER_START_TIMEOUT_S,
             )
             servers[name] = stack.enter_context(server)
-        body = v2_body(manifest, Mode.FUSED, work / "fused.json")
+        body = v2_body(manifest, Mode.FUSED, work / "fused.json", outputs)
         targets = [Target(name, server.url + infer, body) for name, server in servers.items()]
         runs = load_rounds(targets, CLIENTS, seconds, rounds)
+    asked = ", ".join(outputs) if outputs else "every output"
     header = (
-        f"Model directory {model_dir} ({manifest.name}); servers: {', '.join(servers)}; {rounds} interleaved rounds "
-        f"of {seconds:g} s of `hey` per server and number of clients. The ratios are each server's figure over ours, "
-        "round by round."
+        f"Model directory {model_dir} ({manifest.name}); servers: {', '.join(servers)}; the request asks for "
+        f"{asked}; {rounds} interleaved rounds of {seconds:g} s of `hey` per server and number of clients. The "
+        "ratios are each server's figure over ours, round by round."
     )
-    return Report(f"{header}\n\n{load_table(runs, targets, CLIENTS)}")
+    return Report(f"{header}\n\n{load_table(runs, targets, CLIENTS)}\n\n{targets_met(runs, targets)}")
+
+
+def targets_met(runs: dict[tuple[Target, int], list[Run]], targets: Sequence[Target]) -> str:
+    """Ours against each peer, round by round: goodput at 16 and 4 clients at least theirs, accepted p99 at 16 and
+    p50 at 1 at most theirs."""
+    ours, lines = targets[0], []
+    for peer in targets[1:]:
+        if peer.name == "naive":
+            continue
+        if peer.name.startswith("triton"):
+            for clients in (16, 4):
+                goodput = [[r.goodput for r in runs[t, clients]] for t in (ours, peer)]
+                lines.append(interval_check(f"goodput at {clients} ours ÷ {peer.name}", Interval.of_ratios(*goodput),
+                                            at_least=1.0))  # fmt: skip
+            p99 = [[r.percentile_ms(99) for r in runs[t, 16]] for t in (ours, peer)]
+            lines.append(interval_check(f"p99 at 16 ours ÷ {peer.name}", Interval.of_ratios(*p99), at_most=1.0))
+        p50 = [[r.percentile_ms(50) for r in runs[t, 1]] for t in (ours, peer)]
+        lines.append(interval_check(f"p50 at 1 ours ÷ {peer.name}", Interval.of_ratios(*p50), at_most=1.0))
+    return "\n".join(f"- {line}" for line in lines)

@@ -48,13 +48,24 @@ class Run:
         return percentiles_ms(self.accepted, [percent])[0] if self.accepted else NAN
 
 
-def v2_body(manifest: Manifest, mode: Mode, path: Path) -> Path:
-    """Writes the v2 JSON inference request of the model's example input, asking for `mode`."""
+def requested_outputs(manifest: Manifest) -> list[str] | None:
+    """What the load tests ask for, of every server alike: an image model's scores (what a client of a classifier
+    reads; its mask would make the answer a JSON list of every pixel's scores), else every output (None)."""
+    image = manifest.image
+    return [image.scores_output] if image is not None and image.scores_output is not None else None
+
+
+def v2_body(manifest: Manifest, mode: Mode, path: Path, outputs: Sequence[str] | None = None) -> Path:
+    """Writes the v2 JSON inference request of the model's example input, asking for `mode` (and for `outputs`
+    only, when given)."""
     inputs = [
         {"name": name, "shape": list(array.shape), "datatype": of_numpy(array.dtype), "data": array.ravel().tolist()}
         for name, array in manifest.example_inputs().items()
     ]
-    path.write_text(json.dumps({"inputs": inputs, "parameters": {"mode": mode.value}}))
+    body: dict[str, object] = {"inputs": inputs, "parameters": {"mode": mode.value}}
+    if outputs is not None:
+        body["outputs"] = [{"name": name} for name in outputs]
+    path.write_text(json.dumps(body))
     return path
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from app.core.auto import layouts
 from app.engine.resources import available_cores
 from bench.__main__ import COMMANDS, parser
 from bench.common import Budget, Interval, interleave, table, update_section
@@ -26,6 +27,7 @@ from ensemble_contract.modes import Mode, served_modes
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND_TIMEOUT_S = 300
 KSERVE_PYTHON = ROOT / ".venv-kserve" / "bin" / "python"
+TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
 needs_hey = pytest.mark.skipif(shutil.which("hey") is None, reason="no hey (Debian: apt-get install hey)")
 
 
@@ -147,14 +149,38 @@ def test_layouts_quick_loads_the_service_under_each_slot_layout(model_dir: Path,
 
 
 @needs_hey
-def test_peers_quick_measures_us_against_the_naive_server_and_kserve_when_installed(
+def test_peers_quick_measures_us_against_triton_kserve_and_the_naive_server_when_installed(
     model_dir: Path, tmp_path: Path
 ) -> None:
-    done = bench("peers", "--model-dir", model_dir, "--out", tmp_path, "--kserve-python", KSERVE_PYTHON)
-    servers = ["ours", *(["kserve"] if KSERVE_PYTHON.is_file() else []), "naive"]
+    done = bench(
+        "peers", "--model-dir", model_dir, "--out", tmp_path, "--kserve-python", KSERVE_PYTHON,
+        "--triton-python", TRITON_PYTHON,
+    )  # fmt: skip
+    tritons = ["triton", "triton-tuned"] if TRITON_PYTHON.is_file() else []
+    servers = ["ours", *tritons, *(["kserve"] if KSERVE_PYTHON.is_file() else []), "naive"]
     rows = load_rows(done.stdout)
-    assert [(r["server"], r["clients"]) for r in rows] == [(s, c) for s in servers for c in ("1", "16", "32")]
-    assert ("KServe is left out" in done.stderr) != KSERVE_PYTHON.is_file()
+    assert [(r["server"], r["clients"]) for r in rows] == [(s, c) for s in servers for c in ("1", "4", "16")]
+    assert ("kserve is left out" in done.stderr) != KSERVE_PYTHON.is_file()
+    assert ("triton is left out" in done.stderr) != TRITON_PYTHON.is_file()
+    assert "the request asks for class_probs;" in done.stdout  # the same outputs of every server
+    for peer in tritons:  # the targets, one line each, whether met or not
+        assert f"- goodput at 16 ours ÷ {peer}: " in done.stdout and f"- p99 at 16 ours ÷ {peer}: " in done.stdout
+    for peer in [*tritons, *(["kserve"] if KSERVE_PYTHON.is_file() else [])]:
+        assert f"- p50 at 1 ours ÷ {peer}: " in done.stdout
+
+
+@needs_hey
+def test_batching_quick_compares_batched_and_unbatched_in_process_and_over_http(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    text = bench("batching", "--model-dir", model_dir, "--out", tmp_path, "--modes", "fused", "--rows", "4").stdout
+    rows = markdown_rows(text, "mode")
+    assert [(r["mode"], r["layout"]) for r in rows] == [("fused", str(layout)) for layout in layouts(available_cores())]
+    assert all(float(r["batched ÷ unbatched"].split()[0]) > 0 for r in rows)
+    http = markdown_rows(text, "setup")
+    assert [r["setup"] for r in http] == [f"fused {layout} batches of 4" for layout in layouts(available_cores())]
+    assert all(float(r["HTTP ÷ in-process"].split()[0]) > 0 for r in http)
+    assert "- best batched (fused " in text and text.count("- HTTP ÷ in-process, fused ") == len(http)
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

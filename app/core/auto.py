@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from app.core.admission import Admission, Batchable
 from app.engine.resources import available_cores
-from app.engine.runtime import EnsembleRuntime, Tensors
+from app.engine.runtime import EnsembleRuntime
 from app.engine.timing import mean_interval, percentiles_ms
 from app.errors import StartupError
 from app.settings import Settings
@@ -96,6 +96,11 @@ class _Candidate:
     latencies: list[float] = field(default_factory=list)
     batch_rows: list[int] = field(default_factory=list)
 
+    def add(self, window: Window) -> None:
+        self.throughputs.append(window.throughput_per_s)
+        self.latencies.extend(window.latencies)
+        self.batch_rows.extend(window.batch_rows)
+
     @property
     def stable(self) -> bool:
         last = self.throughputs[-STABLE_WINDOWS:]
@@ -129,26 +134,34 @@ def batching_options(max_rows: int) -> list[int]:
     return sorted({1, *(min(rows, max_rows) for rows in BATCHING_CANDIDATES)})
 
 
-async def _window(
-    admission: Admission, runtime: EnsembleRuntime, candidate: _Candidate, feeds: Tensors, seconds: float
-) -> None:
-    """One window of a closed loop of one-row requests through `admission`, from as many callers as the slots
-    hold rows of one batch each; adds the window's throughput and latencies to the candidate."""
-    mode, rows = candidate.mode, candidate.batching_rows
+@dataclass(frozen=True)
+class Window:
+    """One window of a closed loop: its throughput, and each request's latency and the rows of its inference."""
+
+    throughput_per_s: float
+    latencies: list[float]
+    batch_rows: list[int]
+
+
+async def closed_loop(admission: Admission, runtime: EnsembleRuntime, mode: Mode, rows: int, seconds: float) -> Window:
+    """One-row requests of the model's example input through `admission`, batched up to `rows` rows, for `seconds`,
+    from as many callers as its slots hold rows of one batch each: what DEFAULT_MODE=auto times (and the benchmarks
+    compare with the same traffic over HTTP)."""
+    feeds = runtime.manifest.example_inputs(1)
     request = Batchable(mode, mode, 1, rows, feeds, partial(runtime.infer_measured, mode=mode))
     deadline = time.perf_counter() + seconds
     latencies: list[float] = []
+    batch_rows: list[int] = []
 
     async def caller() -> None:
         while (start := time.perf_counter()) < deadline:
             admitted = await admission.run(request, math.inf)
             latencies.append(time.perf_counter() - start)
-            candidate.batch_rows.append(admitted.batch_rows)
+            batch_rows.append(admitted.batch_rows)
 
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(admission.slots * rows)))
-    candidate.throughputs.append(len(latencies) / (time.perf_counter() - started))
-    candidate.latencies.extend(latencies)
+    return Window(len(latencies) / (time.perf_counter() - started), latencies, batch_rows)
 
 
 def rank(candidates: Sequence[CandidateFigures]) -> list[CandidateFigures]:
@@ -173,7 +186,6 @@ def _time_layout(
     """Every candidate (mode x batching) of one layout, in turns of one window each, until all are stable or the
     budget is spent (one window each at least)."""
     candidates = [_Candidate(mode, layout, rows) for mode in runtime.modes for rows in batching]
-    feeds = runtime.manifest.example_inputs(1)
     window_s = settings.auto_window_ms / 1000
 
     async def take_turns() -> None:
@@ -184,7 +196,8 @@ def _time_layout(
                 time.perf_counter() < deadline and not all(c.stable for c in candidates)
             ):
                 for candidate in candidates:
-                    await _window(admission, runtime, candidate, feeds, window_s)
+                    window = await closed_loop(admission, runtime, candidate.mode, candidate.batching_rows, window_s)
+                    candidate.add(window)
         finally:
             admission.close()
 

@@ -58,6 +58,10 @@ class ThreadPlan:
         spinning = "1" if self.allow_spinning else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+        # The pools stop spinning when a run ends: they spin between the many small operators of one inference
+        # (what makes spinning pay), never while idle between requests, where they would take the cores of another
+        # mode's or slot's run.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         options.add_session_config_entry("session.use_env_allocators", "1")  # the process's one arena
         # ONNX Runtime plans one block per input shape on top of the arena's chunks, which left the arena at twice a
         # large batch's working memory; without it, the arena stays at the largest working set (2 % slower here).

@@ -46,21 +46,23 @@ def test_multipart_upload_of_each_format(
         assert label["present"] == (label["probability"] >= body["threshold"] == 0.5)
     assert body["members"] is None
     assert body["mask"] is None
-    assert set(body["timings_ms"]) == {"decode", "preprocess", "queue", "inference", "total", "cpu"}
-    assert body["timings_ms"]["cpu"] > 0
+    assert set(body["timings_ms"]) == {*TIMES, "batch_size"}
+    assert body["timings_ms"]["cpu"] > 0 and body["timings_ms"]["batch_size"] == 1  # it came alone
+
+
+TIMES = ("decode", "preprocess", "queue", "batch_wait", "inference", "total", "cpu")
 
 
 def test_raw_body_and_headers(client: httpx.Client) -> None:
     response = predict(client, png_bytes())
     assert response.status_code == 200
     assert response.headers["X-Request-ID"] == response.json()["request_id"]
-    timing = {
-        name: float(ms)
-        for name, ms in (part.strip().split(";dur=") for part in response.headers["Server-Timing"].split(","))
-    }
-    assert set(timing) == {"decode", "preprocess", "queue", "inference", "total", "cpu"}
+    *durations, batch = (part.strip() for part in response.headers["Server-Timing"].split(","))
+    timing = {name: float(ms) for name, ms in (part.split(";dur=") for part in durations)}
+    assert set(timing) == set(TIMES) and batch == "batch;desc=1"
     # The header says what the body says (to the header's microsecond), and the stages are parts of the total.
-    assert timing == pytest.approx(response.json()["timings_ms"], abs=0.0005)
+    body_timings = response.json()["timings_ms"]
+    assert timing == pytest.approx({name: body_timings[name] for name in TIMES}, abs=0.0005)
     stages = timing["decode"] + timing["preprocess"] + timing["queue"] + timing["inference"]
     assert timing["inference"] > 0 and stages <= timing["total"] + 4 * 0.0005
 
