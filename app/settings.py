@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,6 +40,12 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a host name: it may resolve to anything
         return False
+
+
+class Spinning(StrEnum):
+    OFF = "off"
+    DURING_RUNS = "during-runs"
+    ALWAYS = "always"
 
 
 class Settings(BaseSettings):
@@ -95,11 +102,12 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(
         1, ge=1, le=256, description="Inter-op threads of every session (used only by graphs with parallel branches)."
     )
-    allow_spinning: bool = Field(
-        True,
-        description="Let ONNX Runtime's intra-op threads spin (wait actively) for their next piece of work during "
-        "an inference, rather than sleep between its operators: faster by 10-20 % on small convolutions. Spinning "
-        "always stops when an inference ends, so idle pools never take cores from another mode's run.",
+    spinning: Spinning = Field(
+        Spinning.DURING_RUNS,
+        description="When ONNX Runtime's intra-op threads spin (wait actively for their next piece of work) rather "
+        "than sleep. during-runs: between the operators of an inference (10-20 % faster on small convolutions), "
+        "stopping when it ends, so that idle pools never take the cores of another mode's or slot's run. always: "
+        "ONNX Runtime's default, spinning on after each run too (what the benchmarks call spinning on). off: never.",
     )
     inference_slots: int = Field(
         1,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.engine.resources import available_cores
-from app.settings import Settings
+from app.settings import Settings, Spinning
 from bench.common import (
     Budget,
     Interval,
@@ -62,7 +62,8 @@ class Layout:
 
     def settings(self, model_dir: Path) -> Settings:
         threads = {"fused_intra_op_threads": self.threads, "sequential_intra_op_threads": self.threads}
-        return Settings(model_dir=model_dir, allow_spinning=self.spinning, **threads)
+        spinning = Spinning.ALWAYS if self.spinning else Spinning.OFF  # on: ONNX Runtime's default
+        return Settings(model_dir=model_dir, spinning=spinning, **threads)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pydantic import BaseModel, field_serializer, field_validator
 
 from app.engine.resources import available_cores
 from app.engine.timing import percentiles_ms
-from app.settings import Settings
+from app.settings import Settings, Spinning
 from bench.common import (
     Budget,
     Interval,
@@ -196,13 +196,13 @@ def setups(spec: ModelSpec, model_dir: Path, root: Path) -> dict[str, Setup]:
     """A model's configurations: a single model runs the same separate or in parallel, so it has no `parallel`; an
     ensemble also times each member alone."""
     found = {
-        c.name: (Settings(model_dir=model_dir, allow_spinning=c.spinning), c.mode)
+        c.name: (Settings(model_dir=model_dir, spinning=Spinning.ALWAYS if c.spinning else Spinning.OFF), c.mode)
         for c in CONFIGS
         if spec.is_ensemble or c.mode is not Mode.PARALLEL
     }
     if spec.is_ensemble:
         for i, member in enumerate(spec.members):
-            found[f"{ALONE}{i}"] = (Settings(model_dir=root / member.name, allow_spinning=True), Mode.SEQUENTIAL)
+            found[f"{ALONE}{i}"] = (Settings(model_dir=root / member.name, spinning=Spinning.ALWAYS), Mode.SEQUENTIAL)
     return found
 
 

@@ -12,9 +12,9 @@ import pytest
 
 from app.engine.cpu import threads_cpu_seconds
 from app.engine.resources import available_cores
-from app.engine.runtime import EnsembleRuntime, session_threads
+from app.engine.runtime import EnsembleRuntime, ThreadPlan, session_threads
 from app.errors import StartupError
-from app.settings import Settings
+from app.settings import Settings, Spinning
 from ensemble_contract.manifest import FileEntry, Manifest, load_manifest
 from ensemble_contract.modes import Mode
 from ensemble_contract.signature import TensorSpec
@@ -61,8 +61,24 @@ def test_each_mode_has_its_thread_plan(runtime: EnsembleRuntime) -> None:
     members = len(runtime.manifest.members)
     for mode, plan in runtime.plans.items():
         assert plan.intra_op_threads == session_threads(settings, mode, members)
-        assert plan.allow_spinning is False
-        assert "spinning=off" in plan.describe()
+        assert plan.spinning is Spinning.DURING_RUNS
+        assert "spinning=during-runs" in plan.describe()
+
+
+@pytest.mark.parametrize(
+    ("spinning", "allowed", "stops_after_a_run"),
+    [(Spinning.DURING_RUNS, "1", "1"), (Spinning.ALWAYS, "1", None), (Spinning.OFF, "0", None)],
+)
+def test_spinning_is_allowed_during_runs_and_stopped_after_them_by_default(
+    spinning: Spinning, allowed: str, stops_after_a_run: str | None
+) -> None:
+    options = ThreadPlan(2, 1, spinning).session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == allowed
+    if stops_after_a_run is None:  # ONNX Runtime's default: pools spin on after a run
+        with pytest.raises(RuntimeError, match="does not have configuration"):
+            options.get_session_config_entry("session.force_spinning_stop")
+    else:
+        assert options.get_session_config_entry("session.force_spinning_stop") == stops_after_a_run
 
 
 @pytest.fixture

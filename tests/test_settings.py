@@ -11,7 +11,7 @@ from app.config_docs import configuration_table
 from app.engine.resources import available_cores
 from app.engine.runtime import session_threads
 from app.errors import StartupError
-from app.settings import PILLOW_MAX_IMAGE_PIXELS, Settings
+from app.settings import PILLOW_MAX_IMAGE_PIXELS, Settings, Spinning
 from ensemble_contract.modes import Mode, ModeChoice, intra_op_threads
 
 CONFIGURATION = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
@@ -38,7 +38,7 @@ def test_defaults_are_the_documented_ones() -> None:
     settings = Settings()
     assert settings.model_dir == Path("models/default")
     assert settings.default_mode is ModeChoice.FUSED
-    assert settings.allow_spinning is False
+    assert settings.spinning is Spinning.DURING_RUNS
     assert settings.inference_slots == 1
     assert settings.probability_threshold == 0.5
     assert settings.port == 8000
@@ -47,12 +47,12 @@ def test_defaults_are_the_documented_ones() -> None:
 def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODEL_DIR", "/srv/models")
     monkeypatch.setenv("DEFAULT_MODE", "compare")
-    monkeypatch.setenv("ALLOW_SPINNING", "true")
+    monkeypatch.setenv("SPINNING", "always")
     monkeypatch.setenv("MAX_QUEUE", "0")
     settings = Settings.from_env()
     assert settings.model_dir == Path("/srv/models")
     assert settings.default_mode is ModeChoice.COMPARE
-    assert settings.allow_spinning is True
+    assert settings.spinning is Spinning.ALWAYS
     assert settings.max_queue == 0
 
 
@@ -155,4 +155,4 @@ def test_the_configuration_table_has_one_row_per_setting() -> None:
     assert [row.split(" | ")[0] for row in rows] == [f"| `{name.upper()}`" for name in Settings.model_fields]
     assert "| `MODEL_DIR` | `models/default` |" in rows[0]
     assert "| `FUSED_INTRA_OP_THREADS` | unset |" in rows[5]
-    assert any(row.startswith("| `ALLOW_SPINNING` | `false` |") for row in rows)
+    assert any(row.startswith("| `SPINNING` | `during-runs` |") for row in rows)

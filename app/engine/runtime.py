@@ -29,7 +29,7 @@ from app.engine.cpu import new_threads, threads_cpu_seconds, timed_cpu
 from app.engine.priority import lower_thread_priority
 from app.engine.resources import available_cores
 from app.errors import StartupError
-from app.settings import Settings
+from app.settings import Settings, Spinning
 from ensemble_contract.combine import combine
 from ensemble_contract.datatypes import UnsupportedDatatype, of_onnxruntime
 from ensemble_contract.manifest import Manifest, load_manifest
@@ -49,19 +49,18 @@ class ThreadPlan:
 
     intra_op_threads: int
     inter_op_threads: int
-    allow_spinning: bool
+    spinning: Spinning
 
     def session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = self.inter_op_threads
-        spinning = "1" if self.allow_spinning else "0"
+        spinning = "0" if self.spinning is Spinning.OFF else "1"
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
-        # The pools stop spinning when a run ends: they spin between the many small operators of one inference
-        # (what makes spinning pay), never while idle between requests, where they would take the cores of another
-        # mode's or slot's run.
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+        if self.spinning is Spinning.DURING_RUNS:
+            # Between the many small operators of one inference (where spinning pays), never idle after it.
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         options.add_session_config_entry("session.use_env_allocators", "1")  # the process's one arena
         # ONNX Runtime plans one block per input shape on top of the arena's chunks, which left the arena at twice a
         # large batch's working memory; without it, the arena stays at the largest working set (2 % slower here).
@@ -70,8 +69,7 @@ class ThreadPlan:
         return options
 
     def describe(self) -> str:
-        spinning = "on" if self.allow_spinning else "off"
-        return f"intra_op={self.intra_op_threads} inter_op={self.inter_op_threads} spinning={spinning}"
+        return f"intra_op={self.intra_op_threads} inter_op={self.inter_op_threads} spinning={self.spinning}"
 
 
 _shared_arena = threading.Lock()
@@ -105,7 +103,7 @@ def session_threads(settings: Settings, mode: Mode, members: int) -> int:
 
 def thread_plans(settings: Settings, members: int, modes: Sequence[Mode]) -> dict[Mode, ThreadPlan]:
     return {
-        mode: ThreadPlan(session_threads(settings, mode, members), settings.inter_op_threads, settings.allow_spinning)
+        mode: ThreadPlan(session_threads(settings, mode, members), settings.inter_op_threads, settings.spinning)
         for mode in modes
     }
 

@@ -80,7 +80,7 @@ def test_model_info(client: httpx.Client, manifest: Manifest) -> None:
     assert labels["name"] == manifest.name
     assert labels["sha256"] == manifest.ensemble.sha256
     assert labels["members"] == ",".join(member.name for member in manifest.members)
-    assert "spinning=off" in labels["parallel_session"]
+    assert f"spinning={Settings().spinning}" in labels["parallel_session"]
     assert labels["inference_slots"] == "1"
 
 
