@@ -1,4 +1,5 @@
-"""`python -m app` (console script `ensemble-serve`): one uvicorn worker serving the app on HOST:PORT.
+"""`python -m app` (console script `ensemble-serve`): the app on HOST:PORT, served by one process, or with WORKERS
+other than 1 by worker processes under a supervisor (app.supervisor), each of them this same command.
 
 On SIGTERM (or Ctrl-C) readiness turns false at once, the listening socket closes, requests in flight get
 SHUTDOWN_GRACE_S to finish, and the process exits 0. A second signal while draining (Ctrl-C twice) stops at
@@ -8,6 +9,7 @@ once. Start-up failures (bad setting: exit 2; unusable model directory: exit 3) 
 from __future__ import annotations
 
 import copy
+import logging.config
 import signal
 import sys
 from types import FrameType
@@ -17,9 +19,12 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from app.core.service import Service
+from app.engine.workers import Workers
 from app.errors import StartupError
+from app.http.listen import listening_socket
 from app.main import create_app
 from app.settings import Settings
+from app.supervisor import Supervisor, resolve_workers
 
 STARTUP_FAILURE = 3  # uvicorn's own exit code when the app's lifespan fails
 
@@ -57,11 +62,23 @@ def main() -> None:
     except StartupError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         sys.exit(2)
+    workers = resolve_workers(settings.workers)
+    if workers > 1 and not Workers.from_env().shared:
+        logging.config.dictConfig(log_config(settings.log_level))
+        sys.exit(Supervisor(settings, workers).run())
+    serve(settings)
+
+
+def serve(settings: Settings) -> None:
+    """Serves the app in this process (alone, or as one of the workers) until SIGTERM."""
     app = create_app(settings)
+    try:
+        sock = listening_socket(settings.host, settings.port, shared=app.state.service.metrics.workers.shared)
+    except OSError as exc:
+        print(f"cannot start: cannot listen on PORT {settings.port}: {exc.strerror}", file=sys.stderr)
+        sys.exit(STARTUP_FAILURE)
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
         log_level=settings.log_level,
         log_config=log_config(settings.log_level),
         timeout_graceful_shutdown=settings.shutdown_grace_s,
@@ -69,7 +86,7 @@ def main() -> None:
         limit_concurrency=settings.max_concurrency,  # connections and requests; beyond, 503 at once
     )
     server = DrainingServer(config, app.state.service)
-    server.run()
+    server.run(sockets=[sock])
     if not server.started:
         sys.exit(STARTUP_FAILURE)
 

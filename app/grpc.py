@@ -200,7 +200,12 @@ class GrpcServer:
         self.address = f"{host}:{settings.grpc_port}"
         self._server = grpc.aio.server(
             interceptors=[Authentication(settings, service.metrics)],
-            options=[("grpc.max_receive_message_length", settings.max_upload_bytes), ("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_upload_bytes),
+                # worker processes share the port, each with its own socket (as on the HTTP port); alone, a second
+                # server on the same port is refused rather than silently given half the calls
+                ("grpc.so_reuseport", int(service.metrics.workers.shared)),
+            ],
             maximum_concurrent_rpcs=settings.max_concurrency,
         )
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), self._server)

@@ -3,6 +3,7 @@ settings from the environment. The settings are resolved once, here, into the Se
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from app.core.model import load_model, log_model
 from app.core.repository import ModelRepository
 from app.core.service import Service
 from app.engine.resources import usable_memory
+from app.engine.workers import Workers
 from app.grpc import GrpcServer
 from app.http.deps import admits_inference, requires_api_key
 from app.http.errors import install_error_handlers
@@ -37,6 +39,7 @@ from app.v2.codec import SERVER_VERSION
 from ensemble_contract.modes import describe_modes
 
 logger = logging.getLogger("app")
+METRICS_REFRESH_S = 1.0
 
 DESCRIPTION = f"""
 Serves an ensemble of ONNX models (ours, or any a user fused with `python -m model_build fuse`) in several ways
@@ -45,11 +48,31 @@ and lets you compare them live. Modes: {describe_modes()}. Choose per request wi
 """
 
 
+@asynccontextmanager
+async def refreshing_metrics(metrics: ServiceMetrics) -> AsyncIterator[None]:
+    """With worker processes, a scrape reads every worker's gauges from files: each worker updates its own."""
+    if not metrics.workers.shared:
+        yield
+        return
+
+    async def refresh() -> None:
+        while True:
+            metrics.refresh()
+            await asyncio.sleep(METRICS_REFRESH_S)
+
+    task = asyncio.create_task(refresh(), name="metrics-refresh")
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
 def create_app(settings: Settings | None = None, *, registry: CollectorRegistry | None = None) -> FastAPI:
     """The app, with `settings` (by default read from the environment now: StartupError naming what is wrong)
     and its metrics on `registry` (by default a new one with the process's collectors)."""
     settings = settings or Settings.from_env()
-    metrics = ServiceMetrics(registry) if registry is not None else ServiceMetrics.with_process_collectors()
+    workers = Workers.from_env()
+    metrics = ServiceMetrics(registry, workers) if registry is not None else ServiceMetrics.for_process(workers)
     service = Service(settings, metrics)
     # An upload stays in memory, where the memory budget counts it, rather than spooled to /tmp past 1 MB
     # (Starlette's default): /tmp is a small tmpfs in the container, and in memory all the same.
@@ -57,7 +80,7 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model = await anyio.to_thread.run_sync(load_model, settings)
+        model = await anyio.to_thread.run_sync(load_model, settings, workers)
         dataplane = DataPlane(settings, model, metrics)
         repository = ModelRepository(settings, dataplane, metrics)
         service.dataplane, service.repository = dataplane, repository
@@ -71,7 +94,7 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
             model.cost.max_rows,
             model.cost.working_bytes_per_element,
         )
-        ops = OpsServer(app, settings) if settings.metrics_port is not None else None
+        ops = OpsServer(app, settings, shared=workers.shared) if settings.metrics_port is not None else None
         grpc = GrpcServer(service) if settings.grpc_port is not None else None
         try:
             if ops is not None:
@@ -80,8 +103,9 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
             if grpc is not None:
                 await grpc.start()
                 logger.info("serving the Open Inference Protocol over gRPC on port %d", settings.grpc_port)
-            with repository.reloading_on_sighup():
-                yield
+            async with refreshing_metrics(metrics):
+                with repository.reloading_on_sighup():
+                    yield
         finally:
             if grpc is not None:
                 await grpc.stop(settings.shutdown_grace_s)

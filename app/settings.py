@@ -20,6 +20,7 @@ PILLOW_MAX_IMAGE_PIXELS = 89_478_485
 IMAGE_PIXELS_PER_INPUT_PIXEL = 16
 DEFAULT_MIN_IMAGE_PIXELS = 4_000_000
 MIN_API_KEY_LENGTH = 16
+MAX_WORKERS = 256
 ORIGIN = re.compile(r"https?://[^/\s]+/?")
 
 
@@ -263,10 +264,13 @@ class Settings(BaseSettings):
         "flight get this long to finish before they are cancelled. Keep it below the orchestrator's kill "
         "timeout (docker stop: 10 s).",
     )
-    workers: int = Field(
+    workers: int | Literal["auto"] = Field(
         1,
-        description="Uvicorn worker processes. Must be 1: scale by running more replicas, so that each replica's "
-        "/metrics and inference slots cover all of its traffic.",
+        description="Worker processes serving the same ports (HTTP, METRICS_PORT, GRPC_PORT), each with its own "
+        "sessions, inference slots, batches and admission control on its share of the cores and of the memory "
+        "budget; /metrics, /stats, /readyz and model loads cover them all, and a worker that dies is replaced. "
+        "auto: one per core the process may use (its cgroup quota or CPU affinity), at most one per "
+        "512 MiB of its memory (its cgroup limit, or the machine's); docker-compose.yml's default. 1: one process.",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the server and the service."
@@ -325,12 +329,9 @@ class Settings(BaseSettings):
 
     @field_validator("workers")
     @classmethod
-    def _one_worker(cls, workers: int) -> int:
-        if workers != 1:
-            raise ValueError(
-                "must be 1: run one worker per process and scale by replicas, so that each replica's "
-                "/metrics and inference slots cover all of its traffic"
-            )
+    def _workers(cls, workers: int | str) -> int | str:
+        if workers != "auto" and not 1 <= int(workers) <= MAX_WORKERS:
+            raise ValueError(f"must be auto or a number from 1 to {MAX_WORKERS}")
         return workers
 
     def image_pixel_limit(self, width: int, height: int) -> int:

@@ -1,4 +1,4 @@
-"""`python -m bench sweep|scale|compare|layouts|batching|peers ...`, from the repository root; `--help` on each.
+"""`python -m bench sweep|scale|compare|layouts|batching|peers|workers ...`, from the repository root; `--help` on each.
 
 Every command prints its report (markdown) and writes it under --out; `--quick` runs take seconds and exist for the
 smoke tests. Full runs of sweep and scale also rewrite their own section of docs/benchmarks.md (and copy their chart
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from app.engine.resources import available_cores
-from bench import batching, compare, layouts, peers, scale, sweep
+from bench import batching, compare, layouts, peers, scale, sweep, workers
 from bench.common import Budget, Machine, Report, update_section
 from ensemble_contract.modes import Mode
 from model_build.config import PRESETS, TrainingConfig
@@ -26,8 +26,17 @@ ARTIFACTS = Path("artifacts/bench")
 DEFAULT_MODEL_DIR = Path("models/default")
 SECTIONS = ("sweep", "scale")  # the commands whose full runs rewrite their section of the docs
 # (full, --quick) per command: interleaved rounds, and the length of each `hey` run
-ROUNDS = {"sweep": (5, 2), "scale": (6, 2), "compare": (5, 2), "layouts": (3, 2), "batching": (5, 2), "peers": (5, 2)}
+ROUNDS = {
+    "sweep": (5, 2),
+    "scale": (6, 2),
+    "compare": (5, 2),
+    "layouts": (3, 2),
+    "batching": (5, 2),
+    "peers": (5, 2),
+    "workers": (5, 2),
+}
 SECONDS = {"compare": (1.0, 0.3), "layouts": (5.0, 0.3), "batching": (3.0, 0.3), "peers": (5.0, 0.3)}
+SECONDS["workers"] = SECONDS["peers"]
 T = TypeVar("T")
 
 
@@ -86,6 +95,10 @@ def batching_command(args: argparse.Namespace, out: Path) -> Report:
     return batching.run(args.model_dir, args.modes, args.rows, _rounds(args), _seconds(args), out)
 
 
+def workers_command(args: argparse.Namespace, out: Path) -> Report:
+    return workers.run(args.model_dir, _rounds(args), _seconds(args), out)
+
+
 def peers_command(args: argparse.Namespace, out: Path) -> Report:
     return peers.run(args.model_dir, args.kserve_python, args.triton_python, _rounds(args), _seconds(args), out)
 
@@ -97,6 +110,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Path], Report], str]] = 
     "layouts": (layouts_command, "the service under each INFERENCE_SLOTS layout, through HTTP"),
     "batching": (batching_command, "batched against unbatched throughput in-process, and what reaches HTTP clients"),
     "peers": (peers_command, "this service against Triton, KServe's Python model server and a naive server"),
+    "workers": (workers_command, "one worker process against one per core, and 1 core against 2, through HTTP"),
 }
 
 

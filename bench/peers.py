@@ -8,11 +8,12 @@ The peers (bench/peer_servers.py), each in its own virtual environment and left 
   one instance per core, one intra-op thread each, the same batcher;
 - kserve: KServe's Python model server with one default ONNX Runtime session (`make kserve-venv`);
 - naive: the server users start from (the members' sessions in a loop with default options, on the event loop).
-Ours runs with its default settings. Every one runs the model directory's fused graph (naive: its members) and
-computes every output. `hey` sends each the same v2 JSON request (the model's example input, fused mode, asking for
-the same outputs: an image model's scores) from 1, 4 and 16 closed-loop clients, the servers taking turns round by
-round. The targets compare ours with each peer round by round: goodput at 16 clients and at 4, accepted p99 at 16,
-p50 at 1.
+Ours runs with its default settings (one worker process), and `ours-workers` with one worker process per core
+(WORKERS=auto, what compose runs), when there is more than one. Every one runs the model directory's fused graph
+(naive: its members) and computes every output. `hey` sends each the same v2 JSON request (the model's example
+input, fused mode, asking for the same outputs: an image model's scores) from 1, 4 and 16 closed-loop clients, the
+servers taking turns round by round. The targets compare ours with each peer round by round: goodput at 16 clients
+and at 4, accepted p99 at 16, p50 at 1; and ours-workers' goodput at 16 with Triton's (at least 1.2x).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from ensemble_contract.modes import Mode
 from tests.service_process import free_port, server_process, service_process
 
 CLIENTS = (1, 4, 16)
+OURS_WORKERS = "ours-workers"
+WORKERS_OVER_TRITON = 1.2  # the goodput at 16 clients ours-workers must have, over Triton's
 PEER_START_TIMEOUT_S = 180  # KServe imports a great deal; Triton starts a server and its Python stub
 
 
@@ -58,6 +61,8 @@ def run(model_dir: Path, kserve_python: Path, triton_python: Path, rounds: int, 
     outputs = requested_outputs(manifest)
     with ExitStack() as stack:
         servers = {"ours": stack.enter_context(service_process(model_dir, work))}
+        if available_cores() > 1:
+            servers[OURS_WORKERS] = stack.enter_context(service_process(model_dir, work, WORKERS=available_cores()))
         for name, (python, arguments) in peers.items():
             port = free_port()
             command = [str(python), "-m", "bench.peer_servers", *arguments, "--model-dir", str(model_dir.resolve())]
@@ -85,8 +90,9 @@ def targets_met(runs: dict[tuple[Target, int], list[Run]], targets: Sequence[Tar
     """Ours against each peer, round by round: goodput at 16 and 4 clients at least theirs, accepted p99 at 16 and
     p50 at 1 at most theirs."""
     ours, lines = targets[0], []
+    with_workers = next((t for t in targets if t.name == OURS_WORKERS), None)
     for peer in targets[1:]:
-        if peer.name == "naive":
+        if peer.name in ("naive", OURS_WORKERS):
             continue
         if peer.name.startswith("triton"):
             for clients in (16, 4):
@@ -95,6 +101,11 @@ def targets_met(runs: dict[tuple[Target, int], list[Run]], targets: Sequence[Tar
                                             at_least=1.0))  # fmt: skip
             p99 = [[r.percentile_ms(99) for r in runs[t, 16]] for t in (ours, peer)]
             lines.append(interval_check(f"p99 at 16 ours ÷ {peer.name}", Interval.of_ratios(*p99), at_most=1.0))
+            if with_workers is not None:
+                goodput = [[r.goodput for r in runs[t, 16]] for t in (with_workers, peer)]
+                ratio = Interval.of_ratios(*goodput)
+                name = f"goodput at 16 {OURS_WORKERS} ÷ {peer.name}"
+                lines.append(interval_check(name, ratio, at_least=WORKERS_OVER_TRITON))
         p50 = [[r.percentile_ms(50) for r in runs[t, 1]] for t in (ours, peer)]
         lines.append(interval_check(f"p50 at 1 ours ÷ {peer.name}", Interval.of_ratios(*p50), at_most=1.0))
     return "\n".join(f"- {line}" for line in lines)

@@ -29,6 +29,7 @@ class Target:
     name: str
     url: str
     body: Path
+    content_type: str = "application/json"
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,21 @@ def v2_body(manifest: Manifest, mode: Mode, path: Path, outputs: Sequence[str] |
     return path
 
 
-def hey(url: str, body: Path, *, clients: int, seconds: float | None = None, requests: int | None = None) -> Run:
-    """POSTs `body` to `url` from `clients` closed-loop workers (each sends its next request when the last is
-    answered), for `seconds`, or `requests` in all."""
+def hey(
+    url: str,
+    body: Path,
+    *,
+    clients: int,
+    seconds: float | None = None,
+    requests: int | None = None,
+    content_type: str = "application/json",
+) -> Run:
+    """POSTs `body` (of `content_type`) to `url` from `clients` closed-loop workers (each sends its next request when
+    the last is answered), for `seconds`, or `requests` in all."""
     if shutil.which("hey") is None:
         raise SystemExit("this command needs Debian's `hey` (apt-get install hey)")
     amount = ["-z", f"{seconds}s"] if seconds is not None else ["-n", str(requests)]
-    command = ["hey", *amount, "-c", str(clients), "-m", "POST", "-T", "application/json", "-D", str(body)]
+    command = ["hey", *amount, "-c", str(clients), "-m", "POST", "-T", content_type, "-D", str(body)]
     timeout = 60 + (seconds or 0) * 2 + (requests or 0)
     output = subprocess.run([*command, "-o", "csv", url], capture_output=True, text=True, timeout=timeout, check=True)
     replies = [row for row in csv.DictReader(io.StringIO(output.stdout)) if row.get("status-code", "").isdigit()]
@@ -95,9 +104,11 @@ def load_rounds(
     """A few requests to each target (warm-up), then `rounds` interleaved rounds in which each target gets `seconds`
     of load from each number of `clients` in turn. Returns the runs of each (target, clients), one per round."""
     for target in targets:
-        hey(target.url, target.body, clients=1, requests=WARMUP_REQUESTS)
+        hey(target.url, target.body, clients=1, requests=WARMUP_REQUESTS, content_type=target.content_type)
     per_round = interleave(
-        list(targets), rounds, lambda t: {c: hey(t.url, t.body, clients=c, seconds=seconds) for c in clients}
+        list(targets),
+        rounds,
+        lambda t: {c: hey(t.url, t.body, clients=c, seconds=seconds, content_type=t.content_type) for c in clients},
     )
     return {(t, c): [runs[c] for runs in per_round[t]] for t in targets for c in clients}
 

@@ -130,6 +130,14 @@ class Scrape:
     def value(self, name: str, **labels: str) -> float:
         return self.samples.get((name, frozenset(labels.items())), 0.0)
 
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `name` that carry these labels (and any others)."""
+        wanted = set(labels.items())
+        return sum(value for (sample, have), value in self.samples.items() if sample == name and wanted <= have)
+
+    def labels_of(self, name: str, label: str) -> set[str]:
+        return {dict(have)[label] for sample, have in self.samples if sample == name and label in dict(have)}
+
 
 def scrape(client: httpx.Client) -> Scrape:
     response = client.get("/metrics")

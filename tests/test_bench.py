@@ -157,7 +157,8 @@ def test_peers_quick_measures_us_against_triton_kserve_and_the_naive_server_when
         "--triton-python", TRITON_PYTHON,
     )  # fmt: skip
     tritons = ["triton", "triton-tuned"] if TRITON_PYTHON.is_file() else []
-    servers = ["ours", *tritons, *(["kserve"] if KSERVE_PYTHON.is_file() else []), "naive"]
+    with_workers = ["ours-workers"] if available_cores() > 1 else []
+    servers = ["ours", *with_workers, *tritons, *(["kserve"] if KSERVE_PYTHON.is_file() else []), "naive"]
     rows = load_rows(done.stdout)
     assert [(r["server"], r["clients"]) for r in rows] == [(s, c) for s in servers for c in ("1", "4", "16")]
     assert ("kserve is left out" in done.stderr) != KSERVE_PYTHON.is_file()
@@ -165,8 +166,20 @@ def test_peers_quick_measures_us_against_triton_kserve_and_the_naive_server_when
     assert "the request asks for class_probs;" in done.stdout  # the same outputs of every server
     for peer in tritons:  # the targets, one line each, whether met or not
         assert f"- goodput at 16 ours ÷ {peer}: " in done.stdout and f"- p99 at 16 ours ÷ {peer}: " in done.stdout
+        assert (f"- goodput at 16 ours-workers ÷ {peer}: " in done.stdout) == bool(with_workers)
     for peer in [*tritons, *(["kserve"] if KSERVE_PYTHON.is_file() else [])]:
         assert f"- p50 at 1 ours ÷ {peer}: " in done.stdout
+
+
+@needs_hey
+def test_workers_quick_measures_one_worker_against_one_per_core_and_one_core(model_dir: Path, tmp_path: Path) -> None:
+    text = bench("workers", "--model-dir", model_dir, "--out", tmp_path).stdout
+    rows = load_rows(text)
+    many = f"{available_cores()} workers"
+    assert [r["server"] for r in rows] == ["1 worker", many, "1 core"] * 3  # fused, fused-int8, /predict
+    for kind in ("v2 JSON fused", "v2 JSON fused-int8", "/predict PNG"):
+        assert f"- {kind}: {many} ÷ 1 worker: " in text
+    assert f"- v2 JSON fused: {many} ÷ 1 core: " in text
 
 
 @needs_hey

@@ -114,3 +114,12 @@ def test_a_memory_limit_is_read_from_v2_and_v1_and_the_machine_caps_it(tmp_path:
     assert memory_size(v1, membership, meminfo).bytes == 8_000_000 * 1024
     (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{512 * 2**20}\n")
     assert memory_size(v1, membership, meminfo).bytes == 512 * 2**20
+
+
+def test_worker_processes_each_size_by_their_share(tmp_path: Path) -> None:
+    """A quota of 8 cores shared by 3 workers: each sizes its sessions by 2 (and costs stay counted on 8)."""
+    root, membership = v2_tree(tmp_path, "/a", {"/a": "800000 100000"})
+    cores = count_cores(root, membership, affinity=16, workers=3)
+    assert (cores.count, cores.share) == (8, 2)
+    assert cores.describe().endswith("2 for each of 3 workers")
+    assert count_cores(root, membership, affinity=16, workers=16).share == 1

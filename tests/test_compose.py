@@ -38,7 +38,7 @@ def test_every_setting_reaches_the_container() -> None:
 def test_only_the_port_settings_are_fixed_and_model_dir_defaults_to_the_images_models() -> None:
     environment = app_environment()
     fixed = {name: value for name, value in environment.items() if value is not None}
-    assert fixed == FIXED | {"MODEL_DIR": "${MODEL_DIR:-/models/builtin}"}
+    assert fixed == FIXED | {"MODEL_DIR": "${MODEL_DIR:-/models/builtin}", "WORKERS": "${WORKERS:-auto}"}
     assert "ENV MODEL_DIR=/models/builtin" in (REPO / "Dockerfile").read_text()
 
 

@@ -17,10 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.settings import Settings
 from ensemble_contract.modes import Mode
-from tests.service_process import free_port, stop
-from tests.support import LiveServer, live_server
+from tests.service_process import ServiceProcess, free_port, service_process, stop
+from tests.support import LiveServer
 from tests.test_compose import dashboard_queries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +50,7 @@ def prometheus(server: LiveServer, tmp_path: Path) -> Iterator[httpx.Client]:
 
 
 @contextmanager
-def scraping(server: LiveServer, tmp_path: Path) -> Iterator[httpx.Client]:
+def scraping(server: LiveServer | ServiceProcess, tmp_path: Path) -> Iterator[httpx.Client]:
     """Prometheus scraping `server` every second with the repo's rules; a client of its HTTP API."""
     assert PROMETHEUS is not None
     target = server.url.removeprefix("http://")
@@ -109,7 +108,7 @@ def finite_values_by_mode(api: httpx.Client, query: str) -> dict[str, float]:
     return {mode: value for mode, value in values.items() if math.isfinite(value)}
 
 
-def compare_traffic(server: LiveServer, requests: int = len(MODES)) -> str:
+def compare_traffic(server: LiveServer | ServiceProcess, requests: int = len(MODES)) -> str:
     """Runs deploy/loadgen.py against the server in compare mode (which rotates over the modes); its summary."""
     command = [sys.executable, str(LOADGEN), "--url", server.url, "--mode", "compare", "--count", str(requests)]
     result = subprocess.run(
@@ -164,10 +163,11 @@ def test_prometheus_computes_latency_quantiles_of_every_mode(server: LiveServer,
 
 @needs_prometheus
 def test_every_panel_of_the_dashboard_returns_data(model_dir: Path, tmp_path: Path) -> None:
-    """deploy/grafana's dashboard, query by query, against Prometheus scraping a server under compare traffic (with
-    COST_PER_HOUR, which the cost panel needs)."""
+    """deploy/grafana's dashboard, query by query, against Prometheus scraping a server of two worker processes (as
+    compose runs it) under compare traffic (with COST_PER_HOUR, which the cost panel needs): every panel, the
+    per-worker one too, has data from the one scrape target."""
     with (
-        live_server(Settings(model_dir=model_dir, max_queue=1, cost_per_hour=0.5)) as costed,
+        service_process(model_dir, tmp_path, WORKERS=2, MAX_QUEUE=1, COST_PER_HOUR=0.5) as costed,
         scraping(costed, tmp_path) as api,
     ):
         deadline = time.monotonic() + DEADLINE_S

@@ -81,6 +81,12 @@ def served_sha256(client: httpx.Client) -> str:
     return response.json()["sha256"]
 
 
+def served_by_every_worker(client: httpx.Client) -> set[str]:
+    response = client.get("/readyz")
+    assert response.status_code == 200, response.text
+    return {worker["sha256"] for worker in response.json()["workers"]}
+
+
 def load(client: httpx.Client, name: str = NAME) -> httpx.Response:
     return client.post(f"/v2/repository/models/{name}/load", timeout=WAIT_S)
 
@@ -172,6 +178,24 @@ def test_unload_then_load(builds: Builds) -> None:
         assert live.dataplane.model is None
         assert load(client).status_code == 200
         assert served_sha256(client) == sha256(builds.a)
+
+
+def test_an_unload_and_a_load_reach_every_worker(builds: Builds, tmp_path: Path) -> None:
+    """Through whichever worker the call lands on, every worker follows before the answer: fresh connections (which
+    the kernel spreads over the workers) all find the model unloaded, then all find it loaded."""
+    builds.point_at(builds.a)
+    with service_process(builds.current, tmp_path, MODEL_CONTROL="explicit", WORKERS=2) as service:
+        with service.client() as client:
+            assert client.post(f"/v2/repository/models/{NAME}/unload").status_code == 200
+        for _ in range(10):
+            with service.client() as fresh:
+                assert fresh.get("/readyz").status_code == 503
+        with service.client() as client:
+            assert load(client).status_code == 200
+        for _ in range(10):
+            with service.client() as fresh:
+                assert served_by_every_worker(fresh) == {sha256(builds.a)}
+                assert np.allclose(probabilities(fresh), expected_probabilities(builds.a), rtol=1e-5)
 
 
 def test_the_repository_needs_the_api_key_when_one_is_set(builds: Builds) -> None:
@@ -267,16 +291,16 @@ class Traffic:
             time.sleep(0.05)
 
 
-def test_two_reloads_under_load_drop_no_request(builds: Builds, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_two_reloads_under_load_drop_no_request(builds: Builds, tmp_path: Path, workers: int) -> None:
     """4 clients (2 over HTTP keep-alive, 2 over gRPC) while the model is reloaded twice (the repository API, then
-    SIGHUP) and a broken build is refused: no failed request, no reset connection, every answer one model's."""
+    SIGHUP) and a broken build is refused: no failed request, no reset connection, every answer one model's. With
+    two worker processes, each load switches both (the API's answer waits for it; SIGHUP goes to the supervisor)."""
     builds.point_at(builds.a)
     grpc_port = free_port()
     traffic = Traffic([expected_probabilities(builds.a), expected_probabilities(builds.b)])
-    with (
-        service_process(builds.current, tmp_path, GRPC_PORT=grpc_port, MODEL_CONTROL="explicit") as service,
-        service.client() as client,
-    ):
+    settings = {"GRPC_PORT": grpc_port, "MODEL_CONTROL": "explicit", "WORKERS": workers}
+    with service_process(builds.current, tmp_path, **settings) as service, service.client() as client:
         clients = [threading.Thread(target=traffic.http_client, args=(service.url,)) for _ in range(2)]
         clients += [threading.Thread(target=traffic.grpc_client, args=(f"127.0.0.1:{grpc_port}",)) for _ in range(2)]
         for thread in clients:
@@ -285,14 +309,14 @@ def test_two_reloads_under_load_drop_no_request(builds: Builds, tmp_path: Path) 
             traffic.wait_for_more(20)
             builds.point_at(builds.b)
             assert load(client).status_code == 200
-            assert served_sha256(client) == sha256(builds.b)
+            assert served_by_every_worker(client) == {sha256(builds.b)}
             traffic.wait_for_more(20)
             builds.point_at(builds.a)
             os.kill(service.process.pid, signal.SIGHUP)
             deadline = time.monotonic() + WAIT_S
-            while served_sha256(client) != sha256(builds.a) and time.monotonic() < deadline:
+            while served_by_every_worker(client) != {sha256(builds.a)} and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert served_sha256(client) == sha256(builds.a)
+            assert served_by_every_worker(client) == {sha256(builds.a)}
             traffic.wait_for_more(20)
             builds.point_at(builds.broken)
             assert load(client).status_code == 400
@@ -301,10 +325,10 @@ def test_two_reloads_under_load_drop_no_request(builds: Builds, tmp_path: Path) 
             traffic.stop.set()
             for thread in clients:
                 thread.join(timeout=WAIT_S)
-        assert served_sha256(client) == sha256(builds.a)
+        assert served_by_every_worker(client) == {sha256(builds.a)}
         metrics = scrape(client)
-        assert metrics.value("ensemble_model_loads_total", outcome="ok") == 2
-        assert metrics.value("ensemble_model_loads_total", outcome="failed") == 1
+        assert metrics.value("ensemble_model_loads_total", outcome="ok") == 2 * workers  # each worker's loads
+        assert metrics.value("ensemble_model_loads_total", outcome="failed") == 1  # refused: no worker followed
     assert traffic.failures == []
     assert all(count > 0 for count in traffic.answered), traffic.answered
 

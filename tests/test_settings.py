@@ -70,7 +70,9 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
         ("probability_threshold", 0),
         ("probability_threshold", 1),
         ("port", 70_000),
-        ("workers", 4),
+        ("workers", 0),
+        ("workers", 257),
+        ("workers", "many"),
     ],
 )
 def test_unsafe_values_are_refused(field: str, value: object) -> None:
@@ -79,8 +81,8 @@ def test_unsafe_values_are_refused(field: str, value: object) -> None:
 
 
 def test_a_bad_environment_is_one_startup_error_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WORKERS", "2")
-    with pytest.raises(StartupError, match=r"WORKERS='2'.*scale by replicas"):
+    monkeypatch.setenv("WORKERS", "0")
+    with pytest.raises(StartupError, match=r"WORKERS='0'.*must be auto or a number from 1 to 256"):
         Settings.from_env()
 
 

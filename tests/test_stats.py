@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
+from app.engine.workers import Workers, WorkerStatus
 from app.observability.stats import MAX_SAMPLES_PER_MODE, RecentLatencies
 from ensemble_contract.modes import Mode
 
@@ -43,3 +47,21 @@ def test_samples_leave_the_window_and_memory_is_bounded() -> None:
     for _ in range(MAX_SAMPLES_PER_MODE + 10):
         bounded.record(Mode.FUSED, **SAMPLE)
     assert bounded.summary()[Mode.FUSED].requests == MAX_SAMPLES_PER_MODE
+
+
+def test_a_worker_summarises_every_workers_requests(tmp_path: Path) -> None:
+    """Two workers sharing a directory: either one's summary holds both one's samples (their percentiles together,
+    not an average of each worker's)."""
+    first, second = Workers(0, 2, tmp_path), Workers(1, 2, tmp_path)
+    for workers in (first, second):
+        workers.publish(WorkerStatus(worker=workers.index, pid=os.getpid()))
+    recent = [RecentLatencies(window_s=60, modes=[Mode.FUSED], workers=w) for w in (first, second)]
+    for ms in range(1, 51):
+        recent[0].record(Mode.FUSED, **(SAMPLE | {"request_s": ms / 1000}))
+        recent[1].record(Mode.FUSED, **(SAMPLE | {"request_s": (50 + ms) / 1000}))
+    for either in recent:
+        summary = either.summary()[Mode.FUSED]
+        assert summary.requests == 100
+        assert summary.request.p50_ms == pytest.approx(50.5)
+    (tmp_path / "status-1.json").unlink()  # a worker that is gone no longer counts
+    assert recent[0].summary()[Mode.FUSED].requests == 50

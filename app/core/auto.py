@@ -19,6 +19,7 @@ only where it raised the throughput so; it costs a lone request nothing (BATCHIN
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import statistics
 import time
@@ -32,10 +33,12 @@ from app.core.admission import Admission, Batchable
 from app.engine.resources import available_cores
 from app.engine.runtime import EnsembleRuntime
 from app.engine.timing import mean_interval, percentiles_ms
+from app.engine.workers import Workers, write_atomically
 from app.errors import StartupError
 from app.settings import Settings
 from ensemble_contract.modes import Mode
 
+logger = logging.getLogger("app")
 BATCHING_CANDIDATES = (4, 8, 16)  # rows, besides no batching, up to BATCHING_MAX_ROWS
 STABLE_WINDOWS = 3
 STABLE_SPREAD = 0.05  # the last STABLE_WINDOWS throughputs within 5 % of their mean
@@ -203,6 +206,30 @@ def _time_layout(
 
     asyncio.run(take_turns())
     return candidates
+
+
+class KeptChoice(BaseModel):
+    sha256: str  # of the ensemble it was measured on
+    choice: AutoChoice
+
+
+def choose_once(
+    settings: Settings, workers: Workers, candidate_layouts: Sequence[SlotLayout] | None = None
+) -> tuple[EnsembleRuntime, AutoChoice]:
+    """`choose`, made by one worker process at a time: the first to load a model measures, the others load its
+    choice (N measurements at once would fight over the cores and measure the fight)."""
+    with workers.measuring_once() as kept:
+        if kept is not None and kept.exists():
+            previous = KeptChoice.model_validate_json(kept.read_text())
+            runtime = EnsembleRuntime.load(settings.model_copy(update={"inference_slots": previous.choice.slots}))
+            if runtime.manifest.ensemble.sha256 == previous.sha256:
+                logger.info("auto: serving the choice another worker measured")
+                return runtime, previous.choice
+            runtime.close()
+        runtime, choice = choose(settings, candidate_layouts)
+        if kept is not None:
+            write_atomically(kept, KeptChoice(sha256=runtime.manifest.ensemble.sha256, choice=choice).model_dump_json())
+        return runtime, choice
 
 
 def choose(

@@ -104,8 +104,8 @@ class DataPlane:
         )
         budget = settings.memory_budget_bytes or default_budget_bytes(model.cost.largest_working_bytes)
         self.memory = MemoryBudget(budget, settings.max_request_bytes)
-        metrics.inferences_admitted.set_function(lambda: self.admission.admitted)
-        metrics.memory_reserved.set_function(lambda: self.memory.held_bytes)
+        metrics.track(metrics.inferences_admitted, lambda: self.admission.admitted)
+        metrics.track(metrics.memory_reserved, lambda: self.memory.held_bytes)
         metrics.memory_budget.set(self.memory.total_bytes)
         metrics.describe_machine(settings.cost_per_hour)
         self.switch(model)
@@ -123,6 +123,8 @@ class DataPlane:
         if model is not None:
             self.admission.service_s = model.runtime.typical_inference_s  # the warm-up's, until requests measure it
             self.metrics.describe_model(model.runtime, model.auto.flags() if model.auto else {})
+        else:
+            self.metrics.describe_no_model()
         if replaced is not None:
             replaced.retire()
         return replaced

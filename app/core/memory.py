@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import threading
 
-from app.engine.resources import MIB, rss_bytes, usable_memory
+from app.engine.resources import MIB, rss_bytes, usable_memory, worker_count
 from app.errors import Overloaded, PayloadTooLarge
 
 
 def default_budget_bytes(arena_bytes: int) -> int:
-    """Half of what the process may use beyond what it holds now, once its model is loaded, and beyond the
-    `arena_bytes` ONNX Runtime's arena may keep after the largest request (1 MiB at least): the other half is room
-    for what the budget does not count, as what the heap keeps of freed objects."""
-    return max(MIB, (usable_memory().bytes - rss_bytes() - arena_bytes) // 2)
+    """Half of what the process may use (its share, with worker processes) beyond what it holds now, once its model
+    is loaded, and beyond the `arena_bytes` ONNX Runtime's arena may keep after the largest request (1 MiB at least):
+    the other half is room for what the budget does not count, as what the heap keeps of freed objects."""
+    return max(MIB, (usable_memory().bytes // worker_count() - rss_bytes() - arena_bytes) // 2)
 
 
 class MemoryBudget:

@@ -14,13 +14,14 @@ from functools import partial
 from pathlib import Path
 
 from app.core.admission import Batchable
-from app.core.auto import AutoChoice, SlotLayout, choose
+from app.core.auto import AutoChoice, SlotLayout, choose_once
 from app.core.cost import CostModel
 from app.engine.priority import lower_thread_priority
 from app.engine.probe import working_bytes_per_element
 from app.engine.resources import usable_cores
 from app.engine.runtime import EnsembleRuntime, Tensors
 from app.engine.selector import ModeSelector
+from app.engine.workers import Workers
 from app.errors import NotAnImageModel, StartupError
 from app.observability.stats import RecentLatencies
 from app.settings import Settings
@@ -85,19 +86,20 @@ class LoadedModel:
             self.runtime.close()
 
 
-def load_model(settings: Settings, layout: SlotLayout | None = None) -> LoadedModel:
+def load_model(settings: Settings, workers: Workers, layout: SlotLayout | None = None) -> LoadedModel:
     """Verifies MODEL_DIR, opens and warms its sessions (StartupError saying why if any of it fails). With
-    DEFAULT_MODE=auto the modes are timed, under every layout or, given one (a reload), under that one.
+    DEFAULT_MODE=auto the modes are timed (by one worker process), under every layout or, given one (a reload),
+    under that one.
     Runs at the inference threads' priority: ONNX Runtime's pool threads, started here, inherit it."""
     lower_thread_priority()
     directory = settings.model_dir.resolve()
     settings = settings.model_copy(update={"model_dir": directory})
     if settings.default_mode == AUTO:
-        runtime, auto = choose(settings, [layout] if layout else None)
+        runtime, auto = choose_once(settings, workers, [layout] if layout else None)
     else:
         runtime, auto = EnsembleRuntime.load(settings), None
     selector = ModeSelector(settings.default_mode, runtime.modes, auto.mode if auto else None)
-    recent = RecentLatencies(settings.stats_window_s, runtime.modes)
+    recent = RecentLatencies(settings.stats_window_s, runtime.modes, workers)
     try:
         working = working_bytes_per_element(directory)
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:

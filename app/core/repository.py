@@ -31,12 +31,16 @@ from app.core.auto import SlotLayout
 from app.core.dataplane import DataPlane
 from app.core.model import LoadedModel, load_model, log_model
 from app.engine.resources import available_cores
+from app.engine.workers import ModelCommand
 from app.errors import BadRequest, Conflict, Forbidden, ModelNotFound, StartupError
 from app.observability.metrics import ServiceMetrics
 from app.settings import Settings
 from ensemble_contract.manifest import load_manifest, sha256_of
 
 logger = logging.getLogger("app")
+
+
+SIBLINGS_WAIT_S = 120.0  # how long a load or unload through the API waits for the other workers to follow
 
 
 class ModelState(StrEnum):
@@ -81,8 +85,9 @@ class ModelRepository:
         self.settings = settings
         self.dataplane = dataplane
         self.metrics = metrics
+        self.workers = metrics.workers
         self._lock = asyncio.Lock()
-        self._background: set[asyncio.Task[ModelLoad]] = set()
+        self._background: set[asyncio.Task[ModelLoad | None]] = set()
 
     def check_enabled(self) -> None:
         """Forbidden unless MODEL_CONTROL=explicit: every repository call starts with it."""
@@ -115,11 +120,23 @@ class ModelRepository:
     async def load(self, name: str | None = None) -> ModelLoad:
         """Loads what MODEL_DIR holds now and serves it; with a name, only if the model there has that name.
         LoadFailed (the old model still serving) if it cannot be loaded. A caller that goes away does not
-        cancel a load half-way: it completes (or fails) all the same. Conflict while another load runs."""
+        cancel a load half-way: it completes (or fails) all the same. Conflict while another load runs. With
+        worker processes, the others then load it too, and it returns once they serve it (or SIBLINGS_WAIT_S)."""
         self.check_enabled()
         if self._lock.locked():
             raise Conflict("a model load is already running: retry when it has finished (GET /readyz says which)")
-        return await asyncio.shield(self._load(name))
+        loaded = await asyncio.shield(self._load(name))
+        self.workers.command_siblings(ModelCommand.LOAD)
+        await self._siblings_serve(loaded.sha256)
+        return loaded
+
+    async def _siblings_serve(self, sha256: str | None) -> None:
+        deadline = time.perf_counter() + SIBLINGS_WAIT_S
+        while any(status.sha256 != sha256 for status in self.workers.statuses()):
+            if time.perf_counter() > deadline:
+                logger.warning("not every worker serves sha256 %s yet: GET /readyz lists each one's", sha256)
+                return
+            await asyncio.sleep(0.05)
 
     async def _load(self, name: str | None) -> ModelLoad:
         async with self._lock:
@@ -129,9 +146,8 @@ class ModelRepository:
             if name is not None:  # the cheap refusal first: the manifest's name, before any file is verified
                 await self._check_name(name, previous)
             try:
-                model = await anyio.to_thread.run_sync(
-                    load_model, self.settings, SlotLayout(slots, max(1, available_cores() // slots))
-                )
+                layout = SlotLayout(slots, max(1, available_cores() // slots))
+                model = await anyio.to_thread.run_sync(load_model, self.settings, self.workers, layout)
             except StartupError as exc:
                 raise self._failed(str(exc), previous) from None
             except Exception as exc:  # not one of ours: the traceback goes to the log
@@ -171,20 +187,27 @@ class ModelRepository:
         return LoadFailed(message)
 
     async def unload(self, name: str) -> None:
-        """Stops serving the model `name`: readiness turns false and inference requests get 503 until a load."""
+        """Stops serving the model `name`: readiness turns false and inference requests get 503 until a load; with
+        worker processes, in every one."""
         self.check_enabled()
+        await self._unload(name)
+        self.workers.command_siblings(ModelCommand.UNLOAD)
+        await self._siblings_serve(None)
+
+    async def _unload(self, name: str | None) -> None:
         async with self._lock:
             served = self.dataplane.model
-            if served is None or served.manifest.name != name:
+            if served is None or (name is not None and served.manifest.name != name):
                 raise ModelNotFound(f"model {name!r} is not loaded")
             self.dataplane.switch(None)
-            logger.info("unloaded %s (sha256 %s)", name, served.sha256[:12])
+            logger.info("unloaded %s (sha256 %s)", served.manifest.name, served.sha256[:12])
 
     @contextmanager
     def reloading_on_sighup(self) -> Iterator[None]:
-        """SIGHUP loads MODEL_DIR again while the block runs, or is logged and ignored with MODEL_CONTROL=none (in
-        the main thread only: Python's signals are delivered there; a server run in another thread, as in the
-        tests, has no SIGHUP handler)."""
+        """SIGHUP loads MODEL_DIR again while the block runs (with worker processes: does what the last command to
+        all workers said, load or unload), or is logged and ignored with MODEL_CONTROL=none (in the main thread
+        only: Python's signals are delivered there; a server run in another thread, as in the tests, has no SIGHUP
+        handler)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -204,13 +227,15 @@ class ModelRepository:
         if self._lock.locked():
             logger.warning("SIGHUP ignored: a model load is already running")
             return
-        logger.info("SIGHUP: loading MODEL_DIR again")
-        task = asyncio.get_running_loop().create_task(self.load())
+        command = self.workers.command()
+        logger.info("SIGHUP: %s", "loading MODEL_DIR again" if command == ModelCommand.LOAD else "unloading")
+        follow = self._load(None) if command == ModelCommand.LOAD else self._unload(None)
+        task = asyncio.get_running_loop().create_task(follow)
         self._background.add(task)
         task.add_done_callback(self._finished)
 
-    def _finished(self, task: asyncio.Task[ModelLoad]) -> None:
+    def _finished(self, task: asyncio.Task[ModelLoad | None]) -> None:
         self._background.discard(task)
-        if not task.cancelled() and task.exception() is None:
-            logger.info("SIGHUP: now serving sha256 %s", task.result().sha256[:12])
-        # a LoadFailed was logged and counted by load itself
+        if task.cancelled() or task.exception() is not None:
+            return  # a LoadFailed was logged and counted by the load itself; an unload of nothing changed nothing
+        logger.info("SIGHUP: now serving %s", f"sha256 {task.result().sha256[:12]}" if task.result() else "nothing")

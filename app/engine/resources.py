@@ -5,6 +5,9 @@ Under `docker run --cpus 2`, compose's `cpus: 2` or a Kubernetes `limits.cpu: 2`
 affinity shows 16 cores but the process gets 2 cores' worth of time: sizing thread pools, layouts and costs by the
 affinity would oversubscribe it eightfold. The quota is rounded down, one core at least. Read once per process
 (`usable_cores`); `count_cores` takes the paths, for tests. Memory likewise (`usable_memory`, `memory_size`).
+
+A worker process (WORKERS > 1) shares them with its siblings: it sizes its sessions and image threads by its share
+of the cores (`available_cores`) and its memory budget by its share of the memory (`worker_count`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,12 @@ from pathlib import Path
 from app.engine.cgroup import CGROUP_ROOT, MEMBERSHIP, Quota, cpu_quota, memory_limit
 
 AFFINITY, CGROUP = "affinity", "cgroup"
+WORKERS_ENV = "ENSEMBLE_WORKERS"  # how many worker processes share the cores: set by app.supervisor for each
+
+
+def worker_count() -> int:
+    """The worker processes sharing this process's cores and memory (1 when it serves alone)."""
+    return max(1, int(os.environ.get(WORKERS_ENV, "1")))
 
 
 @dataclass(frozen=True)
@@ -26,39 +35,50 @@ class CoreCount:
     source: str  # AFFINITY or CGROUP: which one limits the count
     affinity: int
     quota: Quota | None
+    workers: int = 1  # processes sharing them
+
+    @property
+    def share(self) -> int:
+        """The cores each worker process sizes its sessions by (one at least)."""
+        return max(1, self.count // self.workers)
 
     def describe(self) -> str:
-        """'2 (cgroup quota 200000/100000 in /sys/fs/cgroup/cpu.max; CPU affinity 16)'."""
+        """'2 (cgroup quota 200000/100000 in /sys/fs/cgroup/cpu.max; CPU affinity 16)', and each worker's share."""
         if self.quota is None:
-            return f"{self.count} (CPU affinity; no cgroup CPU quota)"
-        limit = f"cgroup quota {self.quota.quota}/{self.quota.period} in {self.quota.file}"
-        if self.source == AFFINITY:
-            return f"{self.count} (CPU affinity; {limit} = {self.quota.cores:g} cores)"
-        return f"{self.count} ({limit}; CPU affinity {self.affinity})"
+            where = f"{self.count} (CPU affinity; no cgroup CPU quota)"
+        elif self.source == AFFINITY:
+            limit = f"cgroup quota {self.quota.quota}/{self.quota.period} in {self.quota.file}"
+            where = f"{self.count} (CPU affinity; {limit} = {self.quota.cores:g} cores)"
+        else:
+            limit = f"cgroup quota {self.quota.quota}/{self.quota.period} in {self.quota.file}"
+            where = f"{self.count} ({limit}; CPU affinity {self.affinity})"
+        return where if self.workers == 1 else f"{where}, {self.share} for each of {self.workers} workers"
 
 
 def _affinity() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def count_cores(root: Path = CGROUP_ROOT, membership: Path = MEMBERSHIP, affinity: int | None = None) -> CoreCount:
+def count_cores(
+    root: Path = CGROUP_ROOT, membership: Path = MEMBERSHIP, affinity: int | None = None, workers: int = 1
+) -> CoreCount:
     """The affinity's core count, or the quota's rounded down (one at least) when that is smaller."""
     affinity = _affinity() if affinity is None else affinity
     quota = cpu_quota(root, membership)
     if quota is not None and math.floor(quota.cores) < affinity:
-        return CoreCount(max(1, math.floor(quota.cores)), CGROUP, affinity, quota)
-    return CoreCount(affinity, AFFINITY, affinity, quota)
+        return CoreCount(max(1, math.floor(quota.cores)), CGROUP, affinity, quota, workers)
+    return CoreCount(affinity, AFFINITY, affinity, quota, workers)
 
 
 @cache
 def usable_cores() -> CoreCount:
-    """This process's cores, read once: every thread count, layout and cost of the service is sized by it."""
-    return count_cores()
+    """This process's cores, read once: costs are counted on them, thread counts and layouts on its share."""
+    return count_cores(workers=worker_count())
 
 
 def available_cores() -> int:
-    """usable_cores()'s count."""
-    return usable_cores().count
+    """The cores this process sizes its sessions, layouts and thread pools by: its share of usable_cores()."""
+    return usable_cores().share
 
 
 MEMINFO = Path("/proc/meminfo")

@@ -137,6 +137,7 @@ class RequestContext:
             route = getattr(scope.get("route"), "path", "unmatched")
             method = scope["method"] if scope["method"] in METHODS else "other"
             self.metrics.http_requests.labels(route, method, f"{status // 100}xx").inc()
+            self.metrics.worker_http_requests.labels(self.metrics.workers.label).inc()
 
 
 class Authentication:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import Iterator
 
 import uvicorn
@@ -18,6 +17,7 @@ from fastapi import FastAPI, Response
 from app.errors import StartupError
 from app.http.deps import ServiceDep
 from app.http.errors import install_error_handlers
+from app.http.listen import listening_socket
 from app.http.routes import health
 from app.http.routes.monitoring import METRICS_RESPONSE, prometheus_text
 from app.settings import Settings
@@ -47,9 +47,9 @@ class _Embedded(uvicorn.Server):
 
 
 class OpsServer:
-    def __init__(self, main: FastAPI, settings: Settings) -> None:
+    def __init__(self, main: FastAPI, settings: Settings, *, shared: bool) -> None:
         assert settings.metrics_port is not None
-        self.address = (settings.host, settings.metrics_port)
+        self.address, self.shared = (settings.host, settings.metrics_port), shared
         config = uvicorn.Config(
             create_ops_app(main),
             lifespan="off",
@@ -63,15 +63,10 @@ class OpsServer:
 
     async def start(self) -> None:
         """Listens on HOST:METRICS_PORT; StartupError if that address cannot be had."""
-        family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(self.address)
+            sock = listening_socket(*self.address, shared=self.shared)
         except OSError as exc:
-            sock.close()
             raise StartupError(f"cannot listen on METRICS_PORT {self.address[1]}: {exc.strerror}") from None
-        sock.set_inheritable(True)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="ops-server")
         async with asyncio.timeout(START_TIMEOUT_S):
             while not self._server.started:

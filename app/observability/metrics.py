@@ -2,21 +2,33 @@
 
 Latency histograms use geometric buckets from 1 ms to 10 s with a ratio of 1.12, so histogram_quantile
 can tell apart two modes whose latencies differ by 10 %. Label values are bounded: the modes served,
-route templates, status classes.
+route templates, status classes, worker indexes.
+
+With worker processes (app.engine.workers) the counters, histograms and gauges live in prometheus-client's
+multiprocess files, and a scrape of any worker reads them all (`scrape_registry`): counters and histograms summed,
+so every request counts once; the gauges of requests and memory in flight summed over the live workers, the
+others (the same in every worker) their maximum. What multiprocess mode cannot carry is never left to it: the
+gauges that read a value when scraped are set by `refresh` (at each scrape, and every second by each worker), and
+the model's info, the workers and their restarts, and each worker's process metrics come from WorkersCollector.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from app.engine.resources import usable_cores
 from app.engine.runtime import EnsembleRuntime
+from app.engine.workers import METRICS_DIR, Workers, WorkerStatus
 
 PREFIX = "ensemble"
 OUTCOMES = ("ok", "bad_input", "overloaded", "timeout", "error")
@@ -32,9 +44,51 @@ LATENCY_BUCKETS = geometric_buckets()
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512, 1024)
 
 
+class WorkersCollector(Collector):
+    """What each worker says of itself in its status: the model it serves, and the workers and their restarts; with
+    worker processes, each one's process metrics (memory, CPU, file descriptors) labelled by worker."""
+
+    def __init__(self, workers: Workers) -> None:
+        self.workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        statuses = self.workers.statuses()
+        info = InfoMetricFamily(
+            f"{PREFIX}_model",
+            "The model each worker serves (its sha256 changes with a reload) and the session options of each mode.",
+            labels=["worker"],
+        )
+        for status in statuses:
+            if status.model is not None:
+                info.add_metric([str(status.worker)], status.info)
+        yield info
+        yield GaugeMetricFamily(f"{PREFIX}_workers", "Worker processes alive (WORKERS).", value=len(statuses))
+        yield CounterMetricFamily(
+            f"{PREFIX}_worker_restarts",
+            "Worker processes that died and were replaced.",
+            value=self.workers.restarts(),
+        )
+        if self.workers.shared:
+            yield from _per_worker_process_metrics(statuses)
+
+
+def _per_worker_process_metrics(statuses: list[WorkerStatus]) -> Iterator[Metric]:
+    families: dict[str, Metric] = {}
+    for status in statuses:
+        for family in ProcessCollector(pid=lambda pid=status.pid: pid, registry=None).collect():
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            for sample in family.samples:
+                merged.samples.append(sample._replace(labels={**sample.labels, "worker": str(status.worker)}))
+    yield from families.values()
+
+
 class ServiceMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, workers: Workers | None = None) -> None:
         self.registry = registry
+        self.workers = workers or Workers()
+        self._tracked: list[tuple[Gauge, Callable[[], float]]] = []
+        self._auto_candidates: set[tuple[str, str, int]] = set()
+        registry.register(WorkersCollector(self.workers))
         mode_histogram = {"labelnames": ["mode"], "buckets": LATENCY_BUCKETS, "registry": registry}
         self.request_seconds = Histogram(
             f"{PREFIX}_request_seconds",
@@ -109,24 +163,34 @@ class ServiceMetrics:
             "merges, 1: none) chosen at start-up, 0 for the other candidates.",
             ["mode", "layout", "batching_rows"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
-        self.in_flight = Gauge(f"{PREFIX}_http_requests_in_flight", "HTTP requests being served.", registry=registry)
+        self.in_flight = Gauge(
+            f"{PREFIX}_http_requests_in_flight",
+            "HTTP requests being served.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.memory_reserved = Gauge(
             f"{PREFIX}_memory_reserved_bytes",
             "Memory the requests in flight have reserved (bodies, parsed JSON, tensors, ONNX Runtime's working "
             "memory, encoded responses), every protocol.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.memory_budget = Gauge(
             f"{PREFIX}_memory_budget_bytes",
-            "MEMORY_BUDGET_BYTES: what the requests in flight may reserve together; past it, 503.",
+            "MEMORY_BUDGET_BYTES: what the requests in flight may reserve together; past it, 503 (with workers, "
+            "the sum of theirs).",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.inferences_admitted = Gauge(
             f"{PREFIX}_inferences_admitted",
             "Inference requests admitted and not finished (running or queued for a slot), every protocol: the "
             "load signal to autoscale on.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.cores = Gauge(
             f"{PREFIX}_cores",
@@ -134,27 +198,52 @@ class ServiceMetrics:
             "quota when that is smaller (source: affinity or cgroup).",
             ["source"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.cost_per_hour = Gauge(
             f"{PREFIX}_cost_per_hour",
             "COST_PER_HOUR, what the machine costs an hour (absent when unset): cost per million predictions = "
             "cost_per_hour x CPU seconds per prediction x 1e6 / (cores x 3600).",
             registry=registry,
+            multiprocess_mode="livemax",
         )
-        self.model = Info(
-            f"{PREFIX}_model",
-            "The model served (its sha256 changes with a reload) and the session options of each mode.",
+        self.worker_http_requests = Counter(
+            f"{PREFIX}_worker_http_requests",
+            "HTTP requests by the worker process that served them: how the connections spread over the workers.",
+            ["worker"],
             registry=registry,
         )
 
     @classmethod
-    def with_process_collectors(cls) -> ServiceMetrics:
-        """On a new registry that also reports the process (memory, CPU, file descriptors) and the GC."""
+    def for_process(cls, workers: Workers) -> ServiceMetrics:
+        """On a new registry that also reports the process (memory, CPU, file descriptors) and the GC; with worker
+        processes, every worker's process instead (labelled), the GC of none."""
         registry = CollectorRegistry()
-        ProcessCollector(registry=registry)
+        if not workers.shared:
+            ProcessCollector(registry=registry)
+            GCCollector(registry=registry)
         PlatformCollector(registry=registry)
-        GCCollector(registry=registry)
-        return cls(registry)
+        return cls(registry, workers)
+
+    @property
+    def scrape_registry(self) -> CollectorRegistry:
+        """What a scrape reports: this process's registry, or with worker processes every worker's metrics."""
+        if not self.workers.shared:
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, str(self.workers.directory / METRICS_DIR))
+        registry.register(WorkersCollector(self.workers))
+        PlatformCollector(registry=registry)
+        return registry
+
+    def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """`gauge` shows what `read` returns: set at each `refresh` (multiprocess mode has no set_function)."""
+        self._tracked.append((gauge, read))
+        gauge.set(read())
+
+    def refresh(self) -> None:
+        for gauge, read in self._tracked:
+            gauge.set(read())
 
     def describe_machine(self, cost_per_hour: float | None) -> None:
         """The cores and what they cost, which a reload does not change."""
@@ -176,17 +265,25 @@ class ServiceMetrics:
                     self.predictions.labels(mode, protocol, outcome)
         for outcome in ("ok", "failed"):
             self.model_loads.labels(outcome)
-        self.model.info(
-            {
-                "name": manifest.name,
-                "sha256": manifest.ensemble.sha256,
-                "members": ",".join(member.name for member in manifest.members),
-                "inference_slots": str(runtime.slots),
-                "cores": str(cores.count),
-                "cores_source": cores.source,
-                **{f"{mode.replace('-', '_')}_session": plan.describe() for mode, plan in runtime.plans.items()},
-            }
-        )
-        self.auto_choice.clear()
+        info = {
+            "name": manifest.name,
+            "sha256": manifest.ensemble.sha256,
+            "members": ",".join(member.name for member in manifest.members),
+            "inference_slots": str(runtime.slots),
+            "cores": str(cores.count),
+            "cores_source": cores.source,
+            **{f"{mode.replace('-', '_')}_session": plan.describe() for mode, plan in runtime.plans.items()},
+        }
+        sha256 = manifest.ensemble.sha256
+        status = WorkerStatus(worker=self.workers.index, pid=os.getpid(), model=manifest.name, sha256=sha256, info=info)
+        self.workers.publish(status)
+        # Candidates of a previous model go to 0 rather than away: multiprocess mode cannot remove a series.
+        for labels in self._auto_candidates - set(auto_candidates):
+            self.auto_choice.labels(labels[0], labels[1], str(labels[2])).set(0)
+        self._auto_candidates |= set(auto_candidates)
         for (mode, layout, batching_rows), chosen in auto_candidates.items():
             self.auto_choice.labels(mode, layout, str(batching_rows)).set(1 if chosen else 0)
+
+    def describe_no_model(self) -> None:
+        """The model was unloaded: this worker serves none."""
+        self.workers.publish(WorkerStatus(worker=self.workers.index, pid=os.getpid()))

@@ -1,27 +1,55 @@
-"""Recent latencies per mode, kept in memory for GET /stats (a quick live view; Prometheus keeps the history)."""
+"""Recent latencies per mode, kept for GET /stats (a quick live view; Prometheus keeps the history).
+
+Each mode's samples are a ring of the last MAX_SAMPLES_PER_MODE, in memory or, with worker processes, in a file of
+the workers' directory (app.engine.workers) that whichever worker answers /stats reads together with its own: the
+percentiles are those of every worker's requests, not an average of the workers' percentiles. Times are
+time.monotonic(), one clock for every process of the machine.
+"""
 
 from __future__ import annotations
 
-import statistics
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from app.engine.timing import percentiles_ms
+from app.engine.workers import Workers
 from ensemble_contract.modes import Mode
 
-MAX_SAMPLES_PER_MODE = 10_000  # bounds memory whatever the request rate
+MAX_SAMPLES_PER_MODE = 10_000  # a worker's: bounds memory whatever the request rate
+FIELDS = ("at", "request_s", "queue_s", "inference_s", "cpu_s", "batch_rows")  # `at`: when the request finished
+AT, REQUEST, QUEUE, INFERENCE, CPU, BATCH_ROWS = range(len(FIELDS))
 
 
-@dataclass(frozen=True)
-class Sample:
-    at: float  # time.monotonic() when the request finished
-    request_s: float
-    queue_s: float
-    inference_s: float
-    cpu_s: float
-    batch_rows: int
+class SampleRing:
+    """One worker's last MAX_SAMPLES_PER_MODE samples of one mode: rows of FIELDS, `at` NaN where none was written."""
+
+    def __init__(self, path: Path | None) -> None:
+        shape = (MAX_SAMPLES_PER_MODE, len(FIELDS))
+        if path is None:
+            self.rows = np.full(shape, np.nan)
+        else:
+            # A reload's new ring reuses the file in place: truncating it ("w+") while the replaced model's ring still
+            # maps it would kill the process with SIGBUS at that ring's next write.
+            reuse = path.exists() and path.stat().st_size == np.dtype(np.float64).itemsize * shape[0] * shape[1]
+            self.rows = np.memmap(path, np.float64, "r+" if reuse else "w+", shape=shape)
+        self.rows[:, AT] = np.nan
+        self._next = 0
+
+    def append(self, sample: tuple[float, ...]) -> None:
+        self.rows[self._next] = sample
+        self._next = (self._next + 1) % MAX_SAMPLES_PER_MODE
+
+    @staticmethod
+    def read(path: Path) -> np.ndarray:
+        """Another worker's ring as it is now (no rows if it has none yet)."""
+        try:
+            return np.fromfile(path, np.float64).reshape(-1, len(FIELDS))
+        except (OSError, ValueError):
+            return np.empty((0, len(FIELDS)))
 
 
 @dataclass(frozen=True)
@@ -30,10 +58,10 @@ class Percentiles:
     p95_ms: float | None
 
     @classmethod
-    def of(cls, seconds: list[float]) -> Percentiles:
-        if not seconds:
+    def of(cls, seconds: np.ndarray) -> Percentiles:
+        if not len(seconds):
             return cls(None, None)
-        p50, p95 = percentiles_ms(seconds, [50, 95])
+        p50, p95 = percentiles_ms(list(seconds), [50, 95])
         return cls(round(p50, 3), round(p95, 3))
 
 
@@ -52,30 +80,31 @@ class ModeSummary:
 
 
 class RecentLatencies:
-    """The last `window_s` seconds of successful predictions of each of `modes` (at most MAX_SAMPLES_PER_MODE each)."""
+    """The last `window_s` seconds of successful predictions of each of `modes`, of every worker."""
 
-    def __init__(self, window_s: float, modes: Sequence[Mode]) -> None:
+    def __init__(self, window_s: float, modes: Sequence[Mode], workers: Workers | None = None) -> None:
         self.window_s = window_s
-        self._samples = {mode: deque[Sample](maxlen=MAX_SAMPLES_PER_MODE) for mode in modes}
+        self.workers = workers or Workers()
+        self._rings = {mode: SampleRing(self.workers.recent_file(mode)) for mode in modes}
 
     def record(
         self, mode: Mode, *, request_s: float, queue_s: float, inference_s: float, cpu_s: float, batch_rows: int
     ) -> None:
-        self._samples[mode].append(Sample(time.monotonic(), request_s, queue_s, inference_s, cpu_s, batch_rows))
+        self._rings[mode].append((time.monotonic(), request_s, queue_s, inference_s, cpu_s, batch_rows))
 
     def summary(self) -> dict[Mode, ModeSummary]:
         since = time.monotonic() - self.window_s
         result = {}
-        for mode, samples in self._samples.items():
-            while samples and samples[0].at < since:
-                samples.popleft()
-            recent = list(samples)
+        for mode, ring in self._rings.items():
+            every = [ring.rows, *(SampleRing.read(path) for path in self.workers.sibling_recent_files(mode))]
+            rows = np.concatenate(every)
+            recent = rows[rows[:, AT] >= since]  # NaN, a row never written, compares false
             result[mode] = ModeSummary(
                 len(recent),
-                Percentiles.of([s.request_s for s in recent]),
-                Percentiles.of([s.queue_s for s in recent]),
-                Percentiles.of([s.inference_s for s in recent]),
-                sum(s.cpu_s for s in recent),
-                round(statistics.fmean(s.batch_rows for s in recent), 2) if recent else None,
+                Percentiles.of(recent[:, REQUEST]),
+                Percentiles.of(recent[:, QUEUE]),
+                Percentiles.of(recent[:, INFERENCE]),
+                float(recent[:, CPU].sum()),
+                round(float(recent[:, BATCH_ROWS].mean()), 2) if len(recent) else None,
             )
         return result

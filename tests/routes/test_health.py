@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import httpx
@@ -25,6 +26,7 @@ def test_alive_and_ready(client: httpx.Client, manifest: Manifest) -> None:
         "modes": [mode.value for mode in Mode],  # the test build ships the int8 graph
         "images": True,
         "auto": None,  # DEFAULT_MODE is not auto
+        "workers": [{"worker": 0, "pid": os.getpid(), "sha256": manifest.ensemble.sha256}],  # serving alone
     }
 
 

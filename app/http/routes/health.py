@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from app.core.auto import AutoChoice
-from app.http.deps import ArrivalDep, DataPlaneDep
+from app.http.deps import ArrivalDep, DataPlaneDep, ServiceDep
 from app.http.errors import error_responses
 from ensemble_contract.modes import Mode
 
@@ -17,6 +17,12 @@ class Alive(BaseModel):
     status: str = "alive"
 
 
+class WorkerServing(BaseModel):
+    worker: int
+    pid: int
+    sha256: str | None = Field(description="The ensemble it serves; null while it loads or after an unload.")
+
+
 class Readiness(BaseModel):
     status: str = "ready"
     model: str
@@ -24,6 +30,9 @@ class Readiness(BaseModel):
     modes: list[Mode]
     images: bool = Field(description="Whether POST /predict takes images for this model (otherwise: /v2 only).")
     auto: AutoChoice | None = Field(description="DEFAULT_MODE=auto: the choice, why, and every candidate's figures.")
+    workers: list[WorkerServing] = Field(
+        description="Every live worker process (one without WORKERS) and what it serves: after a load, each switches."
+    )
 
 
 @router.get("/healthz", summary="The process answers", responses=error_responses(500))
@@ -38,7 +47,7 @@ async def healthz() -> Alive:
         500, 503, s503="Not ready: the models are loading, the model was unloaded, or the server is stopping."
     ),
 )
-async def readyz(dataplane: DataPlaneDep, arrived: ArrivalDep) -> Readiness:
+async def readyz(service: ServiceDep, dataplane: DataPlaneDep, arrived: ArrivalDep) -> Readiness:
     with dataplane.using(arrived) as model:
         return Readiness(
             model=model.manifest.name,
@@ -46,4 +55,7 @@ async def readyz(dataplane: DataPlaneDep, arrived: ArrivalDep) -> Readiness:
             modes=list(model.runtime.modes),
             images=model.manifest.image is not None,
             auto=model.auto,
+            workers=[
+                WorkerServing(worker=s.worker, pid=s.pid, sha256=s.sha256) for s in service.metrics.workers.statuses()
+            ],
         )

@@ -69,6 +69,10 @@ class BatchingStats(BaseModel):
 
 class Stats(BaseModel):
     window_s: float
+    workers: int = Field(
+        description="Worker processes whose requests the modes' figures count (all of them); memory is the answering "
+        "worker's own budget."
+    )
     cores: int = Field(description="Cores this process may use: its CPU affinity, or its cgroup CPU quota if smaller.")
     cores_source: str = Field(description="Where the core count comes from, e.g. '2 (cgroup quota 200000/100000 ...)'.")
     cost_per_hour: float | None
@@ -89,7 +93,8 @@ METRICS_RESPONSE = {200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "
 
 
 def prometheus_text(service: Service) -> Response:
-    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    service.metrics.refresh()
+    return Response(generate_latest(service.metrics.scrape_registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get(
@@ -118,6 +123,7 @@ def _stats(dataplane: DataPlane, model: LoadedModel) -> Stats:
     recent, cores, cost = model.recent, usable_cores(), dataplane.settings.cost_per_hour
     return Stats(
         window_s=recent.window_s,
+        workers=len(recent.workers.statuses()),
         cores=cores.count,
         cores_source=cores.describe(),
         cost_per_hour=cost,

@@ -1,0 +1,173 @@
+"""WORKERS > 1: the process that starts the worker processes, replaces those that die, and passes signals on.
+
+Each worker is `python -m app` again, with its index and the workers' directory in its environment
+(app.engine.workers): it binds the same HTTP, METRICS_PORT and GRPC_PORT ports with sockets of its own
+(SO_REUSEPORT), loads its own sessions on its share of the cores and runs its own admission control. The
+supervisor loads no model and serves nothing.
+
+- SIGTERM or SIGINT: passed to every worker, which drains as a lone server does (readiness false at once, requests
+  in flight get SHUTDOWN_GRACE_S); a worker still running WORKER_EXIT_S after that is killed. Exits 0.
+- SIGHUP: every worker loads MODEL_DIR again (MODEL_CONTROL=explicit; otherwise each logs that it ignores it).
+- A worker that exits on its own is replaced (counted in ensemble_worker_restarts_total), after RESTART_DELAY_S,
+  doubling while its replacements keep failing (up to MAX_RESTART_DELAY_S: say MODEL_DIR now holds a broken
+  build, and the other workers serve on). If no worker has served yet, the model or a port cannot be had: the
+  supervisor stops the others and exits with the failed worker's status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import multiprocess
+
+from app.engine.resources import MIB, usable_cores, usable_memory
+from app.engine.workers import (
+    CONTROL_FILE,
+    METRICS_DIR,
+    RESTARTS_FILE,
+    Control,
+    ModelCommand,
+    Workers,
+    worker_environment,
+    write_atomically,
+)
+from app.settings import Settings
+
+logger = logging.getLogger("app.supervisor")
+
+WORKER_MEMORY_BYTES = 512 * MIB  # WORKERS=auto: at most one worker per this much memory
+WORKER_EXIT_S = 5.0  # beyond SHUTDOWN_GRACE_S, before a worker that has not exited is killed
+RESTART_DELAY_S = 1.0  # between a worker's death and its replacement: a crash loop costs little
+MAX_RESTART_DELAY_S = 30.0
+POLL_S = 0.1
+
+
+def resolve_workers(setting: int | str) -> int:
+    """WORKERS as a number: auto is one per usable core, at most one per WORKER_MEMORY_BYTES of usable memory."""
+    if setting != "auto":
+        return int(setting)
+    return max(1, min(usable_cores().count, usable_memory().bytes // WORKER_MEMORY_BYTES))
+
+
+@dataclass
+class Worker:
+    index: int
+    process: subprocess.Popen[bytes]
+    ready: bool = False  # it has published a status: its model is loaded and it serves
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, count: int) -> None:
+        self.settings, self.count = settings, count
+        self.directory = Path(tempfile.mkdtemp(prefix="ensemble-workers-"))
+        (self.directory / METRICS_DIR).mkdir()
+        self.workers: dict[int, Worker] = {}
+        self.replacing: dict[int, float] = {}  # worker index -> when to start its replacement
+        self.failures: dict[int, int] = {}  # worker index -> replacements in a row that died before serving
+        self.served = False  # some worker has served
+        self.restarts = 0
+        self.stopping: float | None = None  # when SIGTERM arrived
+        self.exit_status = 0
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        cores, per_worker = usable_cores(), self.settings.inference_slots + self.settings.max_queue
+        logger.info(
+            "%d worker processes on %s cores, %d each; at most %d requests admitted at once (workers x "
+            "(INFERENCE_SLOTS + MAX_QUEUE))",
+            self.count,
+            cores.describe(),
+            max(1, cores.count // self.count),
+            self.count * per_worker,
+        )
+        try:
+            for index in range(self.count):
+                self._start(index)
+            while self.workers or (self.replacing and self.stopping is None):
+                self._reap()
+                self._replace()
+                time.sleep(POLL_S)
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        return self.exit_status
+
+    def _start(self, index: int) -> None:
+        environment = os.environ | worker_environment(self.directory, index, self.count)
+        process = subprocess.Popen([sys.executable, "-m", "app"], env=environment)
+        self.workers[index] = Worker(index, process)
+
+    def _reap(self) -> None:
+        statuses = {status.worker: status.pid for status in Workers(0, self.count, self.directory).statuses()}
+        for worker in list(self.workers.values()):
+            if not worker.ready and statuses.get(worker.index) == worker.process.pid:
+                worker.ready = self.served = True
+            status = worker.process.poll()
+            if status is None:
+                if self.stopping is not None and time.monotonic() > self.stopping + self._drain_s():
+                    worker.process.kill()
+                continue
+            del self.workers[worker.index]
+            self._mark_dead(worker.process.pid)
+            if self.stopping is not None:
+                continue
+            if not self.served:
+                logger.error("worker %d exited with status %d before any served: stopping", worker.index, status)
+                self.exit_status = status or 1
+                self._stop_all()
+                continue
+            failures = 0 if worker.ready else self.failures.get(worker.index, 0) + 1
+            self.failures[worker.index] = failures
+            delay = min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2**failures)
+            pid = worker.process.pid
+            logger.error(
+                "worker %d (pid %d) exited with status %d: replacing it in %g s", worker.index, pid, status, delay
+            )
+            self.replacing[worker.index] = time.monotonic() + delay
+
+    def _replace(self) -> None:
+        for index, due in list(self.replacing.items()):
+            if self.stopping is not None:
+                del self.replacing[index]
+            elif time.monotonic() >= due:
+                del self.replacing[index]
+                self.restarts += 1
+                write_atomically(self.directory / RESTARTS_FILE, str(self.restarts))
+                self._start(index)
+
+    def _mark_dead(self, pid: int) -> None:
+        """Its live gauges leave the scrape; its counters and histograms stay in the sums."""
+        multiprocess.mark_process_dead(pid, str(self.directory / METRICS_DIR))
+
+    def _drain_s(self) -> float:
+        return self.settings.shutdown_grace_s + WORKER_EXIT_S
+
+    def _on_signal(self, sig: int, _frame: object) -> None:
+        if sig == signal.SIGHUP:
+            write_atomically(self.directory / CONTROL_FILE, Control(command=ModelCommand.LOAD).model_dump_json())
+            self._signal_all(signal.SIGHUP)
+            return
+        if self.stopping is not None and sig == signal.SIGINT:  # Ctrl-C twice: stop now
+            self._signal_all(signal.SIGKILL)
+            return
+        logger.info("%s: stopping %d workers", signal.Signals(sig).name, len(self.workers))
+        self._stop_all()
+
+    def _stop_all(self) -> None:
+        if self.stopping is None:
+            self.stopping = time.monotonic()
+        self._signal_all(signal.SIGTERM)
+
+    def _signal_all(self, sig: int) -> None:
+        for worker in self.workers.values():
+            if worker.process.poll() is None:
+                worker.process.send_signal(sig)

@@ -1,0 +1,94 @@
+"""`python -m bench workers --model-dir DIR`: the service with one worker process against several, through HTTP.
+
+Three servers side by side on loopback, taking turns round by round (an idle one costs nothing: its pools sleep):
+- `1 worker`: WORKERS=1, the machine's cores (one process, its sessions on every core);
+- `N workers`: WORKERS=N, one per core (what WORKERS=auto picks here);
+- `1 core`: WORKERS=auto under `taskset` on one core (so one worker on one core).
+Each runs its default settings otherwise (batching on). `hey` saturates each with CLIENTS closed-loop clients,
+sending the v2 JSON request of the model's example input (fused, and fused-int8 when the model has it; asking for
+an image model's scores) and, for an image model, /predict's multipart PNG upload. The targets, round by round:
+N workers ÷ 1 worker at least 1.3 in every request kind, and N workers ÷ 1 core at least 1.7 (N = 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+from app.engine.resources import available_cores
+from bench.common import Interval, Report, interval_check
+from bench.serving import Run, Target, load_rounds, load_table, requested_outputs, v2_body
+from ensemble_contract.manifest import Manifest, load_manifest
+from ensemble_contract.modes import Mode, served_modes
+from tests.service_process import service_process
+from tests.support import png_bytes
+
+CLIENTS = 16
+BOUNDARY = "bench-workers-boundary"
+AT_LEAST_PER_KIND, AT_LEAST_SCALING = 1.3, 1.7
+
+
+def multipart_png(path: Path) -> Path:
+    """/predict's body as a browser or curl -F sends it: one file field, a PNG."""
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="picture.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    )
+    path.write_bytes(head.encode() + png_bytes() + f"\r\n--{BOUNDARY}--\r\n".encode())
+    return path
+
+
+def request_kinds(manifest: Manifest, work: Path) -> dict[str, tuple[str, Path, str]]:
+    """Each kind of request: its path, body and content type."""
+    infer, outputs = f"/v2/models/{manifest.name}/infer", requested_outputs(manifest)
+    kinds = {
+        f"v2 JSON {mode}": (infer, v2_body(manifest, mode, work / f"{mode}.json", outputs), "application/json")
+        for mode in (Mode.FUSED, Mode.FUSED_INT8)
+        if mode in served_modes(manifest)
+    }
+    if manifest.image is not None:
+        kinds["/predict PNG"] = (
+            "/predict",
+            multipart_png(work / "picture.multipart"),
+            f"multipart/form-data; boundary={BOUNDARY}",
+        )
+    return kinds
+
+
+def run(model_dir: Path, rounds: int, seconds: float, work: Path) -> Report:
+    manifest = load_manifest(model_dir)
+    cores = available_cores()
+    many = f"{cores} workers"
+    with ExitStack() as stack:
+        servers = {
+            "1 worker": stack.enter_context(service_process(model_dir, work, WORKERS=1)),
+            many: stack.enter_context(service_process(model_dir, work, WORKERS=cores)),
+            "1 core": stack.enter_context(service_process(model_dir, work, cores={0}, WORKERS="auto")),
+        }
+        kinds = request_kinds(manifest, work)
+        targets = {
+            kind: [Target(name, server.url + path, body, content_type) for name, server in servers.items()]
+            for kind, (path, body, content_type) in kinds.items()
+        }
+        runs = load_rounds([t for kind in kinds for t in targets[kind]], [CLIENTS], seconds, rounds)
+    header = (
+        f"Model directory {model_dir} ({manifest.name}); servers: {', '.join(servers)}; {rounds} interleaved rounds "
+        f"of {seconds:g} s of `hey` from {CLIENTS} clients per server and kind of request. The ratios are each "
+        "server's figure over 1 worker's, round by round."
+    )
+    tables = [f"{kind}:\n\n{load_table(runs, targets[kind], [CLIENTS])}" for kind in kinds]
+    checks = targets_met(runs, targets, many)
+    return Report("\n\n".join([header, *tables, checks]))
+
+
+def targets_met(runs: dict[tuple[Target, int], list[Run]], targets: dict[str, Sequence[Target]], many: str) -> str:
+    lines = []
+    for kind, (one, several, one_core) in targets.items():
+        goodput = [[r.goodput for r in runs[t, CLIENTS]] for t in (several, one, one_core)]
+        ratio = Interval.of_ratios(goodput[0], goodput[1])
+        lines.append(interval_check(f"{kind}: {many} ÷ 1 worker", ratio, at_least=AT_LEAST_PER_KIND))
+        if kind.endswith(str(Mode.FUSED)):
+            scaling = Interval.of_ratios(goodput[0], goodput[2])
+            lines.append(interval_check(f"{kind}: {many} ÷ 1 core", scaling, at_least=AT_LEAST_SCALING))
+    return "\n".join(f"- {line}" for line in lines)
