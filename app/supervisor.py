@@ -107,7 +107,8 @@ class Supervisor:
         self.workers[index] = Worker(index, process)
 
     def _reap(self) -> None:
-        statuses = {status.worker: status.pid for status in Workers(0, self.count, self.directory).statuses()}
+        starting = any(not worker.ready for worker in self.workers.values())
+        statuses = {s.worker: s.pid for s in Workers(0, self.count, self.directory).statuses()} if starting else {}
         for worker in list(self.workers.values()):
             if not worker.ready and statuses.get(worker.index) == worker.process.pid:
                 worker.ready = self.served = True
