@@ -4,6 +4,7 @@ directory, ui.png (pytest keeps the last few runs' under its base temporary dire
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +182,8 @@ def test_upload_shows_labels_mask_and_votes_and_the_chart_follows_every_mode(
         assert int(legend.get_attribute("data-requests") or 0) > 0
         expect(legend).to_contain_text(f"{legend.get_attribute('data-requests')} requests")
         expect(legend).to_contain_text("queue p50 ")
-        expect(legend).to_contain_text("batch 1.0")  # the page's requests went one at a time
+        # the mean batch of the window (other tests' concurrent requests on the shared server may be in it)
+        expect(legend).to_contain_text(re.compile(r"batch \d+\.\d"))
 
     screenshot = page.screenshot(path=tmp_path / "ui.png", full_page=True)
     assert screenshot.startswith(b"\x89PNG") and (tmp_path / "ui.png").read_bytes() == screenshot

@@ -122,6 +122,8 @@ def test_every_request_counts_once_whichever_worker_served_it(two_workers: TwoWo
     with two_workers.service.client() as client:
         stats = client.get("/stats").json()
     assert stats["workers"] == 2
+    defaults = Settings()
+    assert stats["admitted_at_most"] == 2 * (defaults.inference_slots + defaults.max_queue)
     assert stats["modes"][Mode.FUSED]["requests"] >= sent  # both workers' samples, not the answering one's
 
 

@@ -73,6 +73,10 @@ class Stats(BaseModel):
         description="Worker processes whose requests the modes' figures count (all of them); memory is the answering "
         "worker's own budget."
     )
+    admitted_at_most: int = Field(
+        description="The most inference requests admitted at once, every worker: workers x (inference slots + "
+        "MAX_QUEUE); past it, 503."
+    )
     cores: int = Field(description="Cores this process may use: its CPU affinity, or its cgroup CPU quota if smaller.")
     cores_source: str = Field(description="Where the core count comes from, e.g. '2 (cgroup quota 200000/100000 ...)'.")
     cost_per_hour: float | None
@@ -124,6 +128,7 @@ def _stats(dataplane: DataPlane, model: LoadedModel) -> Stats:
     return Stats(
         window_s=recent.window_s,
         workers=len(recent.workers.statuses()),
+        admitted_at_most=recent.workers.count * (dataplane.admission.slots + dataplane.settings.max_queue),
         cores=cores.count,
         cores_source=cores.describe(),
         cost_per_hour=cost,
