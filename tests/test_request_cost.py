@@ -22,7 +22,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from app.core.cost import JSON_BYTES_PER_VALUE, CostModel
+from app.core.cost import JSON_BYTES_PER_VALUE, CostModel, json_parse_bytes
 from app.core.memory import MemoryBudget
 from app.engine.probe import working_bytes_per_element
 from app.errors import Overloaded, PayloadTooLarge
@@ -341,3 +341,8 @@ def test_a_wrong_name_is_refused_before_any_file_is_verified(model_dir: Path, tm
         assert response.status_code == 400
         assert "not 'another-name'" in response.json()["error"]
         assert "does not match its sha256" not in response.json()["error"]
+
+
+def test_a_json_body_is_costed_from_its_commas_before_it_is_parsed() -> None:
+    assert json_parse_bytes(b'{"data": [1, 2.5, 3]}') == 3 * JSON_BYTES_PER_VALUE
+    assert json_parse_bytes(b"") == JSON_BYTES_PER_VALUE  # one value at most: nothing to split
