@@ -15,6 +15,7 @@ request gives up, so a timed-out inference still counts against the limit while 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -204,12 +205,9 @@ class Admission:
             if sum(job.rows for job in jobs) >= max_rows or remaining <= 0:
                 return jobs
             self._arrived.clear()
-            try:
+            with contextlib.suppress(TimeoutError):  # then the loop gathers what came meanwhile, and returns
                 async with asyncio.timeout(remaining):
                     await self._arrived.wait()
-            except TimeoutError:
-                self._gather(jobs, max_rows)
-                return jobs
 
     async def _take_head(self) -> _Job:
         while True:

@@ -18,7 +18,7 @@ import contextlib
 import fcntl
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
 
@@ -118,16 +118,18 @@ class Workers:
 
     def recent_file(self, mode: str) -> Path | None:
         """Where this worker keeps its recent latencies of `mode` (None: in memory)."""
-        return None if self.directory is None else self.directory / f"recent-{self.index}-{mode}.f64"
+        return None if self.directory is None else self._recent_path(self.index, mode)
 
-    def sibling_recent_files(self, mode: str) -> list[Path]:
+    def sibling_recent_files(self, modes: Iterable[str]) -> dict[str, list[Path]]:
+        """Where the other live workers keep their recent latencies of each mode (none serving alone)."""
         if self.directory is None:
-            return []
-        return [
-            self.directory / f"recent-{status.worker}-{mode}.f64"
-            for status in self.statuses()
-            if status.worker != self.index
-        ]
+            return {mode: [] for mode in modes}
+        siblings = [status.worker for status in self.statuses() if status.worker != self.index]
+        return {mode: [self._recent_path(worker, mode) for worker in siblings] for mode in modes}
+
+    def _recent_path(self, worker: int, mode: str) -> Path:
+        assert self.directory is not None
+        return self.directory / f"recent-{worker}-{mode}.f64"
 
     @contextlib.contextmanager
     def measuring_once(self) -> Iterator[Path | None]:

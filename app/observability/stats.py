@@ -95,8 +95,9 @@ class RecentLatencies:
     def summary(self) -> dict[Mode, ModeSummary]:
         since = time.monotonic() - self.window_s
         result = {}
+        siblings = self.workers.sibling_recent_files(self._rings)  # the workers' statuses read once, not per mode
         for mode, ring in self._rings.items():
-            every = [ring.rows, *(SampleRing.read(path) for path in self.workers.sibling_recent_files(mode))]
+            every = [ring.rows, *(SampleRing.read(path) for path in siblings[mode])]
             rows = np.concatenate(every)
             recent = rows[rows[:, AT] >= since]  # NaN, a row never written, compares false
             result[mode] = ModeSummary(
