@@ -4,13 +4,22 @@ other than 1 by worker processes under a supervisor (app.supervisor), each of th
 On SIGTERM (or Ctrl-C) readiness turns false at once, the listening socket closes, requests in flight get
 SHUTDOWN_GRACE_S to finish, and the process exits 0. A second signal while draining (Ctrl-C twice) stops at
 once. Start-up failures (bad setting: exit 2; unusable model directory: exit 3) print one line saying why.
+
+SIGHUP (reload) is blocked first thing, before the imports (a second or more): its default action would kill the
+process. One that arrives while the process starts stays pending until the handler that applies it is in place
+(the supervisor's, or once the model is loaded the repository's, which logs and ignores it with
+MODEL_CONTROL=none), and is handled then.
 """
 
+# ruff: noqa: E402  (the imports follow the signal mask on purpose)
 from __future__ import annotations
+
+import signal
+
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
 
 import copy
 import logging.config
-import signal
 import sys
 from types import FrameType
 from typing import Any
@@ -21,6 +30,7 @@ from uvicorn.config import LOGGING_CONFIG
 from app.core.service import Service
 from app.engine.workers import Workers
 from app.errors import StartupError
+from app.http.connections import ConnectionLimits, allow_open_files
 from app.http.listen import listening_socket
 from app.main import create_app
 from app.settings import Settings
@@ -83,8 +93,9 @@ def serve(settings: Settings) -> None:
         log_config=log_config(settings.log_level),
         timeout_graceful_shutdown=settings.shutdown_grace_s,
         server_header=False,  # no `server: uvicorn` in every response
-        limit_concurrency=settings.max_concurrency,  # connections and requests; beyond, 503 at once
+        http=ConnectionLimits.of(settings).protocol(),  # HEADER_TIMEOUT_S, MAX_CONNECTIONS; requests: the middleware
     )
+    allow_open_files(settings)  # after uvicorn.Config, which configures the logging it may warn on
     server = DrainingServer(config, app.state.service)
     server.run(sockets=[sock])
     if not server.started:

@@ -3,7 +3,6 @@ settings from the environment. The settings are resolved once, here, into the Se
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +25,8 @@ from app.http.errors import install_error_handlers
 from app.http.middleware import (
     Authentication,
     BodyLimits,
+    CancelOnDisconnect,
+    ConcurrencyLimit,
     EarlyRefusal,
     QuietStartupFailure,
     RequestContext,
@@ -39,32 +40,12 @@ from app.v2.codec import SERVER_VERSION
 from ensemble_contract.modes import describe_modes
 
 logger = logging.getLogger("app")
-METRICS_REFRESH_S = 1.0
 
 DESCRIPTION = f"""
 Serves an ensemble of ONNX models (ours, or any a user fused with `python -m model_build fuse`) in several ways
 and lets you compare them live. Modes: {describe_modes()}. Choose per request with `?mode=` (`/predict`) or the
 `mode` parameter (`/v2`). Latencies per mode: `/metrics` (Prometheus) and `/stats`.
 """
-
-
-@asynccontextmanager
-async def refreshing_metrics(metrics: ServiceMetrics) -> AsyncIterator[None]:
-    """With worker processes, a scrape reads every worker's gauges from files: each worker updates its own."""
-    if not metrics.workers.shared:
-        yield
-        return
-
-    async def refresh() -> None:
-        while True:
-            metrics.refresh()
-            await asyncio.sleep(METRICS_REFRESH_S)
-
-    task = asyncio.create_task(refresh(), name="metrics-refresh")
-    try:
-        yield
-    finally:
-        task.cancel()
 
 
 def create_app(settings: Settings | None = None, *, registry: CollectorRegistry | None = None) -> FastAPI:
@@ -84,7 +65,8 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
         dataplane = DataPlane(settings, model, metrics)
         repository = ModelRepository(settings, dataplane, metrics)
         service.dataplane, service.repository = dataplane, repository
-        log_model(model, settings)
+        if dataplane.model is not None:  # a replacement worker follows the others' unload (app.core.repository)
+            log_model(model, settings)
         logger.info(
             "memory: requests in flight may hold %.0f MiB together (MEMORY_BUDGET_BYTES; the process may use %s), "
             "one request %.0f MiB and %d rows; ONNX Runtime needs %.0f bytes per input element",
@@ -103,9 +85,8 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
             if grpc is not None:
                 await grpc.start()
                 logger.info("serving the Open Inference Protocol over gRPC on port %d", settings.grpc_port)
-            async with refreshing_metrics(metrics):
-                with repository.reloading_on_sighup():
-                    yield
+            with repository.reloading_on_sighup():
+                yield
         finally:
             if grpc is not None:
                 await grpc.stop(settings.shutdown_grace_s)
@@ -118,11 +99,15 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     install_error_handlers(app)
     for router in (predict.router, v2.router, v2_repository.router, health.router, monitoring.router, ui.router):
         app.include_router(router)
-    # The last one added is the outermost: a request meets the API key before anything else reads it.
+    # The last one added is the outermost: a request takes a place among those in flight, then meets the API key,
+    # before anything else reads it; the watch for its client leaving surrounds all that may wait.
     routes = RouteTable(app, (requires_api_key, admits_inference))
+    probes = [app.url_path_for(name) for name in ("healthz", "readyz", "live", "ready")]
     app.add_middleware(BodyLimits, service=service)
     app.add_middleware(EarlyRefusal, service=service, routes=routes)
     app.add_middleware(Authentication, service=service, routes=routes)
+    app.add_middleware(ConcurrencyLimit, service=service, routes=routes, probes=probes)
+    app.add_middleware(CancelOnDisconnect)
     if settings.cors_origins:  # otherwise no CORS header: browsers allow same-origin only
         app.add_middleware(
             CORSMiddleware,

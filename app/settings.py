@@ -203,9 +203,28 @@ class Settings(BaseSettings):
         1000,
         ge=1,
         le=100_000,
-        description="Most HTTP connections and gRPC calls at once, idle or slow ones included; beyond, new ones get "
-        "503 (gRPC: RESOURCE_EXHAUSTED) at once. Bounds what slow or idle clients can hold; the TLS proxy of the "
-        "compose stack also bounds how long a client may take to send its headers.",
+        description="Most HTTP requests in flight at once in each process (from their headers to their answer; the "
+        "probes /healthz, /readyz, /v2/health/live and /v2/health/ready are never refused), and apart from them most "
+        "gRPC calls; beyond, 503 `overloaded` with Retry-After (gRPC: RESOURCE_EXHAUSTED) at once. Idle connections "
+        "hold none: MAX_CONNECTIONS bounds them.",
+    )
+    max_connections: int = Field(
+        2000,
+        ge=2,
+        le=1_000_000,
+        description="Most HTTP connections open at once on each port (PORT, METRICS_PORT) of each process, idle ones "
+        "included. A connection beyond makes room by closing the one that has waited longest for its client (for a "
+        "request's headers), so idle connections never keep a request or a probe out; only when every connection has "
+        "a request in flight is the new one closed. More than MAX_CONCURRENCY. The process raises its limit on open "
+        "files (a container's is often 1024) as far as its hard limit allows to hold them.",
+    )
+    header_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="Longest time a client may take to send a request's headers, from the opening of its connection "
+        "or from the previous answer on a kept-alive one; beyond, the connection is closed without an answer (on "
+        "PORT and METRICS_PORT). The rest of a body answered before it was read (a refusal) gets BODY_TIMEOUT_S.",
     )
     cost_per_hour: float | None = Field(
         None,
@@ -316,6 +335,15 @@ class Settings(BaseSettings):
         given = {name: port for name, port in ports.items() if port is not None}
         if len(set(given.values())) < len(given):
             raise ValueError(f"PORT, METRICS_PORT and GRPC_PORT must all differ (or be unset), got {given}")
+        return self
+
+    @model_validator(mode="after")
+    def _room_for_probes(self) -> Settings:
+        if self.max_connections <= self.max_concurrency:
+            raise ValueError(
+                f"MAX_CONNECTIONS ({self.max_connections}) must be more than MAX_CONCURRENCY ({self.max_concurrency}): "
+                "every request in flight holds a connection, and a probe needs one beyond them"
+            )
         return self
 
     @model_validator(mode="after")

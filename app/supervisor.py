@@ -8,10 +8,12 @@ supervisor loads no model and serves nothing.
 - SIGTERM or SIGINT: passed to every worker, which drains as a lone server does (readiness false at once, requests
   in flight get SHUTDOWN_GRACE_S); a worker still running WORKER_EXIT_S after that is killed. Exits 0.
 - SIGHUP: every worker loads MODEL_DIR again (MODEL_CONTROL=explicit; otherwise each logs that it ignores it).
+  Workers start with SIGHUP blocked, so one sent while a worker starts waits until it can apply it (app.__main__).
 - A worker that exits on its own is replaced (counted in ensemble_worker_restarts_total), after RESTART_DELAY_S,
   doubling while its replacements keep failing (up to MAX_RESTART_DELAY_S: say MODEL_DIR now holds a broken
   build, and the other workers serve on). If no worker has served yet, the model or a port cannot be had: the
-  supervisor stops the others and exits with the failed worker's status.
+  supervisor stops the others and exits with the failed worker's status. Its counters and histograms are folded
+  into the metric files' archive (MetricFiles), so that they stay in the sums and the directory stays bounded.
 """
 
 from __future__ import annotations
@@ -24,10 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-
-from prometheus_client import multiprocess
 
 from app.engine.resources import MIB, usable_cores, usable_memory
 from app.engine.workers import (
@@ -40,6 +41,7 @@ from app.engine.workers import (
     worker_environment,
     write_atomically,
 )
+from app.observability.metrics import MetricFiles
 from app.settings import Settings
 
 logger = logging.getLogger("app.supervisor")
@@ -70,17 +72,22 @@ class Supervisor:
         self.settings, self.count = settings, count
         self.directory = Path(tempfile.mkdtemp(prefix="ensemble-workers-"))
         (self.directory / METRICS_DIR).mkdir()
+        self.metric_files = MetricFiles(self.directory / METRICS_DIR)
+        self.unfolded: set[int] = set()  # dead workers' pids whose metric files are not folded yet (a scrape read)
         self.workers: dict[int, Worker] = {}
         self.replacing: dict[int, float] = {}  # worker index -> when to start its replacement
         self.failures: dict[int, int] = {}  # worker index -> replacements in a row that died before serving
         self.served = False  # some worker has served
         self.restarts = 0
         self.stopping: float | None = None  # when SIGTERM arrived
+        # Signals received, acted on by the main loop: a handler may interrupt any statement, another handler's too.
+        self.signals: deque[int] = deque()
         self.exit_status = 0
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # blocked since the process started: handled now
         cores, per_worker = usable_cores(), self.settings.inference_slots + self.settings.max_queue
         logger.info(
             "%d worker processes on %s cores, %d each; at most %d requests admitted at once (workers x "
@@ -94,7 +101,9 @@ class Supervisor:
             for index in range(self.count):
                 self._start(index)
             while self.workers or (self.replacing and self.stopping is None):
+                self._handle_signals()
                 self._reap()
+                self._fold()
                 self._replace()
                 time.sleep(POLL_S)
         finally:
@@ -103,7 +112,13 @@ class Supervisor:
 
     def _start(self, index: int) -> None:
         environment = os.environ | worker_environment(self.directory, index, self.count)
-        process = subprocess.Popen([sys.executable, "-m", "app"], env=environment)
+        # The child inherits the signal mask, through the exec: a SIGHUP that reaches it before it has a handler
+        # stays pending instead of killing it, until its repository applies it (app.core.repository).
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            process = subprocess.Popen([sys.executable, "-m", "app"], env=environment)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
         self.workers[index] = Worker(index, process)
 
     def _reap(self) -> None:
@@ -118,7 +133,7 @@ class Supervisor:
                     worker.process.kill()
                 continue
             del self.workers[worker.index]
-            self._mark_dead(worker.process.pid)
+            self.unfolded.add(worker.process.pid)
             if self.stopping is not None:
                 continue
             if not self.served:
@@ -145,23 +160,32 @@ class Supervisor:
                 write_atomically(self.directory / RESTARTS_FILE, str(self.restarts))
                 self._start(index)
 
-    def _mark_dead(self, pid: int) -> None:
-        """Its live gauges leave the scrape; its counters and histograms stay in the sums."""
-        multiprocess.mark_process_dead(pid, str(self.directory / METRICS_DIR))
+    def _fold(self) -> None:
+        """Dead workers' counters and histograms join the archive, their live gauges leave the scrape (a fold that a
+        scrape holds off is tried again at the next poll)."""
+        self.unfolded = {pid for pid in self.unfolded if not self.metric_files.fold_dead(pid)}
 
     def _drain_s(self) -> float:
         return self.settings.shutdown_grace_s + WORKER_EXIT_S
 
     def _on_signal(self, sig: int, _frame: object) -> None:
-        if sig == signal.SIGHUP:
+        self.signals.append(sig)
+
+    def _handle_signals(self) -> None:
+        """The signals received since the last poll, in their order; SIGHUP once, however many arrived."""
+        hangup = False
+        while self.signals:
+            sig = self.signals.popleft()
+            if sig == signal.SIGHUP:
+                hangup = True
+            elif self.stopping is not None and sig == signal.SIGINT:  # Ctrl-C twice: stop now
+                self._signal_all(signal.SIGKILL)
+            else:
+                logger.info("%s: stopping %d workers", signal.Signals(sig).name, len(self.workers))
+                self._stop_all()
+        if hangup:
             write_atomically(self.directory / CONTROL_FILE, Control(command=ModelCommand.LOAD).model_dump_json())
             self._signal_all(signal.SIGHUP)
-            return
-        if self.stopping is not None and sig == signal.SIGINT:  # Ctrl-C twice: stop now
-            self._signal_all(signal.SIGKILL)
-            return
-        logger.info("%s: stopping %d workers", signal.Signals(sig).name, len(self.workers))
-        self._stop_all()
 
     def _stop_all(self) -> None:
         if self.stopping is None:

@@ -100,7 +100,7 @@ async def test_requests_waiting_together_run_as_one_and_each_gets_its_own_rows()
     assert [a.batch_rows for a in answers] == [4, 4, 4]
     assert [a.value.cpu_s for a in answers] == pytest.approx([0.001, 0.002, 0.001])  # a share by rows
     assert runs == [("k", 4)]
-    assert admission.requests_per_run > 1  # the expected wait counts runs of several requests
+    assert admission.rows_per_run > 1  # the expected wait counts runs of several rows
     admission.close()
 
 

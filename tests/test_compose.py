@@ -5,7 +5,10 @@ itself runs in tests/test_docker.py; the dashboard's queries run against a real 
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +22,8 @@ from app.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 APP = COMPOSE["services"]["app"]
+PROXY = COMPOSE["services"]["proxy"]
+APP_BIND = "${APP_BIND:-127.0.0.1}"  # where the app's ports are published: loopback unless said otherwise
 FIXED = {"HOST": "0.0.0.0", "PORT": "8000", "GRPC_PORT": "8081", "METRICS_PORT": "9100"}
 GRAFANA = REPO / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "ensemble.json"
@@ -45,13 +50,61 @@ def test_only_the_port_settings_are_fixed_and_model_dir_defaults_to_the_images_m
 def test_the_fixed_ports_are_the_ones_published_scraped_and_proxied() -> None:
     published = {mapping.rsplit(":", 1)[1] for mapping in APP["ports"]}
     assert published == {FIXED["PORT"], FIXED["GRPC_PORT"]}  # the metrics port stays on the compose network
-    assert all(mapping.startswith("${APP_BIND:-0.0.0.0}:") for mapping in APP["ports"])
+    assert all(mapping.startswith(f"{APP_BIND}:") for mapping in APP["ports"])
     scrape = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
     assert scrape["dns_sd_configs"][0]["port"] == int(FIXED["METRICS_PORT"])
     caddyfile = (REPO / "deploy" / "caddy" / "Caddyfile").read_text()
     assert f"reverse_proxy app:{FIXED['PORT']}" in caddyfile
     assert f"reverse_proxy @grpc h2c://app:{FIXED['GRPC_PORT']}" in caddyfile
     assert "METRICS_PORT" in (REPO / "deploy" / "healthcheck.py").read_text()
+
+
+def test_with_the_proxy_in_front_the_apps_ports_stay_on_loopback() -> None:
+    """Loopback by default, the .env lines that enable TLS say so, and the proxy is told what the app was given."""
+    assert all(mapping.startswith(f"{APP_BIND}:") for mapping in APP["ports"])
+    assert "# COMPOSE_PROFILES=tls,dashboard\n# APP_BIND=127.0.0.1\n" in ENV_EXAMPLE.read_text()
+    assert f"APP_BIND={APP_BIND}" in PROXY["environment"]
+
+
+def proxy_start(app_bind: str) -> subprocess.CompletedProcess[str]:
+    """The proxy's entrypoint as its container runs it (compose's `$$` unescaped), with `true` for Caddy."""
+    shell, flag, script, name = PROXY["entrypoint"]
+    command = [shell, flag, script.replace("$$", "$"), name, "true"]
+    environment = {"APP_BIND": app_bind, "PATH": os.environ["PATH"]}
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=10)
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "[::]"])
+def test_the_proxy_refuses_to_start_beside_the_apps_ports_on_every_interface(address: str) -> None:
+    refused = proxy_start(address)
+    assert refused.returncode == 1
+    assert f"APP_BIND={address} publishes the app's ports on every interface" in refused.stderr
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "10.0.0.5"])
+def test_the_proxy_starts_beside_the_apps_ports_on_one_interface(address: str) -> None:
+    assert proxy_start(address).returncode == 0
+    assert PROXY["command"] == ["caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"]
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="needs docker-compose (.ci/run installs it)")
+@pytest.mark.parametrize(
+    ("variables", "host_ip"),
+    [({"COMPOSE_PROFILES": "tls"}, "127.0.0.1"), ({}, "127.0.0.1"), ({"APP_BIND": "0.0.0.0"}, "0.0.0.0")],
+)
+def test_docker_compose_publishes_the_apps_ports_where_app_bind_says(
+    variables: dict[str, str], host_ip: str, tmp_path: Path
+) -> None:
+    """The file as docker-compose reads it (`config`), with an empty .env: valid, and its ports where they belong."""
+    environment = {"PATH": os.environ["PATH"], **variables}
+    (empty := tmp_path / ".env").write_text("")
+    command = ["docker-compose", "--env-file", str(empty), "--file", str(REPO / "docker-compose.yml"), "config"]
+    result = subprocess.run(command, env=environment, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rendered = yaml.safe_load(result.stdout)["services"]
+    ports = rendered["app"]["ports"]  # short syntax from docker-compose v1, long from Compose v2
+    assert {p.split(":")[0] if isinstance(p, str) else p["host_ip"] for p in ports} == {host_ip}
+    assert rendered["proxy"]["environment"]["APP_BIND"] == host_ip  # what the proxy checks before it starts
 
 
 def test_a_users_model_directory_is_mounted_read_only() -> None:

@@ -27,7 +27,7 @@ from app.core.model import LoadedModel
 from app.settings import Settings
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
-from tests.service_process import free_port, service_process
+from tests.service_process import ServiceProcess, free_port, service_process
 from tests.support import fuse, infer_json, live_server, scrape
 from tests.third_party import TABULAR_FEATURES, export_tabular_members
 
@@ -180,13 +180,42 @@ def test_unload_then_load(builds: Builds) -> None:
         assert served_sha256(client) == sha256(builds.a)
 
 
+def every_worker(client: httpx.Client, count: int) -> list[dict]:
+    """The workers /readyz lists, once it lists `count` (the first to serve answers while the others load)."""
+    deadline = time.monotonic() + WAIT_S
+    while len(workers := client.get("/readyz").json()["workers"]) < count:
+        assert time.monotonic() < deadline, workers
+        time.sleep(0.1)
+    return workers
+
+
+def replaced_serving_nothing(service: ServiceProcess) -> bool:
+    """Whether a dead worker's replacement has started and, as the other worker, serves no model (asked on a new
+    connection: one made as the worker died may be reset)."""
+    try:
+        with service.client() as client:
+            metrics = scrape(client)
+    except httpx.TransportError:
+        return False
+    restarted = metrics.value("ensemble_worker_restarts_total") == 1 and metrics.value("ensemble_workers") == 2
+    return restarted and not metrics.labels_of("ensemble_model_info", "worker")
+
+
 def test_an_unload_and_a_load_reach_every_worker(builds: Builds, tmp_path: Path) -> None:
     """Through whichever worker the call lands on, every worker follows before the answer: fresh connections (which
-    the kernel spreads over the workers) all find the model unloaded, then all find it loaded."""
+    the kernel spreads over the workers) all find the model unloaded, then all find it loaded. A worker that dies
+    meanwhile is replaced by one that serves what the others do: no model after the unload, the model after the
+    load."""
     builds.point_at(builds.a)
     with service_process(builds.current, tmp_path, MODEL_CONTROL="explicit", WORKERS=2) as service:
         with service.client() as client:
+            dying = every_worker(client, 2)[0]["pid"]
             assert client.post(f"/v2/repository/models/{NAME}/unload").status_code == 200
+        os.kill(dying, signal.SIGKILL)
+        deadline = time.monotonic() + WAIT_S
+        while not replaced_serving_nothing(service):
+            assert time.monotonic() < deadline, service.output()
+            time.sleep(0.1)
         for _ in range(10):
             with service.client() as fresh:
                 assert fresh.get("/readyz").status_code == 503

@@ -73,6 +73,8 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
         ("workers", 0),
         ("workers", 257),
         ("workers", "many"),
+        ("header_timeout_s", 0),
+        ("max_connections", 1),
     ],
 )
 def test_unsafe_values_are_refused(field: str, value: object) -> None:
@@ -93,6 +95,16 @@ def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> N
     settings = Settings.from_env()
     unset = (settings.api_key, settings.metrics_port, settings.cost_per_hour, settings.cors_origins)
     assert unset == (None, None, None, [])
+
+
+def test_connections_leave_room_beyond_the_requests_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request in flight holds a connection; a probe needs one more."""
+    monkeypatch.setenv("MAX_CONCURRENCY", "500")
+    monkeypatch.setenv("MAX_CONNECTIONS", "500")
+    with pytest.raises(StartupError, match=r"MAX_CONNECTIONS \(500\) must be more than MAX_CONCURRENCY \(500\)"):
+        Settings.from_env()
+    monkeypatch.setenv("MAX_CONNECTIONS", "501")
+    assert Settings.from_env().max_connections == 501
 
 
 def test_model_control_is_off_by_default() -> None:

@@ -1,18 +1,22 @@
 """WORKERS=2: two worker processes behind one port, under a supervisor, on real servers (`python -m app`).
 
 Every request is counted once in /metrics and /stats whichever worker served it, connections spread over both,
-a worker that dies is replaced and counted, auto measures once, SIGTERM drains both, and a start-up failure stops
-them all with its exit status. Reloads across workers: test_reload.py.
+a worker that dies is replaced and counted (its metric files folded into an archive), auto measures once, SIGTERM
+drains both, SIGHUP while they start kills none, and a start-up failure stops them all with its exit status.
+Reloads across workers: test_reload.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -24,7 +28,16 @@ from app.settings import Settings
 from app.supervisor import WORKER_MEMORY_BYTES, resolve_workers
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
-from tests.service_process import ServiceProcess, free_port, run_to_exit, service_process
+from tests.service_process import (
+    LOOPBACK,
+    REPO,
+    ServiceProcess,
+    free_port,
+    run_to_exit,
+    service_environment,
+    service_process,
+    stop,
+)
 from tests.support import Scrape, infer_json, scrape
 
 CLIENTS = 8  # keep-alive connections, each its own client
@@ -37,20 +50,25 @@ class TwoWorkers:
     service: ServiceProcess
     ops: str  # the METRICS_PORT's URL
     grpc_port: int
+    temporary: Path  # its TMPDIR, where the supervisor makes the workers' directory
 
     def scrape(self) -> Scrape:
         with httpx.Client(base_url=self.ops) as client:
             return scrape(client)
 
+    def metric_files(self) -> list[str]:
+        (directory,) = self.temporary.glob("ensemble-workers-*")
+        return sorted(path.name for path in (directory / "metrics").glob("*.db"))
+
 
 @pytest.fixture(scope="module")
 def two_workers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoWorkers]:
     metrics_port, grpc_port = free_port(), free_port()
-    logs = tmp_path_factory.mktemp("workers")
+    logs, temporary = tmp_path_factory.mktemp("workers"), tmp_path_factory.mktemp("workers-tmp")
     with service_process(
-        model_dir, logs, WORKERS=2, GRPC_PORT=grpc_port, METRICS_PORT=metrics_port, LOG_LEVEL="info"
+        model_dir, logs, WORKERS=2, GRPC_PORT=grpc_port, METRICS_PORT=metrics_port, LOG_LEVEL="info", TMPDIR=temporary
     ) as service:
-        yield TwoWorkers(service, f"http://127.0.0.1:{metrics_port}", grpc_port)
+        yield TwoWorkers(service, f"http://127.0.0.1:{metrics_port}", grpc_port, temporary)
 
 
 def readiness(service: ServiceProcess) -> dict:
@@ -141,6 +159,28 @@ def test_a_worker_that_dies_is_replaced_and_counted(two_workers: TwoWorkers, man
     assert "replacing it" in two_workers.service.output()
 
 
+def test_dead_workers_metric_files_are_folded_into_one_archive(two_workers: TwoWorkers, manifest: Manifest) -> None:
+    """Workers killed one after another, each having served: every request still counts once, and the metrics
+    directory (every scrape reads all of it) holds the live workers' files and one archive per type, no more."""
+    before = two_workers.scrape()
+    sent = 0
+    for victim in (0, 1, 0):
+        send_from_many_connections(two_workers.service, manifest)
+        sent += CLIENTS * REQUESTS_EACH
+        pid = next(w["pid"] for w in wait_for_workers(two_workers.service, 2) if w["worker"] == victim)
+        os.kill(pid, signal.SIGKILL)
+        wait_for_workers(two_workers.service, 2, not_pids={pid})
+    after = two_workers.scrape()
+    assert after.value("ensemble_worker_restarts_total") == before.value("ensemble_worker_restarts_total") + 3
+    ok, count = "ensemble_predictions_total", "ensemble_request_seconds_count"
+    assert after.total(ok, outcome="ok") - before.total(ok, outcome="ok") == sent
+    assert after.total(count, mode=Mode.FUSED) - before.total(count, mode=Mode.FUSED) == sent
+    live = {str(w["pid"]) for w in wait_for_workers(two_workers.service, 2)}
+    files = two_workers.metric_files()
+    assert {name.removesuffix(".db").rsplit("_", 1)[1] for name in files} == live | {"archive"}, files
+    assert [name for name in files if name.endswith("_archive.db")] == ["counter_archive.db", "histogram_archive.db"]
+
+
 def test_grpc_is_served_on_one_port_by_the_workers(two_workers: TwoWorkers, manifest: Manifest) -> None:
     wait_for_workers(two_workers.service, 2)
     before = two_workers.scrape()
@@ -203,3 +243,72 @@ def test_a_replacement_that_cannot_start_is_retried_while_the_other_serves(model
         current.unlink()
         current.symlink_to(model_dir)
         assert len(wait_for_workers(service, 2, not_pids={workers[0]["pid"]})) == 2
+
+
+def sighup_blocked(pid: int) -> bool:
+    """Whether the process blocks SIGHUP (/proc's mask): ours do from their first statement until a handler can
+    apply it. Before that statement the interpreter itself is starting, which SIGHUP's default action kills, as it
+    would any program."""
+    (mask,) = (line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigBlk:"))
+    return bool(int(mask.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+
+
+@dataclass
+class Hangups:
+    """SIGHUP, again and again until stopped, to a process while it starts (from its first statement until its
+    handler is in place) and to each of its children from the moment it exists (the supervisor starts the workers
+    with SIGHUP blocked)."""
+
+    pid: int
+    signalled: set[int] = field(default_factory=set)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def send(self) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(OSError):  # the process, or a child, has just exited
+                children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+                for pid in [*map(int, children), *([self.pid] if sighup_blocked(self.pid) else [])]:
+                    os.kill(pid, signal.SIGHUP)
+                    self.signalled.add(pid)
+            time.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("workers", "control", "handled"),
+    [(1, "none", "SIGHUP ignored: model control is off"), (2, "explicit", "SIGHUP: loading MODEL_DIR again")],
+)
+def test_sighup_while_the_processes_start_kills_none(
+    model_dir: Path, manifest: Manifest, tmp_path: Path, workers: int, control: str, handled: str
+) -> None:
+    """SIGHUP to the process started (a lone server, or the supervisor) and to every worker, from their start until
+    all serve: none dies, each handles it once it can (a reload, or a line that says it is ignored), and the service
+    then serves."""
+    port, log = free_port(), tmp_path / "service.log"
+    environment = service_environment(model_dir, PORT=port, WORKERS=workers, MODEL_CONTROL=control, LOG_LEVEL="info")
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app"], env=environment, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT
+        )
+    service = ServiceProcess(process, f"http://{LOOPBACK}:{port}", port, log)
+    hangups = Hangups(process.pid)
+    sender = threading.Thread(target=hangups.send)
+    sender.start()
+    try:
+        serving = wait_for_workers(service, workers)
+        hangups.stop.set()
+        sender.join()
+        assert {process.pid, *(w["pid"] for w in serving)} <= hangups.signalled
+        deadline = time.monotonic() + WAIT_S
+        while service.output().count(handled) < workers and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert service.output().count(handled) >= workers, service.output()  # each worker handled one at least
+        with service.client() as client:
+            outputs = infer_json(client, manifest.name, manifest.example_inputs(1)["image"], ["class_probs"])
+            assert outputs["class_probs"]["shape"] == [1, len(manifest.image.labels)]
+            assert scrape(client).value("ensemble_worker_restarts_total") == 0
+        assert process.poll() is None
+        assert "exited" not in service.output()
+    finally:
+        hangups.stop.set()
+        sender.join()
+        stop(process, timeout_s=30)

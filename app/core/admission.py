@@ -2,14 +2,17 @@
 mode, and the requests waiting for a slot that can run as one inference run as one.
 
 A request takes a ticket on arrival, refused at once with 503 when slots + queue are all taken or when its
-expected wait for a slot is over the budget: the runs ahead of it (the requests ahead, in batches of the measured
-size) / slots x a run's measured duration. It then joins the queue. Each slot takes the oldest request waiting,
-and with it, up to BATCHING_MAX_ROWS rows, every other waiting request of the same batch key (the same model, mode,
-and inputs equal in all but the batch dimension), waiting up to BATCHING_DELAY_MS for more; their inputs are
-stacked, run as one inference, and each gets its own rows of the outputs back. A batch that fails runs again one
-request at a time, so that only the request at fault gets the error. Inference runs on a dedicated executor with
-as many threads as slots, so the event loop never blocks; a slot is freed when its run finishes, not when a
-request gives up, so a timed-out inference still counts against the limit while it runs.
+expected wait for a slot is over the budget: the runs ahead of it (the rows of the requests ahead and its own, in
+batches of the measured size) / slots x a run's measured duration, so that a big request pays for its size. It
+then joins the queue. Each slot takes the oldest request waiting, and with it, up to BATCHING_MAX_ROWS rows, every
+other waiting request of the same batch key (the same model, mode, and inputs equal in all but the batch
+dimension), waiting up to BATCHING_DELAY_MS for more; their inputs are stacked, run as one inference, and each
+gets its own rows of the outputs back. A batch that fails runs again one request at a time, so that only the
+request at fault gets the error. Inference runs on a dedicated executor with as many threads as slots, so the event
+loop never blocks; a slot is freed when its run finishes, not when a request gives up, so a timed-out inference
+still counts against the limit while it runs. A request whose caller is gone (its task cancelled: the client
+disconnected, or its gRPC deadline passed) leaves the queue at once, and never runs; one whose run has started
+holds its place until the run ends, its memory being in use until then.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from app.errors import InferenceTimeout, Overloaded
 
 T = TypeVar("T")
 logger = logging.getLogger("app")
-# Weight of the latest run in the moving averages of a run's duration and of its number of requests.
+# Weight of the latest run in the moving averages of a run's duration and of its number of rows.
 SMOOTHING = 0.1
 
 
@@ -86,15 +89,18 @@ class Admission:
         max_wait_s: float,
         batch_delay_s: float = 0.0,
         observe_run: Callable[[str, int], None] | None = None,
+        report_admitted: Callable[[int], None] | None = None,
     ) -> None:
         self.slots = slots
         self.observe_run = observe_run  # told the label and rows of every inference of Batchables
+        self.report_admitted = report_admitted  # told the requests admitted whenever they change (a gauge's set)
         self.capacity = slots + max_queue
         self.max_wait_s = max_wait_s
         self.batch_delay_s = batch_delay_s
         self.admitted = 0
+        self.admitted_rows = 0
         self.service_s: float | None = None  # moving average of a run's duration, once one has run
-        self.requests_per_run = 1.0  # moving average of the requests a run serves
+        self.rows_per_run = 1.0  # moving average of the rows a run serves
         self._queue: deque[_Job] = deque()
         self._arrived = asyncio.Event()
         self._slots: list[asyncio.Task[None]] = []
@@ -105,19 +111,20 @@ class Admission:
         """Requests queued for a slot (those that gave up included until a slot skips them)."""
         return len(self._queue)
 
-    def expected_wait_s(self) -> float:
-        """How long a request admitted now would wait for a slot: the runs ahead of it, slots at a time."""
-        ahead = max(0, self.admitted - self.slots + 1)
-        return ahead / self.requests_per_run / self.slots * (self.service_s or 0.0)
+    def expected_wait_s(self, rows: int = 1) -> float:
+        """How long a request of `rows` rows admitted now would wait for its run to end: the rows ahead of it and
+        its own beyond what the slots take at once, in runs of the measured size, slots at a time."""
+        ahead = max(0.0, self.admitted_rows + rows - self.slots * self.rows_per_run)
+        return ahead / self.rows_per_run / self.slots * (self.service_s or 0.0)
 
-    def refusal(self) -> Overloaded | None:
-        """Why a request arriving now would be refused, if it would be."""
+    def refusal(self, rows: int = 1) -> Overloaded | None:
+        """Why a request of `rows` rows arriving now would be refused, if it would be."""
         if self.admitted >= self.capacity:
             return Overloaded(
                 f"{self.admitted} requests are already being served or queued (limit {self.capacity}); retry later",
-                retry_after_s=self.expected_wait_s() - self.max_wait_s,
+                retry_after_s=self.expected_wait_s(rows) - self.max_wait_s,
             )
-        wait = self.expected_wait_s()
+        wait = self.expected_wait_s(rows)
         if wait > self.max_wait_s:
             return Overloaded(
                 f"a request admitted now would wait {wait * 1000:.0f} ms for an inference slot, more than "
@@ -127,15 +134,21 @@ class Admission:
         return None
 
     @contextmanager
-    def ticket(self) -> Iterator[None]:
-        refused = self.refusal()
+    def ticket(self, rows: int = 1) -> Iterator[None]:
+        refused = self.refusal(rows)
         if refused is not None:
             raise refused
-        self.admitted += 1
+        self._admit(1, rows)
         try:
             yield
         finally:
-            self.admitted -= 1
+            self._admit(-1, -rows)
+
+    def _admit(self, requests: int, rows: int) -> None:
+        self.admitted += requests
+        self.admitted_rows += rows
+        if self.report_admitted is not None:
+            self.report_admitted(self.admitted)
 
     @overload
     async def run(self, work: Batchable, timeout_s: float) -> Admitted[Measured]: ...
@@ -157,10 +170,22 @@ class Admission:
                 value = await asyncio.shield(job.future)
         except TimeoutError:
             if not job.started:
-                job.future.cancel()  # a slot that takes it later skips it
+                self._withdraw(job)
                 raise InferenceTimeout(f"no inference slot became free within {timeout_s:g} s") from None
             raise InferenceTimeout(f"the inference did not finish within {timeout_s:g} s") from None
+        except asyncio.CancelledError:  # the caller is gone
+            if not job.started:
+                self._withdraw(job)
+            else:  # its arrays are in use until the run ends: so is its reservation, released when this returns
+                await asyncio.wait([job.future])
+            raise
         return Admitted(value, job.started - job.enqueued, job.started - job.taken, job.batch_rows)
+
+    def _withdraw(self, job: _Job) -> None:
+        """A job nobody waits for any more leaves the queue now (or the batch being gathered, which drops it)."""
+        job.future.cancel()
+        with contextlib.suppress(ValueError):  # a slot took it already: that slot's batch leaves it out
+            self._queue.remove(job)
 
     def _start_slots(self) -> None:
         if not self._slots:
@@ -170,7 +195,9 @@ class Admission:
         """One slot: takes the next batch, runs it in the executor, hands each request its result."""
         loop = asyncio.get_running_loop()
         while True:
-            jobs = await self._next_batch()
+            jobs = [job for job in await self._next_batch() if not job.future.done()]  # not withdrawn meanwhile
+            if not jobs:
+                continue
             started = time.perf_counter()
             for job in jobs:
                 job.started, job.batch_rows = started, sum(j.rows for j in jobs)
@@ -235,7 +262,7 @@ class Admission:
     def _execute(self, jobs: list[_Job]) -> tuple[list[tuple[Any, BaseException | None]], list[int]]:
         """Runs the jobs as one inference (or the one alone), in an executor thread: (value, error) per job, and the
         rows of each inference run. A merged batch that fails runs again job by job. Folds the run's duration and
-        size into the moving averages (floats written whole: safe from any thread)."""
+        rows into the moving averages (floats written whole: safe from any thread)."""
         start = time.perf_counter()
         try:
             batches = [job.batch for job in jobs if job.batch is not None]
@@ -249,7 +276,7 @@ class Admission:
             took = time.perf_counter() - start
             previous = self.service_s
             self.service_s = took if previous is None else previous + SMOOTHING * (took - previous)
-            self.requests_per_run += SMOOTHING * (len(jobs) - self.requests_per_run)
+            self.rows_per_run += SMOOTHING * (sum(job.rows for job in jobs) - self.rows_per_run)
 
     def close(self) -> None:
         for slot in self._slots:

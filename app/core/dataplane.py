@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from app.core import imaging
 from app.core.admission import Admission
 from app.core.cost import USE_BINARY, decode_bytes, encoded_bytes
-from app.core.memory import Lease, MemoryBudget, default_budget_bytes
+from app.core.memory import REQUEST_BASE_BYTES, Lease, MemoryBudget, default_budget_bytes
 from app.core.model import LoadedModel
 from app.core.tensors import TensorRequest, asked_outputs, input_arrays, input_specs
 from app.engine.cpu import timed_cpu
@@ -101,11 +101,12 @@ class DataPlane:
             settings.max_queue_wait_ms / 1000,
             settings.batching_delay_ms / 1000,
             lambda mode, rows: metrics.batch_size.labels(mode).observe(rows),
+            metrics.inferences_admitted.set,
         )
         budget = settings.memory_budget_bytes or default_budget_bytes(model.cost.largest_working_bytes)
-        self.memory = MemoryBudget(budget, settings.max_request_bytes)
-        metrics.track(metrics.inferences_admitted, lambda: self.admission.admitted)
-        metrics.track(metrics.memory_reserved, lambda: self.memory.held_bytes)
+        self.memory = MemoryBudget(
+            budget, settings.max_request_bytes, metrics.memory_reserved.set, base_bytes=REQUEST_BASE_BYTES
+        )
         metrics.memory_budget.set(self.memory.total_bytes)
         metrics.describe_machine(settings.cost_per_hour)
         self.switch(model)
@@ -228,11 +229,12 @@ class DataPlane:
             outputs = asked_outputs(request, signature)
             specs = input_specs(request, signature)
             advice = "" if all(outputs.values()) else USE_BINARY
-            needed = model.cost.request_bytes(request.shapes, outputs)
+            decoding = sum(tensor.payload.decoding_bytes for tensor in request.inputs)
+            needed = model.cost.request_bytes(request.shapes, outputs) + decoding
             lease.reserve(needed, "its tensors, their inference and its outputs", advice=advice)
             feeds = input_arrays(request, specs)
             chosen = model.selector.pick(request.mode)
-            with self._outcome(chosen, front), self.admission.ticket():
+            with self._outcome(chosen, front), self.admission.ticket(model.cost.rows(request.shapes)):
                 inference = await self._infer(model, feeds, chosen)
                 sizes = {name: (inference.outputs[name].size, inference.outputs[name].itemsize) for name in outputs}
                 foreseen = model.cost.output_bytes(model.cost.rows(request.shapes), outputs)

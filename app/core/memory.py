@@ -11,9 +11,14 @@ them at once, can take the process past its memory limit.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from app.engine.resources import MIB, rss_bytes, usable_memory, worker_count
 from app.errors import Overloaded, PayloadTooLarge
+
+# What serving any request holds beside what its data becomes (the protocol's objects, its headers, its answer's
+# envelope), held by its lease from its start: measured by tests/test_hostile_bodies.py.
+REQUEST_BASE_BYTES = 64 * 1024
 
 
 def default_budget_bytes(arena_bytes: int) -> int:
@@ -27,33 +32,52 @@ class MemoryBudget:
     """The bytes the requests in flight may hold together, and each one alone. Thread-safe: reservations come from
     the event loop and from the threads that decode images."""
 
-    def __init__(self, total_bytes: int, per_request_bytes: int) -> None:
+    def __init__(
+        self,
+        total_bytes: int,
+        per_request_bytes: int,
+        report_held: Callable[[int], None] | None = None,
+        base_bytes: int = 0,
+    ) -> None:
         self.total_bytes = total_bytes
         self.per_request_bytes = min(per_request_bytes, total_bytes)  # more could never be held
+        self.base_bytes = base_bytes  # what every lease holds from its start (REQUEST_BASE_BYTES for the server's)
         self.held_bytes = 0
+        self.peak_held_bytes = 0  # the most held at once since start (or since a test reset it)
+        self.report_held = report_held  # told the bytes held whenever they change (a gauge's set)
         self._lock = threading.Lock()
 
     def lease(self) -> Lease:
-        return Lease(self)
+        """A request's lease, holding base_bytes at once: without a refusal, since it is taken before anything could
+        answer one; what the requests in flight hold thus exceeds the total by MAX_CONCURRENCY x base at most."""
+        with self._lock:
+            self._hold(self.base_bytes)
+        return Lease(self, self.base_bytes)
 
     def take(self, nbytes: int) -> bool:
         with self._lock:
             if self.held_bytes + nbytes > self.total_bytes:
                 return False
-            self.held_bytes += nbytes
+            self._hold(nbytes)
             return True
 
     def give_back(self, nbytes: int) -> None:
         with self._lock:
-            self.held_bytes -= nbytes
+            self._hold(-nbytes)
+
+    def _hold(self, nbytes: int) -> None:
+        self.held_bytes += nbytes
+        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+        if self.report_held is not None:
+            self.report_held(self.held_bytes)
 
 
 class Lease:
     """One request's share of the budget: what it reserved so far, given back at once when it ends."""
 
-    def __init__(self, budget: MemoryBudget) -> None:
+    def __init__(self, budget: MemoryBudget, held_bytes: int) -> None:
         self._budget = budget
-        self.bytes = 0
+        self.bytes = held_bytes
 
     def reserve(self, nbytes: int, what: str, *, advice: str = "") -> None:
         """Holds `nbytes` more for `what` ("the JSON body, parsed", ...); PayloadTooLarge if this request would then

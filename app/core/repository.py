@@ -8,7 +8,8 @@ fails leaves the old model serving and says why: in the response, the log and `e
 Loads run one at a time (another asked for meanwhile answers 409), and a wrong name is refused before anything
 is verified or opened; SIGHUP starts one too. All of it is off unless MODEL_CONTROL=explicit (403 and an ignored
 SIGHUP otherwise), as Triton keeps model control off unless asked: a server reachable from the internet must not
-let a caller unload its model.
+let a caller unload its model. With worker processes, a worker started after an unload (one that replaces a dead
+worker) starts with no model, as the others serve none.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ class ModelRepository:
         self.workers = metrics.workers
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task[ModelLoad | None]] = set()
+        if self.workers.command() == ModelCommand.UNLOAD:  # before it serves anything: it serves what the others do
+            self.dataplane.switch(None)
+            logger.info("no model served: the last command to every worker was an unload (a load serves one again)")
 
     def check_enabled(self) -> None:
         """Forbidden unless MODEL_CONTROL=explicit: every repository call starts with it."""
@@ -207,16 +211,19 @@ class ModelRepository:
         """SIGHUP loads MODEL_DIR again while the block runs (with worker processes: does what the last command to
         all workers said, load or unload), or is logged and ignored with MODEL_CONTROL=none (in the main thread
         only: Python's signals are delivered there; a server run in another thread, as in the tests, has no SIGHUP
-        handler)."""
+        handler). Outside the block SIGHUP stays blocked (app.__main__ blocks it as the process starts): one that
+        arrived while the model loaded is handled as the block starts, one during the shutdown never."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
         loop = asyncio.get_running_loop()
         enabled = self.settings.model_control == "explicit"
         loop.add_signal_handler(signal.SIGHUP, self._load_in_background if enabled else self._ignore_sighup)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         try:
             yield
         finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
             loop.remove_signal_handler(signal.SIGHUP)
 
     @staticmethod

@@ -21,10 +21,16 @@ from ensemble_contract.datatypes import is_floating
 from ensemble_contract.modes import ModeChoice
 from ensemble_contract.signature import Signature, TensorSpec
 
+MAX_NAMES_SHOWN = 10  # of a request's inputs in an error: what it says stays small whatever the request holds
+
 
 class Payload(Protocol):
     """An input's data as it arrived (JSON numbers, raw bytes), turned into an array of the spec's type on demand;
-    BadRequest saying why if it cannot be."""
+    BadRequest saying why if it cannot be. Turning it into an array may first hold `decoding_bytes` (JSON text
+    decoded into numbers), which the request reserves with its tensors."""
+
+    @property
+    def decoding_bytes(self) -> int: ...
 
     def array(self, name: str, shape: Sequence[int], spec: TensorSpec) -> np.ndarray: ...
 
@@ -56,7 +62,9 @@ def input_specs(request: TensorRequest, signature: Signature) -> dict[str, Tenso
     expected = {spec.name: spec for spec in signature.inputs}
     given = [tensor.name for tensor in request.inputs]
     if sorted(given) != sorted(expected):
-        raise BadRequest(f"expected inputs {sorted(expected)}, got {given}")
+        more = len(given) - MAX_NAMES_SHOWN
+        shown = f"{given[:MAX_NAMES_SHOWN]} and {more} more" if more > 0 else given
+        raise BadRequest(f"expected inputs {sorted(expected)}, got {shown}")
     for tensor in request.inputs:
         spec, name = expected[tensor.name], repr(tensor.name)
         if tensor.datatype != spec.datatype:

@@ -2,12 +2,13 @@
 
 The supervisor (app.supervisor) makes a private directory and starts every worker with its index and that
 directory in its environment. There each worker keeps
-- prometheus-client's multiprocess files (metrics/): counters and histograms summed across workers on a scrape;
+- prometheus-client's multiprocess files (metrics/): counters and histograms summed across workers on a scrape,
+  those of dead workers folded into one archive per type by the supervisor (app.observability.metrics.MetricFiles);
 - its status (status-<index>.json): its pid and the model it serves, for /readyz and ensemble_model_info;
 - its recent latencies (recent-<index>-<mode>.f64, see app.observability.stats), which /stats reads from all;
 and, shared: auto's measurement (auto.json, made once by the first worker to take auto.lock, served by all), the
-last model command (control.json) that SIGHUP makes every worker apply, and the supervisor's count of workers it
-replaced (restarts.json).
+last model command (control.json) that SIGHUP makes every worker apply (and that a replacement follows as it
+starts: no model after an unload), and the supervisor's count of workers it replaced (restarts.json).
 
 A process serving alone (WORKERS=1) has no directory: the same object keeps its one status in memory.
 """

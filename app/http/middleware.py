@@ -1,10 +1,11 @@
-"""ASGI middleware: request context and accounting, the API key checked before anything is read, limits on
-request bodies (size, time, and their memory), early refusal under overload, a quiet start-up failure.
+"""ASGI middleware: request context and accounting, a request whose client has gone cancelled, a bound on the
+requests in flight, the API key checked before anything is read, limits on request bodies (size, time, and their
+memory), early refusal under overload, a quiet start-up failure.
 
 Each receives the server's Service at construction. The middleware that act on some routes only (the API key,
-early refusal) look the request up in a table of the app's routes made from the routes as FastAPI resolves them:
-the routes say what they need (their marker dependencies, app.http.deps) and the shape of their errors (their
-route class), not a list of paths here.
+early refusal) or answer in a route's error shape look the request up in a table of the app's routes made from the
+routes as FastAPI resolves them: the routes say what they need (their marker dependencies, app.http.deps) and the
+shape of their errors (their route class), not a list of paths here.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ from app.core.auth import verify_api_key
 from app.core.cost import BODY_COPIES
 from app.core.memory import Lease
 from app.core.service import Service
-from app.errors import BodyTimeout, PayloadTooLarge, ServiceError, StartupError, Unauthorized
+from app.errors import BodyTimeout, Overloaded, PayloadTooLarge, ServiceError, StartupError, Unauthorized
 from app.http.deps import admits_inference, requires_api_key
 from app.http.errors import ProtocolRoute, Shape, error_response, internal_message
 
 logger = logging.getLogger("app")
 REQUEST_ID_HEADER = "X-Request-ID"
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+# A request whose client went away before its answer counts under this status (nginx's "client closed request").
+CLIENT_GONE = 499
 # Methods counted by name in ensemble_http_requests_total; any other a client makes up counts as "other", so that
 # clients cannot create series.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
@@ -125,8 +128,9 @@ class RequestContext:
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
-        except ClientDisconnect:  # the client went away before its body was complete: nobody to answer
-            logger.info("request %s: the client disconnected before sending its whole body", request_id)
+        except ClientDisconnect:  # the client went away before its answer: nobody to answer
+            status = CLIENT_GONE
+            logger.info("request %s: the client disconnected before its answer", request_id)
         except Exception:
             logger.exception("request %s failed", request_id)
             if not started:
@@ -138,6 +142,112 @@ class RequestContext:
             method = scope["method"] if scope["method"] in METHODS else "other"
             self.metrics.http_requests.labels(route, method, f"{status // 100}xx").inc()
             self.metrics.worker_http_requests.labels(self.metrics.workers.label).inc()
+
+
+class DisconnectWatch:
+    """A request's receive() and send(), which once its body is complete watch the connection for the client
+    leaving before its answer is sent, and then cancel the task handling the request.
+
+    Only one caller may wait on uvicorn's receive() at a time: from the end of the body on, the watcher is that
+    caller, and the app's own calls get the message the watcher receives. Uvicorn's receive() then returns
+    `http.disconnect` when the client closes its connection, or once the answer is sent (which is not a leaving).
+    """
+
+    def __init__(self, receive: Receive, send: Send, task: asyncio.Task[Any]) -> None:
+        self._receive, self._send, self._task = receive, send, task
+        self._watcher: asyncio.Task[Message] | None = None
+        self.answered = False
+        self.cancelled = False  # whether it cancelled the task
+
+    async def receive(self) -> Message:
+        if self._watcher is not None:
+            return await asyncio.shield(self._watcher)
+        message = await self._receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            self._watcher = asyncio.create_task(self._watch(), name="disconnect-watch")
+        return message
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.answered = True
+        await self._send(message)
+
+    async def _watch(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and not self.answered:
+            self.cancelled = True
+            self._task.cancel()
+        return message
+
+    def stop(self) -> None:
+        """Stops watching: the request's handling has ended, there is nothing left to cancel."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+
+class CancelOnDisconnect:
+    """Stops handling a request whose client has gone, so that it costs nothing more: once the body is complete,
+    the client leaving before its answer cancels the request's task (DisconnectWatch), wherever it waits (for an
+    inference slot, for its batch, for its inference to finish). Unwinding, admission drops its place in the
+    queue, BodyLimits gives back its memory, and RequestContext counts it as gone (ClientDisconnect).
+
+    A client that leaves while still sending its body is noticed by the app as it reads (Starlette's
+    ClientDisconnect); one that leaves after its answer costs nothing."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        if scope["type"] != "http" or task is None:
+            await self.app(scope, receive, send)
+            return
+        watch = DisconnectWatch(receive, send, task)
+        try:
+            await self.app(scope, watch.receive, watch.send)
+        except asyncio.CancelledError:
+            # Cancelled by the watch alone (not also by the server stopping): the client is gone, say so upwards.
+            if watch.cancelled and task.uncancel() == 0:
+                raise ClientDisconnect() from None
+            raise
+        else:
+            if watch.cancelled:  # the app swallowed the cancellation and finished: the request is over anyway
+                task.uncancel()
+        finally:
+            watch.stop()
+
+
+class ConcurrencyLimit:
+    """At most MAX_CONCURRENCY requests in flight in this process, from their headers to their answer; beyond, 503
+    `overloaded` with Retry-After in the route's error shape, before anything is read. The probes (`probes`: their
+    paths) are never refused nor counted, so that an orchestrator does not take a busy instance for a dead one.
+
+    Idle connections hold none of these places: app.http.connections bounds them apart (MAX_CONNECTIONS, with
+    HEADER_TIMEOUT_S), so that connections sending nothing cannot keep requests out."""
+
+    def __init__(self, app: ASGIApp, service: Service, routes: RouteTable, probes: Collection[str]) -> None:
+        self.app = app
+        self.limit = service.settings.max_concurrency
+        self.routes = routes
+        self.probes = frozenset(probes)
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.probes:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            refused = Overloaded(
+                f"{self.in_flight} requests are in flight, the most this server takes at once (MAX_CONCURRENCY); "
+                "retry later"
+            )
+            await refuse(scope, receive, send, refused, self.routes.match(scope).shape)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 class Authentication:

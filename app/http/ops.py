@@ -15,6 +15,7 @@ import uvicorn
 from fastapi import FastAPI, Response
 
 from app.errors import StartupError
+from app.http.connections import ConnectionLimits
 from app.http.deps import ServiceDep
 from app.http.errors import install_error_handlers
 from app.http.listen import listening_socket
@@ -57,6 +58,7 @@ class OpsServer:
             log_level=settings.log_level,
             access_log=False,
             server_header=False,
+            http=ConnectionLimits.of(settings).protocol(),  # its own connections, with the main port's limits
         )
         self._server = _Embedded(config)
         self._task: asyncio.Task[None] | None = None

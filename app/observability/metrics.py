@@ -5,23 +5,28 @@ can tell apart two modes whose latencies differ by 10 %. Label values are bounde
 route templates, status classes, worker indexes.
 
 With worker processes (app.engine.workers) the counters, histograms and gauges live in prometheus-client's
-multiprocess files, and a scrape of any worker reads them all (`scrape_registry`): counters and histograms summed,
-so every request counts once; the gauges of requests and memory in flight summed over the live workers, the
-others (the same in every worker) their maximum. What multiprocess mode cannot carry is never left to it: the
-gauges that read a value when scraped are set by `refresh` (at each scrape, and every second by each worker), and
-the model's info, the workers and their restarts, and each worker's process metrics come from WorkersCollector.
+multiprocess files, and a scrape of any worker reads them all (`scrape_registry`, `MetricFiles`): counters and
+histograms summed, so every request counts once, a dead worker's too; the gauges of requests and memory in flight
+summed over the live workers, the others (the same in every worker) their maximum. Every gauge is written when its
+value changes (the autoscaler reads ensemble_inferences_admitted at scrape time: it must not lag). What multiprocess
+mode cannot carry is never left to it: the model's info, the workers and their restarts, and each worker's process
+metrics come from WorkersCollector, computed at each scrape.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -42,6 +47,54 @@ def geometric_buckets(start: float = 0.001, stop: float = 10.0, ratio: float = 1
 
 LATENCY_BUCKETS = geometric_buckets()
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512, 1024)
+
+
+class MetricFiles(Collector):
+    """The worker processes' metric files (prometheus-client's multiprocess mode: `{type}_{pid}.db`, for gauges
+    `gauge_{mode}_{pid}.db`), every one of which a scrape reads. A dead worker's counters and histograms are folded
+    into one archive file per type (`{type}_archive.db`) by the supervisor, their only writer, and its files removed:
+    the directory holds the live workers' files and the archives, however many workers died. A scrape reads while no
+    fold runs, so each count is read once and no file vanishes between the listing and the reading."""
+
+    ARCHIVED = ("counter", "histogram")  # the types whose values add up across processes (we have no summary)
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        with self._locked(fcntl.LOCK_SH):
+            return MultiProcessCollector.merge([str(path) for path in self.directory.glob("*.db")])
+
+    def fold_dead(self, pid: int) -> bool:
+        """Adds the dead process `pid`'s counters and histograms to the archives and removes its files, its live
+        gauges' too (they leave the scrape). False, having changed nothing, while a scrape reads: try again."""
+        try:
+            with self._locked(fcntl.LOCK_EX | fcntl.LOCK_NB):
+                for kind in self.ARCHIVED:
+                    dead = self.directory / f"{kind}_{pid}.db"
+                    if dead.exists():  # not if it died before creating a metric of this type
+                        _add_values(dead, self.directory / f"{kind}_archive.db")
+                        dead.unlink()
+                mark_process_dead(pid, str(self.directory))
+        except BlockingIOError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def _locked(self, operation: int) -> Iterator[None]:
+        with open(self.directory / "fold.lock", "a") as lock:  # released when closed, or when its holder dies
+            fcntl.flock(lock, operation)
+            yield
+
+
+def _add_values(source: Path, archive: Path) -> None:
+    """Adds every value of one metric file to the same key's in another (created if missing)."""
+    totals = MmapedDict(str(archive))
+    try:
+        for key, value, _timestamp, _position in MmapedDict.read_all_values_from_file(str(source)):
+            totals.write_value(key, totals.read_value(key)[0] + value, 0.0)
+    finally:
+        totals.close()
 
 
 class WorkersCollector(Collector):
@@ -86,7 +139,6 @@ class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry, workers: Workers | None = None) -> None:
         self.registry = registry
         self.workers = workers or Workers()
-        self._tracked: list[tuple[Gauge, Callable[[], float]]] = []
         self._auto_candidates: set[tuple[str, str, int]] = set()
         registry.register(WorkersCollector(self.workers))
         mode_histogram = {"labelnames": ["mode"], "buckets": LATENCY_BUCKETS, "registry": registry}
@@ -231,19 +283,10 @@ class ServiceMetrics:
         if not self.workers.shared:
             return self.registry
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, str(self.workers.directory / METRICS_DIR))
+        registry.register(MetricFiles(self.workers.directory / METRICS_DIR))
         registry.register(WorkersCollector(self.workers))
         PlatformCollector(registry=registry)
         return registry
-
-    def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
-        """`gauge` shows what `read` returns: set at each `refresh` (multiprocess mode has no set_function)."""
-        self._tracked.append((gauge, read))
-        gauge.set(read())
-
-    def refresh(self) -> None:
-        for gauge, read in self._tracked:
-            gauge.set(read())
 
     def describe_machine(self, cost_per_hour: float | None) -> None:
         """The cores and what they cost, which a reload does not change."""

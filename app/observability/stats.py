@@ -8,6 +8,7 @@ time.monotonic(), one clock for every process of the machine.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,11 +87,19 @@ class RecentLatencies:
         self.window_s = window_s
         self.workers = workers or Workers()
         self._rings = {mode: SampleRing(self.workers.recent_file(mode)) for mode in modes}
+        self._reading: asyncio.Future[dict[Mode, ModeSummary]] | None = None
 
     def record(
         self, mode: Mode, *, request_s: float, queue_s: float, inference_s: float, cpu_s: float, batch_rows: int
     ) -> None:
         self._rings[mode].append((time.monotonic(), request_s, queue_s, inference_s, cpu_s, batch_rows))
+
+    async def shared_summary(self) -> dict[Mode, ModeSummary]:
+        """summary(), read in a thread, and shared by the callers that ask while it is read: however often /stats
+        is asked, one read of every worker's samples runs at a time, and never on the event loop."""
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(asyncio.to_thread(self.summary))
+        return await asyncio.shield(self._reading)
 
     def summary(self) -> dict[Mode, ModeSummary]:
         since = time.monotonic() - self.window_s

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
+import msgspec
 import numpy as np
 import orjson
 from tritonclient.grpc import service_pb2 as pb
@@ -24,7 +25,7 @@ from tritonclient.grpc import service_pb2 as pb
 from app.core.dataplane import TensorResult
 from app.core.tensors import InputHeader, TensorRequest
 from app.errors import BadRequest
-from app.v2.types import InferenceRequest
+from app.v2.decoding import FlatFloatInput, InferenceRequest, JsonData, Numbers, RawInput
 from ensemble_contract.datatypes import NUMPY, of_numpy
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import ModeChoice
@@ -53,47 +54,11 @@ CONTENTS_FIELD = {
 
 
 @dataclass(frozen=True)
-class Numbers:
-    """An input's data as numbers: JSON's `data` (flat or nested), or gRPC's typed contents."""
-
-    data: Sequence[Any] | None
-
-    def array(self, name: str, shape: Sequence[int], spec: TensorSpec) -> np.ndarray:
-        label = repr(name)
-        if self.data is None:
-            raise BadRequest(f"input {label} has neither data nor parameters.{BINARY_DATA_SIZE}")
-        try:
-            raw = np.asarray(self.data)
-        except ValueError:  # ragged nesting
-            raise BadRequest(f"input {label}: data must be flat or nested in row-major order") from None
-        if raw.size != math.prod(shape):
-            raise BadRequest(f"input {label}: shape {list(shape)} needs {math.prod(shape)} elements, got {raw.size}")
-        dtype = NUMPY[spec.datatype]
-        if dtype.kind == "b":
-            _require(raw.dtype.kind == "b", label, "booleans")
-            return raw.reshape(shape)
-        if dtype.kind in "iu":
-            if raw.dtype.kind not in "iu":  # past int64 (UINT64's upper half) numpy guesses float or object
-                raw = np.asarray(self.data, dtype=object).ravel()
-                _require(all(type(v) is int for v in raw), label, "integers")
-            info = np.iinfo(dtype)
-            if raw.size and (int(raw.min()) < info.min or int(raw.max()) > info.max):
-                raise BadRequest(f"input {label}: values out of {spec.datatype}'s range [{info.min}, {info.max}]")
-            return np.asarray(raw.tolist() if raw.dtype == object else raw, dtype=dtype).reshape(shape)
-        if raw.dtype.kind == "O":  # integers past int64 among the numbers
-            raw = np.asarray(self.data, dtype=object).ravel()
-            _require(all(type(v) in (int, float) for v in raw), label, "numbers")
-            raw = raw.astype(np.float64)
-        _require(raw.dtype.kind in "iuf", label, "numbers")
-        with np.errstate(over="ignore"):  # overflow becomes infinity, which the data plane refuses
-            return raw.astype(dtype).reshape(shape)
-
-
-@dataclass(frozen=True)
 class RawBytes:
     """An input's data as raw little-endian bytes: binary tensor data, or gRPC's raw_input_contents."""
 
     data: memoryview
+    decoding_bytes: int = 0  # a view of the body, which is reserved already
 
     def array(self, name: str, shape: Sequence[int], spec: TensorSpec) -> np.ndarray:
         dtype = NUMPY[spec.datatype].newbyteorder("<")
@@ -101,11 +66,6 @@ class RawBytes:
         if len(self.data) != needed:
             raise BadRequest(f"input {name!r}: {needed} bytes of data for shape {list(shape)}, got {len(self.data)}")
         return np.frombuffer(self.data, dtype=dtype).astype(NUMPY[spec.datatype]).reshape(shape)
-
-
-def _require(condition: bool, name: str, kind: str) -> None:
-    if not condition:
-        raise BadRequest(f"input {name}: data must be {kind}, flat or nested in row-major order")
 
 
 def requested_mode(parameters: Mapping[str, Any] | None) -> ModeChoice | None:
@@ -118,13 +78,19 @@ def requested_mode(parameters: Mapping[str, Any] | None) -> ModeChoice | None:
         raise BadRequest(f"parameter mode must be one of {[m.value for m in ModeChoice]}, got {mode!r}") from None
 
 
-def rest_request(model_name: str, request: InferenceRequest, binary: bytes) -> TensorRequest:
-    """A REST request (its JSON, and the binary tensor data after it) as the data plane's request."""
+def rest_request(
+    model_name: str, request: InferenceRequest[FlatFloatInput] | InferenceRequest[RawInput], binary: bytes
+) -> TensorRequest:
+    """A REST request (its JSON decoded by app.v2.decoding, and the binary tensor data after it) as the data plane's
+    request."""
     data, offset, inputs = memoryview(binary), 0, []
     for tensor in request.inputs:
         size = (tensor.parameters or {}).get(BINARY_DATA_SIZE)
         if size is None:
-            payload: Numbers | RawBytes = Numbers(tensor.data)
+            elements = tensor.data
+            payload: Numbers | JsonData | RawBytes = (
+                JsonData(elements) if isinstance(elements, msgspec.Raw) else Numbers(elements or None)
+            )
         else:
             dtype = NUMPY.get(tensor.datatype)  # an unknown datatype is refused with the rest of the header
             needed = math.prod(tensor.shape) * dtype.itemsize if dtype is not None else size
@@ -163,7 +129,7 @@ def grpc_request(request: pb.ModelInferRequest) -> TensorRequest:
             field = CONTENTS_FIELD.get(tensor.datatype)
             if field is None:
                 raise BadRequest(f"input {tensor.name!r}: {tensor.datatype} goes in raw_input_contents")
-            payload = Numbers(list(getattr(tensor.contents, field)))
+            payload = Numbers(getattr(tensor.contents, field))
         inputs.append(InputHeader(tensor.name, tensor.datatype, tuple(tensor.shape), payload))
     parameters = {
         name: getattr(value, value.WhichOneof("parameter_choice")) for name, value in request.parameters.items()

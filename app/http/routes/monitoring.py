@@ -14,7 +14,7 @@ from app.engine.resources import usable_cores, usable_memory
 from app.errors import NotFound
 from app.http.deps import ArrivalDep, DataPlaneDep, ServiceDep
 from app.http.errors import error_responses
-from app.observability.stats import Percentiles
+from app.observability.stats import ModeSummary, Percentiles
 from ensemble_contract.modes import Mode
 
 router = APIRouter(tags=["monitoring"])
@@ -53,6 +53,9 @@ class MemoryStats(BaseModel):
         "less what the loaded model holds."
     )
     reserved_bytes: int = Field(description="What the requests in flight have reserved now.")
+    peak_reserved_bytes: int = Field(
+        description="The most the requests in flight have reserved at once since start: what to size the budget by."
+    )
     per_request_bytes: int = Field(description="What one request may reserve (MAX_REQUEST_BYTES, within the budget).")
     max_batch_rows: int = Field(description="MAX_BATCH_ROWS: the most rows one request may carry.")
     working_bytes_per_input_element: float = Field(
@@ -97,7 +100,6 @@ METRICS_RESPONSE = {200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "
 
 
 def prometheus_text(service: Service) -> Response:
-    service.metrics.refresh()
     return Response(generate_latest(service.metrics.scrape_registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -120,10 +122,10 @@ async def metrics(service: ServiceDep) -> Response:
 )
 async def stats(dataplane: DataPlaneDep, arrived: ArrivalDep) -> Stats:
     with dataplane.using(arrived) as model:
-        return _stats(dataplane, model)
+        return _stats(dataplane, model, await model.recent.shared_summary())
 
 
-def _stats(dataplane: DataPlane, model: LoadedModel) -> Stats:
+def _stats(dataplane: DataPlane, model: LoadedModel, summaries: dict[Mode, ModeSummary]) -> Stats:
     recent, cores, cost = model.recent, usable_cores(), dataplane.settings.cost_per_hour
     return Stats(
         window_s=recent.window_s,
@@ -142,6 +144,7 @@ def _stats(dataplane: DataPlane, model: LoadedModel) -> Stats:
             budget_bytes=dataplane.memory.total_bytes,
             budget_source=usable_memory().describe(),
             reserved_bytes=dataplane.memory.held_bytes,
+            peak_reserved_bytes=dataplane.memory.peak_held_bytes,
             per_request_bytes=dataplane.memory.per_request_bytes,
             max_batch_rows=model.cost.max_rows,
             working_bytes_per_input_element=round(model.cost.working_bytes_per_element, 1),
@@ -159,6 +162,6 @@ def _stats(dataplane: DataPlane, model: LoadedModel) -> Stats:
                 predictions_per_cpu_second=summary.predictions_per_cpu_second,
                 cost_per_million_predictions=cost_per_million(cost, summary.predictions_per_cpu_second, cores.count),
             )
-            for mode, summary in recent.summary().items()
+            for mode, summary in summaries.items()
         },
     )

@@ -8,13 +8,8 @@ the protocol's shape, {"error": "message"}: the routes are ProtocolRoute's.
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any
+from fastapi import APIRouter, Request, Response
 
-import orjson
-from fastapi import APIRouter, Body, Request, Response
-
-from app.core.cost import json_parse_bytes
 from app.errors import BadRequest
 from app.http.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep, Inference, LeaseDep, get_lease
 from app.http.errors import ProtocolRoute, error_responses
@@ -29,8 +24,8 @@ from app.v2.codec import (
     rest_response,
     tensor_descriptions,
 )
+from app.v2.decoding import DECODED_BYTES_PER_BODY_BYTE, decode_request, request_schema
 from app.v2.types import (
-    InferenceRequest,
     InferenceResponse,
     ModelMetadata,
     ModelReady,
@@ -40,15 +35,17 @@ from app.v2.types import (
     TensorMetadata,
 )
 
-BINARY_BODY_STATE = "binary_tensor_data"
+HEADER_STATE, BINARY_BODY_STATE = "tensor_header", "binary_tensor_data"
 UNKNOWN_MODEL = "Unknown model."
+# The inference request's documented body: the route reads it itself, decoded by type (app.v2.decoding).
+REQUEST_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema()}}}}
 
 
 class TensorBody(ProtocolRoute):
-    """Reads a tensor request's body and splits a binary-extension one: the route parses the JSON (the header) as
-    usual, and finds the bytes after it in request.state.binary_tensor_data (b"" for plain JSON). Before the JSON is
-    parsed, the memory it will take as Python objects is reserved on the request's lease: a JSON body too large
-    for MAX_REQUEST_BYTES is refused with 413 before it is parsed."""
+    """Reads a tensor request's body and splits a binary-extension one into its JSON header and the bytes after it
+    (request.state.tensor_header and request.state.binary_tensor_data, b"" for plain JSON). Before the header is
+    decoded, the most it can become in memory (app.v2.decoding) is reserved on the request's lease: a JSON body too
+    large for MAX_REQUEST_BYTES is refused with 413 before any of it is decoded."""
 
     async def prepare(self, request: Request) -> Request:
         declared = request.headers.get(BINARY_HEADER)
@@ -60,31 +57,11 @@ class TensorBody(ProtocolRoute):
             header, binary = body[: int(declared)], body[int(declared) :]
         if header:  # GET requests under /v2 have none
             advice = "" if declared is not None else f"; send the tensors as binary data ({BINARY_HEADER})"
-            (await get_lease(request)).reserve(json_parse_bytes(header), "its JSON, parsed", advice=advice)
-
-        async def receive_header() -> dict[str, Any]:
-            return {"type": "http.request", "body": header, "more_body": False}
-
+            decoded = len(header) * DECODED_BYTES_PER_BODY_BYTE
+            (await get_lease(request)).reserve(decoded, "its JSON, decoded", advice=advice)
+        setattr(request.state, HEADER_STATE, header)
         setattr(request.state, BINARY_BODY_STATE, binary)
-        headers = [(k, v) for k, v in request.scope["headers"] if k not in (b"content-type", b"content-length")]
-        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(header)).encode())]
-        return OrjsonRequest(request.scope | {"headers": headers}, receive_header)
-
-
-class OrjsonRequest(Request):
-    """Parses its JSON with orjson, several times faster than the standard library on the long number arrays of
-    tensor data (FastAPI's documented way to change how a route reads its body: a Request subclass). What orjson
-    refuses goes to the standard library, which reads the same JSON the same way and also takes NaN and Infinity
-    (Python's json writes them), so that those get the data plane's "not finite" answer."""
-
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            body = await self.body()
-            try:
-                self._json = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                self._json = json.loads(body)
-        return self._json
+        return request
 
 
 # The protocol's clients (tritonclient among them) send JSON without a Content-Type; there is no session or
@@ -144,17 +121,17 @@ async def model_ready(model_name: str, dataplane: DataPlaneDep, arrived: Arrival
     response_model=InferenceResponse,
     response_model_exclude_none=True,
     dependencies=[Authorized, Inference],
-    openapi_extra=OPTIONAL_BEARER,
+    openapi_extra=OPTIONAL_BEARER | REQUEST_BODY,
     responses=error_responses(400, 401, 404, 408, 413, 500, 503, 504, protocol=True, s404=UNKNOWN_MODEL),
 )
 async def infer(
     model_name: str,
-    body: Annotated[InferenceRequest, Body()],
     request: Request,
     dataplane: DataPlaneDep,
     arrived: ArrivalDep,
     lease: LeaseDep,
 ) -> Response:
+    body = decode_request(getattr(request.state, HEADER_STATE))
     tensors = rest_request(model_name, body, getattr(request.state, BINARY_BODY_STATE))
     result = await dataplane.infer_tensors(tensors, arrived=arrived, front="http", lease=lease)
     header = {
