@@ -45,6 +45,7 @@ HONEST, ATTACKERS = 4, 16
 QUIET_S = 20.0
 MIB = 2**20
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
+KEY = (("authorization", f"Bearer {API_KEY}"),)
 
 
 def docker(*args: str, timeout: float = 900) -> str:
@@ -108,7 +109,7 @@ def grpc_stalled(service: Service, hold_s: float) -> int:
 
     with grpc.insecure_channel(service.grpc_address) as channel:
         try:
-            channel.stream_unary(GRPC_INFER)(nothing(), timeout=hold_s + 10)
+            channel.stream_unary(GRPC_INFER)(nothing(), timeout=hold_s + 10, metadata=KEY)
         except grpc.RpcError as error:
             return 1000 + error.code().value[0]
     return 1000
@@ -126,7 +127,6 @@ def hostile_kinds(service: Service) -> dict[str, Callable[[], int]]:
         inputs=[pb.ModelInferRequest.InferInputTensor(name="image", datatype="FP32", shape=list(rows64.shape))],
         raw_input_contents=[rows64.tobytes()],
     ).SerializeToString()
-    key = (("authorization", f"Bearer {API_KEY}"),)
     binary_lie = json_infer(1).replace(b'"data":', b'"parameters":{"binary_data_size":999999999},"data":')
     return {
         "strings in JSON data": lambda: post(service, infer, strings),
@@ -136,7 +136,7 @@ def hostile_kinds(service: Service) -> dict[str, Callable[[], int]]:
         "lying binary_data_size": lambda: post(service, infer, binary_lie, {"Inference-Header-Content-Length": "40"}),
         "wrong key, 20 MB body": lambda: post(service, infer, big_json, {"Authorization": "Bearer " + "x" * 32}),
         "6300x6300 image": lambda: post(service, "/predict", png(6300), {"Content-Type": "image/png"}),
-        "gRPC 64 rows, 0.2 s deadline": lambda: grpc_call(service, grpc_message, 0.2, key),
+        "gRPC 64 rows, 0.2 s deadline": lambda: grpc_call(service, grpc_message, 0.2, KEY),
         "gRPC message never sent": lambda: grpc_stalled(service, 3.0),
         "half a request line, held 3 s": lambda: raw_socket(service, b"POST /v2/mod", 3.0),
         "slow upload held 3 s": lambda: raw_socket(
@@ -212,15 +212,34 @@ def p99(clients: list[Honest]) -> float:
     return statistics.quantiles(latencies, n=100)[98] if len(latencies) >= 2 else float("nan")
 
 
-def cgroup_file(container_id: str, name: str) -> Path | None:
-    for base in (f"/sys/fs/cgroup/docker/{container_id}", f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope"):
-        if Path(base, name).exists():
-            return Path(base, name)
-    return None
+def peak_memory_file(container_id: str) -> Path | None:
+    """The container's peak memory in its cgroup: v2's memory.peak (cgroupfs or systemd driver), or v1's."""
+    candidates = [
+        Path(f"/sys/fs/cgroup/docker/{container_id}/memory.peak"),
+        Path(f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/memory.peak"),
+        Path(f"/sys/fs/cgroup/memory/docker/{container_id}/memory.max_usage_in_bytes"),
+    ]
+    return next((path for path in candidates if path.exists()), None)
+
+
+def recovery_s(service: Service, limit_s: float = 120.0) -> float:
+    """How long after the attack a fresh honest request takes to be answered 200 (NaN: not within limit_s)."""
+    start = time.monotonic()
+    body = json_infer(1, outputs='{"name":"class_probs"}')
+    while time.monotonic() - start < limit_s:
+        try:
+            if post(service, f"/v2/models/{MODEL}/infer", body) == 200:
+                return time.monotonic() - start
+        except httpx.TransportError:
+            pass
+    return float("nan")
 
 
 def restarts(service: Service) -> float:
-    text = httpx.get(f"{service.url}/metrics", timeout=30).text
+    try:
+        text = httpx.get(f"{service.url}/metrics", timeout=60).text
+    except httpx.TransportError:
+        return float("nan")
     lines = [line for line in text.splitlines() if line.startswith("ensemble_worker_restarts_total")]
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
@@ -260,11 +279,13 @@ def main() -> None:
                 raise SystemExit("the service did not become ready: " + docker("logs", container)[-2000:])
             time.sleep(0.5)
         quiet = run_honest(service, QUIET_S)
-        peak_file = cgroup_file(container, "memory.peak")
+        peak_file = peak_memory_file(container)
         attackers: dict[str, Counter[int]] = {}
         attacked = run_honest(service, args.seconds, beside=lambda until: attack(service, until, attackers))
+        recovered_s = recovery_s(service)
         running = json.loads(docker("inspect", container))[0]["State"]["Running"]
-        report(quiet, attacked, attackers, restarts(service) if running else float("nan"), running, peak_file, args)
+        restarted = restarts(service) if running else float("nan")
+        report(quiet, attacked, attackers, (restarted, recovered_s, running), peak_file, args)
     finally:
         subprocess.run(["docker", "rm", "--force", container], capture_output=True, check=False)
 
@@ -273,22 +294,23 @@ def report(
     quiet: list[Honest],
     attacked: list[Honest],
     attackers: dict[str, Counter[int]],
-    restarted: float,
-    running: bool,
+    after: tuple[float, float, bool],  # worker restarts, seconds until an honest request succeeds again, running
     peak_file: Path | None,
     args: argparse.Namespace,
 ) -> None:
+    restarted, recovered_s, running = after
     failures = sum(n for c in attacked for status, n in c.statuses.items() if not status.isdigit())
     answered = sum(sum(c.statuses.values()) for c in attacked)
     peak = int(peak_file.read_text()) / MIB if peak_file else float("nan")
     print(f"soak: {args.image}, --memory {args.memory}, WORKERS={args.workers}, {ATTACKERS} attackers and {HONEST} "
           f"honest clients for {args.seconds:g} s (quiet run {QUIET_S:g} s)")  # fmt: skip
     print(f"container still running:     {running} (want True)")
-    print(f"worker restarts:             {restarted:g} (want 0)")
+    print(f"worker restarts:             {restarted:g} (want 0; nan: /metrics did not answer within 60 s)")
+    print(f"first honest 200 after:      {recovered_s:.2f} s (want ~0)")
     print(f"honest failures:             {failures} of {answered} (want 0)")
     print(f"honest p99 attacked / quiet: {p99(attacked) * 1000:.1f} / {p99(quiet) * 1000:.1f} ms = "
           f"{p99(attacked) / p99(quiet):.2f}x (want <= 2)")  # fmt: skip
-    print(f"peak memory:                 {peak:,.0f} MiB of {args.memory} (want under the limit; cgroup memory.peak)")
+    print(f"peak memory:                 {peak:,.0f} MiB of {args.memory} (want under the limit; {peak_file})")
     print("honest statuses:", dict(sum((c.statuses for c in attacked), Counter())))
     bad = 0
     for name, statuses in sorted(attackers.items()):
