@@ -39,6 +39,21 @@ async def test_tickets_beyond_slots_and_queue_are_refused() -> None:
     admission.close()
 
 
+def test_the_expected_wait_counts_rows_so_big_requests_pay_for_their_size() -> None:
+    admission = Admission(slots=1, max_queue=100, max_wait_s=0.1)
+    admission.service_s = 0.02  # a run of one row (rows_per_run: 1 until runs are measured)
+    with admission.ticket(rows=1):  # one row running
+        assert admission.expected_wait_s(rows=1) == pytest.approx(0.02)  # it waits for that run
+        assert admission.expected_wait_s(rows=8) == pytest.approx(0.16)  # and its own rows run after it
+        assert admission.refusal(rows=1) is None
+        refused = admission.refusal(rows=8)
+        assert refused is not None and "would wait 160 ms" in refused.message
+    with admission.ticket(rows=4):  # four rows admitted weigh as four one-row requests
+        assert admission.admitted_rows == 4 and admission.expected_wait_s(rows=1) == pytest.approx(0.08)
+    assert admission.admitted == admission.admitted_rows == 0
+    admission.close()
+
+
 @pytest.mark.anyio
 async def test_the_queue_is_bounded_by_the_expected_wait_not_only_by_count() -> None:
     admission = Admission(slots=2, max_queue=100, max_wait_s=0.05)
