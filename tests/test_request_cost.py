@@ -23,7 +23,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from app.core.cost import CostModel
-from app.core.memory import MemoryBudget
+from app.core.memory import REQUEST_BASE_BYTES, MemoryBudget
 from app.engine.probe import working_bytes_per_element
 from app.errors import Overloaded, PayloadTooLarge
 from app.settings import Settings
@@ -178,7 +178,7 @@ def test_json_outputs_too_large_point_to_binary_ones(model_dir: Path, manifest: 
 def test_a_full_memory_budget_is_503_with_retry_after_and_frees_up(model_dir: Path, manifest: Manifest) -> None:
     with live_server(Settings(model_dir=model_dir, memory_budget_bytes=64 * MIB)) as server, server.client() as client:
         held = server.dataplane.memory.lease()
-        held.reserve(server.dataplane.memory.total_bytes - held.bytes - 1000, "the test")
+        held.reserve(server.dataplane.memory.total_bytes - REQUEST_BASE_BYTES - 1000, "the test")
         try:
             refused = client.post(f"/v2/models/{manifest.name}/infer", json=infer_body(image_batch(manifest, 1)))
             assert refused.status_code == 503

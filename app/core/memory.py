@@ -16,8 +16,10 @@ from collections.abc import Callable
 from app.engine.resources import MIB, rss_bytes, usable_memory, worker_count
 from app.errors import Overloaded, PayloadTooLarge
 
-# What serving any request holds beside what its data becomes (the protocol's objects, its headers, its answer's
-# envelope), held by its lease from its start: measured by tests/test_hostile_bodies.py.
+# What serving a request holds beside what its data becomes (the protocol's objects, its headers, its answer's
+# envelope), reserved with the first byte of its body: measured by tests/test_hostile_bodies.py. A request answered
+# without reading a body (a probe, a refusal from its headers) takes no more than this and reserves nothing: what
+# those take together is bounded by MAX_CONCURRENCY.
 REQUEST_BASE_BYTES = 64 * 1024
 
 
@@ -41,18 +43,14 @@ class MemoryBudget:
     ) -> None:
         self.total_bytes = total_bytes
         self.per_request_bytes = min(per_request_bytes, total_bytes)  # more could never be held
-        self.base_bytes = base_bytes  # what every lease holds from its start (REQUEST_BASE_BYTES for the server's)
+        self.base_bytes = base_bytes  # held by a lease from its first reservation on (the server: REQUEST_BASE_BYTES)
         self.held_bytes = 0
         self.peak_held_bytes = 0  # the most held at once since start (or since a test reset it)
         self.report_held = report_held  # told the bytes held whenever they change (a gauge's set)
         self._lock = threading.Lock()
 
     def lease(self) -> Lease:
-        """A request's lease, holding base_bytes at once: without a refusal, since it is taken before anything could
-        answer one; what the requests in flight hold thus exceeds the total by MAX_CONCURRENCY x base at most."""
-        with self._lock:
-            self._hold(self.base_bytes)
-        return Lease(self, self.base_bytes)
+        return Lease(self)
 
     def take(self, nbytes: int) -> bool:
         with self._lock:
@@ -75,15 +73,15 @@ class MemoryBudget:
 class Lease:
     """One request's share of the budget: what it reserved so far, given back at once when it ends."""
 
-    def __init__(self, budget: MemoryBudget, held_bytes: int) -> None:
+    def __init__(self, budget: MemoryBudget) -> None:
         self._budget = budget
-        self.bytes = held_bytes
+        self.bytes = 0
 
     def reserve(self, nbytes: int, what: str, *, advice: str = "") -> None:
         """Holds `nbytes` more for `what` ("the JSON body, parsed", ...); PayloadTooLarge if this request would then
         hold more than MAX_REQUEST_BYTES, Overloaded if the requests in flight would hold more than the budget."""
-        nbytes = max(0, int(nbytes))
         budget = self._budget
+        nbytes = max(0, int(nbytes)) + (0 if self.bytes else budget.base_bytes)
         if self.bytes + nbytes > budget.per_request_bytes:
             raise PayloadTooLarge(
                 f"{what} would take this request to {(self.bytes + nbytes) / MIB:,.1f} MiB of memory, more than the "

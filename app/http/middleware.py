@@ -324,7 +324,8 @@ class BodyLimits:
             received += chunk
             if received > limit:
                 raise PayloadTooLarge(f"the body has more than the limit of {limit} bytes")
-            lease.reserve(chunk * BODY_COPIES, "the request body")
+            if chunk:  # a request without a body reserves nothing (app.core.memory.REQUEST_BASE_BYTES)
+                lease.reserve(chunk * BODY_COPIES, "the request body")
             complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
