@@ -234,7 +234,11 @@ def test_a_replacement_that_cannot_start_is_retried_while_the_other_serves(model
         current.unlink()
         current.symlink_to(tmp_path / "nothing-here")
         os.kill(workers[0]["pid"], signal.SIGKILL)
+        # Connections the kernel queued on the killed worker's socket before it closed are reset: ask once it is gone
         deadline = time.monotonic() + WAIT_S
+        while not exited(workers[0]["pid"]):
+            assert time.monotonic() < deadline, "the killed worker did not exit"
+            time.sleep(0.05)
         while "replacing it in 2 s" not in service.output():  # the first replacement failed: twice the delay
             assert time.monotonic() < deadline, service.output()
             with service.client() as client:
@@ -243,6 +247,15 @@ def test_a_replacement_that_cannot_start_is_retried_while_the_other_serves(model
         current.unlink()
         current.symlink_to(model_dir)
         assert len(wait_for_workers(service, 2, not_pids={workers[0]["pid"]})) == 2
+
+
+def exited(pid: int) -> bool:
+    """Whether the process has exited (a zombie until its parent reaps it: its sockets are closed either way)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
 
 
 def sighup_blocked(pid: int) -> bool:
