@@ -27,8 +27,9 @@ from ensemble_contract.datatypes import NUMPY, is_floating
 from ensemble_contract.modes import describe_modes
 from ensemble_contract.signature import TensorSpec
 
-# Measured worst case (tests/test_hostile_bodies.py): a flat list of one-digit floats, a float object and its list
-# slot (32 bytes) for every two bytes of "0,"; nested one-element lists cost about as much.
+# What one byte of JSON can become, at most: a flat list of one-digit floats is a float object and its list slot
+# (32 bytes) for every two bytes of "0,"; one-element lists nested as deep as a shape allows cost about as much.
+# tests/test_hostile_bodies.py checks it on hostile bodies.
 DECODED_BYTES_PER_BODY_BYTE = 24
 Parameter = str | int | float | bool
 Parameters = dict[str, Parameter]
