@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2 as pb
 from app.core.dataplane import TensorResult
 from app.core.tensors import InputHeader, TensorRequest
 from app.errors import BadRequest
-from app.v2.decoding import FlatFloatInput, InferenceRequest, JsonData, Numbers, RawInput
+from app.v2.decoding import BINARY_DATA_SIZE, FlatFloatInput, InferenceRequest, JsonData, Numbers, RawInput
 from ensemble_contract.datatypes import NUMPY, of_numpy
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import ModeChoice
@@ -36,7 +36,6 @@ SERVER_VERSION = version(SERVER_NAME)
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 BINARY_HEADER = "Inference-Header-Content-Length"
-BINARY_DATA_SIZE = "binary_data_size"
 # The typed field of gRPC's InferTensorContents that carries each datatype (FP16 has none: raw contents only).
 CONTENTS_FIELD = {
     "BOOL": "bool_contents",

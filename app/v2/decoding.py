@@ -36,7 +36,8 @@ Parameters = dict[str, Parameter]
 WHITESPACE = b" \t\r\n"
 NESTED_TOO_DEEP = "the JSON is nested deeper than any field of the protocol"
 ELEMENT = {"b": bool, "i": int, "u": int, "f": float}
-DATA = "Row-major elements, flat or nested; absent when parameters.binary_data_size is given."
+BINARY_DATA_SIZE = "binary_data_size"  # the input parameter of the binary tensor data extension
+DATA = f"Row-major elements, flat or nested; absent when parameters.{BINARY_DATA_SIZE} is given."
 KIND = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
 
 
@@ -133,7 +134,7 @@ class Numbers:
     def array(self, name: str, shape: Sequence[int], spec: TensorSpec) -> np.ndarray:
         label = repr(name)
         if self.data is None:
-            raise BadRequest(f"input {label} has neither data nor parameters.binary_data_size")
+            raise BadRequest(f"input {label} has neither data nor parameters.{BINARY_DATA_SIZE}")
         dtype = NUMPY[spec.datatype]
         try:
             with np.errstate(over="ignore"):  # a float past FP32's range becomes infinity, which is refused later
