@@ -180,7 +180,7 @@ class Calls:
             self._count(rpc, grpc.StatusCode.CANCELLED)
             raise
         except Exception as error:
-            code, message, retry_after = _status(rpc.name, error)
+            code, message, retry_after = _grpc_status(rpc.name, error)
             self._count(rpc, code)
             if retry_after is not None:
                 context.set_trailing_metadata((("retry-after", retry_after),))
@@ -222,7 +222,7 @@ class Calls:
             raise BadRequest(f"the request message is not a valid {rpc.request_type.__name__}") from None
 
 
-def _status(method: str, error: Exception) -> tuple[grpc.StatusCode, str, str | None]:
+def _grpc_status(method: str, error: Exception) -> tuple[grpc.StatusCode, str, str | None]:
     """The status code, message and Retry-After (if any) that answer `error`."""
     if isinstance(error, CallEnded):
         return grpc.StatusCode.CANCELLED, str(error), None

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from ensemble_contract.combine import Combination
-from ensemble_contract.signature import Signature, generated_inputs
+from ensemble_contract.signature import Signature, StrictModel, generated_inputs
 
 MANIFEST_NAME = "manifest.json"
 MEMBERS_DIR = "members"
@@ -31,17 +31,13 @@ class ManifestError(Exception):
     """The manifest or one of the files it names is missing, invalid or corrupt."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class ImageTask(StrEnum):
     CLASSIFY = "classify"  # one label per image: softmax over the scores, the top label is present
     MULTILABEL = "multilabel"  # independent labels: sigmoid per score, present above the threshold
     SEGMENT = "segment"  # a class per pixel only: the mask output's argmax over its class axis (1)
 
 
-class ImageSpec(_Strict):
+class ImageSpec(StrictModel):
     """How a picture becomes the image input, and what the outputs mean, for POST /predict.
 
     Pixels are resized to width x height (stretched, bilinear), put in channel_order, scaled:
@@ -103,7 +99,7 @@ class ImageSpec(_Strict):
         return 1 / (1 + np.exp(-scores))
 
 
-class FileEntry(_Strict):
+class FileEntry(StrictModel):
     """A file of the model directory, relative to it, with its checksum."""
 
     path: str
@@ -129,7 +125,7 @@ class FileEntry(_Strict):
         return path
 
 
-class Metrics(_Strict):
+class Metrics(StrictModel):
     """Held-out metrics of our shapes models: per-label accuracy averaged, all labels right, mean IoU."""
 
     mean_label_accuracy: float = Field(ge=0, le=1)
@@ -138,7 +134,7 @@ class Metrics(_Strict):
     images: int = Field(gt=0)
 
 
-class Member(_Strict):
+class Member(StrictModel):
     name: str
     file: FileEntry
     width_scale: int | None = None
@@ -147,7 +143,7 @@ class Member(_Strict):
     metrics: Metrics | None = None
 
 
-class Int8(_Strict):
+class Int8(StrictModel):
     """The int8 graph and how it was judged, or why there is none."""
 
     file: FileEntry | None = None
@@ -155,7 +151,7 @@ class Int8(_Strict):
     note: str = Field(description="Why it was kept, or why there is none.")
 
 
-class Manifest(_Strict):
+class Manifest(StrictModel):
     schema_version: Literal[2] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     signature: Signature = Field(description="The fused graph's inputs and outputs; members take the same inputs.")

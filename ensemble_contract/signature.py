@@ -14,11 +14,13 @@ DYNAMIC = -1
 GENERATED_DYNAMIC_SIZE = 32
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """The contract's models: frozen, and refusing any field they do not name (a typo in a manifest is an error)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TensorSpec(_Strict):
+class TensorSpec(StrictModel):
     """One tensor: its name, element type and shape (-1 for a dynamic dimension; None when the rank is unknown)."""
 
     name: str = Field(min_length=1)
@@ -51,7 +53,7 @@ class TensorSpec(_Strict):
         return f"{self.name} {self.datatype} {self.dims}"
 
 
-class Signature(_Strict):
+class Signature(StrictModel):
     inputs: tuple[TensorSpec, ...] = Field(min_length=1)
     outputs: tuple[TensorSpec, ...] = Field(min_length=1)
 

@@ -131,29 +131,29 @@ def test_secrets_stay_out_of_git_and_the_image() -> None:
     assert ".env" in (REPO / ".dockerignore").read_text().split()
 
 
-class _Strict(BaseModel):
+class _GrafanaModel(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class DataSourceRef(_Strict):
+class DataSourceRef(_GrafanaModel):
     type: Literal["prometheus"]
     uid: str
 
 
-class Target(_Strict):
+class Target(_GrafanaModel):
     refId: str = Field(pattern=r"^[A-Z]$")
     expr: str = Field(min_length=1)
     datasource: DataSourceRef
 
 
-class GridPos(_Strict):
+class GridPos(_GrafanaModel):
     h: int = Field(gt=0)
     w: int = Field(gt=0, le=24)
     x: int = Field(ge=0, lt=24)
     y: int = Field(ge=0)
 
 
-class Panel(_Strict):
+class Panel(_GrafanaModel):
     id: int
     type: Literal["timeseries", "table", "stat"]
     title: str = Field(min_length=1)
@@ -162,7 +162,7 @@ class Panel(_Strict):
     targets: list[Target] = Field(min_length=1)
 
 
-class Dashboard(_Strict):
+class Dashboard(_GrafanaModel):
     uid: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,40}$")
     title: str
     schemaVersion: int = Field(ge=36)

@@ -72,4 +72,4 @@ RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
 LeaseDep = Annotated[Lease, Depends(get_lease)]
 ArrivalDep = Annotated[float, Depends(get_arrival)]
 Authorized = Depends(requires_api_key)
-Inference = Depends(admits_inference)
+AdmitsInference = Depends(admits_inference)

@@ -58,9 +58,9 @@ def response_to(exc: Exception, shape: Shape, request_id: str | None) -> JSONRes
         if exc.status == 500:
             logger.error("request %s failed: %s", request_id, message, exc_info=exc.__cause__ or exc)
             message = internal_message(request_id, message)
-        return error_response(shape, _status(shape, exc.status), exc.code, message, request_id, exc.headers)
+        return error_response(shape, _http_status(shape, exc.status), exc.code, message, request_id, exc.headers)
     if isinstance(exc, RequestValidationError):
-        status = _status(shape, InvalidParameter.status)
+        status = _http_status(shape, InvalidParameter.status)
         return error_response(shape, status, InvalidParameter.code, _describe_validation(exc.errors()), request_id)
     if isinstance(exc, HTTPException):
         code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
@@ -69,7 +69,7 @@ def response_to(exc: Exception, shape: Shape, request_id: str | None) -> JSONRes
     return error_response(shape, 500, "internal_error", internal_message(request_id), request_id)
 
 
-def _status(shape: Shape, status: int) -> int:
+def _http_status(shape: Shape, status: int) -> int:
     """The protocol answers every invalid request with 400; the service's own API an invalid parameter with 422."""
     return 400 if shape == "protocol" and status == InvalidParameter.status else status
 

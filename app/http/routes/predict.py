@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 from app.core import imaging
 from app.core.dataplane import ImagePrediction, Timings
 from app.errors import InvalidParameter
-from app.http.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep, Inference, LeaseDep
+from app.http.deps import OPTIONAL_BEARER, AdmitsInference, ArrivalDep, Authorized, DataPlaneDep, LeaseDep
 from app.http.errors import error_responses
 from ensemble_contract.manifest import ImageSpec, ImageTask
 from ensemble_contract.modes import Mode, ModeChoice, describe_modes
@@ -191,7 +191,7 @@ async def read_image(request: Request) -> bytes:
     "/predict",
     summary="Labels (and optionally a mask) for one image",
     openapi_extra=REQUEST_BODY | OPTIONAL_BEARER,
-    dependencies=[Authorized, Inference],
+    dependencies=[Authorized, AdmitsInference],
     responses=error_responses(
         *(400, 401, 404, 408, 413, 415, 422, 500, 503, 504),
         s400="The body is not a decodable PNG, JPEG, WebP or BMP image.",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from app.errors import BadRequest
-from app.http.deps import OPTIONAL_BEARER, ArrivalDep, Authorized, DataPlaneDep, Inference, LeaseDep, get_lease
+from app.http.deps import OPTIONAL_BEARER, AdmitsInference, ArrivalDep, Authorized, DataPlaneDep, LeaseDep, get_lease
 from app.http.errors import ProtocolRoute, error_responses
 from app.v2.codec import (
     BINARY_HEADER,
@@ -38,7 +38,7 @@ from app.v2.types import (
 HEADER_STATE, BINARY_BODY_STATE = "tensor_header", "binary_tensor_data"
 UNKNOWN_MODEL = "Unknown model."
 # The inference request's documented body: the route reads it itself, decoded by type (app.v2.decoding).
-REQUEST_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema()}}}}
+TENSOR_REQUEST_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema()}}}}
 
 
 class TensorBody(ProtocolRoute):
@@ -120,8 +120,8 @@ async def model_ready(model_name: str, dataplane: DataPlaneDep, arrived: Arrival
     "`binary_data_output` (per request).",
     response_model=InferenceResponse,
     response_model_exclude_none=True,
-    dependencies=[Authorized, Inference],
-    openapi_extra=OPTIONAL_BEARER | REQUEST_BODY,
+    dependencies=[Authorized, AdmitsInference],
+    openapi_extra=OPTIONAL_BEARER | TENSOR_REQUEST_BODY,
     responses=error_responses(400, 401, 404, 408, 413, 500, 503, 504, protocol=True, s404=UNKNOWN_MODEL),
 )
 async def infer(
