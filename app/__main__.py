@@ -28,13 +28,13 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from app.core.service import Service
-from app.engine.workers import Workers
 from app.errors import StartupError
 from app.http.connections import ConnectionLimits, allow_open_files
 from app.http.listen import listening_socket
 from app.main import create_app
 from app.settings import Settings
-from app.supervisor import Supervisor, resolve_workers
+from app.supervisor import Supervisor
+from app.workers import WorkerGroup, resolve_workers
 
 STARTUP_FAILURE = 3  # uvicorn's own exit code when the app's lifespan fails
 
@@ -72,18 +72,18 @@ def main() -> None:
     except StartupError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         sys.exit(2)
-    workers = resolve_workers(settings.workers)
-    if workers > 1 and not Workers.from_env().shared:
+    workers = WorkerGroup.from_env()  # a worker's, as its supervisor started it (WORKERS resolved), or a group of one
+    if not workers.shared and (count := resolve_workers(settings.workers)) > 1:
         logging.config.dictConfig(log_config(settings.log_level))
-        sys.exit(Supervisor(settings, workers).run())
-    serve(settings)
+        sys.exit(Supervisor(settings, WorkerGroup.supervising(count)).run())
+    serve(settings, workers)
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, workers: WorkerGroup) -> None:
     """Serves the app in this process (alone, or as one of the workers) until SIGTERM."""
-    app = create_app(settings)
+    app = create_app(settings, workers=workers)
     try:
-        sock = listening_socket(settings.host, settings.port, shared=app.state.service.metrics.workers.shared)
+        sock = listening_socket(settings.host, settings.port, shared=workers.shared)
     except OSError as exc:
         print(f"cannot start: cannot listen on PORT {settings.port}: {exc.strerror}", file=sys.stderr)
         sys.exit(STARTUP_FAILURE)

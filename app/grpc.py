@@ -251,7 +251,7 @@ class GrpcServer:
                 ("grpc.max_concurrent_streams", settings.max_concurrency + 1),
                 # worker processes share the port, each with its own socket (as on the HTTP port); alone, a second
                 # server on the same port is refused rather than silently given half the calls
-                ("grpc.so_reuseport", int(service.metrics.workers.shared)),
+                ("grpc.so_reuseport", int(service.workers.shared)),
             ],
         )
         calls = Calls(settings, service.metrics, InferenceServicer(service))

@@ -18,7 +18,6 @@ from app.core.model import load_model, log_model
 from app.core.repository import ModelRepository
 from app.core.service import Service
 from app.engine.resources import usable_memory
-from app.engine.workers import Workers
 from app.grpc import GrpcServer
 from app.http.deps import admits_inference, requires_api_key
 from app.http.errors import install_error_handlers
@@ -37,6 +36,7 @@ from app.http.routes import health, monitoring, predict, ui, v2, v2_repository
 from app.observability.metrics import ServiceMetrics
 from app.settings import Settings
 from app.v2.codec import SERVER_VERSION
+from app.workers import WorkerGroup
 from ensemble_contract.modes import describe_modes
 
 logger = logging.getLogger("app")
@@ -48,13 +48,16 @@ and lets you compare them live. Modes: {describe_modes()}. Choose per request wi
 """
 
 
-def create_app(settings: Settings | None = None, *, registry: CollectorRegistry | None = None) -> FastAPI:
-    """The app, with `settings` (by default read from the environment now: StartupError naming what is wrong)
-    and its metrics on `registry` (by default a new one with the process's collectors)."""
+def create_app(
+    settings: Settings | None = None, *, registry: CollectorRegistry | None = None, workers: WorkerGroup | None = None
+) -> FastAPI:
+    """The app, with `settings` (by default read from the environment now: StartupError naming what is wrong),
+    its metrics on `registry` (by default a new one with the process's collectors), as one of `workers` (by
+    default as its environment says: a worker its supervisor started, or a process serving alone)."""
     settings = settings or Settings.from_env()
-    workers = Workers.from_env()
+    workers = workers or WorkerGroup.from_env()
     metrics = ServiceMetrics(registry, workers) if registry is not None else ServiceMetrics.for_process(workers)
-    service = Service(settings, metrics)
+    service = Service(settings, metrics, workers)
     # An upload stays in memory, where the memory budget counts it, rather than spooled to /tmp past 1 MB
     # (Starlette's default): /tmp is a small tmpfs in the container, and in memory all the same.
     MultiPartParser.spool_max_size = settings.max_upload_bytes
@@ -62,11 +65,11 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model = await anyio.to_thread.run_sync(load_model, settings, workers)
-        dataplane = DataPlane(settings, model, metrics)
-        repository = ModelRepository(settings, dataplane, metrics)
+        dataplane = DataPlane(settings, model, metrics, workers)
+        repository = ModelRepository(settings, dataplane, metrics, workers)
         service.dataplane, service.repository = dataplane, repository
         if dataplane.model is not None:  # a replacement worker follows the others' unload (app.core.repository)
-            log_model(model, settings)
+            log_model(model, settings, workers.cores)
         logger.info(
             "memory: requests in flight may hold %.0f MiB together (MEMORY_BUDGET_BYTES; the process may use %s), "
             "one request %.0f MiB and %d rows; ONNX Runtime needs %.0f bytes per input element",

@@ -1,9 +1,9 @@
 """WORKERS > 1: the process that starts the worker processes, replaces those that die, and passes signals on.
 
-Each worker is `python -m app` again, with its index and the workers' directory in its environment
-(app.engine.workers): it binds the same HTTP, METRICS_PORT and GRPC_PORT ports with sockets of its own
-(SO_REUSEPORT), loads its own sessions on its share of the cores and runs its own admission control. The
-supervisor loads no model and serves nothing.
+Each worker is `python -m app` again, with its index and the workers' directory in its environment (app.workers,
+whose WorkerGroup is the supervisor's view of the group too): it binds the same HTTP, METRICS_PORT and GRPC_PORT
+ports with sockets of its own (SO_REUSEPORT), loads its own sessions on its share of the cores and runs its own
+admission control. The supervisor loads no model and serves nothing.
 
 - SIGTERM or SIGINT: passed to every worker, which drains as a lone server does (readiness false at once, requests
   in flight get SHUTDOWN_GRACE_S); a worker still running WORKER_EXIT_S after that is killed. Exits 0.
@@ -20,65 +20,43 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
-from app.engine.resources import MIB, usable_cores, usable_memory
-from app.engine.workers import (
-    CONTROL_FILE,
-    METRICS_DIR,
-    RESTARTS_FILE,
-    Control,
-    ModelCommand,
-    Workers,
-    worker_environment,
-    write_atomically,
-)
 from app.observability.metrics import MetricFiles
 from app.settings import Settings
+from app.workers import ModelCommand, WorkerGroup
 
 logger = logging.getLogger("app.supervisor")
 
-WORKER_MEMORY_BYTES = 512 * MIB  # WORKERS=auto: at most one worker per this much memory
 WORKER_EXIT_S = 5.0  # beyond SHUTDOWN_GRACE_S, before a worker that has not exited is killed
 RESTART_DELAY_S = 1.0  # between a worker's death and its replacement: a crash loop costs little
 MAX_RESTART_DELAY_S = 30.0
 POLL_S = 0.1
 
 
-def resolve_workers(setting: int | str) -> int:
-    """WORKERS as a number: auto is one per usable core, at most one per WORKER_MEMORY_BYTES of usable memory."""
-    if setting != "auto":
-        return int(setting)
-    return max(1, min(usable_cores().count, usable_memory().bytes // WORKER_MEMORY_BYTES))
-
-
 @dataclass
-class Worker:
+class WorkerProcess:
     index: int
     process: subprocess.Popen[bytes]
     ready: bool = False  # it has published a status: its model is loaded and it serves
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, count: int) -> None:
-        self.settings, self.count = settings, count
-        self.directory = Path(tempfile.mkdtemp(prefix="ensemble-workers-"))
-        (self.directory / METRICS_DIR).mkdir()
-        self.metric_files = MetricFiles(self.directory / METRICS_DIR)
+    def __init__(self, settings: Settings, workers: WorkerGroup) -> None:
+        """Supervises `workers` (its view of them: WorkerGroup.supervising), whose directory it removes at the end."""
+        assert workers.metrics_dir is not None
+        self.settings, self.workers = settings, workers
+        self.metric_files = MetricFiles(workers.metrics_dir)
         self.unfolded: set[int] = set()  # dead workers' pids whose metric files are not folded yet (a scrape read)
-        self.workers: dict[int, Worker] = {}
+        self.processes: dict[int, WorkerProcess] = {}
         self.replacing: dict[int, float] = {}  # worker index -> when to start its replacement
         self.failures: dict[int, int] = {}  # worker index -> replacements in a row that died before serving
         self.served = False  # some worker has served
-        self.restarts = 0
         self.stopping: float | None = None  # when SIGTERM arrived
         # Signals received, acted on by the main loop: a handler may interrupt any statement, another handler's too.
         self.signals: deque[int] = deque()
@@ -88,30 +66,29 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # blocked since the process started: handled now
-        cores, per_worker = usable_cores(), self.settings.inference_slots + self.settings.max_queue
+        per_worker = self.settings.inference_slots + self.settings.max_queue
         logger.info(
-            "%d worker processes on %s cores, %d each; at most %d requests admitted at once (workers x "
+            "%d worker processes, cores %s; at most %d requests admitted at once (workers x "
             "(INFERENCE_SLOTS + MAX_QUEUE))",
-            self.count,
-            cores.describe(),
-            max(1, cores.count // self.count),
-            self.count * per_worker,
+            self.workers.count,
+            self.workers.cores.describe(),  # each worker's share included
+            self.workers.count * per_worker,
         )
         try:
-            for index in range(self.count):
+            for index in range(self.workers.count):
                 self._start(index)
-            while self.workers or (self.replacing and self.stopping is None):
+            while self.processes or (self.replacing and self.stopping is None):
                 self._handle_signals()
                 self._reap()
                 self._fold()
                 self._replace()
                 time.sleep(POLL_S)
         finally:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            self.workers.remove()
         return self.exit_status
 
     def _start(self, index: int) -> None:
-        environment = os.environ | worker_environment(self.directory, index, self.count)
+        environment = os.environ | self.workers.environment(index)
         # The child inherits the signal mask, through the exec: a SIGHUP that reaches it before it has a handler
         # stays pending instead of killing it, until its repository applies it (app.core.repository).
         unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
@@ -119,12 +96,12 @@ class Supervisor:
             process = subprocess.Popen([sys.executable, "-m", "app"], env=environment)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
-        self.workers[index] = Worker(index, process)
+        self.processes[index] = WorkerProcess(index, process)
 
     def _reap(self) -> None:
-        starting = any(not worker.ready for worker in self.workers.values())
-        statuses = {s.worker: s.pid for s in Workers(0, self.count, self.directory).statuses()} if starting else {}
-        for worker in list(self.workers.values()):
+        starting = any(not worker.ready for worker in self.processes.values())
+        statuses = {s.worker: s.pid for s in self.workers.statuses()} if starting else {}
+        for worker in list(self.processes.values()):
             if not worker.ready and statuses.get(worker.index) == worker.process.pid:
                 worker.ready = self.served = True
             status = worker.process.poll()
@@ -132,7 +109,7 @@ class Supervisor:
                 if self.stopping is not None and time.monotonic() > self.stopping + self._drain_s():
                     worker.process.kill()
                 continue
-            del self.workers[worker.index]
+            del self.processes[worker.index]
             self.unfolded.add(worker.process.pid)
             if self.stopping is not None:
                 continue
@@ -156,8 +133,7 @@ class Supervisor:
                 del self.replacing[index]
             elif time.monotonic() >= due:
                 del self.replacing[index]
-                self.restarts += 1
-                write_atomically(self.directory / RESTARTS_FILE, str(self.restarts))
+                self.workers.count_restart()
                 self._start(index)
 
     def _fold(self) -> None:
@@ -181,10 +157,10 @@ class Supervisor:
             elif self.stopping is not None and sig == signal.SIGINT:  # Ctrl-C twice: stop now
                 self._signal_all(signal.SIGKILL)
             else:
-                logger.info("%s: stopping %d workers", signal.Signals(sig).name, len(self.workers))
+                logger.info("%s: stopping %d workers", signal.Signals(sig).name, len(self.processes))
                 self._stop_all()
         if hangup:
-            write_atomically(self.directory / CONTROL_FILE, Control(command=ModelCommand.LOAD).model_dump_json())
+            self.workers.give(ModelCommand.LOAD)
             self._signal_all(signal.SIGHUP)
 
     def _stop_all(self) -> None:
@@ -193,6 +169,6 @@ class Supervisor:
         self._signal_all(signal.SIGTERM)
 
     def _signal_all(self, sig: int) -> None:
-        for worker in self.workers.values():
+        for worker in self.processes.values():
             if worker.process.poll() is None:
                 worker.process.send_signal(sig)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from app.engine.resources import available_cores
+from app.engine.resources import usable_cores
 from bench import batching, compare, layouts, peers, scale, sweep, workers
 from bench.common import Budget, Machine, Report, update_section
 from ensemble_contract.modes import Mode
@@ -63,7 +63,7 @@ def sweep_command(args: argparse.Namespace, out: Path) -> Report:
     if args.quick:  # the test preset's training, so that its members can be reused
         training, test_images = PRESETS["test"].training, PRESETS["test"].test_images
     else:
-        training = TrainingConfig(image_size=32, batch_size=16, steps=400, threads=available_cores())
+        training = TrainingConfig(image_size=32, batch_size=16, steps=400, threads=usable_cores().count)
         test_images = 500
     changes = {"steps": args.steps, "image_size": args.image_size, "threads": args.threads}
     training = training.model_copy(update={k: v for k, v in changes.items() if v is not None})
@@ -182,7 +182,7 @@ def parser() -> argparse.ArgumentParser:
     )
     sub["compare"].add_argument("--calls", type=int, help="in-process calls a mode a round (default 30)")
     slots, kserve, triton = (
-        sorted({1, available_cores()}),
+        sorted({1, usable_cores().count}),
         Path(".venv-kserve/bin/python"),
         Path(".venv-triton/bin/python"),
     )

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from app.core.admission import Admission
 from app.core.auto import SlotLayout, closed_loop, layouts
-from app.engine.resources import available_cores
+from app.core.model import runtime_options
+from app.engine.resources import usable_cores
 from app.engine.runtime import EnsembleRuntime
 from app.settings import Settings
 from bench.common import Interval, Report, interleave, interval_check, log, table
@@ -60,7 +61,7 @@ def in_process(runtime: EnsembleRuntime, setup: Setup, seconds: float) -> float:
 def run(model_dir: Path, modes: Sequence[Mode] | None, rows: int, rounds: int, seconds: float, work: Path) -> Report:
     manifest = load_manifest(model_dir)
     modes = [m for m in (modes or served_modes(manifest)) if m in served_modes(manifest)]
-    every_layout = layouts(available_cores())
+    every_layout = layouts(usable_cores().count)
     setups = [Setup(layout, mode, r) for layout in every_layout for mode in modes for r in (1, rows)]
     over_http = [s for s in setups if s.mode is modes[0] and s.rows == rows]
     body = v2_body(manifest, modes[0], work / "batching.json", requested_outputs(manifest))
@@ -68,7 +69,7 @@ def run(model_dir: Path, modes: Sequence[Mode] | None, rows: int, rounds: int, s
     with ExitStack() as stack:
         runtimes = {}
         for layout in every_layout:
-            runtime = EnsembleRuntime.load(Settings(model_dir=model_dir, inference_slots=layout.slots))
+            runtime = EnsembleRuntime.load(runtime_options(Settings(model_dir=model_dir, inference_slots=layout.slots)))
             stack.callback(runtime.close)
             runtimes[layout] = runtime
         if any(runtime.unbatchable for runtime in runtimes.values()):

@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 
 import onnxruntime as ort
 
-from app.engine.resources import available_cores
+from app.core.model import runtime_options
+from app.engine.resources import usable_cores
 from app.engine.runtime import EnsembleRuntime
 from app.engine.timing import mean_interval
 from app.settings import Settings
@@ -56,7 +57,7 @@ class Machine:
             cpu = names[0].split(":", 1)[1].strip() if names else cpu
         load = os.getloadavg() if hasattr(os, "getloadavg") else None
         now = datetime.now(UTC).isoformat(timespec="seconds")
-        return cls(cpu, available_cores(), ort.__version__, platform.python_version(), load, now)
+        return cls(cpu, usable_cores().count, ort.__version__, platform.python_version(), load, now)
 
     def describe(self) -> str:
         load = "n/a" if self.load_average is None else " ".join(f"{x:.2f}" for x in self.load_average)
@@ -107,7 +108,7 @@ def time_in_process(setups: Mapping[str, Setup], budget: Budget, rounds: int) ->
         runtimes: dict[str, EnsembleRuntime] = {}
         for settings, _ in setups.values():
             if settings.model_dump_json() not in runtimes:
-                runtime = runtimes[settings.model_dump_json()] = EnsembleRuntime.load(settings)
+                runtime = runtimes[settings.model_dump_json()] = EnsembleRuntime.load(runtime_options(settings))
                 stack.callback(runtime.close)
 
         def measure(name: str) -> list[float]:

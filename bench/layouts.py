@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from app.engine.resources import available_cores
+from app.core.auto import SlotLayout
+from app.engine.resources import usable_cores
 from bench.common import Report
 from bench.serving import Target, load_rounds, load_table, v2_body
 from ensemble_contract.manifest import load_manifest
@@ -23,7 +24,7 @@ from tests.service_process import service_process
 
 def layout(slots: int) -> str:
     """The layout's name, slots x each session's intra-op threads: "2x1"."""
-    return f"{slots}x{max(1, available_cores() // slots)}"
+    return str(SlotLayout.on(usable_cores().count, slots))
 
 
 def run(

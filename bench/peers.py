@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from app.engine.resources import available_cores
+from app.engine.resources import usable_cores
 from bench.common import Interval, Report, interval_check, log
 from bench.serving import Run, Target, load_rounds, load_table, requested_outputs, v2_body
 from ensemble_contract.manifest import load_manifest
@@ -38,7 +38,7 @@ PEER_START_TIMEOUT_S = 180  # KServe imports a great deal; Triton starts a serve
 
 def peer_commands(kserve_python: Path, triton_python: Path) -> dict[str, tuple[Path, list[str]]]:
     """Each peer's interpreter and its arguments to bench.peer_servers (without the model directory and port)."""
-    cores = str(available_cores())
+    cores = str(usable_cores().count)
     return {
         "triton": (triton_python, ["triton", "--max-batch", "8"]),
         "triton-tuned": (
@@ -61,8 +61,8 @@ def run(model_dir: Path, kserve_python: Path, triton_python: Path, rounds: int, 
     outputs = requested_outputs(manifest)
     with ExitStack() as stack:
         servers = {"ours": stack.enter_context(service_process(model_dir, work))}
-        if available_cores() > 1:
-            servers[OURS_WORKERS] = stack.enter_context(service_process(model_dir, work, WORKERS=available_cores()))
+        if usable_cores().count > 1:
+            servers[OURS_WORKERS] = stack.enter_context(service_process(model_dir, work, WORKERS=usable_cores().count))
         for name, (python, arguments) in peers.items():
             port = free_port()
             command = [str(python), "-m", "bench.peer_servers", *arguments, "--model-dir", str(model_dir.resolve())]

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.engine.resources import available_cores
+from app.engine.resources import usable_cores
 from app.settings import Settings, Spinning
 from bench.common import (
     Budget,
@@ -219,7 +219,7 @@ def run(
 ) -> Report:
     """Builds the pair at `sizes`, finds the size where it costs `target_ms` in a loop with spinning on (probed with
     `probe`, starting from the largest of `sizes`, up to `largest`), then measures every size."""
-    cores = available_cores()
+    cores = usable_cores().count
     layouts = [Layout(cores, True), Layout(cores, False), Layout(1, True)] if cores > 1 else [Layout(1, True)]
     dirs = {size: build_at(size, out / "models") for size in sizes}
 

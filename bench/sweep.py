@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, field_serializer, field_validator
 
-from app.engine.resources import available_cores
+from app.engine.resources import usable_cores
 from app.engine.timing import percentiles_ms
 from app.settings import Settings, Spinning
 from bench.common import (
@@ -140,7 +140,7 @@ def build_all(
     """Builds every model of `specs` under `root`; returns each label's model directory. The members train at once,
     as many as the cores hold at `training.threads` threads each, a process each."""
     members = list(dict.fromkeys(m for spec in specs for m in spec.members))
-    workers = max(1, min(len(members), available_cores() // training.threads))
+    workers = max(1, min(len(members), usable_cores().count // training.threads))
     build_member = partial(_build, training=training, test_images=test_images, sources=reuse)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         specs_and_dirs = [ModelSpec(m.name, (m,)) for m in members], [root / m.name for m in members]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from app.engine.resources import available_cores
+from app.engine.resources import usable_cores
 from bench.common import Interval, Report, interval_check
 from bench.serving import Run, Target, load_rounds, load_table, requested_outputs, v2_body
 from ensemble_contract.manifest import Manifest, load_manifest
@@ -58,7 +58,7 @@ def request_kinds(manifest: Manifest, work: Path) -> dict[str, tuple[str, Path, 
 
 def run(model_dir: Path, rounds: int, seconds: float, work: Path) -> Report:
     manifest = load_manifest(model_dir)
-    cores = available_cores()
+    cores = usable_cores().count
     many = f"{cores} workers"
     with ExitStack() as stack:
         servers = {

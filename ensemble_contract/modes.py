@@ -84,11 +84,17 @@ def served_modes(manifest: Manifest) -> tuple[Mode, ...]:
     return tuple(m for m, spec in MODES.items() if spec.runs is Runs.MEMBERS or spec.graph_file(manifest) is not None)
 
 
+def cores_each(cores: int, sharers: int) -> int:
+    """The cores each of `sharers` (inference slots, worker processes) sizes its threads by: an equal share, one
+    at least."""
+    return max(1, cores // sharers)
+
+
 def intra_op_threads(mode: Mode, cores: int, members: int, slots: int = 1) -> int:
     """Each session's intra-op threads under the mode's policy when `slots` inferences share `cores` at once:
     slots x threads (x members, for parallel) stays within the cores whenever they are that many, and every
     session has one thread at least."""
-    per_slot = max(1, cores // slots)
+    per_slot = cores_each(cores, slots)
     if MODES[mode].threads is ThreadPolicy.CORES_SHARED_BY_MEMBERS:
         return max(1, per_slot // members)
     return per_slot

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis.configuration import set_hypothesis_home_dir
 
+from app.core.model import runtime_options
 from app.engine.runtime import EnsembleRuntime
 from app.settings import Settings
 from ensemble_contract.manifest import Manifest, load_manifest
@@ -87,7 +88,7 @@ def manifest(model_dir: Path) -> Manifest:
 @pytest.fixture(scope="session")
 def runtime(model_dir: Path) -> Iterator[EnsembleRuntime]:
     """The service's runtime on the test models, in this process (no HTTP)."""
-    loaded = EnsembleRuntime.load(Settings(model_dir=model_dir))
+    loaded = EnsembleRuntime.load(runtime_options(Settings(model_dir=model_dir)))
     yield loaded
     loaded.close()
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from app.core.auto import CandidateFigures, SlotLayout, batching_options, choose, layouts, rank
-from app.engine.resources import available_cores
+from app.core.model import runtime_options
+from app.engine.resources import usable_cores
 from app.settings import Settings
 from ensemble_contract.modes import Mode
 from tests.support import LiveServer, live_server, png_bytes, scrape
@@ -64,7 +65,7 @@ def test_auto_times_every_mode_under_every_layout_and_batching_and_serves_its_ch
         expected = {
             (mode.value, str(layout), rows)
             for mode in Mode
-            for layout in layouts(available_cores())
+            for layout in layouts(usable_cores().count)
             for rows in batching_options(Settings.model_fields["batching_max_rows"].default)
         }
         assert {(c["mode"], c["layout"], c["batching_rows"]) for c in candidates} == expected
@@ -77,7 +78,7 @@ def test_auto_times_every_mode_under_every_layout_and_batching_and_serves_its_ch
         assert (auto["mode"], auto["layout"], auto["batching_rows"]) == (
             best["mode"], best["layout"], best["batching_rows"]
         )  # fmt: skip
-        assert auto["slots"] * auto["threads"] <= available_cores()
+        assert auto["slots"] * auto["threads"] <= usable_cores().count
         assert auto_server.dataplane.admission.slots == auto["slots"]
         assert auto_server.dataplane.model.runtime.slots == auto["slots"]
         assert auto_server.dataplane.model.batching_rows == auto["batching_rows"]
@@ -106,9 +107,9 @@ def test_a_budget_too_small_still_times_every_candidate_once(model_dir: Path) ->
     settings = Settings(
         model_dir=model_dir, default_mode="auto", auto_budget_s=0.001, auto_window_ms=10, batching_max_rows=4
     )
-    runtime, auto = choose(settings)
+    runtime, auto = choose(settings, runtime_options(settings))
     try:
-        assert len(auto.candidates) == len(Mode) * len(layouts(available_cores())) * len([1, 4])
+        assert len(auto.candidates) == len(Mode) * len(layouts(usable_cores().count)) * len([1, 4])
         assert all(c.windows == 1 and c.throughput_ci95 == (None, None) for c in auto.candidates)
         assert runtime.slots == auto.slots and auto.threads == runtime.plans[auto.mode].intra_op_threads
     finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from app.core.auto import layouts
-from app.engine.resources import available_cores
+from app.engine.resources import usable_cores
 from bench.__main__ import COMMANDS, parser
 from bench.common import Budget, Interval, interleave, table, update_section
 from bench.compare import Ratio, trimmed_mean, verdict
@@ -107,7 +107,7 @@ def test_scale_quick_builds_the_pair_times_both_sides_per_layout_and_charts(tmp_
     bench("scale", "--out", tmp_path, "--runs", "5")
     with (tmp_path / "scale.csv").open() as f:
         rows = list(csv.DictReader(f))
-    cores = available_cores()
+    cores = usable_cores().count
     assert {int(r["size"]) for r in rows} == {32}
     layouts = {(cores, "True"), (cores, "False"), (1, "True")} if cores > 1 else {(1, "True")}
     assert {(int(r["threads"]), r["spinning"]) for r in rows} == layouts
@@ -142,7 +142,7 @@ def load_rows(text: str) -> list[dict[str, str]]:
 @needs_hey
 def test_layouts_quick_loads_the_service_under_each_slot_layout(model_dir: Path, tmp_path: Path) -> None:
     text = bench("layouts", "--model-dir", model_dir, "--out", tmp_path, "--slots", "1", "2").stdout
-    layouts = {"1x" + str(available_cores()), "2x" + str(max(1, available_cores() // 2))}
+    layouts = {"1x" + str(usable_cores().count), "2x" + str(max(1, usable_cores().count // 2))}
     rows = load_rows(text)
     assert {(r["server"], r["clients"]) for r in rows} == {(layout, c) for layout in layouts for c in ("4", "32")}
     assert len(rows) == 8 and "fused:\n" in text and "fused-int8:\n" in text  # the test build ships int8
@@ -157,7 +157,7 @@ def test_peers_quick_measures_us_against_triton_kserve_and_the_naive_server_when
         "--triton-python", TRITON_PYTHON,
     )  # fmt: skip
     tritons = ["triton", "triton-tuned"] if TRITON_PYTHON.is_file() else []
-    with_workers = ["ours-workers"] if available_cores() > 1 else []
+    with_workers = ["ours-workers"] if usable_cores().count > 1 else []
     servers = ["ours", *with_workers, *tritons, *(["kserve"] if KSERVE_PYTHON.is_file() else []), "naive"]
     rows = load_rows(done.stdout)
     assert [(r["server"], r["clients"]) for r in rows] == [(s, c) for s in servers for c in ("1", "4", "16")]
@@ -175,7 +175,7 @@ def test_peers_quick_measures_us_against_triton_kserve_and_the_naive_server_when
 def test_workers_quick_measures_one_worker_against_one_per_core_and_one_core(model_dir: Path, tmp_path: Path) -> None:
     text = bench("workers", "--model-dir", model_dir, "--out", tmp_path).stdout
     rows = load_rows(text)
-    many = f"{available_cores()} workers"
+    many = f"{usable_cores().count} workers"
     assert [r["server"] for r in rows] == ["1 worker", many, "1 core"] * 3  # fused, fused-int8, /predict
     for kind in ("v2 JSON fused", "v2 JSON fused-int8", "/predict PNG"):
         assert f"- {kind}: {many} ÷ 1 worker: " in text
@@ -188,10 +188,12 @@ def test_batching_quick_compares_batched_and_unbatched_in_process_and_over_http(
 ) -> None:
     text = bench("batching", "--model-dir", model_dir, "--out", tmp_path, "--modes", "fused", "--rows", "4").stdout
     rows = markdown_rows(text, "mode")
-    assert [(r["mode"], r["layout"]) for r in rows] == [("fused", str(layout)) for layout in layouts(available_cores())]
+    assert [(r["mode"], r["layout"]) for r in rows] == [
+        ("fused", str(layout)) for layout in layouts(usable_cores().count)
+    ]
     assert all(float(r["batched ÷ unbatched"].split()[0]) > 0 for r in rows)
     http = markdown_rows(text, "setup")
-    assert [r["setup"] for r in http] == [f"fused {layout} batches of 4" for layout in layouts(available_cores())]
+    assert [r["setup"] for r in http] == [f"fused {layout} batches of 4" for layout in layouts(usable_cores().count)]
     assert all(float(r["HTTP ÷ in-process"].split()[0]) > 0 for r in http)
     assert "- best batched (fused " in text and text.count("- HTTP ÷ in-process, fused ") == len(http)
 

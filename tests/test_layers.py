@@ -1,14 +1,16 @@
 """The tree's layers, checked from the imports themselves: the fronts (REST in app.http, gRPC in app.grpc) over the
 core (app.core: the data plane, admission, memory, the served model) and the protocol's codec (app.v2), over the
-engine (app.engine: ONNX Runtime, the modes, auto, the machine's resources) and the model directory's contract
+metrics (app.observability), over the worker group (app.workers: the processes and the files they share), over the
+engine (app.engine: ONNX Runtime, the modes, the machine's resources) and the model directory's contract
 (ensemble_contract). No import runs back up, the fronts do not import each other, and the tests import the
 benchmarks only to test them.
 
     app.http ─┐  app.grpc ─┐          (fronts)
               ├─ app.v2 ───┤          (the protocol's codec)
               └─ app.core ─┴─ app.observability
-                   └─ app.engine ─ app.settings, app.errors
-                        └─ ensemble_contract
+                   └─ app.workers
+                        └─ app.engine ─ app.settings, app.errors
+                             └─ ensemble_contract
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ ALLOWED: dict[str, set[str]] = {
     "app.errors": set(),
     "app.settings": {"app.errors", "ensemble_contract"},
     "app.engine": {"app.settings", "app.errors", "ensemble_contract"},
-    "app.observability": {"app.engine", "app.settings", "app.errors", "ensemble_contract"},
-    "app.core": {"app.engine", "app.observability", "app.settings", "app.errors", "ensemble_contract"},
+    "app.workers": {"app.engine", "app.settings", "app.errors", "ensemble_contract"},
+    "app.observability": {"app.workers", "app.engine", "app.settings", "app.errors", "ensemble_contract"},
+    "app.core": {"app.engine", "app.workers", "app.observability", "app.settings", "app.errors", "ensemble_contract"},
     "app.v2": {"app.core", "app.errors", "ensemble_contract"},
-    "app.http": {"app.core", "app.v2", "app.engine", "app.observability", "app.settings", "app.errors",
+    "app.http": {"app.core", "app.v2", "app.engine", "app.workers", "app.observability", "app.settings", "app.errors",
                  "ensemble_contract"},
-    "app.grpc": {"app.core", "app.v2", "app.engine", "app.observability", "app.settings", "app.errors",
+    "app.grpc": {"app.core", "app.v2", "app.engine", "app.workers", "app.observability", "app.settings", "app.errors",
                  "ensemble_contract"},
     "model_build": {"ensemble_contract"},
 }  # fmt: skip
@@ -61,7 +64,7 @@ def modules(package: str) -> list[tuple[str, Path]]:
 )
 def test_no_import_runs_back_up(module: str, path: Path) -> None:
     layer = layer_of(module)
-    if layer is None:  # app.main, app.__main__, app.config_docs: the wiring, which may import anything of the app
+    if layer is None:  # the wiring (app.main, app.__main__, app.supervisor, app.config_docs) may import anything
         return
     wrong = {name for name in own_imports(path) if layer_of(name) != layer and layer_of(name) not in ALLOWED[layer]}
     wrong |= {name for name in own_imports(path) if name.split(".")[0] in ("bench", "tests")}

@@ -10,8 +10,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from app.core.model import runtime_options
 from app.engine.cpu import threads_cpu_seconds
-from app.engine.resources import available_cores
+from app.engine.resources import usable_cores
 from app.engine.runtime import EnsembleRuntime, ThreadPlan, session_threads
 from app.errors import StartupError
 from app.settings import Settings, Spinning
@@ -57,10 +58,10 @@ def test_fused_int8_runs_the_int8_graph_close_to_fp32(
 
 
 def test_each_mode_has_its_thread_plan(runtime: EnsembleRuntime) -> None:
-    settings = Settings()
+    options = runtime_options(Settings())
     members = len(runtime.manifest.members)
     for mode, plan in runtime.plans.items():
-        assert plan.intra_op_threads == session_threads(settings, mode, members)
+        assert plan.intra_op_threads == session_threads(options, mode, members)
         assert plan.spinning is Spinning.DURING_RUNS
         assert "spinning=during-runs" in plan.describe()
 
@@ -88,7 +89,7 @@ def copy_of_models(model_dir: Path, tmp_path: Path) -> Path:
 
 def test_missing_manifest_is_a_startup_error(tmp_path: Path) -> None:
     with pytest.raises(StartupError, match=r"no manifest\.json"):
-        EnsembleRuntime.load(Settings(model_dir=tmp_path))
+        EnsembleRuntime.load(runtime_options(Settings(model_dir=tmp_path)))
 
 
 def test_altered_member_is_a_startup_error(copy_of_models: Path) -> None:
@@ -97,7 +98,7 @@ def test_altered_member_is_a_startup_error(copy_of_models: Path) -> None:
     data[len(data) // 2] ^= 0xFF
     member.write_bytes(bytes(data))
     with pytest.raises(StartupError, match="does not match its sha256"):
-        EnsembleRuntime.load(Settings(model_dir=copy_of_models))
+        EnsembleRuntime.load(runtime_options(Settings(model_dir=copy_of_models)))
 
 
 def test_unloadable_model_with_a_matching_checksum_is_a_startup_error(copy_of_models: Path) -> None:
@@ -106,7 +107,7 @@ def test_unloadable_model_with_a_matching_checksum_is_a_startup_error(copy_of_mo
     fused.write_bytes(b"this is not an ONNX model")
     manifest.model_copy(update={"ensemble": FileEntry.of(copy_of_models, fused)}).write(copy_of_models)
     with pytest.raises(StartupError, match="ONNX Runtime cannot load"):
-        EnsembleRuntime.load(Settings(model_dir=copy_of_models))
+        EnsembleRuntime.load(runtime_options(Settings(model_dir=copy_of_models)))
 
 
 def test_a_model_that_does_not_fit_the_manifest_is_a_startup_error(copy_of_models: Path) -> None:
@@ -120,11 +121,13 @@ def test_a_model_that_does_not_fit_the_manifest_is_a_startup_error(copy_of_model
     signature = manifest.signature.model_copy(update={"outputs": tuple(outputs)})
     manifest.model_copy(update={"signature": signature}).write(copy_of_models)
     with pytest.raises(StartupError, match="class_probs"):
-        EnsembleRuntime.load(Settings(model_dir=copy_of_models))
+        EnsembleRuntime.load(runtime_options(Settings(model_dir=copy_of_models)))
 
 
 def test_without_an_int8_graph_the_other_modes_are_served(model_dir: Path, tmp_path: Path) -> None:
-    runtime = EnsembleRuntime.load(Settings(model_dir=copy_without_int8(model_dir, tmp_path / "fp32-only")))
+    runtime = EnsembleRuntime.load(
+        runtime_options(Settings(model_dir=copy_without_int8(model_dir, tmp_path / "fp32-only")))
+    )
     try:
         assert runtime.modes == (Mode.FUSED, Mode.SEQUENTIAL, Mode.PARALLEL)
         assert set(runtime.plans) == set(runtime.modes)
@@ -136,9 +139,9 @@ def test_slots_with_threads_get_sessions_of_their_own_and_pay_for_their_pools(mo
     """One slot on every core: the sessions' intra-op pools run the inference, and are charged to it. Two slots
     on one thread each: the slots share one set of sessions, each run on its caller's thread."""
     feeds = load_manifest(model_dir).example_inputs()
-    cores = available_cores()
+    cores = usable_cores().count
     for slots in (1, 2):
-        runtime = EnsembleRuntime.load(Settings(model_dir=model_dir, inference_slots=slots))
+        runtime = EnsembleRuntime.load(runtime_options(Settings(model_dir=model_dir, inference_slots=slots)))
         try:
             threads = max(1, cores // slots)
             assert all(plan.intra_op_threads == threads for m, plan in runtime.plans.items() if m is not Mode.PARALLEL)

@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from app.config_docs import configuration_table
-from app.engine.resources import available_cores
+from app.core.model import runtime_options
+from app.engine.resources import usable_cores
 from app.engine.runtime import session_threads
 from app.errors import StartupError
 from app.settings import PILLOW_MAX_IMAGE_PIXELS, Settings, Spinning
@@ -127,13 +128,13 @@ def test_model_control_without_a_key_is_allowed_on_loopback(host: str) -> None:
 
 
 def test_unset_thread_counts_split_the_cores() -> None:
-    settings = Settings()
-    cores = available_cores()
-    assert session_threads(settings, Mode.FUSED, members=2) == cores
-    assert session_threads(settings, Mode.SEQUENTIAL, members=2) == cores
-    assert session_threads(settings, Mode.PARALLEL, members=2) == max(1, cores // 2)
-    assert session_threads(settings, Mode.PARALLEL, members=cores * 4) == 1
-    assert session_threads(Settings(parallel_intra_op_threads=3), Mode.PARALLEL, members=2) == 3
+    options = runtime_options(Settings())
+    cores = usable_cores().count
+    assert session_threads(options, Mode.FUSED, members=2) == cores
+    assert session_threads(options, Mode.SEQUENTIAL, members=2) == cores
+    assert session_threads(options, Mode.PARALLEL, members=2) == max(1, cores // 2)
+    assert session_threads(options, Mode.PARALLEL, members=cores * 4) == 1
+    assert session_threads(runtime_options(Settings(parallel_intra_op_threads=3)), Mode.PARALLEL, members=2) == 3
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from app.engine.workers import Workers, WorkerStatus
 from app.observability.stats import MAX_SAMPLES_PER_MODE, RecentLatencies
+from app.workers import WorkerGroup
 from ensemble_contract.modes import Mode
 
 
@@ -52,9 +51,9 @@ def test_samples_leave_the_window_and_memory_is_bounded() -> None:
 def test_a_worker_summarises_every_workers_requests(tmp_path: Path) -> None:
     """Two workers sharing a directory: either one's summary holds both one's samples (their percentiles together,
     not an average of each worker's)."""
-    first, second = Workers(0, 2, tmp_path), Workers(1, 2, tmp_path)
+    first, second = WorkerGroup(2, tmp_path, index=0), WorkerGroup(2, tmp_path, index=1)
     for workers in (first, second):
-        workers.publish(WorkerStatus(worker=workers.index, pid=os.getpid()))
+        workers.publish()
     recent = [RecentLatencies(window_s=60, modes=[Mode.FUSED], workers=w) for w in (first, second)]
     for ms in range(1, 51):
         recent[0].record(Mode.FUSED, **(SAMPLE | {"request_s": ms / 1000}))

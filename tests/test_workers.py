@@ -25,7 +25,7 @@ import tritonclient.grpc as triton
 
 from app.engine.resources import usable_cores, usable_memory
 from app.settings import Settings
-from app.supervisor import WORKER_MEMORY_BYTES, resolve_workers
+from app.workers import WORKER_MEMORY_BYTES, resolve_workers
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
 from tests.service_process import (

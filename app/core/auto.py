@@ -24,19 +24,18 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from pydantic import BaseModel, Field
 
 from app.core.admission import Admission, Batchable
-from app.engine.resources import available_cores
-from app.engine.runtime import EnsembleRuntime
+from app.engine.runtime import EnsembleRuntime, RuntimeOptions
 from app.engine.timing import mean_interval, percentiles_ms
-from app.engine.workers import Workers, write_atomically
 from app.errors import StartupError
 from app.settings import Settings
-from ensemble_contract.modes import Mode
+from app.workers import WorkerGroup
+from ensemble_contract.modes import Mode, cores_each
 
 logger = logging.getLogger("app")
 BATCHING_CANDIDATES = (4, 8, 16)  # rows, besides no batching, up to BATCHING_MAX_ROWS
@@ -50,6 +49,11 @@ class SlotLayout:
     slots: int
     threads: int
 
+    @classmethod
+    def on(cls, cores: int, slots: int) -> SlotLayout:
+        """`slots` slots sharing `cores`."""
+        return cls(slots, cores_each(cores, slots))
+
     def __str__(self) -> str:
         return f"{self.slots}x{self.threads}"
 
@@ -57,7 +61,7 @@ class SlotLayout:
 def layouts(cores: int) -> list[SlotLayout]:
     """Slots 1, 2, 4, ... and the cores themselves, each with cores // slots threads per session."""
     slots = sorted({*(2**i for i in range(cores.bit_length())), cores})
-    return [SlotLayout(s, cores // s) for s in slots]
+    return [SlotLayout.on(cores, s) for s in slots]
 
 
 class CandidateFigures(BaseModel):
@@ -214,37 +218,41 @@ class KeptChoice(BaseModel):
 
 
 def choose_once(
-    settings: Settings, workers: Workers, candidate_layouts: Sequence[SlotLayout] | None = None
+    settings: Settings,
+    options: RuntimeOptions,
+    workers: WorkerGroup,
+    candidate_layouts: Sequence[SlotLayout] | None = None,
 ) -> tuple[EnsembleRuntime, AutoChoice]:
     """`choose`, made by one worker process at a time: the first to load a model measures, the others load its
     choice (N measurements at once would fight over the cores and measure the fight)."""
-    with workers.measuring_once() as kept:
-        if kept is not None and kept.exists():
-            previous = KeptChoice.model_validate_json(kept.read_text())
-            runtime = EnsembleRuntime.load(settings.model_copy(update={"inference_slots": previous.choice.slots}))
+    with workers.measuring_once():
+        kept = workers.measurement()
+        if kept is not None:
+            previous = KeptChoice.model_validate_json(kept)
+            runtime = EnsembleRuntime.load(replace(options, inference_slots=previous.choice.slots))
             if runtime.manifest.ensemble.sha256 == previous.sha256:
                 logger.info("auto: serving the choice another worker measured")
                 return runtime, previous.choice
             runtime.close()
-        runtime, choice = choose(settings, candidate_layouts)
-        if kept is not None:
-            write_atomically(kept, KeptChoice(sha256=runtime.manifest.ensemble.sha256, choice=choice).model_dump_json())
+        runtime, choice = choose(settings, options, candidate_layouts)
+        workers.keep_measurement(KeptChoice(sha256=runtime.manifest.ensemble.sha256, choice=choice).model_dump_json())
         return runtime, choice
 
 
 def choose(
-    settings: Settings, candidate_layouts: Sequence[SlotLayout] | None = None
+    settings: Settings, options: RuntimeOptions, candidate_layouts: Sequence[SlotLayout] | None = None
 ) -> tuple[EnsembleRuntime, AutoChoice]:
-    """Times every mode under every layout (or those given) and batching (where the model allows it), one layout
-    loaded at a time, and returns the runtime of the chosen layout (the only one left open) with the measurement."""
+    """Times every mode under every layout on `options.cores` (or those given) and batching (where the model
+    allows it), one layout loaded at a time, and returns the runtime of the chosen layout (the only one left open)
+    with the measurement."""
     started = time.perf_counter()
     latency_budget_s = settings.latency_budget_ms / 1000
-    every_layout = list(candidate_layouts or layouts(available_cores()))
+    every_layout = list(candidate_layouts or layouts(options.cores))
     share_s = settings.auto_budget_s / len(every_layout)
     figures: list[CandidateFigures] = []
     kept: tuple[SlotLayout, EnsembleRuntime] | None = None
     for layout in every_layout:
-        runtime = EnsembleRuntime.load(settings.model_copy(update={"inference_slots": layout.slots}))
+        runtime = EnsembleRuntime.load(replace(options, inference_slots=layout.slots))
         batching = batching_options(1 if runtime.unbatchable else settings.batching_max_rows)
         figures += [c.figures(latency_budget_s) for c in _time_layout(runtime, layout, settings, batching, share_s)]
         best_layout = rank(figures)[0].layout

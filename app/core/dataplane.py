@@ -26,11 +26,11 @@ from app.core.model import LoadedModel
 from app.core.tensors import TensorRequest, asked_outputs, input_arrays, input_specs
 from app.engine.cpu import timed_cpu
 from app.engine.priority import lower_thread_priority
-from app.engine.resources import available_cores
 from app.engine.runtime import Tensors
 from app.errors import InferenceFailed, InferenceTimeout, ModelNotFound, NotReady, Overloaded, ServiceError
-from app.observability.metrics import ServiceMetrics
+from app.observability.metrics import ServiceMetrics, model_info
 from app.settings import Settings
+from app.workers import WorkerGroup
 from ensemble_contract.manifest import ImageSpec, Manifest
 from ensemble_contract.modes import Mode, ModeChoice
 
@@ -87,12 +87,13 @@ class TensorResult:
 
 
 class DataPlane:
-    """Serves one model at a time (`model`, which a reload switches); admission control, the memory budget, the
-    image threads and the draining state are the server's and outlive a switch."""
+    """Serves one model at a time (`model`, which a reload switches, publishing this worker's status); admission
+    control, the memory budget, the image threads and the draining state are the server's and outlive a switch."""
 
-    def __init__(self, settings: Settings, model: LoadedModel, metrics: ServiceMetrics) -> None:
+    def __init__(self, settings: Settings, model: LoadedModel, metrics: ServiceMetrics, workers: WorkerGroup) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.workers = workers
         self.model: LoadedModel | None = None
         # A reload keeps the layout, so the slots stay the number the first model was loaded with.
         self.admission = Admission(
@@ -103,7 +104,7 @@ class DataPlane:
             lambda mode, rows: metrics.batch_size.labels(mode).observe(rows),
             metrics.inferences_admitted.set,
         )
-        budget = settings.memory_budget_bytes or default_budget_bytes(model.cost.largest_working_bytes)
+        budget = settings.memory_budget_bytes or default_budget_bytes(model.cost.largest_working_bytes, workers.count)
         self.memory = MemoryBudget(
             budget, settings.max_request_bytes, metrics.memory_reserved.set, base_bytes=REQUEST_BASE_BYTES
         )
@@ -112,20 +113,22 @@ class DataPlane:
         self.switch(model)
         # Decoding and mask encoding run off the event loop, a few at a time (they are CPU-bound too).
         self._image_pool = ThreadPoolExecutor(
-            available_cores(), thread_name_prefix="image", initializer=lower_thread_priority
+            workers.cores.share, thread_name_prefix="image", initializer=lower_thread_priority
         )
         self.ready = True
         self._draining_since: float | None = None
 
     def switch(self, model: LoadedModel | None) -> LoadedModel | None:
         """Serves `model` from the next request on (None: none, after an unload) and retires the one it replaces,
-        whose sessions close when its last request is done. Returns the replaced model."""
+        whose sessions close when its last request is done, and publishes what this worker serves. Returns the
+        replaced model."""
         replaced, self.model = self.model, model
         if model is not None:
             self.admission.service_s = model.runtime.typical_inference_s  # the warm-up's, until requests measure it
             self.metrics.describe_model(model.runtime, model.auto.flags() if model.auto else {})
+            self.workers.publish(model.manifest.name, model.sha256, model_info(model.runtime))
         else:
-            self.metrics.describe_no_model()
+            self.workers.publish()
         if replaced is not None:
             replaced.retire()
         return replaced

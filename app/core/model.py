@@ -18,13 +18,13 @@ from app.core.auto import AutoChoice, SlotLayout, choose_once
 from app.core.cost import CostModel
 from app.engine.priority import lower_thread_priority
 from app.engine.probe import working_bytes_per_element
-from app.engine.resources import usable_cores
-from app.engine.runtime import EnsembleRuntime, Tensors
+from app.engine.resources import CoreCount, usable_cores
+from app.engine.runtime import EnsembleRuntime, RuntimeOptions, Tensors
 from app.engine.selector import ModeSelector
-from app.engine.workers import Workers
 from app.errors import NotAnImageModel, StartupError
 from app.observability.stats import RecentLatencies
 from app.settings import Settings
+from app.workers import WorkerGroup
 from ensemble_contract.manifest import ImageSpec, Manifest
 from ensemble_contract.modes import AUTO, Mode
 
@@ -86,18 +86,33 @@ class LoadedModel:
             self.runtime.close()
 
 
-def load_model(settings: Settings, workers: Workers, layout: SlotLayout | None = None) -> LoadedModel:
-    """Verifies MODEL_DIR, opens and warms its sessions (StartupError saying why if any of it fails). With
-    DEFAULT_MODE=auto the modes are timed (by one worker process), under every layout or, given one (a reload),
-    under that one.
+def runtime_options(settings: Settings, cores: int | None = None) -> RuntimeOptions:
+    """What the engine reads of the settings, MODEL_DIR resolved now (an operator may switch a symlink), sessions
+    sized by `cores` (by default every usable core: a process serving alone)."""
+    return RuntimeOptions(
+        model_dir=settings.model_dir.resolve(),
+        cores=usable_cores().count if cores is None else cores,
+        inference_slots=settings.inference_slots,
+        fused_intra_op_threads=settings.fused_intra_op_threads,
+        sequential_intra_op_threads=settings.sequential_intra_op_threads,
+        parallel_intra_op_threads=settings.parallel_intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        spinning=settings.spinning,
+    )
+
+
+def load_model(settings: Settings, workers: WorkerGroup, layout: SlotLayout | None = None) -> LoadedModel:
+    """Verifies MODEL_DIR, opens and warms its sessions on this worker's share of the cores (StartupError saying
+    why if any of it fails). With DEFAULT_MODE=auto the modes are timed (by one worker process), under every layout
+    or, given one (a reload), under that one.
     Runs at the inference threads' priority: ONNX Runtime's pool threads, started here, inherit it."""
     lower_thread_priority()
-    directory = settings.model_dir.resolve()
-    settings = settings.model_copy(update={"model_dir": directory})
+    options = runtime_options(settings, workers.cores.share)
+    directory = options.model_dir
     if settings.default_mode == AUTO:
-        runtime, auto = choose_once(settings, workers, [layout] if layout else None)
+        runtime, auto = choose_once(settings, options, workers, [layout] if layout else None)
     else:
-        runtime, auto = EnsembleRuntime.load(settings), None
+        runtime, auto = EnsembleRuntime.load(options), None
     selector = ModeSelector(settings.default_mode, runtime.modes, auto.mode if auto else None)
     recent = RecentLatencies(settings.stats_window_s, runtime.modes, workers)
     try:
@@ -112,7 +127,7 @@ def load_model(settings: Settings, workers: Workers, layout: SlotLayout | None =
     return LoadedModel(directory, runtime, auto, selector, recent, cost, batching_rows)
 
 
-def log_model(model: LoadedModel, settings: Settings) -> None:
+def log_model(model: LoadedModel, settings: Settings, cores: CoreCount) -> None:
     manifest, runtime, auto = model.manifest, model.runtime, model.auto
     if auto is not None:
         logger.info(
@@ -135,6 +150,6 @@ def log_model(model: LoadedModel, settings: Settings) -> None:
         model.sha256[:12],
         ", ".join(member.name for member in manifest.members),
         settings.default_mode,
-        usable_cores().describe(),
+        cores.describe(),
         "; ".join(f"{mode} {plan.describe()}" for mode, plan in runtime.plans.items()),
     )

@@ -31,11 +31,10 @@ from pydantic import BaseModel
 from app.core.auto import SlotLayout
 from app.core.dataplane import DataPlane
 from app.core.model import LoadedModel, load_model, log_model
-from app.engine.resources import available_cores
-from app.engine.workers import ModelCommand
 from app.errors import BadRequest, Conflict, Forbidden, ModelNotFound, StartupError
 from app.observability.metrics import ServiceMetrics
 from app.settings import Settings
+from app.workers import ModelCommand, WorkerGroup
 from ensemble_contract.manifest import load_manifest, sha256_of
 
 logger = logging.getLogger("app")
@@ -82,11 +81,11 @@ def _sha256(path: Path, size: int, mtime_ns: int, inode: int) -> str:
 class ModelRepository:
     """The one model directory this server serves, loaded, reloaded or unloaded. Use from the event loop."""
 
-    def __init__(self, settings: Settings, dataplane: DataPlane, metrics: ServiceMetrics) -> None:
+    def __init__(self, settings: Settings, dataplane: DataPlane, metrics: ServiceMetrics, workers: WorkerGroup) -> None:
         self.settings = settings
         self.dataplane = dataplane
         self.metrics = metrics
-        self.workers = metrics.workers
+        self.workers = workers
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task[ModelLoad | None]] = set()
         if self.workers.command() == ModelCommand.UNLOAD:  # before it serves anything: it serves what the others do
@@ -150,7 +149,7 @@ class ModelRepository:
             if name is not None:  # the cheap refusal first: the manifest's name, before any file is verified
                 await self._check_name(name, previous)
             try:
-                layout = SlotLayout(slots, max(1, available_cores() // slots))
+                layout = SlotLayout.on(self.workers.cores.share, slots)
                 model = await anyio.to_thread.run_sync(load_model, self.settings, self.workers, layout)
             except StartupError as exc:
                 raise self._failed(str(exc), previous) from None
@@ -162,7 +161,7 @@ class ModelRepository:
                 raise self._failed(f"MODEL_DIR holds model {model.manifest.name!r}, not {name!r}", previous)
             self.dataplane.switch(model)
             self.metrics.model_loads.labels("ok").inc()
-            log_model(model, self.settings)
+            log_model(model, self.settings, self.workers.cores)
             return ModelLoad(
                 name=model.manifest.name,
                 sha256=model.sha256,

@@ -1,6 +1,7 @@
-"""What one server's fronts share, typed: the settings (resolved once, by the app factory), the metrics, and,
-once the lifespan has loaded the model, the data plane and the model repository. The app factory makes it; the
-middleware, the routes (through app.http.deps) and the gRPC servicer receive it, and none looks state up by name.
+"""What one server's fronts share, typed: the settings (resolved once, by the app factory), the metrics, the worker
+group it belongs to, and, once the lifespan has loaded the model, the data plane and the model repository. The app
+factory makes it; the middleware, the routes (through app.http.deps) and the gRPC servicer receive it, and none
+looks state up by name.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from app.core.repository import ModelRepository
 from app.errors import NotReady
 from app.observability.metrics import ServiceMetrics
 from app.settings import Settings
+from app.workers import WorkerGroup
 
 
 @dataclass
 class Service:
     settings: Settings
     metrics: ServiceMetrics
+    workers: WorkerGroup  # a group of one when serving alone
     dataplane: DataPlane | None = None  # None until the lifespan has loaded the model
     repository: ModelRepository | None = None
 

@@ -6,8 +6,8 @@ affinity shows 16 cores but the process gets 2 cores' worth of time: sizing thre
 affinity would oversubscribe it eightfold. The quota is rounded down, one core at least. Read once per process
 (`usable_cores`); `count_cores` takes the paths, for tests. Memory likewise (`usable_memory`, `memory_size`).
 
-A worker process (WORKERS > 1) shares them with its siblings: it sizes its sessions and image threads by its share
-of the cores (`available_cores`) and its memory budget by its share of the memory (`worker_count`).
+Worker processes (WORKERS > 1) share them: each sizes its sessions and image threads by its share of the cores
+(`CoreCount.share`, of its group's count: app.workers) and its memory budget by its share of the memory.
 """
 
 from __future__ import annotations
@@ -19,14 +19,9 @@ from functools import cache
 from pathlib import Path
 
 from app.engine.cgroup import CGROUP_ROOT, MEMBERSHIP, Quota, cpu_quota, memory_limit
+from ensemble_contract.modes import cores_each
 
 AFFINITY, CGROUP = "affinity", "cgroup"
-WORKERS_ENV = "ENSEMBLE_WORKERS"  # how many worker processes share the cores: set by app.supervisor for each
-
-
-def worker_count() -> int:
-    """The worker processes sharing this process's cores and memory (1 when it serves alone)."""
-    return max(1, int(os.environ.get(WORKERS_ENV, "1")))
 
 
 @dataclass(frozen=True)
@@ -40,7 +35,7 @@ class CoreCount:
     @property
     def share(self) -> int:
         """The cores each worker process sizes its sessions by (one at least)."""
-        return max(1, self.count // self.workers)
+        return cores_each(self.count, self.workers)
 
     def describe(self) -> str:
         """'2 (cgroup quota 200000/100000 in /sys/fs/cgroup/cpu.max; CPU affinity 16)', and each worker's share."""
@@ -72,13 +67,8 @@ def count_cores(
 
 @cache
 def usable_cores() -> CoreCount:
-    """This process's cores, read once: costs are counted on them, thread counts and layouts on its share."""
-    return count_cores(workers=worker_count())
-
-
-def available_cores() -> int:
-    """The cores this process sizes its sessions, layouts and thread pools by: its share of usable_cores()."""
-    return usable_cores().share
+    """This process's cores, read once: costs are counted on them, thread counts and layouts on a worker's share."""
+    return count_cores()
 
 
 MEMINFO = Path("/proc/meminfo")

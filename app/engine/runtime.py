@@ -27,9 +27,8 @@ import onnxruntime as ort
 
 from app.engine.cpu import new_threads, threads_cpu_seconds, timed_cpu
 from app.engine.priority import lower_thread_priority
-from app.engine.resources import available_cores
 from app.errors import StartupError
-from app.settings import Settings, Spinning
+from app.settings import Spinning
 from ensemble_contract.combine import combine
 from ensemble_contract.datatypes import UnsupportedDatatype, of_onnxruntime
 from ensemble_contract.manifest import Manifest, load_manifest
@@ -41,6 +40,22 @@ ORT_ERRORS_ONLY = 3
 # Rows computed in a batch of two and alone agree within this, relative to the output's scale, or not at all.
 ROW_TOLERANCE = 1e-5
 Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """What EnsembleRuntime.load reads: the model directory, the layout (inference slots on this process's cores)
+    and ONNX Runtime's thread options. Made from the settings by app.core.model.runtime_options; a layout is a
+    copy with other slots (dataclasses.replace)."""
+
+    model_dir: Path
+    cores: int  # what the sessions are sized by: the process's cores, or its share of them with worker processes
+    inference_slots: int
+    fused_intra_op_threads: int | None  # None: the mode's share of the cores (ensemble_contract.modes)
+    sequential_intra_op_threads: int | None
+    parallel_intra_op_threads: int | None
+    inter_op_threads: int
+    spinning: Spinning
 
 
 @dataclass(frozen=True)
@@ -87,23 +102,23 @@ def share_one_arena() -> None:
             _shared_arena_registered = True
 
 
-def session_threads(settings: Settings, mode: Mode, members: int) -> int:
-    """The intra-op threads of each session `mode` runs: its setting, or its share of the cores the process may
-    use under INFERENCE_SLOTS (ensemble_contract.modes.intra_op_threads)."""
+def session_threads(options: RuntimeOptions, mode: Mode, members: int) -> int:
+    """The intra-op threads of each session `mode` runs: its setting, or its share of the cores under the
+    inference slots (ensemble_contract.modes.intra_op_threads)."""
     configured = {
-        Mode.FUSED: settings.fused_intra_op_threads,
-        Mode.FUSED_INT8: settings.fused_intra_op_threads,
-        Mode.SEQUENTIAL: settings.sequential_intra_op_threads,
-        Mode.PARALLEL: settings.parallel_intra_op_threads,
+        Mode.FUSED: options.fused_intra_op_threads,
+        Mode.FUSED_INT8: options.fused_intra_op_threads,
+        Mode.SEQUENTIAL: options.sequential_intra_op_threads,
+        Mode.PARALLEL: options.parallel_intra_op_threads,
     }[mode]
     if configured is not None:
         return configured
-    return intra_op_threads(mode, available_cores(), members, settings.inference_slots)
+    return intra_op_threads(mode, options.cores, members, options.inference_slots)
 
 
-def thread_plans(settings: Settings, members: int, modes: Sequence[Mode]) -> dict[Mode, ThreadPlan]:
+def thread_plans(options: RuntimeOptions, members: int, modes: Sequence[Mode]) -> dict[Mode, ThreadPlan]:
     return {
-        mode: ThreadPlan(session_threads(settings, mode, members), settings.inter_op_threads, settings.spinning)
+        mode: ThreadPlan(session_threads(options, mode, members), options.inter_op_threads, options.spinning)
         for mode in modes
     }
 
@@ -163,15 +178,15 @@ class EnsembleRuntime:
         )
 
     @classmethod
-    def load(cls, settings: Settings) -> EnsembleRuntime:
+    def load(cls, options: RuntimeOptions) -> EnsembleRuntime:
         """Verifies the model directory, opens every session and warms each mode up; StartupError if any fails."""
-        root = settings.model_dir
+        root = options.model_dir
         try:
             manifest = load_manifest(root)
         except Exception as exc:  # ManifestError, or an unreadable directory
             raise StartupError(f"model directory {root} is unusable: {exc}") from None
         modes = served_modes(manifest)
-        plans = thread_plans(settings, len(manifest.members), modes)
+        plans = thread_plans(options, len(manifest.members), modes)
         graph_tensors = (*manifest.signature.inputs, *manifest.signature.outputs)
         member_tensors = (*manifest.signature.inputs, *(manifest.signature.output(n) for n in manifest.member_outputs))
 
@@ -194,7 +209,7 @@ class EnsembleRuntime:
                     )
             return SessionSet(graphs, members, pools)
 
-        slots = settings.inference_slots
+        slots = options.inference_slots
         shared = all(plan.intra_op_threads == 1 for plan in plans.values())
         runtime = cls(manifest, [session_set() for _ in range(1 if shared else slots)], plans, slots)
         runtime.warm_up()

@@ -108,6 +108,7 @@ class RequestContext:
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
         self.metrics = service.metrics
+        self.worker = service.workers.label
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -141,7 +142,7 @@ class RequestContext:
             route = getattr(scope.get("route"), "path", "unmatched")
             method = scope["method"] if scope["method"] in METHODS else "other"
             self.metrics.http_requests.labels(route, method, f"{status // 100}xx").inc()
-            self.metrics.worker_http_requests.labels(self.metrics.workers.label).inc()
+            self.metrics.worker_http_requests.labels(self.worker).inc()
 
 
 class DisconnectWatch:

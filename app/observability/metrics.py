@@ -4,13 +4,13 @@ Latency histograms use geometric buckets from 1 ms to 10 s with a ratio of 1.12,
 can tell apart two modes whose latencies differ by 10 %. Label values are bounded: the modes served,
 route templates, status classes, worker indexes.
 
-With worker processes (app.engine.workers) the counters, histograms and gauges live in prometheus-client's
+With worker processes (app.workers) the counters, histograms and gauges live in prometheus-client's
 multiprocess files, and a scrape of any worker reads them all (`scrape_registry`, `MetricFiles`): counters and
 histograms summed, so every request counts once, a dead worker's too; the gauges of requests and memory in flight
 summed over the live workers, the others (the same in every worker) their maximum. Every gauge is written when its
 value changes (the autoscaler reads ensemble_inferences_admitted at scrape time: it must not lag). What multiprocess
 mode cannot carry is never left to it: the model's info, the workers and their restarts, and each worker's process
-metrics come from WorkersCollector, computed at each scrape.
+metrics come from WorkerGroupCollector, computed at each scrape from the group's files.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import math
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from prometheus_client.registry import Collector
 
 from app.engine.resources import usable_cores
 from app.engine.runtime import EnsembleRuntime
-from app.engine.workers import METRICS_DIR, Workers, WorkerStatus
+from app.workers import WorkerGroup, WorkerStatus
 
 PREFIX = "ensemble"
 OUTCOMES = ("ok", "bad_input", "overloaded", "timeout", "error")
@@ -97,11 +96,25 @@ def _add_values(source: Path, archive: Path) -> None:
         totals.close()
 
 
-class WorkersCollector(Collector):
+def model_info(runtime: EnsembleRuntime) -> dict[str, str]:
+    """ensemble_model_info's labels for a model served (which the worker serving it publishes in its status)."""
+    manifest, cores = runtime.manifest, usable_cores()
+    return {
+        "name": manifest.name,
+        "sha256": manifest.ensemble.sha256,
+        "members": ",".join(member.name for member in manifest.members),
+        "inference_slots": str(runtime.slots),
+        "cores": str(cores.count),
+        "cores_source": cores.source,
+        **{f"{mode.replace('-', '_')}_session": plan.describe() for mode, plan in runtime.plans.items()},
+    }
+
+
+class WorkerGroupCollector(Collector):
     """What each worker says of itself in its status: the model it serves, and the workers and their restarts; with
     worker processes, each one's process metrics (memory, CPU, file descriptors) labelled by worker."""
 
-    def __init__(self, workers: Workers) -> None:
+    def __init__(self, workers: WorkerGroup) -> None:
         self.workers = workers
 
     def collect(self) -> Iterator[Metric]:
@@ -136,11 +149,14 @@ def _per_worker_process_metrics(statuses: list[WorkerStatus]) -> Iterator[Metric
 
 
 class ServiceMetrics:
-    def __init__(self, registry: CollectorRegistry, workers: Workers | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry, workers: WorkerGroup | None = None) -> None:
+        """The metrics on `registry`, with those of `workers` (by default: a process serving alone)."""
+        workers = workers or WorkerGroup()
         self.registry = registry
-        self.workers = workers or Workers()
         self._auto_candidates: set[tuple[str, str, int]] = set()
-        registry.register(WorkersCollector(self.workers))
+        registry.register(WorkerGroupCollector(workers))
+        # What a scrape reports: this process's registry, or with worker processes every worker's metrics.
+        self.scrape_registry = registry if workers.metrics_dir is None else _every_worker_registry(workers)
         mode_histogram = {"labelnames": ["mode"], "buckets": LATENCY_BUCKETS, "registry": registry}
         self.request_seconds = Histogram(
             f"{PREFIX}_request_seconds",
@@ -267,7 +283,7 @@ class ServiceMetrics:
         )
 
     @classmethod
-    def for_process(cls, workers: Workers) -> ServiceMetrics:
+    def for_process(cls, workers: WorkerGroup) -> ServiceMetrics:
         """On a new registry that also reports the process (memory, CPU, file descriptors) and the GC; with worker
         processes, every worker's process instead (labelled), the GC of none."""
         registry = CollectorRegistry()
@@ -277,17 +293,6 @@ class ServiceMetrics:
         PlatformCollector(registry=registry)
         return cls(registry, workers)
 
-    @property
-    def scrape_registry(self) -> CollectorRegistry:
-        """What a scrape reports: this process's registry, or with worker processes every worker's metrics."""
-        if not self.workers.shared:
-            return self.registry
-        registry = CollectorRegistry()
-        registry.register(MetricFiles(self.workers.directory / METRICS_DIR))
-        registry.register(WorkersCollector(self.workers))
-        PlatformCollector(registry=registry)
-        return registry
-
     def describe_machine(self, cost_per_hour: float | None) -> None:
         """The cores and what they cost, which a reload does not change."""
         cores = usable_cores()
@@ -296,9 +301,8 @@ class ServiceMetrics:
             self.cost_per_hour.set(cost_per_hour)
 
     def describe_model(self, runtime: EnsembleRuntime, auto_candidates: Mapping[tuple[str, str, int], bool]) -> None:
-        """The model's info, every served mode's series at zero from the start, and auto's candidates (mode, layout,
-        batching rows), true for the one chosen."""
-        manifest, cores = runtime.manifest, usable_cores()
+        """Every served mode's series at zero from the start, and auto's candidates (mode, layout, batching rows),
+        true for the one chosen."""
         for mode in runtime.modes:
             for histogram in (self.inference_seconds, self.slot_wait_seconds, self.cpu_seconds, self.batch_size):
                 histogram.labels(mode)
@@ -308,18 +312,6 @@ class ServiceMetrics:
                     self.predictions.labels(mode, protocol, outcome)
         for outcome in ("ok", "failed"):
             self.model_loads.labels(outcome)
-        info = {
-            "name": manifest.name,
-            "sha256": manifest.ensemble.sha256,
-            "members": ",".join(member.name for member in manifest.members),
-            "inference_slots": str(runtime.slots),
-            "cores": str(cores.count),
-            "cores_source": cores.source,
-            **{f"{mode.replace('-', '_')}_session": plan.describe() for mode, plan in runtime.plans.items()},
-        }
-        sha256 = manifest.ensemble.sha256
-        status = WorkerStatus(worker=self.workers.index, pid=os.getpid(), model=manifest.name, sha256=sha256, info=info)
-        self.workers.publish(status)
         # Candidates of a previous model go to 0 rather than away: multiprocess mode cannot remove a series.
         for labels in self._auto_candidates - set(auto_candidates):
             self.auto_choice.labels(labels[0], labels[1], str(labels[2])).set(0)
@@ -327,6 +319,11 @@ class ServiceMetrics:
         for (mode, layout, batching_rows), chosen in auto_candidates.items():
             self.auto_choice.labels(mode, layout, str(batching_rows)).set(1 if chosen else 0)
 
-    def describe_no_model(self) -> None:
-        """The model was unloaded: this worker serves none."""
-        self.workers.publish(WorkerStatus(worker=self.workers.index, pid=os.getpid()))
+
+def _every_worker_registry(workers: WorkerGroup) -> CollectorRegistry:
+    assert workers.metrics_dir is not None
+    registry = CollectorRegistry()
+    registry.register(MetricFiles(workers.metrics_dir))
+    registry.register(WorkerGroupCollector(workers))
+    PlatformCollector(registry=registry)
+    return registry

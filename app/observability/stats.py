@@ -1,7 +1,7 @@
 """Recent latencies per mode, kept for GET /stats (a quick live view; Prometheus keeps the history).
 
 Each mode's samples are a ring of the last MAX_SAMPLES_PER_MODE, in memory or, with worker processes, in a file of
-the workers' directory (app.engine.workers) that whichever worker answers /stats reads together with its own: the
+the workers' directory (app.workers) that whichever worker answers /stats reads together with its own: the
 percentiles are those of every worker's requests, not an average of the workers' percentiles. Times are
 time.monotonic(), one clock for every process of the machine.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from app.engine.timing import percentiles_ms
-from app.engine.workers import Workers
+from app.workers import WorkerGroup
 from ensemble_contract.modes import Mode
 
 MAX_SAMPLES_PER_MODE = 10_000  # a worker's: bounds memory whatever the request rate
@@ -83,9 +83,9 @@ class ModeSummary:
 class RecentLatencies:
     """The last `window_s` seconds of successful predictions of each of `modes`, of every worker."""
 
-    def __init__(self, window_s: float, modes: Sequence[Mode], workers: Workers | None = None) -> None:
+    def __init__(self, window_s: float, modes: Sequence[Mode], workers: WorkerGroup | None = None) -> None:
         self.window_s = window_s
-        self.workers = workers or Workers()
+        self.workers = workers or WorkerGroup()
         self._rings = {mode: SampleRing(self.workers.recent_file(mode)) for mode in modes}
         self._reading: asyncio.Future[dict[Mode, ModeSummary]] | None = None
 

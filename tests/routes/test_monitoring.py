@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.engine.resources import available_cores
+from app.engine.resources import usable_cores
 from app.settings import Settings
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
@@ -108,7 +108,7 @@ def test_each_prediction_is_charged_its_cpu_time(client: httpx.Client) -> None:
         )
         assert 0 < charged < 5, (mode, charged)
     stats = client.get("/stats").json()
-    assert stats["cost_per_hour"] is None and stats["cores"] == available_cores()
+    assert stats["cost_per_hour"] is None and stats["cores"] == usable_cores().count
     for mode in Mode:
         entry = stats["modes"][mode.value]
         assert entry["cpu_ms_per_prediction"] > 0

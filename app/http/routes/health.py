@@ -55,7 +55,5 @@ async def readyz(service: ServiceDep, dataplane: DataPlaneDep, arrived: ArrivalD
             modes=list(model.runtime.modes),
             images=model.manifest.image is not None,
             auto=model.auto,
-            workers=[
-                WorkerServing(worker=s.worker, pid=s.pid, sha256=s.sha256) for s in service.metrics.workers.statuses()
-            ],
+            workers=[WorkerServing(worker=s.worker, pid=s.pid, sha256=s.sha256) for s in service.workers.statuses()],
         )

@@ -10,11 +10,12 @@ from app.core.auto import AutoChoice
 from app.core.dataplane import DataPlane
 from app.core.model import LoadedModel
 from app.core.service import Service
-from app.engine.resources import usable_cores, usable_memory
+from app.engine.resources import usable_memory
 from app.errors import NotFound
 from app.http.deps import ArrivalDep, DataPlaneDep, ServiceDep
 from app.http.errors import error_responses
 from app.observability.stats import ModeSummary, Percentiles
+from app.workers import WorkerGroup
 from ensemble_contract.modes import Mode
 
 router = APIRouter(tags=["monitoring"])
@@ -120,17 +121,17 @@ async def metrics(service: ServiceDep) -> Response:
     summary="Requests and latency percentiles per mode over a recent window",
     responses=error_responses(500, 503),
 )
-async def stats(dataplane: DataPlaneDep, arrived: ArrivalDep) -> Stats:
+async def stats(service: ServiceDep, dataplane: DataPlaneDep, arrived: ArrivalDep) -> Stats:
     with dataplane.using(arrived) as model:
-        return _stats(dataplane, model, await model.recent.shared_summary())
+        return _stats(service.workers, dataplane, model, await model.recent.shared_summary())
 
 
-def _stats(dataplane: DataPlane, model: LoadedModel, summaries: dict[Mode, ModeSummary]) -> Stats:
-    recent, cores, cost = model.recent, usable_cores(), dataplane.settings.cost_per_hour
+def _stats(workers: WorkerGroup, dataplane: DataPlane, model: LoadedModel, summaries: dict[Mode, ModeSummary]) -> Stats:
+    cores, cost = workers.cores, dataplane.settings.cost_per_hour
     return Stats(
-        window_s=recent.window_s,
-        workers=len(recent.workers.statuses()),
-        admitted_at_most=recent.workers.count * (dataplane.admission.slots + dataplane.settings.max_queue),
+        window_s=model.recent.window_s,
+        workers=len(workers.statuses()),
+        admitted_at_most=workers.count * (dataplane.admission.slots + dataplane.settings.max_queue),
         cores=cores.count,
         cores_source=cores.describe(),
         cost_per_hour=cost,
