@@ -28,6 +28,7 @@ import onnxruntime as ort
 from app.engine.cpu import new_threads, threads_cpu_seconds, timed_cpu
 from app.engine.priority import lower_thread_priority
 from app.engine.resources import available_cores
+from app.engine.timing import Timing
 from app.errors import StartupError
 from app.settings import Settings, Spinning
 from ensemble_contract.combine import combine
@@ -131,9 +132,11 @@ class SessionSet:
 
 @dataclass(frozen=True)
 class Measured:
+    """A run's outputs and its timing: the runtime's inference_s (reading the pools' counters not included) and
+    cpu_s (every thread that ran it), to which the scheduler adds its wait and its batch."""
+
     outputs: Tensors
-    cpu_s: float  # CPU seconds of every thread that ran the inference
-    seconds: float  # how long it took (reading the pools' counters not included)
+    timing: Timing
 
 
 class EnsembleRuntime:
@@ -213,7 +216,8 @@ class EnsembleRuntime:
             start = time.perf_counter()
             (outputs, member_threads_s), caller_s = timed_cpu(lambda: self._run(sessions, feeds, mode))
             seconds = time.perf_counter() - start
-            return Measured(outputs, caller_s + member_threads_s + sessions.charge_pool_cpu(mode), seconds)
+            cpu_s = caller_s + member_threads_s + sessions.charge_pool_cpu(mode)
+            return Measured(outputs, Timing(inference_s=seconds, cpu_s=cpu_s))
 
     @contextmanager
     def _session_set(self) -> Iterator[SessionSet]:
@@ -258,7 +262,9 @@ class EnsembleRuntime:
         for sessions in self.session_sets:  # the warm-up's pool time is no request's
             for mode in self.modes:
                 sessions.charge_pool_cpu(mode)
-        self.typical_inference_s = statistics.median(self.infer_measured(feeds, mode).seconds for mode in self.modes)
+        self.typical_inference_s = statistics.median(
+            self.infer_measured(feeds, mode).timing.inference_s for mode in self.modes
+        )
         self.unbatchable = self._why_rows_cannot_stack()
 
     def _why_rows_cannot_stack(self) -> str | None:
