@@ -141,7 +141,7 @@ class Measured:
 
 class EnsembleRuntime:
     """Owns the sessions; `infer` runs one batch in the mode asked for. Thread-safe, for up to `slots` callers
-    at once (the admission control's inference slots): each takes a session set for the length of its call.
+    at once (the scheduler's inference slots): each takes a session set for the length of its call.
     Slots get sets of their own when a mode's sessions use several threads (a session's intra-op pool is one,
     whatever calls it); with one thread a session runs on its caller's thread and every slot shares one set."""
 
