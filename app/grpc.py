@@ -30,6 +30,7 @@ from app.core.auth import verify_api_key
 from app.core.cost import message_bytes
 from app.core.repository import ModelState
 from app.core.service import Service
+from app.core.tensors import TensorInference
 from app.errors import RETRY_AFTER_S, BadRequest, BodyTimeout, NotReady, ServiceError, StartupError
 from app.observability.metrics import ServiceMetrics
 from app.settings import Settings
@@ -106,7 +107,7 @@ class InferenceServicer:
             tensors_named = len(request.inputs) + len(request.outputs)
             lease.reserve(message_bytes(request.ByteSize(), tensors_named), "the request message")
             tensors = grpc_request(request)
-            result = await dataplane.infer_tensors(tensors, arrived=arrived, front="grpc", lease=lease)
+            result = await dataplane.infer(TensorInference(tensors), arrived=arrived, front="grpc", lease=lease)
         finally:
             lease.release()
         return grpc_response(result, request.id)

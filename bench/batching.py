@@ -1,6 +1,6 @@
 """`python -m bench batching --model-dir DIR`: what batching buys, in-process and over HTTP.
 
-In-process, through the service's own admission control and batching (app.core.auto.closed_loop, what
+In-process, through the service's own scheduler and batching (app.core.auto.closed_loop, what
 DEFAULT_MODE=auto times): in each layout (slots x intra-op threads) and mode, the saturated throughput of one-row
 requests without batching and with batches of up to --rows rows, from as many callers as the slots hold rows, the
 setups taking turns round by round; batched ÷ unbatched per round, with its 95 % interval.
@@ -13,15 +13,14 @@ its batches hold, in the same rounds: HTTP ÷ in-process, the share of the runti
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.core.admission import Admission
 from app.core.auto import SlotLayout, closed_loop, layouts
 from app.core.model import runtime_options
+from app.core.scheduler import BatchingPolicy, Scheduler
 from app.engine.resources import usable_cores
 from app.engine.runtime import EnsembleRuntime
 from app.settings import Settings
@@ -48,12 +47,12 @@ def in_process(runtime: EnsembleRuntime, setup: Setup, seconds: float) -> float:
     """Saturated throughput (requests a second) of one setup, after a short warm-up."""
 
     async def measure() -> float:
-        admission = Admission(setup.layout.slots, 0, math.inf)
+        scheduler, batching = Scheduler(setup.layout.slots), BatchingPolicy(setup.rows)
         try:
-            await closed_loop(admission, runtime, setup.mode, setup.rows, WARMUP_S)
-            return (await closed_loop(admission, runtime, setup.mode, setup.rows, seconds)).throughput_per_s
+            await closed_loop(scheduler, runtime, setup.mode, batching, WARMUP_S)
+            return (await closed_loop(scheduler, runtime, setup.mode, batching, seconds)).throughput_per_s
         finally:
-            admission.close()
+            scheduler.close()
 
     return asyncio.run(measure())
 

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.core.dataplane import DataPlane
+from app.core.scheduler import Batchable, BatchingPolicy
 from app.core.service import Service
+from app.engine.runtime import Measured, Tensors
+from app.engine.timing import Timing
 from app.main import create_app
 from app.settings import Settings
 from ensemble_contract.manifest import Int8, load_manifest
@@ -196,6 +199,18 @@ def copy_without_int8(model_dir: Path, target: Path) -> Path:
     return copy
 
 
+def stand_in(work: Callable[[], object]) -> Batchable:
+    """`work` as an inference that never merges with another: its value the output `value`, its duration the
+    inference's."""
+
+    def infer(feeds: Tensors) -> Measured:
+        start = time.perf_counter()
+        value = work()
+        return Measured({"value": np.asarray([value])}, Timing(inference_s=time.perf_counter() - start, cpu_s=0.0))
+
+    return Batchable(object(), "stand-in", 1, BatchingPolicy(max_rows=1), {}, infer)
+
+
 @contextmanager
 def holding_the_slot(server: LiveServer, *, with_ticket: bool) -> Iterator[None]:
     """Occupies the server's inference slot (with a ticket: its whole admission capacity) until the block ends."""
@@ -206,9 +221,9 @@ def holding_the_slot(server: LiveServer, *, with_ticket: bool) -> Iterator[None]
         release.wait()
 
     async def hold() -> None:
-        admission = server.dataplane.admission
-        with admission.ticket() if with_ticket else nullcontext():
-            await admission.run(work, timeout_s=60)
+        dataplane = server.dataplane
+        with dataplane.admission.ticket() if with_ticket else nullcontext():
+            await dataplane.scheduler.run(stand_in(work), timeout_s=60)
 
     held = asyncio.run_coroutine_threadsafe(hold(), server.loop)
     assert running.wait(timeout=30)

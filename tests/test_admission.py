@@ -1,5 +1,5 @@
-"""Admission control: bounded tickets, one inference slot shared by every mode, timeouts that keep the slot
-until the inference really ends; and the same, end to end, on a real server."""
+"""Admission control and scheduling: bounded tickets, one inference slot shared by every mode, timeouts that keep
+the slot until the inference really ends; and the same, end to end, on a real server."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import httpx
 import pytest
 
 from app.core.admission import Admission
+from app.core.scheduler import Scheduler
 from app.errors import InferenceTimeout, Overloaded
 from app.settings import Settings
 from ensemble_contract.manifest import Manifest
-from tests.support import LiveServer, PartialRequest, holding_the_slot, live_server, png_bytes
+from tests.support import LiveServer, PartialRequest, holding_the_slot, live_server, png_bytes, stand_in
 
 SHORT_TIMEOUT_S = 0.3
 
@@ -29,19 +30,20 @@ def anyio_backend() -> str:
 
 @pytest.mark.anyio
 async def test_tickets_beyond_slots_and_queue_are_refused() -> None:
-    admission = Admission(slots=1, max_queue=1, max_wait_s=60)
+    admission = Admission(Scheduler(slots=1), max_queue=1, max_wait_s=60)
     with admission.ticket(), admission.ticket():
         with pytest.raises(Overloaded) as refused, admission.ticket():
             pass
         assert refused.value.headers["Retry-After"] == "1"
     with admission.ticket():
         assert admission.admitted == 1
-    admission.close()
+    admission.scheduler.close()
 
 
 def test_the_expected_wait_counts_rows_so_big_requests_pay_for_their_size() -> None:
-    admission = Admission(slots=1, max_queue=100, max_wait_s=0.1)
-    admission.service_s = 0.02  # a run of one row (rows_per_run: 1 until runs are measured)
+    scheduler = Scheduler(slots=1)
+    admission = Admission(scheduler, max_queue=100, max_wait_s=0.1)
+    scheduler.assume_run_s(0.02)  # a run of one row (rows_per_run: 1 until runs are measured)
     with admission.ticket(rows=1):  # one row running
         assert admission.expected_wait_s(rows=1) == pytest.approx(0.02)  # it waits for that run
         assert admission.expected_wait_s(rows=8) == pytest.approx(0.16)  # and its own rows run after it
@@ -51,16 +53,17 @@ def test_the_expected_wait_counts_rows_so_big_requests_pay_for_their_size() -> N
     with admission.ticket(rows=4):  # four rows admitted weigh as four one-row requests
         assert admission.admitted_rows == 4 and admission.expected_wait_s(rows=1) == pytest.approx(0.08)
     assert admission.admitted == admission.admitted_rows == 0
-    admission.close()
+    scheduler.close()
 
 
 @pytest.mark.anyio
 async def test_the_queue_is_bounded_by_the_expected_wait_not_only_by_count() -> None:
-    admission = Admission(slots=2, max_queue=100, max_wait_s=0.05)
+    scheduler = Scheduler(slots=2)
+    admission = Admission(scheduler, max_queue=100, max_wait_s=0.05)
     assert admission.refusal() is None  # nothing measured yet: only the count bounds the queue
-    await admission.run(lambda: time.sleep(0.02), timeout_s=5)
-    assert admission.service_s is not None and admission.service_s >= 0.02  # a sleep lasts at least its time
-    admission.service_s = 0.02  # what was measured, made exact for the arithmetic below
+    await scheduler.run(stand_in(lambda: time.sleep(0.02)), timeout_s=5)
+    assert scheduler.service_s is not None and scheduler.service_s >= 0.02  # a sleep lasts at least its time
+    scheduler.assume_run_s(0.02)  # what was measured, made exact for the arithmetic below
     tickets = [admission.ticket() for _ in range(6)]
     for ticket in tickets:  # 6 in the pipeline on 2 slots: the 7th waits (7 - 2) / 2 x 20 ms = 50 ms, in budget
         ticket.__enter__()
@@ -72,52 +75,52 @@ async def test_the_queue_is_bounded_by_the_expected_wait_not_only_by_count() -> 
         assert refused.headers["Retry-After"] == "1"
     for ticket in tickets:
         ticket.__exit__(None, None, None)
-    admission.close()
+    scheduler.close()
 
 
 @pytest.mark.anyio
 async def test_work_runs_off_the_event_loop_and_returns_its_value() -> None:
-    admission = Admission(slots=1, max_queue=0, max_wait_s=60)
+    scheduler = Scheduler(slots=1)
     loop_thread = threading.get_ident()
-    admitted = await admission.run(threading.get_ident, timeout_s=5)
-    assert admitted.value != loop_thread
-    admission.close()
+    measured = await scheduler.run(stand_in(threading.get_ident), timeout_s=5)
+    assert measured.outputs["value"][0] != loop_thread
+    scheduler.close()
 
 
 @pytest.mark.anyio
 async def test_a_request_waits_for_the_busy_slot_and_says_how_long() -> None:
-    admission = Admission(slots=1, max_queue=1, max_wait_s=60)
+    scheduler = Scheduler(slots=1)
     release = threading.Event()
-    first = asyncio.create_task(admission.run(lambda: release.wait(5), timeout_s=30))
+    first = asyncio.create_task(scheduler.run(stand_in(lambda: release.wait(5)), timeout_s=30))
     await asyncio.sleep(0)  # the first takes the only slot and runs in its thread
-    second = asyncio.create_task(admission.run(lambda: "second", timeout_s=30))
+    second = asyncio.create_task(scheduler.run(stand_in(lambda: "second"), timeout_s=30))
     await asyncio.sleep(0)  # the second waits for the slot
     waiting_since = time.perf_counter()
     await asyncio.sleep(0.05)
     held_s = time.perf_counter() - waiting_since
     release.set()
     first_done, second_done = await asyncio.gather(first, second)
-    assert first_done.value is True and second_done.value == "second"
+    assert first_done.outputs["value"].tolist() == [True] and second_done.outputs["value"].tolist() == ["second"]
     # The second began waiting before `waiting_since` and got the slot only after `release.set()`: it waited at
     # least `held_s`, whatever the machine's speed (a slow one only makes it wait longer).
-    assert second_done.waited_s >= held_s
-    admission.close()
+    assert second_done.timing.queue_s >= held_s
+    scheduler.close()
 
 
 @pytest.mark.anyio
 async def test_a_timed_out_inference_keeps_its_slot_until_it_ends() -> None:
-    admission = Admission(slots=1, max_queue=0, max_wait_s=60)
+    scheduler = Scheduler(slots=1)
     release = threading.Event()
     with pytest.raises(InferenceTimeout, match="did not finish"):
-        await admission.run(release.wait, timeout_s=SHORT_TIMEOUT_S)
+        await scheduler.run(stand_in(release.wait), timeout_s=SHORT_TIMEOUT_S)
     with pytest.raises(InferenceTimeout, match="no inference slot"):
-        await admission.run(lambda: "second", timeout_s=SHORT_TIMEOUT_S)
+        await scheduler.run(stand_in(lambda: "second"), timeout_s=SHORT_TIMEOUT_S)
     release.set()
-    assert (await admission.run(lambda: "third", timeout_s=5)).value == "third"
-    admission.close()
+    assert (await scheduler.run(stand_in(lambda: "third"), timeout_s=5)).outputs["value"][0] == "third"
+    scheduler.close()
 
 
-# End to end: the test occupies the server's only inference slot through the server's own Admission, on the
+# End to end: the test occupies the server's only inference slot through the server's own scheduler, on the
 # server's event loop, so "busy" is a fact and not a race.
 
 

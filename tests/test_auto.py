@@ -79,9 +79,9 @@ def test_auto_times_every_mode_under_every_layout_and_batching_and_serves_its_ch
             best["mode"], best["layout"], best["batching_rows"]
         )  # fmt: skip
         assert auto["slots"] * auto["threads"] <= usable_cores().count
-        assert auto_server.dataplane.admission.slots == auto["slots"]
+        assert auto_server.dataplane.scheduler.slots == auto["slots"]
         assert auto_server.dataplane.model.runtime.slots == auto["slots"]
-        assert auto_server.dataplane.model.batching_rows == auto["batching_rows"]
+        assert auto_server.dataplane.model.batching.max_rows == auto["batching_rows"]
         # Requests without a mode, and ?mode=auto, run the chosen mode.
         for params in ({}, {"mode": "auto"}):
             response = client.post(

@@ -1,7 +1,7 @@
 """Batching: requests waiting for an inference slot together, whose inputs agree in all but the batch dimension,
 run as one inference and each gets its own rows back, equal to what it gets alone.
 
-The admission's batching on a stand-in model first (which requests merge, a failing batch, a request that gave
+The scheduler's batching on a stand-in model first (which requests merge, a failing batch, a request that gave
 up, the delay); then real servers on real models: our UNets, the torchvision and scikit-learn ensembles, every
 mode, every front (/predict, /v2 JSON and binary, gRPC), a batch formed for certain by holding the only slot while
 the requests queue; models that must not batch; and the measurements."""
@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 
-from app.core.admission import Admission, Batchable
+from app.core.scheduler import Batchable, BatchingPolicy, Scheduler
 from app.engine.runtime import EnsembleRuntime, Measured, Tensors
+from app.engine.timing import Timing
 from app.errors import InferenceTimeout
 from app.settings import Settings
 from ensemble_contract.datatypes import NUMPY
@@ -34,10 +35,10 @@ from ensemble_contract.manifest import Manifest, load_manifest
 from ensemble_contract.modes import Mode
 from tests.onnx_members import FRAGILE_SIZE, hand_made_member
 from tests.service_process import free_port
-from tests.support import LiveServer, encode, fuse, holding_the_slot, live_server, picture, scrape
+from tests.support import LiveServer, encode, fuse, holding_the_slot, live_server, picture, scrape, stand_in
 
 # ---------------------------------------------------------------------------------------------------------------
-# The admission's batching, on a stand-in model that doubles its input and refuses negative numbers
+# The scheduler's batching, on a stand-in model that doubles its input and refuses negative numbers
 
 
 @pytest.fixture
@@ -56,19 +57,22 @@ class Doubler:
         self.runs.append(len(x))
         if (x < 0).any():
             raise ValueError("a negative input")
-        return Measured({"y": x * 2}, cpu_s=0.001 * len(x), seconds=0.001)
+        return Measured({"y": x * 2}, Timing(inference_s=0.001, cpu_s=0.001 * len(x)))
 
 
-def request(model: Doubler, *values: float, key: str = "k", max_rows: int = 8) -> Batchable:
+def request(model: Doubler, *values: float, key: str = "k", max_rows: int = 8, delay_s: float = 0.0) -> Batchable:
     feeds = {"x": np.asarray(values, np.float32).reshape(-1, 1)}
-    return Batchable(key, key, len(values), max_rows, feeds, model)
+    return Batchable(key, key, len(values), BatchingPolicy(max_rows, delay_s), feeds, model)
+
+
+HELD = ("stand-in", 1)  # the run of `held`, which the scheduler observes like any other
 
 
 @contextmanager
-def held(admission: Admission) -> Iterator[Callable[[], None]]:
-    """Occupies the admission's only slot until the returned function is called."""
+def held(scheduler: Scheduler) -> Iterator[Callable[[], None]]:
+    """Occupies the scheduler's only slot until the returned function is called."""
     release = threading.Event()
-    holder = asyncio.ensure_future(admission.run(release.wait, timeout_s=30))
+    holder = asyncio.ensure_future(scheduler.run(stand_in(release.wait), timeout_s=30))
     try:
         yield release.set
     finally:
@@ -76,13 +80,13 @@ def held(admission: Admission) -> Iterator[Callable[[], None]]:
         holder.cancel()
 
 
-async def queued(admission: Admission, requests: list[Batchable], timeout_s: float = 30) -> list[asyncio.Task[Any]]:
+async def queued(scheduler: Scheduler, requests: list[Batchable], timeout_s: float = 30) -> list[asyncio.Task[Any]]:
     """The requests, queued behind the held slot, in order."""
     tasks = []
     for r in requests:
-        tasks.append(asyncio.ensure_future(admission.run(r, timeout_s)))
+        tasks.append(asyncio.ensure_future(scheduler.run(r, timeout_s)))
         await asyncio.sleep(0)
-    while admission.waiting < len(requests):
+    while scheduler.waiting < len(requests):
         await asyncio.sleep(0.001)
     return tasks
 
@@ -90,25 +94,25 @@ async def queued(admission: Admission, requests: list[Batchable], timeout_s: flo
 @pytest.mark.anyio
 async def test_requests_waiting_together_run_as_one_and_each_gets_its_own_rows() -> None:
     model, runs = Doubler([]), []
-    admission = Admission(1, 8, 60, observe_run=lambda label, rows: runs.append((label, rows)))
-    with held(admission) as release:
-        tasks = await queued(admission, [request(model, 1), request(model, 2, 3), request(model, 4)])
+    scheduler = Scheduler(1, observe_run=lambda label, rows: runs.append((label, rows)))
+    with held(scheduler) as release:
+        tasks = await queued(scheduler, [request(model, 1), request(model, 2, 3), request(model, 4)])
         release()
         answers = [await task for task in tasks]
     assert model.runs == [4]  # one inference of every row
-    assert [a.value.outputs["y"].ravel().tolist() for a in answers] == [[2], [4, 6], [8]]
-    assert [a.batch_rows for a in answers] == [4, 4, 4]
-    assert [a.value.cpu_s for a in answers] == pytest.approx([0.001, 0.002, 0.001])  # a share by rows
-    assert runs == [("k", 4)]
-    assert admission.rows_per_run > 1  # the expected wait counts runs of several rows
-    admission.close()
+    assert [a.outputs["y"].ravel().tolist() for a in answers] == [[2], [4, 6], [8]]
+    assert [a.timing.batch_rows for a in answers] == [4, 4, 4]
+    assert [a.timing.cpu_s for a in answers] == pytest.approx([0.001, 0.002, 0.001])  # a share by rows
+    assert runs == [HELD, ("k", 4)]
+    assert scheduler.rows_per_run > 1  # the expected wait counts runs of several rows
+    scheduler.close()
 
 
 @pytest.mark.anyio
 async def test_a_batch_takes_the_oldest_requests_of_its_key_while_their_rows_fit() -> None:
     model, runs = Doubler([]), []
-    admission = Admission(1, 8, 60, observe_run=lambda label, rows: runs.append((label, rows)))
-    with held(admission) as release:
+    scheduler = Scheduler(1, observe_run=lambda label, rows: runs.append((label, rows)))
+    with held(scheduler) as release:
         requests = [
             request(model, 1, 1, 1),
             request(model, 9, key="other"),  # another model, mode or input shape
@@ -116,13 +120,13 @@ async def test_a_batch_takes_the_oldest_requests_of_its_key_while_their_rows_fit
             request(model, 3, 3, 3),  # 9 rows with the first two: over 8, waits for the next run
             request(model, 4, 4),  # fits beside the first two
         ]
-        tasks = await queued(admission, requests)
+        tasks = await queued(scheduler, requests)
         release()
         answers = [await task for task in tasks]
-    assert runs == [("k", 8), ("other", 1), ("k", 3)]
-    assert [a.batch_rows for a in answers] == [8, 1, 8, 3, 8]
-    assert answers[3].value.outputs["y"].ravel().tolist() == [6, 6, 6]
-    admission.close()
+    assert runs == [HELD, ("k", 8), ("other", 1), ("k", 3)]
+    assert [a.timing.batch_rows for a in answers] == [8, 1, 8, 3, 8]
+    assert answers[3].outputs["y"].ravel().tolist() == [6, 6, 6]
+    scheduler.close()
 
 
 @pytest.mark.anyio
@@ -130,51 +134,52 @@ async def test_a_batch_that_fails_runs_again_one_request_at_a_time_so_only_the_g
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     model, runs = Doubler([]), []
-    admission = Admission(1, 8, 60, observe_run=lambda label, rows: runs.append((label, rows)))
-    with held(admission) as release:
-        tasks = await queued(admission, [request(model, 1), request(model, -1), request(model, 3)])
+    scheduler = Scheduler(1, observe_run=lambda label, rows: runs.append((label, rows)))
+    with held(scheduler) as release:
+        tasks = await queued(scheduler, [request(model, 1), request(model, -1), request(model, 3)])
         release()
         results = await asyncio.gather(*tasks, return_exceptions=True)
-    assert [r.value.outputs["y"].item() for r in (results[0], results[2])] == [2, 6]
-    assert [r.batch_rows for r in (results[0], results[2])] == [1, 1]
+    assert [r.outputs["y"].item() for r in (results[0], results[2])] == [2, 6]
+    assert [r.timing.batch_rows for r in (results[0], results[2])] == [1, 1]
     assert isinstance(results[1], ValueError)
     assert model.runs == [3, 1, 1, 1]  # the batch, then each alone
-    assert runs == [("k", 1)] * 3
+    assert runs == [HELD, *[("k", 1)] * 3]
     assert "a batch of 3 requests failed: running them one by one" in caplog.text
-    admission.close()
+    scheduler.close()
 
 
 @pytest.mark.anyio
 async def test_a_request_that_gave_up_waiting_is_left_out_of_the_batch() -> None:
     model = Doubler([])
-    admission = Admission(1, 8, 60)
-    with held(admission) as release:
-        [first] = await queued(admission, [request(model, 1)])
-        impatient = asyncio.ensure_future(admission.run(request(model, 5), timeout_s=0.05))
+    scheduler = Scheduler(1)
+    with held(scheduler) as release:
+        [first] = await queued(scheduler, [request(model, 1)])
+        impatient = asyncio.ensure_future(scheduler.run(request(model, 5), timeout_s=0.05))
         with pytest.raises(InferenceTimeout, match="no inference slot"):
             await impatient
-        [last] = await queued(admission, [request(model, 3)])
+        [last] = await queued(scheduler, [request(model, 3)])
         release()
         answers = [await first, await last]
-    assert model.runs == [2] and [a.batch_rows for a in answers] == [2, 2]
-    admission.close()
+    assert model.runs == [2] and [a.timing.batch_rows for a in answers] == [2, 2]
+    scheduler.close()
 
 
 @pytest.mark.anyio
 async def test_with_a_delay_a_free_slot_waits_for_a_full_batch_and_without_one_it_takes_what_waits() -> None:
     model = Doubler([])
-    patient = Admission(1, 8, 60, batch_delay_s=30)
-    first = asyncio.ensure_future(patient.run(request(model, 1, max_rows=2), 30))
+    patient = Scheduler(1)
+    first = asyncio.ensure_future(patient.run(request(model, 1, max_rows=2, delay_s=30), 30))
     await asyncio.sleep(0.05)
-    second = await patient.run(request(model, 2, max_rows=2), 30)  # fills the batch: it runs at once
+    second = await patient.run(request(model, 2, max_rows=2, delay_s=30), 30)  # fills the batch: it runs at once
     waited = await first
-    assert model.runs == [2] and waited.batch_rows == second.batch_rows == 2
-    assert waited.batch_wait_s >= 0.05  # the first waited for the second (not the whole delay: the batch filled)
+    assert model.runs == [2] and waited.timing.batch_rows == second.timing.batch_rows == 2
+    # The first waited for the second (not the whole delay: the batch filled).
+    assert waited.timing.batch_wait_s >= 0.05
     patient.close()
 
-    eager = Admission(1, 8, 60)  # BATCHING_DELAY_MS=0: a lone request never waits for company
+    eager = Scheduler(1)  # BATCHING_DELAY_MS=0: a lone request never waits for company
     alone = await eager.run(request(model, 1), 30)
-    assert alone.batch_rows == 1 and alone.batch_wait_s < 0.05
+    assert alone.timing.batch_rows == 1 and alone.timing.batch_wait_s < 0.05
     eager.close()
 
 
@@ -187,7 +192,7 @@ Outputs = dict[str, np.ndarray]
 @dataclass
 class Answer:
     outputs: Outputs
-    batch_size: int
+    batch_rows: int
 
 
 @dataclass
@@ -220,7 +225,7 @@ def together(server: LiveServer, calls: list[Call]) -> list[Answer]:
         with holding_the_slot(server, with_ticket=False):
             futures = [pool.submit(call) for call in calls]
             deadline = time.monotonic() + 60
-            while server.dataplane.admission.waiting < len(calls):
+            while server.dataplane.scheduler.waiting < len(calls):
                 assert time.monotonic() < deadline, "the requests did not all queue"
                 time.sleep(0.005)
         return [future.result() for future in futures]
@@ -255,7 +260,7 @@ def v2_json(url: str, model: str, feeds: Tensors, mode: Mode, outputs: list[str]
         assert response.status_code == 200, response.text
         answer = response.json()
         arrays = {o["name"]: np.asarray(o["data"], NUMPY[o["datatype"]]).reshape(o["shape"]) for o in answer["outputs"]}
-        return Answer(arrays, answer["parameters"]["batch_size"])
+        return Answer(arrays, answer["parameters"]["batch_rows"])
 
     return Call(_rows(feeds), call)
 
@@ -287,7 +292,7 @@ def v2_binary(url: str, model: str, feeds: Tensors, mode: Mode) -> Call:
             raw = response.content[offset : offset + size]
             arrays[o["name"]] = np.frombuffer(raw, NUMPY[o["datatype"]]).reshape(o["shape"])
             offset += size
-        return Answer(arrays, answer["parameters"]["batch_size"])
+        return Answer(arrays, answer["parameters"]["batch_rows"])
 
     return Call(_rows(feeds), call)
 
@@ -303,7 +308,7 @@ def grpc(address: str, model: str, feeds: Tensors, mode: Mode) -> Call:
             result = client.infer(model, inputs, parameters={"mode": mode.value})
         response = result.get_response()
         arrays = {o.name: result.as_numpy(o.name) for o in response.outputs}
-        return Answer(arrays, response.parameters["batch_size"].int64_param)
+        return Answer(arrays, response.parameters["batch_rows"].int64_param)
 
     return Call(_rows(feeds), call)
 
@@ -326,8 +331,8 @@ def predict(url: str, png: bytes, mode: Mode) -> Call:
             arrays[member["name"]] = np.asarray(list(member["probabilities"].values()), np.float64)
         timings = answer["timings_ms"]
         assert 0 <= timings["batch_wait"] <= timings["queue"]
-        assert response.headers["Server-Timing"].endswith(f"batch;desc={timings['batch_size']}")
-        return Answer(arrays, timings["batch_size"])
+        assert response.headers["Server-Timing"].endswith(f"batch_rows;desc={timings['batch_rows']}")
+        return Answer(arrays, timings["batch_rows"])
 
     return Call(1, call)
 
@@ -349,7 +354,7 @@ def check_batched_against_alone(server: LiveServer, calls: list[Call], label: st
     batched = together(server, calls)
     for i, (call, answer) in enumerate(zip(calls, batched, strict=True)):
         alone = call()
-        assert alone.batch_size == call.rows  # it ran by itself
+        assert alone.batch_rows == call.rows  # it ran by itself
         assert_same_answers(answer.outputs, alone.outputs, f"{label} call {i}")
     return batched
 
@@ -377,7 +382,7 @@ def test_our_models_answer_the_same_batched_over_every_front_in_every_mode(
         predict(server.url, encode(picture(seed=6), "PNG"), mode),
     ]
     batched = check_batched_against_alone(server, calls, str(mode))
-    assert {answer.batch_size for answer in batched} == {7}  # every row of the six requests in one inference
+    assert {answer.batch_rows for answer in batched} == {7}  # every row of the six requests in one inference
 
 
 def test_requests_of_different_modes_or_sizes_never_share_a_batch(
@@ -389,7 +394,7 @@ def test_requests_of_different_modes_or_sizes_never_share_a_batch(
         v2_json(server.url, manifest.name, rows(manifest, 1, seed=2), Mode.PARALLEL),
         v2_json(server.url, manifest.name, rows(manifest, 1, seed=3), Mode.FUSED),
     ]
-    assert [answer.batch_size for answer in together(server, calls)] == [2, 1, 2]
+    assert [answer.batch_rows for answer in together(server, calls)] == [2, 1, 2]
 
 
 def test_batch_sizes_and_waits_are_measured(ours: tuple[LiveServer, str], manifest: Manifest) -> None:
@@ -402,12 +407,12 @@ def test_batch_sizes_and_waits_are_measured(ours: tuple[LiveServer, str], manife
         after = scrape(client)
         stats = client.get("/stats").json()
     labels = {"mode": "sequential"}
-    assert after.value("ensemble_batch_size_count", **labels) - before.value("ensemble_batch_size_count", **labels) == 1
-    assert after.value("ensemble_batch_size_sum", **labels) - before.value("ensemble_batch_size_sum", **labels) == 3
-    waits = "ensemble_inference_slot_wait_seconds_count"
+    assert after.value("ensemble_batch_rows_count", **labels) - before.value("ensemble_batch_rows_count", **labels) == 1
+    assert after.value("ensemble_batch_rows_sum", **labels) - before.value("ensemble_batch_rows_sum", **labels) == 3
+    waits = "ensemble_queue_seconds_count"
     assert after.value(waits, **labels) - before.value(waits, **labels) == 3
     assert stats["batching"] == {"max_rows": 8, "delay_ms": 0.0, "off_because": None}
-    assert stats["modes"]["sequential"]["mean_batch_size"] > 1
+    assert stats["modes"]["sequential"]["mean_batch_rows"] > 1
     assert stats["modes"]["sequential"]["queue_ms"]["p50"] > 0
 
 
@@ -425,8 +430,8 @@ def test_answers_stay_right_under_free_running_concurrent_load(
             metrics = scrape(client)
     for i, (answer, alone) in enumerate(zip(answers, expected, strict=True)):
         assert_same_answers(answer.outputs, alone, f"request {i}")
-    runs = metrics.value("ensemble_batch_size_count", mode="fused")
-    assert metrics.value("ensemble_batch_size_sum", mode="fused") == 64 and 1 <= runs <= 64
+    runs = metrics.value("ensemble_batch_rows_count", mode="fused")
+    assert metrics.value("ensemble_batch_rows_sum", mode="fused") == 64 and 1 <= runs <= 64
 
 
 # Third-party ensembles: torchvision classifiers (dynamic spatial dims) and scikit-learn (ai.onnx.ml, int64 votes).
@@ -446,7 +451,7 @@ def test_third_party_ensembles_answer_the_same_batched_in_every_mode(kind: str, 
                 grpc(address, manifest.name, rows(manifest, 2, seed=4), mode),
             ]
             batched = check_batched_against_alone(server, calls, f"{kind} {mode}")
-            assert {answer.batch_size for answer in batched} == {7}
+            assert {answer.batch_rows for answer in batched} == {7}
 
 
 def test_vision_images_of_other_sizes_batch_apart(vision_dir: Path) -> None:
@@ -454,7 +459,7 @@ def test_vision_images_of_other_sizes_batch_apart(vision_dir: Path) -> None:
     sized = [np.random.default_rng(s).normal(size=(1, 3, h, 64)).astype(np.float32) for s, h in enumerate((64, 96, 64))]
     with serving(batching_settings(vision_dir)) as (server, _):
         calls = [v2_json(server.url, manifest.name, {"input": x}, Mode.FUSED) for x in sized]
-        assert [answer.batch_size for answer in check_batched_against_alone(server, calls, "sizes")] == [2, 1, 2]
+        assert [answer.batch_rows for answer in check_batched_against_alone(server, calls, "sizes")] == [2, 1, 2]
 
 
 # What never poisons a batch: a request that fails validation, and one that fails inside ONNX Runtime.
@@ -472,9 +477,9 @@ def test_a_request_failing_validation_is_refused_at_once_and_never_joins_a_batch
             with server.client() as client:  # answered while the slot is still held: it never waited for it
                 refused = client.post(f"/v2/models/{manifest.name}/infer", json=_body(wrong))
             assert refused.status_code == 400 and "image" in refused.json()["error"]
-            while server.dataplane.admission.waiting < len(good):
+            while server.dataplane.scheduler.waiting < len(good):
                 time.sleep(0.005)
-        assert [future.result().batch_size for future in good] == [2, 2]
+        assert [future.result().batch_rows for future in good] == [2, 2]
 
 
 def test_a_batch_failing_inside_onnx_runtime_fails_only_the_guilty_request(fragile_dir: Path) -> None:
@@ -490,7 +495,7 @@ def test_a_batch_failing_inside_onnx_runtime_fails_only_the_guilty_request(fragi
 
         calls = [v2_json(server.url, manifest.name, {"image": x}, Mode.FUSED) for x in fine]
         answers = together(server, [calls[0], Call(1, fails), calls[1], calls[2]])
-        assert [answer.batch_size for answer in answers] == [1, 0, 1, 1]  # the batch failed: each ran alone
+        assert [answer.batch_rows for answer in answers] == [1, 0, 1, 1]  # the batch failed: each ran alone
         for call, answer in zip(calls, (answers[0], answers[2], answers[3]), strict=True):
             assert_same_answers(answer.outputs, call().outputs, "after the failed batch")
 
@@ -526,6 +531,6 @@ def test_models_whose_rows_cannot_stack_are_never_batched_and_say_why(
         assert f"batching off: {why}" in caplog.text
         feeds = [rows(manifest, 1, seed=s) for s in range(3)]
         calls = [v2_json(server.url, manifest.name, f, Mode.FUSED) for f in feeds]
-        assert [answer.batch_size for answer in together(server, calls)] == [1, 1, 1]
+        assert [answer.batch_rows for answer in together(server, calls)] == [1, 1, 1]
         with server.client() as client:
             assert client.get("/stats").json()["batching"]["off_because"].startswith(why)

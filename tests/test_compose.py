@@ -196,7 +196,7 @@ def test_the_dashboard_shows_what_a_user_compares() -> None:
         "ensemble_cost_per_hour",
         "ensemble_cores",
         "ensemble_early_refusals_total",
-        "ensemble_inference_slot_wait_seconds_bucket",
+        "ensemble_queue_seconds_bucket",
         "ensemble_model_info",
     )
     assert [text for text in needed if text not in exprs] == []

@@ -243,12 +243,12 @@ def test_requests_whose_clients_leave_leave_the_queue(model_dir: Path, manifest:
             for request in queued:
                 request.close()
             wait_until(lambda: dataplane.admission.admitted == 0, "the requests that left are no longer admitted")
-            wait_until(lambda: dataplane.admission.waiting == 0, "the queue is empty")
+            wait_until(lambda: dataplane.scheduler.waiting == 0, "the queue is empty")
             wait_until(lambda: dataplane.memory.held_bytes == 0, "their memory is given back")
         assert client.post(path, json=tensor_request(manifest)).status_code == 200
-        assert batch_runs(client) - runs_before == 1  # that one: none of the requests that left ran
+        assert batch_runs(client) - runs_before == 2  # the holder's and that one: none of the requests that left ran
 
 
 def batch_runs(client: httpx.Client) -> float:
     """Inference runs of requests so far (each run observes its batch's size once)."""
-    return Scrape(client.get("/metrics").text).total("ensemble_batch_size_count")
+    return Scrape(client.get("/metrics").text).total("ensemble_batch_rows_count")

@@ -177,5 +177,6 @@ def test_calls_past_their_deadline_leave_nothing_behind(guarded: tuple[LiveServe
         after = scrape(http)
     assert after.value("ensemble_inferences_admitted") == 0
     assert after.value("ensemble_memory_reserved_bytes") == 0
-    flood_rows_run = after.total("ensemble_batch_size_sum") - before.total("ensemble_batch_size_sum") - 1
+    # The rows run since `before`, less the holder's row and the last request's.
+    flood_rows_run = after.total("ensemble_batch_rows_sum") - before.total("ensemble_batch_rows_sum") - 2
     assert flood_rows_run < ROWS * FLOOD_THREADS * CALLS_PER_THREAD

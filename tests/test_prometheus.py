@@ -122,10 +122,10 @@ def compare_traffic(server: LiveServer | ServiceProcess, requests: int = len(MOD
 
 
 BATCHING_RULES = (
-    "mode:ensemble_batch_size:mean_1m",
+    "mode:ensemble_batch_rows:mean_1m",
     "mode:ensemble_predictions:ok_rate_1m",
     "mode:ensemble_cpu_seconds_per_prediction:mean_1m",
-    "mode:ensemble_inference_slot_wait_seconds:p95_1m",
+    "mode:ensemble_queue_seconds:p95_1m",
 )
 
 
@@ -156,7 +156,7 @@ def test_prometheus_computes_latency_quantiles_of_every_mode(server: LiveServer,
         assert ratios["fused"] == pytest.approx(1.0)
         assert all(ratio > 0 for ratio in ratios.values())
     # Whether batching pays: the traffic went one request at a time, so every inference ran one row.
-    assert set(finite_values_by_mode(prometheus, "mode:ensemble_batch_size:mean_1m").values()) == {1.0}
+    assert set(finite_values_by_mode(prometheus, "mode:ensemble_batch_rows:mean_1m").values()) == {1.0}
     for name in BATCHING_RULES:
         assert all(value >= 0 for value in finite_values_by_mode(prometheus, name).values()), name
 

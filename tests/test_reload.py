@@ -375,4 +375,4 @@ def test_a_reload_under_auto_keeps_the_layout_and_times_the_new_models_modes(bui
         assert again["sha256"] == sha256(builds.b)
         assert {c["layout"] for c in again["auto"]["candidates"]} == {first["layout"]}
         assert {c["mode"] for c in again["auto"]["candidates"]} == set(again["modes"])
-        assert live.dataplane.model.runtime.slots == first["slots"] == live.dataplane.admission.slots
+        assert live.dataplane.model.runtime.slots == first["slots"] == live.dataplane.scheduler.slots

@@ -6,7 +6,7 @@ use, each with cores // slots threads (parallel mode divides them by the members
 with a few sizes up to BATCHING_MAX_ROWS (for a model whose batch dimension is not fixed). The layouts are loaded
 one at a time (a layout of many multi-threaded slots holds a session set per slot: loading them all at once
 would multiply the memory), and each layout's candidates (mode x batching) are timed through the service's own
-admission and batching, in windows of AUTO_WINDOW_MS: a closed loop of one-row requests from as many callers as
+scheduler and batching, in windows of AUTO_WINDOW_MS: a closed loop of one-row requests from as many callers as
 slots x batch rows (enough to fill the batches), taking turns window by window (interleaved, so a slow spell of
 the machine hits them all), until every candidate's last three windows agree within 5 % (perf_analyzer's
 stability rule) or the layout's share of AUTO_BUDGET_S (which counts the timing, not the loading) runs out;
@@ -29,7 +29,7 @@ from functools import partial
 
 from pydantic import BaseModel, Field
 
-from app.core.admission import Admission, Batchable
+from app.core.scheduler import Batchable, BatchingPolicy, Scheduler
 from app.engine.runtime import EnsembleRuntime, RuntimeOptions
 from app.engine.timing import mean_interval, percentiles_ms
 from app.errors import StartupError
@@ -98,7 +98,7 @@ class AutoChoice(BaseModel):
 class _Candidate:
     mode: Mode
     layout: SlotLayout
-    batching_rows: int
+    batching: BatchingPolicy
     throughputs: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     batch_rows: list[int] = field(default_factory=list)
@@ -124,7 +124,7 @@ class _Candidate:
         return CandidateFigures(
             mode=self.mode,
             layout=str(self.layout),
-            batching_rows=self.batching_rows,
+            batching_rows=self.batching.max_rows,
             throughput_per_s=round(mean, 2),
             throughput_ci95=interval,
             p50_ms=round(p50_ms, 3),
@@ -150,24 +150,26 @@ class Window:
     batch_rows: list[int]
 
 
-async def closed_loop(admission: Admission, runtime: EnsembleRuntime, mode: Mode, rows: int, seconds: float) -> Window:
-    """One-row requests of the model's example input through `admission`, batched up to `rows` rows, for `seconds`,
+async def closed_loop(
+    scheduler: Scheduler, runtime: EnsembleRuntime, mode: Mode, batching: BatchingPolicy, seconds: float
+) -> Window:
+    """One-row requests of the model's example input through `scheduler`, batched as `batching` says, for `seconds`,
     from as many callers as its slots hold rows of one batch each: what DEFAULT_MODE=auto times (and the benchmarks
     compare with the same traffic over HTTP)."""
     feeds = runtime.manifest.example_inputs(1)
-    request = Batchable(mode, mode, 1, rows, feeds, partial(runtime.infer_measured, mode=mode))
+    request = Batchable(mode, mode, 1, batching, feeds, partial(runtime.infer_measured, mode=mode))
     deadline = time.perf_counter() + seconds
     latencies: list[float] = []
     batch_rows: list[int] = []
 
     async def caller() -> None:
         while (start := time.perf_counter()) < deadline:
-            admitted = await admission.run(request, math.inf)
+            measured = await scheduler.run(request, math.inf)
             latencies.append(time.perf_counter() - start)
-            batch_rows.append(admitted.batch_rows)
+            batch_rows.append(measured.timing.batch_rows)
 
     started = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(admission.slots * rows)))
+    await asyncio.gather(*(caller() for _ in range(scheduler.slots * batching.max_rows)))
     return Window(len(latencies) / (time.perf_counter() - started), latencies, batch_rows)
 
 
@@ -188,25 +190,26 @@ def rank(candidates: Sequence[CandidateFigures]) -> list[CandidateFigures]:
 
 
 def _time_layout(
-    runtime: EnsembleRuntime, layout: SlotLayout, settings: Settings, batching: Sequence[int], budget_s: float
+    runtime: EnsembleRuntime, layout: SlotLayout, settings: Settings, allowed: BatchingPolicy, budget_s: float
 ) -> list[_Candidate]:
-    """Every candidate (mode x batching) of one layout, in turns of one window each, until all are stable or the
-    budget is spent (one window each at least)."""
-    candidates = [_Candidate(mode, layout, rows) for mode in runtime.modes for rows in batching]
+    """Every candidate (mode x batching, within what `allowed` allows) of one layout, in turns of one window each,
+    until all are stable or the budget is spent (one window each at least)."""
+    batching = [allowed.at_most(rows) for rows in batching_options(allowed.max_rows)]
+    candidates = [_Candidate(mode, layout, policy) for mode in runtime.modes for policy in batching]
     window_s = settings.auto_window_ms / 1000
 
     async def take_turns() -> None:
-        admission = Admission(layout.slots, layout.slots * max(batching), math.inf, settings.batching_delay_ms / 1000)
+        scheduler = Scheduler(layout.slots)
         deadline = time.perf_counter() + budget_s
         try:
             while not candidates[-1].throughputs or (
                 time.perf_counter() < deadline and not all(c.stable for c in candidates)
             ):
                 for candidate in candidates:
-                    window = await closed_loop(admission, runtime, candidate.mode, candidate.batching_rows, window_s)
+                    window = await closed_loop(scheduler, runtime, candidate.mode, candidate.batching, window_s)
                     candidate.add(window)
         finally:
-            admission.close()
+            scheduler.close()
 
     asyncio.run(take_turns())
     return candidates
@@ -253,8 +256,8 @@ def choose(
     kept: tuple[SlotLayout, EnsembleRuntime] | None = None
     for layout in every_layout:
         runtime = EnsembleRuntime.load(replace(options, inference_slots=layout.slots))
-        batching = batching_options(1 if runtime.unbatchable else settings.batching_max_rows)
-        figures += [c.figures(latency_budget_s) for c in _time_layout(runtime, layout, settings, batching, share_s)]
+        allowed = BatchingPolicy.allowed(settings, runtime.unbatchable)
+        figures += [c.figures(latency_budget_s) for c in _time_layout(runtime, layout, settings, allowed, share_s)]
         best_layout = rank(figures)[0].layout
         if best_layout == str(layout):
             if kept is not None:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from app.core.admission import Batchable
 from app.core.auto import AutoChoice, SlotLayout, choose_once
 from app.core.cost import CostModel
+from app.core.scheduler import Batchable, BatchingPolicy
 from app.engine.priority import lower_thread_priority
 from app.engine.probe import working_bytes_per_element
 from app.engine.resources import CoreCount, usable_cores
@@ -39,7 +39,7 @@ class LoadedModel:
     selector: ModeSelector
     recent: RecentLatencies
     cost: CostModel
-    batching_rows: int  # the most rows it runs as one inference, merging requests (1: no batching)
+    batching: BatchingPolicy
     in_flight: int = 0  # requests using it (counted on the event loop)
     retired: bool = field(default=False)  # replaced or unloaded: closed once in_flight is back to 0
 
@@ -68,7 +68,7 @@ class LoadedModel:
         shapes = tuple((name, array.shape[1:], array.dtype.str) for name, array in sorted(feeds.items()))
         rows = next(iter(feeds.values())).shape[0]
         infer = partial(self.runtime.infer_measured, mode=mode)
-        return Batchable((id(self), mode, shapes), mode, rows, self.batching_rows, feeds, infer)
+        return Batchable((id(self), mode, shapes), mode, rows, self.batching, feeds, infer)
 
     def members_output(self, output: str) -> str | None:
         """The output stacking each member's `output`, when the fused graph has one."""
@@ -122,9 +122,9 @@ def load_model(settings: Settings, workers: WorkerGroup, layout: SlotLayout | No
         raise StartupError(str(exc)) from None
     elements_per_row = sum(array.size for array in runtime.manifest.example_inputs(1).values())
     cost = CostModel(runtime.manifest.signature, settings.max_batch_rows, working, elements_per_row)
-    batching_rows = auto.batching_rows if auto else 1 if runtime.unbatchable else settings.batching_max_rows
-    batching_rows = min(batching_rows, settings.max_batch_rows)  # a batch is no larger than a request may be
-    return LoadedModel(directory, runtime, auto, selector, recent, cost, batching_rows)
+    allowed = BatchingPolicy.allowed(settings, runtime.unbatchable)
+    batching = allowed.at_most(auto.batching_rows) if auto else allowed
+    return LoadedModel(directory, runtime, auto, selector, recent, cost, batching)
 
 
 def log_model(model: LoadedModel, settings: Settings, cores: CoreCount) -> None:
@@ -137,12 +137,13 @@ def log_model(model: LoadedModel, settings: Settings, cores: CoreCount) -> None:
             auto.batching_rows,
             auto.reason,
         )
-    if runtime.unbatchable is not None:
-        logger.info("batching off: %s", runtime.unbatchable)
-    elif model.batching_rows == 1:
+    batching = model.batching
+    if batching.off_because is not None:
+        logger.info("batching off: %s", batching.off_because)
+    elif batching.max_rows == 1:
         logger.info("batching off: %s", "auto measured no gain" if auto else "BATCHING_MAX_ROWS=1")
     else:
-        logger.info("batching: requests waiting together run as one inference of up to %d rows", model.batching_rows)
+        logger.info("batching: requests waiting together run as one inference of up to %d rows", batching.max_rows)
     logger.info(
         "serving %s from %s (ensemble sha256 %s, members %s), default mode %s, cores %s, sessions: %s",
         manifest.name,

@@ -145,7 +145,7 @@ class ModelRepository:
         async with self._lock:
             started = time.perf_counter()
             previous = self.dataplane.model
-            slots = self.dataplane.admission.slots
+            slots = self.dataplane.scheduler.slots
             if name is not None:  # the cheap refusal first: the manifest's name, before any file is verified
                 await self._check_name(name, previous)
             try:

@@ -3,9 +3,9 @@ against the model's signature.
 
 The fronts (the v2 REST routes, the gRPC servicer) turn their wire format into a TensorRequest with app.v2.codec:
 each input's header (name, datatype, shape) and its data as a Payload that can become an array once the header
-is known to fit. The data plane checks the header against the signature, reserves the memory the request will
-hold, then turns the payloads into arrays: in that order, so that no element is converted for a request that
-would be refused.
+is known to fit. The data plane runs it as a TensorInference, which checks the header against the signature,
+reserves the memory the request will hold, then turns the payloads into arrays: in that order, so that no element
+is converted for a request that would be refused.
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ from typing import Protocol
 
 import numpy as np
 
+from app.core.cost import USE_BINARY, encoded_bytes
+from app.core.memory import Lease
+from app.core.model import LoadedModel
+from app.engine.runtime import Tensors
 from app.errors import BadRequest
 from ensemble_contract.datatypes import is_floating
-from ensemble_contract.modes import ModeChoice
+from ensemble_contract.modes import Mode, ModeChoice
 from ensemble_contract.signature import Signature, TensorSpec
 
 MAX_NAMES_SHOWN = 10  # of a request's inputs in an error: what it says stays small whatever the request holds
@@ -99,3 +103,49 @@ def input_arrays(request: TensorRequest, specs: Mapping[str, TensorSpec]) -> dic
             )
         feeds[tensor.name] = array
     return feeds
+
+
+@dataclass(frozen=True)
+class TensorOutputs:
+    outputs: dict[str, np.ndarray]  # the outputs asked for, in the order asked
+    binary: dict[str, bool]  # whether each goes as binary data
+
+
+class TensorInference:
+    """A TensorRequest as the data plane runs it (a FrontRequest). Before any of its data is converted, its header
+    reserves what the rest of it will hold (413 past MAX_BATCH_ROWS or MAX_REQUEST_BYTES, 503 past the memory
+    budget); outputs whose dimensions the signature leaves open, reserved as one element each, reserve what they
+    really hold once computed. Its answer: the outputs asked for."""
+
+    def __init__(self, request: TensorRequest) -> None:
+        self.request = request
+        self.model_name: str | None = request.model_name
+        self.mode = request.mode
+        self._asked: dict[str, bool] = {}
+        self._feeds: Tensors = {}
+
+    async def check(self, model: LoadedModel, lease: Lease) -> int:
+        request, signature = self.request, model.manifest.signature
+        self._asked = asked_outputs(request, signature)
+        specs = input_specs(request, signature)
+        decoding = sum(tensor.payload.decoding_bytes for tensor in request.inputs)
+        needed = model.cost.request_bytes(request.shapes, self._asked) + decoding
+        lease.reserve(needed, "its tensors, their inference and its outputs", advice=self._advice)
+        self._feeds = input_arrays(request, specs)
+        return model.cost.rows(request.shapes)
+
+    async def feeds(self, model: LoadedModel, lease: Lease) -> tuple[Tensors, float]:
+        return self._feeds, 0.0  # converted before it was admitted
+
+    async def answer(
+        self, model: LoadedModel, mode: Mode, outputs: Tensors, lease: Lease
+    ) -> tuple[TensorOutputs, float]:
+        sizes = {name: (outputs[name].size, outputs[name].itemsize) for name in self._asked}
+        foreseen = model.cost.output_bytes(model.cost.rows(self.request.shapes), self._asked)
+        unforeseen = encoded_bytes(sizes, self._asked) - foreseen
+        lease.reserve(unforeseen, "its outputs, larger than the signature says", advice=self._advice)
+        return TensorOutputs({name: outputs[name] for name in self._asked}, self._asked), 0.0
+
+    @property
+    def _advice(self) -> str:
+        return "" if all(self._asked.values()) else USE_BINARY

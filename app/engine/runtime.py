@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 from app.engine.cpu import new_threads, threads_cpu_seconds, timed_cpu
 from app.engine.priority import lower_thread_priority
+from app.engine.timing import Timing
 from app.errors import StartupError
 from app.settings import Spinning
 from ensemble_contract.combine import combine
@@ -146,14 +147,16 @@ class SessionSet:
 
 @dataclass(frozen=True)
 class Measured:
+    """A run's outputs and its timing: the runtime's inference_s (reading the pools' counters not included) and
+    cpu_s (every thread that ran it), to which the scheduler adds its wait and its batch."""
+
     outputs: Tensors
-    cpu_s: float  # CPU seconds of every thread that ran the inference
-    seconds: float  # how long it took (reading the pools' counters not included)
+    timing: Timing
 
 
 class EnsembleRuntime:
     """Owns the sessions; `infer` runs one batch in the mode asked for. Thread-safe, for up to `slots` callers
-    at once (the admission control's inference slots): each takes a session set for the length of its call.
+    at once (the scheduler's inference slots): each takes a session set for the length of its call.
     Slots get sets of their own when a mode's sessions use several threads (a session's intra-op pool is one,
     whatever calls it); with one thread a session runs on its caller's thread and every slot shares one set."""
 
@@ -228,7 +231,8 @@ class EnsembleRuntime:
             start = time.perf_counter()
             (outputs, member_threads_s), caller_s = timed_cpu(lambda: self._run(sessions, feeds, mode))
             seconds = time.perf_counter() - start
-            return Measured(outputs, caller_s + member_threads_s + sessions.charge_pool_cpu(mode), seconds)
+            cpu_s = caller_s + member_threads_s + sessions.charge_pool_cpu(mode)
+            return Measured(outputs, Timing(inference_s=seconds, cpu_s=cpu_s))
 
     @contextmanager
     def _session_set(self) -> Iterator[SessionSet]:
@@ -273,7 +277,9 @@ class EnsembleRuntime:
         for sessions in self.session_sets:  # the warm-up's pool time is no request's
             for mode in self.modes:
                 sessions.charge_pool_cpu(mode)
-        self.typical_inference_s = statistics.median(self.infer_measured(feeds, mode).seconds for mode in self.modes)
+        self.typical_inference_s = statistics.median(
+            self.infer_measured(feeds, mode).timing.inference_s for mode in self.modes
+        )
         self.unbatchable = self._why_rows_cannot_stack()
 
     def _why_rows_cannot_stack(self) -> str | None:

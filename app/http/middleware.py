@@ -189,7 +189,7 @@ class DisconnectWatch:
 class CancelOnDisconnect:
     """Stops handling a request whose client has gone, so that it costs nothing more: once the body is complete,
     the client leaving before its answer cancels the request's task (DisconnectWatch), wherever it waits (for an
-    inference slot, for its batch, for its inference to finish). Unwinding, admission drops its place in the
+    inference slot, for its batch, for its inference to finish). Unwinding, the scheduler drops its place in the
     queue, BodyLimits gives back its memory, and RequestContext counts it as gone (ClientDisconnect).
 
     A client that leaves while still sending its body is noticed by the app as it reads (Starlette's

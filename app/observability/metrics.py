@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 
 from app.engine.resources import usable_cores
 from app.engine.runtime import EnsembleRuntime
+from app.engine.timing import Timing
 from app.workers import WorkerGroup, WorkerStatus
 
 PREFIX = "ensemble"
@@ -177,13 +178,13 @@ class ServiceMetrics:
             "Runtime's pools included (their spinning too); of a batch, its share by rows.",
             **mode_histogram,
         )
-        self.slot_wait_seconds = Histogram(
-            f"{PREFIX}_inference_slot_wait_seconds",
+        self.queue_seconds = Histogram(
+            f"{PREFIX}_queue_seconds",
             "Time a successful prediction waited for a free inference slot, and for the requests batched with it.",
             **mode_histogram,
         )
-        self.batch_size = Histogram(
-            f"{PREFIX}_batch_size",
+        self.batch_rows = Histogram(
+            f"{PREFIX}_batch_rows",
             "Rows of each inference run: requests waiting together merged into one (1 when batching is off).",
             labelnames=["mode"],
             buckets=BATCH_BUCKETS,
@@ -293,6 +294,14 @@ class ServiceMetrics:
         PlatformCollector(registry=registry)
         return cls(registry, workers)
 
+    def observe(self, mode: str, protocol: str, timing: Timing) -> None:
+        """A successful prediction, and where its time went."""
+        self.predictions.labels(mode, protocol, "ok").inc()
+        self.request_seconds.labels(mode, protocol).observe(timing.request_s)
+        self.queue_seconds.labels(mode).observe(timing.queue_s)
+        self.inference_seconds.labels(mode).observe(timing.inference_s)
+        self.cpu_seconds.labels(mode).observe(timing.cpu_s)
+
     def describe_machine(self, cost_per_hour: float | None) -> None:
         """The cores and what they cost, which a reload does not change."""
         cores = usable_cores()
@@ -304,7 +313,7 @@ class ServiceMetrics:
         """Every served mode's series at zero from the start, and auto's candidates (mode, layout, batching rows),
         true for the one chosen."""
         for mode in runtime.modes:
-            for histogram in (self.inference_seconds, self.slot_wait_seconds, self.cpu_seconds, self.batch_size):
+            for histogram in (self.inference_seconds, self.queue_seconds, self.cpu_seconds, self.batch_rows):
                 histogram.labels(mode)
             for protocol in PROTOCOLS:
                 self.request_seconds.labels(mode, protocol)

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from app.engine.timing import percentiles_ms
+from app.engine.timing import Timing, percentiles_ms
 from app.workers import WorkerGroup
 from ensemble_contract.modes import Mode
 
 MAX_SAMPLES_PER_MODE = 10_000  # a worker's: bounds memory whatever the request rate
-FIELDS = ("at", "request_s", "queue_s", "inference_s", "cpu_s", "batch_rows")  # `at`: when the request finished
+# `at`: when the request finished; the others: its Timing's.
+FIELDS = ("at", "request_s", "queue_s", "inference_s", "cpu_s", "batch_rows")
 AT, REQUEST, QUEUE, INFERENCE, CPU, BATCH_ROWS = range(len(FIELDS))
 
 
@@ -69,15 +70,15 @@ class Percentiles:
 @dataclass(frozen=True)
 class ModeSummary:
     requests: int
-    request: Percentiles
-    queue: Percentiles
-    inference: Percentiles
-    cpu_seconds: float  # of every request in the window
+    request_ms: Percentiles
+    queue_ms: Percentiles
+    inference_ms: Percentiles
+    cpu_s: float  # of every request in the window
     mean_batch_rows: float | None  # of the inferences the requests ran in
 
     @property
     def predictions_per_cpu_second(self) -> float | None:
-        return round(self.requests / self.cpu_seconds, 3) if self.cpu_seconds > 0 else None
+        return round(self.requests / self.cpu_s, 3) if self.cpu_s > 0 else None
 
 
 class RecentLatencies:
@@ -89,10 +90,10 @@ class RecentLatencies:
         self._rings = {mode: SampleRing(self.workers.recent_file(mode)) for mode in modes}
         self._reading: asyncio.Future[dict[Mode, ModeSummary]] | None = None
 
-    def record(
-        self, mode: Mode, *, request_s: float, queue_s: float, inference_s: float, cpu_s: float, batch_rows: int
-    ) -> None:
-        self._rings[mode].append((time.monotonic(), request_s, queue_s, inference_s, cpu_s, batch_rows))
+    def record(self, mode: Mode, timing: Timing) -> None:
+        self._rings[mode].append(
+            (time.monotonic(), timing.request_s, timing.queue_s, timing.inference_s, timing.cpu_s, timing.batch_rows)
+        )
 
     async def shared_summary(self) -> dict[Mode, ModeSummary]:
         """summary(), read in a thread, and shared by the callers that ask while it is read: however often /stats

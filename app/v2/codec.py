@@ -22,8 +22,8 @@ import numpy as np
 import orjson
 from tritonclient.grpc import service_pb2 as pb
 
-from app.core.dataplane import TensorResult
-from app.core.tensors import InputHeader, TensorRequest
+from app.core.dataplane import Inferred
+from app.core.tensors import InputHeader, TensorOutputs, TensorRequest
 from app.errors import BadRequest
 from app.v2.decoding import BINARY_DATA_SIZE, FlatFloatInput, InferenceRequest, JsonData, Numbers, RawInput
 from ensemble_contract.datatypes import NUMPY, of_numpy
@@ -164,16 +164,16 @@ def rest_response(
     return head + b"".join(chunks), {"content-type": "application/octet-stream", BINARY_HEADER: str(len(head))}
 
 
-def response_parameters(result: TensorResult) -> dict[str, str | int]:
+def response_parameters(result: Inferred[TensorOutputs]) -> dict[str, str | int]:
     """What both fronts tell of how a response was computed: the mode, and the rows of the inference it ran in
     (its own and those of the requests batched with it)."""
-    return {"mode": result.mode.value, "batch_size": result.batch_rows}
+    return {"mode": result.mode.value, "batch_rows": result.timing.batch_rows}
 
 
-def grpc_response(result: TensorResult, request_id: str) -> pb.ModelInferResponse:
-    arrays = result.outputs
+def grpc_response(result: Inferred[TensorOutputs], request_id: str) -> pb.ModelInferResponse:
+    arrays = result.answer.outputs
     return pb.ModelInferResponse(
-        model_name=result.model_name,
+        model_name=result.manifest.name,
         id=request_id,
         parameters={name: _grpc_parameter(value) for name, value in response_parameters(result).items()},
         outputs=[

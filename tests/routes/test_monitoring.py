@@ -51,7 +51,7 @@ def test_tensor_requests_count_too(client: httpx.Client, manifest: Manifest) -> 
     before = scrape(client)
     infer_json(client, manifest.name, batch, outputs=["class_probs"], mode="parallel")
     after = scrape(client)
-    name = "ensemble_inference_slot_wait_seconds_count"
+    name = "ensemble_queue_seconds_count"
     assert after.value(name, mode="parallel") == before.value(name, mode="parallel") + 1
     route = {"route": "/v2/models/{model_name}/infer", "method": "POST", "status": "2xx"}
     assert (

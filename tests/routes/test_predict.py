@@ -46,8 +46,8 @@ def test_multipart_upload_of_each_format(
         assert label["present"] == (label["probability"] >= body["threshold"] == 0.5)
     assert body["members"] is None
     assert body["mask"] is None
-    assert set(body["timings_ms"]) == {*TIMES, "batch_size"}
-    assert body["timings_ms"]["cpu"] > 0 and body["timings_ms"]["batch_size"] == 1  # it came alone
+    assert set(body["timings_ms"]) == {*TIMES, "batch_rows"}
+    assert body["timings_ms"]["cpu"] > 0 and body["timings_ms"]["batch_rows"] == 1  # it came alone
 
 
 TIMES = ("decode", "preprocess", "queue", "batch_wait", "inference", "total", "cpu")
@@ -59,7 +59,7 @@ def test_raw_body_and_headers(client: httpx.Client) -> None:
     assert response.headers["X-Request-ID"] == response.json()["request_id"]
     *durations, batch = (part.strip() for part in response.headers["Server-Timing"].split(","))
     timing = {name: float(ms) for name, ms in (part.split(";dur=") for part in durations)}
-    assert set(timing) == set(TIMES) and batch == "batch;desc=1"
+    assert set(timing) == set(TIMES) and batch == "batch_rows;desc=1"
     # The header says what the body says (to the header's microsecond), and the stages are parts of the total.
     body_timings = response.json()["timings_ms"]
     assert timing == pytest.approx({name: body_timings[name] for name in TIMES}, abs=0.0005)

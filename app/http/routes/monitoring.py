@@ -35,7 +35,7 @@ class ModeStats(BaseModel):
     request_ms: LatencyMs = Field(description="From arrival to result.")
     queue_ms: LatencyMs = Field(description="Waiting for an inference slot, and for the requests batched with it.")
     inference_ms: LatencyMs = Field(description="ONNX Runtime time alone (of the batch a prediction ran in).")
-    mean_batch_size: float | None = Field(
+    mean_batch_rows: float | None = Field(
         description="The rows of the inference a prediction ran in, on average (1: none was batched)."
     )
     cpu_ms_per_prediction: float | None = Field(description="Mean CPU time of a prediction, every thread's.")
@@ -131,15 +131,15 @@ def _stats(workers: WorkerGroup, dataplane: DataPlane, model: LoadedModel, summa
     return Stats(
         window_s=model.recent.window_s,
         workers=len(workers.statuses()),
-        admitted_at_most=workers.count * (dataplane.admission.slots + dataplane.settings.max_queue),
+        admitted_at_most=workers.count * dataplane.admission.capacity,
         cores=cores.count,
         cores_source=cores.describe(),
         cost_per_hour=cost,
         auto=model.auto,
         batching=BatchingStats(
-            max_rows=model.batching_rows,
-            delay_ms=dataplane.settings.batching_delay_ms,
-            off_because=model.runtime.unbatchable,
+            max_rows=model.batching.max_rows,
+            delay_ms=round(model.batching.delay_s * 1000, 3),
+            off_because=model.batching.off_because,
         ),
         memory=MemoryStats(
             budget_bytes=dataplane.memory.total_bytes,
@@ -153,13 +153,11 @@ def _stats(workers: WorkerGroup, dataplane: DataPlane, model: LoadedModel, summa
         modes={
             mode: ModeStats(
                 requests=summary.requests,
-                request_ms=LatencyMs.of(summary.request),
-                queue_ms=LatencyMs.of(summary.queue),
-                inference_ms=LatencyMs.of(summary.inference),
-                mean_batch_size=summary.mean_batch_rows,
-                cpu_ms_per_prediction=round(summary.cpu_seconds * 1000 / summary.requests, 3)
-                if summary.requests
-                else None,
+                request_ms=LatencyMs.of(summary.request_ms),
+                queue_ms=LatencyMs.of(summary.queue_ms),
+                inference_ms=LatencyMs.of(summary.inference_ms),
+                mean_batch_rows=summary.mean_batch_rows,
+                cpu_ms_per_prediction=round(summary.cpu_s * 1000 / summary.requests, 3) if summary.requests else None,
                 predictions_per_cpu_second=summary.predictions_per_cpu_second,
                 cost_per_million_predictions=cost_per_million(cost, summary.predictions_per_cpu_second, cores.count),
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from functools import partial
 from typing import Annotated, Any
 
@@ -11,10 +12,12 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
 from app.core import imaging
-from app.core.dataplane import ImagePrediction, Timings
+from app.core.dataplane import Inferred
+from app.engine.timing import Timing
 from app.errors import InvalidParameter
 from app.http.deps import OPTIONAL_BEARER, AdmitsInference, ArrivalDep, Authorized, DataPlaneDep, LeaseDep
 from app.http.errors import error_responses
+from app.http.images import ImageOutputs, ImageRequest
 from ensemble_contract.manifest import ImageSpec, ImageTask
 from ensemble_contract.modes import Mode, ModeChoice, describe_modes
 
@@ -40,6 +43,34 @@ REQUEST_BODY: dict[str, Any] = {
         },
     }
 }
+
+
+class Timings(BaseModel):
+    """Where a prediction's time went, in milliseconds (the answer's `timings_ms`, its Server-Timing header)."""
+
+    decode: float
+    preprocess: float
+    queue: float = Field(description="Waiting for an inference slot, and for the requests batched with it.")
+    batch_wait: float = Field(
+        description="The part of the queue spent gathering its batch once a slot was free (BATCHING_DELAY_MS)."
+    )
+    inference: float
+    total: float = Field(description="From the start of decoding to the result.")
+    cpu: float = Field(description="CPU time of every thread that served it (decode, inference, pools).")
+    batch_rows: int = Field(description="Not a time: the rows of the inference it ran in, its own included.")
+
+    @classmethod
+    def of(cls, request: ImageRequest, timing: Timing) -> Timings:
+        return cls(
+            decode=request.decode_s * 1000,
+            preprocess=request.preprocess_s * 1000,
+            queue=timing.queue_s * 1000,
+            batch_wait=timing.batch_wait_s * 1000,
+            inference=timing.inference_s * 1000,
+            total=(time.perf_counter() - request.started) * 1000,
+            cpu=timing.cpu_s * 1000,
+            batch_rows=timing.batch_rows,
+        )
 
 
 class Label(BaseModel):
@@ -102,7 +133,7 @@ class Prediction(BaseModel):
                         "inference": 13.1,
                         "total": 14.0,
                         "cpu": 14.2,
-                        "batch_size": 1,
+                        "batch_rows": 1,
                     },
                 }
             ]
@@ -111,20 +142,28 @@ class Prediction(BaseModel):
 
     @classmethod
     def of(
-        cls, result: ImagePrediction, *, threshold: float, request_id: str, with_members: bool, top: int | None
+        cls,
+        result: Inferred[ImageOutputs],
+        timings: Timings,
+        *,
+        threshold: float,
+        request_id: str,
+        with_members: bool,
+        top: int | None,
     ) -> Prediction:
-        manifest, image = result.manifest, result.image
-        shown = _shown_labels(result, image, top)
+        manifest, outputs = result.manifest, result.answer
+        image = outputs.image
+        shown = _shown_labels(outputs, image, top)
         members = None
-        if with_members and result.member_probabilities is not None:
+        if with_members and outputs.member_probabilities is not None:
             members = [
                 MemberProbabilities(name=member.name, probabilities={image.labels[i]: float(row[i]) for i in shown})
-                for member, row in zip(manifest.members, result.member_probabilities, strict=True)
+                for member, row in zip(manifest.members, outputs.member_probabilities, strict=True)
             ]
         mask = None
-        if result.mask_png is not None:
+        if outputs.mask_png is not None:
             mask = Mask(
-                png_base64=base64.b64encode(result.mask_png).decode("ascii"),
+                png_base64=base64.b64encode(outputs.mask_png).decode("ascii"),
                 width=image.width,
                 height=image.height,
                 classes=list(image.mask_classes),
@@ -134,14 +173,14 @@ class Prediction(BaseModel):
             model=ModelRef(name=manifest.name, sha256=manifest.ensemble.sha256, task=image.task),
             mode=result.mode,
             threshold=threshold,
-            labels=_labels(result, image, shown, threshold),
+            labels=_labels(outputs, image, shown, threshold),
             members=members,
             mask=mask,
-            timings_ms=result.timings,
+            timings_ms=timings,
         )
 
 
-def _shown_labels(result: ImagePrediction, image: ImageSpec, top: int | None) -> list[int]:
+def _shown_labels(result: ImageOutputs, image: ImageSpec, top: int | None) -> list[int]:
     """Indices of the labels to answer with: all in manifest order (multilabel), the most probable (classify)."""
     if result.probabilities is None:
         return []
@@ -152,7 +191,7 @@ def _shown_labels(result: ImagePrediction, image: ImageSpec, top: int | None) ->
     return indices if top is None else sorted(indices, key=lambda i: -result.probabilities[i])[:top]
 
 
-def _labels(result: ImagePrediction, image: ImageSpec, shown: list[int], threshold: float) -> list[Label]:
+def _labels(result: ImageOutputs, image: ImageSpec, shown: list[int], threshold: float) -> list[Label]:
     if result.probabilities is None:
         return []
     best = int(result.probabilities.argmax())
@@ -167,8 +206,9 @@ def _labels(result: ImagePrediction, image: ImageSpec, shown: list[int], thresho
 
 
 def server_timing(timings: Timings) -> str:
-    durations = timings.model_dump(exclude={"batch_size"})
-    return ", ".join([*(f"{name};dur={ms:.3f}" for name, ms in durations.items()), f"batch;desc={timings.batch_size}"])
+    durations = timings.model_dump(exclude={"batch_rows"})
+    batch_rows = f"batch_rows;desc={timings.batch_rows}"
+    return ", ".join([*(f"{name};dur={ms:.3f}" for name, ms in durations.items()), batch_rows])
 
 
 async def read_image(request: Request) -> bytes:
@@ -222,12 +262,13 @@ async def predict(
         ),
     ] = None,
 ) -> Prediction:
-    result = await dataplane.predict_image(
-        partial(read_image, request), mode=mode, with_mask=mask, arrived=arrived, lease=lease
-    )
-    response.headers["Server-Timing"] = server_timing(result.timings)
+    image = ImageRequest(dataplane, partial(read_image, request), mode, with_mask=mask)
+    result = await dataplane.infer(image, arrived=arrived, front="http", lease=lease)
+    timings = Timings.of(image, result.timing)
+    response.headers["Server-Timing"] = server_timing(timings)
     return Prediction.of(
         result,
+        timings,
         threshold=dataplane.settings.probability_threshold,
         request_id=request.state.request_id,
         with_members=members,

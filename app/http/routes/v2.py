@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from app.core.tensors import TensorInference
 from app.errors import BadRequest
 from app.http.deps import OPTIONAL_BEARER, AdmitsInference, ArrivalDep, Authorized, DataPlaneDep, LeaseDep, get_lease
 from app.http.errors import ProtocolRoute, error_responses
@@ -133,11 +134,11 @@ async def infer(
 ) -> Response:
     body = decode_request(getattr(request.state, HEADER_STATE))
     tensors = rest_request(model_name, body, getattr(request.state, BINARY_BODY_STATE))
-    result = await dataplane.infer_tensors(tensors, arrived=arrived, front="http", lease=lease)
+    result = await dataplane.infer(TensorInference(tensors), arrived=arrived, front="http", lease=lease)
     header = {
-        "model_name": result.model_name,
+        "model_name": result.manifest.name,
         "id": body.id or request.state.request_id,
         "parameters": response_parameters(result),
     }
-    content, headers = rest_response(header, result.outputs, result.binary)
+    content, headers = rest_response(header, result.answer.outputs, result.answer.binary)
     return Response(content, headers=headers)

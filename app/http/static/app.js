@@ -362,7 +362,7 @@ function record(stats) {
       p50: entry.request_ms.p50,
       p95: entry.request_ms.p95,
       queue: entry.queue_ms.p50,
-      batch: entry.mean_batch_size,
+      batch: entry.mean_batch_rows,
       cpu: entry.cpu_ms_per_prediction,
       cost: entry.cost_per_million_predictions,
     };
