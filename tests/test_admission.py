@@ -16,8 +16,9 @@ import pytest
 from app.core.admission import Admission
 from app.errors import InferenceTimeout, Overloaded
 from app.settings import Settings
+from bench.service import png_bytes
 from ensemble_contract.manifest import Manifest
-from tests.support import LiveServer, PartialRequest, holding_the_slot, live_server, png_bytes
+from tests.support import LiveServer, PartialRequest, holding_the_slot, live_server
 
 SHORT_TIMEOUT_S = 0.3
 

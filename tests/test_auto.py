@@ -11,8 +11,9 @@ import pytest
 from app.core.auto import CandidateFigures, SlotLayout, batching_options, choose, layouts, rank
 from app.engine.resources import available_cores
 from app.settings import Settings
+from bench.service import png_bytes
 from ensemble_contract.modes import Mode
-from tests.support import LiveServer, live_server, png_bytes, scrape
+from tests.support import LiveServer, live_server, scrape
 
 
 def test_layouts_divide_the_cores_between_slots() -> None:
