@@ -25,10 +25,10 @@ from app.engine.resources import usable_cores
 from app.engine.runtime import EnsembleRuntime
 from app.settings import Settings
 from bench.common import Interval, Report, interleave, interval_check, log, table
+from bench.service import service_process
 from bench.serving import hey, requested_outputs, v2_body
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode, served_modes
-from tests.service_process import service_process
 
 WARMUP_S = 0.5
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from app.settings import Settings
 from bench.common import NAN, Budget, Interval, Report, table, time_in_process
+from bench.service import service_process
 from bench.serving import Target, load_rounds, v2_body
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode, served_modes
-from tests.service_process import service_process
 
 TRIMMED = 0.1  # of each end
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from app.core.auto import SlotLayout
 from app.engine.resources import usable_cores
 from bench.common import Report
+from bench.service import service_process
 from bench.serving import Target, load_rounds, load_table, v2_body
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode, served_modes
-from tests.service_process import service_process
 
 
 def layout(slots: int) -> str:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from app.engine.resources import usable_cores
 from bench.common import Interval, Report, interval_check, log
+from bench.service import free_port, server_process, service_process
 from bench.serving import Run, Target, load_rounds, load_table, requested_outputs, v2_body
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
-from tests.service_process import free_port, server_process, service_process
 
 CLIENTS = (1, 4, 16)
 OURS_WORKERS = "ours-workers"

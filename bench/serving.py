@@ -1,6 +1,6 @@
 """The HTTP side of the serving experiments (compare, layouts, peers): the v2 JSON request of a model's example
 input, Debian's `hey` sending it (compiled, so the client's Python does not weigh on the servers), and servers put
-under the same load in interleaved rounds. The servers are started by tests/service_process.py."""
+under the same load in interleaved rounds. The servers are started by bench/service.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from app.engine.timing import percentiles_ms
 from bench.common import NAN, Interval, interleave, table
-from ensemble_contract.datatypes import of_numpy
+from bench.service import v2_json_body
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
 
@@ -59,14 +59,7 @@ def requested_outputs(manifest: Manifest) -> list[str] | None:
 def v2_body(manifest: Manifest, mode: Mode, path: Path, outputs: Sequence[str] | None = None) -> Path:
     """Writes the v2 JSON inference request of the model's example input, asking for `mode` (and for `outputs`
     only, when given)."""
-    inputs = [
-        {"name": name, "shape": list(array.shape), "datatype": of_numpy(array.dtype), "data": array.ravel().tolist()}
-        for name, array in manifest.example_inputs().items()
-    ]
-    body: dict[str, object] = {"inputs": inputs, "parameters": {"mode": mode.value}}
-    if outputs is not None:
-        body["outputs"] = [{"name": name} for name in outputs]
-    path.write_text(json.dumps(body))
+    path.write_text(json.dumps(v2_json_body(manifest.example_inputs(), outputs, mode=mode.value)))
     return path
 
 

@@ -18,11 +18,10 @@ from pathlib import Path
 
 from app.engine.resources import usable_cores
 from bench.common import Interval, Report, interval_check
+from bench.service import png_bytes, service_process
 from bench.serving import Run, Target, load_rounds, load_table, requested_outputs, v2_body
 from ensemble_contract.manifest import Manifest, load_manifest
 from ensemble_contract.modes import Mode, served_modes
-from tests.service_process import service_process
-from tests.support import png_bytes
 
 CLIENTS = 16
 BOUNDARY = "bench-workers-boundary"

@@ -1,10 +1,9 @@
-"""Helpers of the tests: a real uvicorn server in a background thread, test pictures, /metrics parsing."""
+"""Helpers of the tests: a real uvicorn server in a background thread, clients of every protocol, /metrics parsing."""
 
 from __future__ import annotations
 
 import asyncio
 import http.client
-import io
 import json
 import shutil
 import socket
@@ -23,9 +22,9 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 import uvicorn
 from fastapi import FastAPI
-from PIL import Image
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -36,7 +35,10 @@ from app.engine.runtime import Measured, Tensors
 from app.engine.timing import Timing
 from app.main import create_app
 from app.settings import Settings
+from bench.service import v2_json_body
+from ensemble_contract.datatypes import NUMPY, of_numpy
 from ensemble_contract.manifest import Int8, load_manifest
+from ensemble_contract.modes import Mode
 
 START_TIMEOUT_S = 60
 VISION_LABELS = [f"class-{i}" for i in range(10)]
@@ -102,24 +104,6 @@ def fuse(*args: str | Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def encode(image: Image.Image, format: str, **options: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=format, **options)
-    return buffer.getvalue()
-
-
-def picture(width: int = 48, height: int = 40, mode: str = "RGB", seed: int = 0) -> Image.Image:
-    """A random picture with some structure (a bright square on noise)."""
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    pixels[height // 4 : height // 2, width // 4 : width // 2] = 250
-    return Image.fromarray(pixels).convert(mode)
-
-
-def png_bytes(seed: int = 0) -> bytes:
-    return encode(picture(seed=seed), "PNG")
-
-
 class Scrape:
     """One parsed /metrics page."""
 
@@ -161,15 +145,8 @@ def png_header_only(width: int, height: int) -> bytes:
 def infer_body(
     batch: np.ndarray, outputs: list[str] | None = None, *, input_name: str = "image", **parameters: str
 ) -> dict[str, Any]:
-    """A v2 JSON inference request for one float32 batch."""
-    tensor = {"name": input_name, "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}
-    body: dict[str, Any] = {
-        "inputs": [tensor],
-        "parameters": parameters,
-    }
-    if outputs:
-        body["outputs"] = [{"name": name} for name in outputs]
-    return body
+    """A v2 JSON inference request for one batch of one input."""
+    return v2_json_body({input_name: batch}, outputs, **parameters)
 
 
 def infer_json(
@@ -187,6 +164,117 @@ def infer_json(
     )
     assert response.status_code == 200, response.text
     return {output["name"]: output for output in response.json()["outputs"]}
+
+
+# Clients of every protocol, each a Call ready to send as often as asked, each answer decoded into arrays.
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass
+class ClientResult:
+    """What a front answered, decoded: the outputs by name, and the rows of the inference the request ran in."""
+
+    outputs: Outputs
+    batch_rows: int
+
+
+@dataclass
+class Call:
+    """One request, ready to send as many times as asked."""
+
+    rows: int
+    send: Callable[[], ClientResult]
+
+    def __call__(self) -> ClientResult:
+        return self.send()
+
+
+def _rows(feeds: Tensors) -> int:
+    return len(next(iter(feeds.values())))
+
+
+def v2_json_call(url: str, model: str, feeds: Tensors, mode: Mode, outputs: list[str] | None = None) -> Call:
+    body = v2_json_body(feeds, outputs, mode=mode.value)
+
+    def call() -> ClientResult:
+        response = httpx.post(f"{url}/v2/models/{model}/infer", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        arrays = {o["name"]: np.asarray(o["data"], NUMPY[o["datatype"]]).reshape(o["shape"]) for o in answer["outputs"]}
+        return ClientResult(arrays, answer["parameters"]["batch_rows"])
+
+    return Call(_rows(feeds), call)
+
+
+def v2_binary_call(url: str, model: str, feeds: Tensors, mode: Mode) -> Call:
+    """The binary tensor data extension both ways: raw inputs after the JSON header, outputs asked as binary."""
+    inputs = [
+        {"name": n, "shape": list(a.shape), "datatype": of_numpy(a.dtype), "parameters": {"binary_data_size": a.nbytes}}
+        for n, a in feeds.items()
+    ]
+    header = {"inputs": inputs, "parameters": {"mode": mode.value, "binary_data_output": True}}
+    head = json.dumps(header).encode()
+    body = head + b"".join(np.ascontiguousarray(a).tobytes() for a in feeds.values())
+
+    def call() -> ClientResult:
+        response = httpx.post(
+            f"{url}/v2/models/{model}/infer",
+            content=body,
+            headers={"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        length = int(response.headers["Inference-Header-Content-Length"])
+        answer, offset, arrays = json.loads(response.content[:length]), length, {}
+        for o in answer["outputs"]:
+            size = o["parameters"]["binary_data_size"]
+            raw = response.content[offset : offset + size]
+            arrays[o["name"]] = np.frombuffer(raw, NUMPY[o["datatype"]]).reshape(o["shape"])
+            offset += size
+        return ClientResult(arrays, answer["parameters"]["batch_rows"])
+
+    return Call(_rows(feeds), call)
+
+
+def grpc_call(address: str, model: str, feeds: Tensors, mode: Mode) -> Call:
+    def call() -> ClientResult:
+        with triton_grpc.InferenceServerClient(address) as client:
+            inputs = []
+            for name, array in feeds.items():
+                tensor = triton_grpc.InferInput(name, list(array.shape), of_numpy(array.dtype))
+                tensor.set_data_from_numpy(array)
+                inputs.append(tensor)
+            result = client.infer(model, inputs, parameters={"mode": mode.value})
+        response = result.get_response()
+        arrays = {o.name: result.as_numpy(o.name) for o in response.outputs}
+        return ClientResult(arrays, response.parameters["batch_rows"].int64_param)
+
+    return Call(_rows(feeds), call)
+
+
+def predict_call(url: str, png: bytes, mode: Mode) -> Call:
+    """/predict with every member's probabilities: the answer's numbers as arrays."""
+
+    def call() -> ClientResult:
+        response = httpx.post(
+            f"{url}/predict",
+            params={"mode": mode.value, "members": "true"},
+            content=png,
+            headers={"Content-Type": "image/png"},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        arrays = {"labels": np.asarray([label["probability"] for label in answer["labels"]], np.float64)}
+        for member in answer["members"]:
+            arrays[member["name"]] = np.asarray(list(member["probabilities"].values()), np.float64)
+        timings = answer["timings_ms"]
+        assert 0 <= timings["batch_wait"] <= timings["queue"]
+        assert response.headers["Server-Timing"].endswith(f"batch_rows;desc={timings['batch_rows']}")
+        return ClientResult(arrays, timings["batch_rows"])
+
+    return Call(1, call)
 
 
 def copy_without_int8(model_dir: Path, target: Path) -> Path:

@@ -17,8 +17,9 @@ from app.core.admission import Admission
 from app.core.scheduler import Scheduler
 from app.errors import InferenceTimeout, Overloaded
 from app.settings import Settings
+from bench.service import png_bytes
 from ensemble_contract.manifest import Manifest
-from tests.support import LiveServer, PartialRequest, holding_the_slot, live_server, png_bytes, stand_in
+from tests.support import LiveServer, PartialRequest, holding_the_slot, live_server, stand_in
 
 SHORT_TIMEOUT_S = 0.3
 

@@ -12,8 +12,9 @@ from app.core.auto import CandidateFigures, SlotLayout, batching_options, choose
 from app.core.model import runtime_options
 from app.engine.resources import usable_cores
 from app.settings import Settings
+from bench.service import png_bytes
 from ensemble_contract.modes import Mode
-from tests.support import LiveServer, live_server, png_bytes, scrape
+from tests.support import LiveServer, live_server, scrape
 
 
 def test_layouts_divide_the_cores_between_slots() -> None:

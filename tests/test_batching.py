@@ -9,7 +9,6 @@ the requests queue; models that must not batch; and the measurements."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -23,19 +22,31 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import tritonclient.grpc as triton_grpc
 
 from app.core.scheduler import Batchable, BatchingPolicy, Scheduler
 from app.engine.runtime import EnsembleRuntime, Measured, Tensors
 from app.engine.timing import Timing
 from app.errors import InferenceTimeout
 from app.settings import Settings
-from ensemble_contract.datatypes import NUMPY
+from bench.service import encode, free_port, picture, v2_json_body
 from ensemble_contract.manifest import Manifest, load_manifest
 from ensemble_contract.modes import Mode
 from tests.onnx_members import FRAGILE_SIZE, hand_made_member
-from tests.service_process import free_port
-from tests.support import LiveServer, encode, fuse, holding_the_slot, live_server, picture, scrape, stand_in
+from tests.support import (
+    Call,
+    ClientResult,
+    LiveServer,
+    Outputs,
+    fuse,
+    grpc_call,
+    holding_the_slot,
+    live_server,
+    predict_call,
+    scrape,
+    stand_in,
+    v2_binary_call,
+    v2_json_call,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The scheduler's batching, on a stand-in model that doubles its input and refuses negative numbers
@@ -186,25 +197,6 @@ async def test_with_a_delay_a_free_slot_waits_for_a_full_batch_and_without_one_i
 # ---------------------------------------------------------------------------------------------------------------
 # Real servers: one inference slot, so that holding it makes the requests queue and batch for certain.
 
-Outputs = dict[str, np.ndarray]
-
-
-@dataclass
-class Answer:
-    outputs: Outputs
-    batch_rows: int
-
-
-@dataclass
-class Call:
-    """One request, ready to send as many times as asked."""
-
-    rows: int
-    send: Callable[[], Answer]
-
-    def __call__(self) -> Answer:
-        return self.send()
-
 
 def batching_settings(model_dir: Path, **overrides: Any) -> Settings:
     return Settings(**{"inference_slots": 1, "max_queue": 32, "batching_max_rows": 8} | overrides, model_dir=model_dir)
@@ -218,7 +210,7 @@ def serving(settings: Settings) -> Iterator[tuple[LiveServer, str]]:
         yield live, f"127.0.0.1:{port}"
 
 
-def together(server: LiveServer, calls: list[Call]) -> list[Answer]:
+def together(server: LiveServer, calls: list[Call]) -> list[ClientResult]:
     """The calls, made at once while the server's only slot is held, so that they all wait for it; answered
     once it is released."""
     with ThreadPoolExecutor(len(calls)) as pool:
@@ -244,112 +236,11 @@ def assert_same_answers(batched: Outputs, alone: Outputs, label: str) -> None:
             np.testing.assert_array_equal(got, expected, err_msg=f"{label} {name}")
 
 
-def v2_json(url: str, model: str, feeds: Tensors, mode: Mode, outputs: list[str] | None = None) -> Call:
-    body: dict[str, Any] = {
-        "inputs": [
-            {"name": n, "shape": list(a.shape), "datatype": _datatype(a), "data": a.ravel().tolist()}
-            for n, a in feeds.items()
-        ],
-        "parameters": {"mode": mode.value},
-    }
-    if outputs:
-        body["outputs"] = [{"name": name} for name in outputs]
-
-    def call() -> Answer:
-        response = httpx.post(f"{url}/v2/models/{model}/infer", json=body, timeout=60)
-        assert response.status_code == 200, response.text
-        answer = response.json()
-        arrays = {o["name"]: np.asarray(o["data"], NUMPY[o["datatype"]]).reshape(o["shape"]) for o in answer["outputs"]}
-        return Answer(arrays, answer["parameters"]["batch_rows"])
-
-    return Call(_rows(feeds), call)
-
-
-def v2_binary(url: str, model: str, feeds: Tensors, mode: Mode) -> Call:
-    """The binary tensor data extension both ways: raw inputs after the JSON header, outputs asked as binary."""
-    header = {
-        "inputs": [
-            {"name": n, "shape": list(a.shape), "datatype": _datatype(a), "parameters": {"binary_data_size": a.nbytes}}
-            for n, a in feeds.items()
-        ],
-        "parameters": {"mode": mode.value, "binary_data_output": True},
-    }
-    head = json.dumps(header).encode()
-    body = head + b"".join(np.ascontiguousarray(a).tobytes() for a in feeds.values())
-
-    def call() -> Answer:
-        response = httpx.post(
-            f"{url}/v2/models/{model}/infer",
-            content=body,
-            headers={"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"},
-            timeout=60,
-        )
-        assert response.status_code == 200, response.text
-        length = int(response.headers["Inference-Header-Content-Length"])
-        answer, offset, arrays = json.loads(response.content[:length]), length, {}
-        for o in answer["outputs"]:
-            size = o["parameters"]["binary_data_size"]
-            raw = response.content[offset : offset + size]
-            arrays[o["name"]] = np.frombuffer(raw, NUMPY[o["datatype"]]).reshape(o["shape"])
-            offset += size
-        return Answer(arrays, answer["parameters"]["batch_rows"])
-
-    return Call(_rows(feeds), call)
-
-
-def grpc(address: str, model: str, feeds: Tensors, mode: Mode) -> Call:
-    def call() -> Answer:
-        with triton_grpc.InferenceServerClient(address) as client:
-            inputs = []
-            for name, array in feeds.items():
-                tensor = triton_grpc.InferInput(name, list(array.shape), _datatype(array))
-                tensor.set_data_from_numpy(array)
-                inputs.append(tensor)
-            result = client.infer(model, inputs, parameters={"mode": mode.value})
-        response = result.get_response()
-        arrays = {o.name: result.as_numpy(o.name) for o in response.outputs}
-        return Answer(arrays, response.parameters["batch_rows"].int64_param)
-
-    return Call(_rows(feeds), call)
-
-
-def predict(url: str, png: bytes, mode: Mode) -> Call:
-    """/predict with every member's probabilities: the answer's numbers as arrays."""
-
-    def call() -> Answer:
-        response = httpx.post(
-            f"{url}/predict",
-            params={"mode": mode.value, "members": "true"},
-            content=png,
-            headers={"Content-Type": "image/png"},
-            timeout=60,
-        )
-        assert response.status_code == 200, response.text
-        answer = response.json()
-        arrays = {"labels": np.asarray([label["probability"] for label in answer["labels"]], np.float64)}
-        for member in answer["members"]:
-            arrays[member["name"]] = np.asarray(list(member["probabilities"].values()), np.float64)
-        timings = answer["timings_ms"]
-        assert 0 <= timings["batch_wait"] <= timings["queue"]
-        assert response.headers["Server-Timing"].endswith(f"batch_rows;desc={timings['batch_rows']}")
-        return Answer(arrays, timings["batch_rows"])
-
-    return Call(1, call)
-
-
-def _rows(feeds: Tensors) -> int:
-    return len(next(iter(feeds.values())))
-
-
-def _datatype(array: np.ndarray) -> str:
-    return next(name for name, dtype in NUMPY.items() if np.dtype(dtype) == array.dtype)
-
-
 def rows(manifest: Manifest, count: int, seed: int) -> Tensors:
     return manifest.example_inputs(count, seed=seed)
 
 
-def check_batched_against_alone(server: LiveServer, calls: list[Call], label: str) -> list[Answer]:
+def check_batched_against_alone(server: LiveServer, calls: list[Call], label: str) -> list[ClientResult]:
     """The calls batched together, then each alone: the same answers; the batch as large as their rows."""
     batched = together(server, calls)
     for i, (call, answer) in enumerate(zip(calls, batched, strict=True)):
@@ -374,12 +265,12 @@ def test_our_models_answer_the_same_batched_over_every_front_in_every_mode(
     server, address = ours
     name, members = manifest.name, [c.members_output for c in manifest.combine if c.members_output]
     calls = [
-        v2_json(server.url, name, rows(manifest, 1, seed=1), mode),
-        v2_json(server.url, name, rows(manifest, 2, seed=2), mode, outputs=members),
-        v2_binary(server.url, name, rows(manifest, 1, seed=3), mode),
-        grpc(address, name, rows(manifest, 1, seed=4), mode),
-        predict(server.url, encode(picture(seed=5), "PNG"), mode),
-        predict(server.url, encode(picture(seed=6), "PNG"), mode),
+        v2_json_call(server.url, name, rows(manifest, 1, seed=1), mode),
+        v2_json_call(server.url, name, rows(manifest, 2, seed=2), mode, outputs=members),
+        v2_binary_call(server.url, name, rows(manifest, 1, seed=3), mode),
+        grpc_call(address, name, rows(manifest, 1, seed=4), mode),
+        predict_call(server.url, encode(picture(seed=5), "PNG"), mode),
+        predict_call(server.url, encode(picture(seed=6), "PNG"), mode),
     ]
     batched = check_batched_against_alone(server, calls, str(mode))
     assert {answer.batch_rows for answer in batched} == {7}  # every row of the six requests in one inference
@@ -390,9 +281,9 @@ def test_requests_of_different_modes_or_sizes_never_share_a_batch(
 ) -> None:
     server, _ = ours
     calls = [
-        v2_json(server.url, manifest.name, rows(manifest, 1, seed=1), Mode.FUSED),
-        v2_json(server.url, manifest.name, rows(manifest, 1, seed=2), Mode.PARALLEL),
-        v2_json(server.url, manifest.name, rows(manifest, 1, seed=3), Mode.FUSED),
+        v2_json_call(server.url, manifest.name, rows(manifest, 1, seed=1), Mode.FUSED),
+        v2_json_call(server.url, manifest.name, rows(manifest, 1, seed=2), Mode.PARALLEL),
+        v2_json_call(server.url, manifest.name, rows(manifest, 1, seed=3), Mode.FUSED),
     ]
     assert [answer.batch_rows for answer in together(server, calls)] == [2, 1, 2]
 
@@ -402,7 +293,7 @@ def test_batch_sizes_and_waits_are_measured(ours: tuple[LiveServer, str], manife
     with server.client() as client:
         before = scrape(client)
         together(
-            server, [v2_json(server.url, manifest.name, rows(manifest, 1, seed=s), Mode.SEQUENTIAL) for s in range(3)]
+            server, [v2_json_call(server.url, manifest.name, rows(manifest, 1, s), Mode.SEQUENTIAL) for s in range(3)]
         )
         after = scrape(client)
         stats = client.get("/stats").json()
@@ -425,7 +316,7 @@ def test_answers_stay_right_under_free_running_concurrent_load(
     expected = [runtime.infer(f, Mode.FUSED) for f in feeds]
     settings = batching_settings(model_dir, inference_slots=2, max_queue=64)
     with serving(settings) as (server, _), ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda f: v2_json(server.url, manifest.name, f, Mode.FUSED)(), feeds))
+        answers = list(pool.map(lambda f: v2_json_call(server.url, manifest.name, f, Mode.FUSED)(), feeds))
         with server.client() as client:
             metrics = scrape(client)
     for i, (answer, alone) in enumerate(zip(answers, expected, strict=True)):
@@ -445,10 +336,10 @@ def test_third_party_ensembles_answer_the_same_batched_in_every_mode(kind: str, 
         assert server.dataplane.model.runtime.unbatchable is None
         for mode in server.dataplane.model.runtime.modes:
             calls = [
-                v2_json(server.url, manifest.name, rows(manifest, 1, seed=1), mode),
-                v2_json(server.url, manifest.name, rows(manifest, 3, seed=2), mode),
-                v2_binary(server.url, manifest.name, rows(manifest, 1, seed=3), mode),
-                grpc(address, manifest.name, rows(manifest, 2, seed=4), mode),
+                v2_json_call(server.url, manifest.name, rows(manifest, 1, seed=1), mode),
+                v2_json_call(server.url, manifest.name, rows(manifest, 3, seed=2), mode),
+                v2_binary_call(server.url, manifest.name, rows(manifest, 1, seed=3), mode),
+                grpc_call(address, manifest.name, rows(manifest, 2, seed=4), mode),
             ]
             batched = check_batched_against_alone(server, calls, f"{kind} {mode}")
             assert {answer.batch_rows for answer in batched} == {7}
@@ -458,7 +349,7 @@ def test_vision_images_of_other_sizes_batch_apart(vision_dir: Path) -> None:
     manifest = load_manifest(vision_dir)
     sized = [np.random.default_rng(s).normal(size=(1, 3, h, 64)).astype(np.float32) for s, h in enumerate((64, 96, 64))]
     with serving(batching_settings(vision_dir)) as (server, _):
-        calls = [v2_json(server.url, manifest.name, {"input": x}, Mode.FUSED) for x in sized]
+        calls = [v2_json_call(server.url, manifest.name, {"input": x}, Mode.FUSED) for x in sized]
         assert [answer.batch_rows for answer in check_batched_against_alone(server, calls, "sizes")] == [2, 1, 2]
 
 
@@ -472,10 +363,10 @@ def test_a_request_failing_validation_is_refused_at_once_and_never_joins_a_batch
     wrong = {"image": np.zeros((1, 3, 5, 5), np.float32)}
     with ThreadPoolExecutor(2) as pool:
         with holding_the_slot(server, with_ticket=False):
-            calls = [v2_json(server.url, manifest.name, rows(manifest, 1, seed=s), Mode.FUSED) for s in (1, 2)]
+            calls = [v2_json_call(server.url, manifest.name, rows(manifest, 1, seed=s), Mode.FUSED) for s in (1, 2)]
             good = [pool.submit(call) for call in calls]
             with server.client() as client:  # answered while the slot is still held: it never waited for it
-                refused = client.post(f"/v2/models/{manifest.name}/infer", json=_body(wrong))
+                refused = client.post(f"/v2/models/{manifest.name}/infer", json=v2_json_body(wrong))
             assert refused.status_code == 400 and "image" in refused.json()["error"]
             while server.dataplane.scheduler.waiting < len(good):
                 time.sleep(0.005)
@@ -488,25 +379,16 @@ def test_a_batch_failing_inside_onnx_runtime_fails_only_the_guilty_request(fragi
     guilty = np.full((1, 3, FRAGILE_SIZE, FRAGILE_SIZE), 1000.0, np.float32)  # out of the lookup table
     with serving(batching_settings(fragile_dir)) as (server, _):
 
-        def fails() -> Answer:
-            response = httpx.post(f"{server.url}/v2/models/{manifest.name}/infer", json=_body({"image": guilty}))
+        def fails() -> ClientResult:
+            response = httpx.post(f"{server.url}/v2/models/{manifest.name}/infer", json=v2_json_body({"image": guilty}))
             assert response.status_code == 500 and "inference failed" in response.json()["error"]
-            return Answer({}, 0)
+            return ClientResult({}, 0)
 
-        calls = [v2_json(server.url, manifest.name, {"image": x}, Mode.FUSED) for x in fine]
+        calls = [v2_json_call(server.url, manifest.name, {"image": x}, Mode.FUSED) for x in fine]
         answers = together(server, [calls[0], Call(1, fails), calls[1], calls[2]])
         assert [answer.batch_rows for answer in answers] == [1, 0, 1, 1]  # the batch failed: each ran alone
         for call, answer in zip(calls, (answers[0], answers[2], answers[3]), strict=True):
             assert_same_answers(answer.outputs, call().outputs, "after the failed batch")
-
-
-def _body(feeds: Tensors) -> dict[str, Any]:
-    return {
-        "inputs": [
-            {"name": n, "shape": list(a.shape), "datatype": _datatype(a), "data": a.ravel().tolist()}
-            for n, a in feeds.items()
-        ]
-    }
 
 
 # Models that must not batch: a fixed batch dimension, and rows that depend on each other.
@@ -530,7 +412,7 @@ def test_models_whose_rows_cannot_stack_are_never_batched_and_say_why(
     with caplog.at_level(logging.INFO, logger="app"), serving(batching_settings(tmp_path / "model")) as (server, _):
         assert f"batching off: {why}" in caplog.text
         feeds = [rows(manifest, 1, seed=s) for s in range(3)]
-        calls = [v2_json(server.url, manifest.name, f, Mode.FUSED) for f in feeds]
+        calls = [v2_json_call(server.url, manifest.name, f, Mode.FUSED) for f in feeds]
         assert [answer.batch_rows for answer in together(server, calls)] == [1, 1, 1]
         with server.client() as client:
             assert client.get("/stats").json()["batching"]["off_because"].startswith(why)

@@ -17,12 +17,13 @@ import pytest
 from onnx import helper, numpy_helper
 
 from app.settings import Settings
+from bench.service import encode, picture
 from ensemble_contract.combine import combine
 from ensemble_contract.datatypes import NUMPY
 from ensemble_contract.manifest import Manifest, load_manifest
 from ensemble_contract.modes import Mode
 from tests.support import VISION_LABELS as LABELS
-from tests.support import LiveServer, encode, fuse, live_server, picture
+from tests.support import LiveServer, fuse, live_server
 from tests.third_party import (
     TABULAR_CLASSES,
     export_tabular_members,

@@ -20,8 +20,8 @@ import pytest
 
 from app.errors import RETRY_AFTER_S
 from app.settings import Settings
+from bench.service import LOOPBACK, ServiceProcess, free_port, service_process
 from ensemble_contract.manifest import Manifest
-from tests.service_process import LOOPBACK, ServiceProcess, free_port, service_process
 from tests.support import PartialRequest, Scrape, holding_the_slot, infer_body, live_server
 
 HALF_A_REQUEST_LINE = b"GET /healthz HT"

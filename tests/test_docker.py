@@ -31,10 +31,10 @@ import tritonclient.grpc as triton_grpc
 from PIL import Image
 
 from app.settings import Settings
+from bench.hostile import Target, kinds, storm, unexpected
+from bench.service import free_port
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
-from tests import hostile
-from tests.service_process import free_port
 from tests.support import infer_body
 from tests.third_party import TABULAR_FEATURES
 
@@ -389,7 +389,7 @@ MEMORY_LIMIT = 512 * 2**20  # the test models' server idles near 150 MB: a tight
 
 
 def test_hostile_requests_under_a_memory_limit(image: str) -> None:
-    """The worst request of each kind (tests/hostile.py), alone and 16 at once, against the image in a real
+    """The worst request of each kind (bench/hostile.py), alone and 16 at once, against the image in a real
     cgroup memory limit with no swap: refused with the right status, ordinary requests answered throughout, the
     peak resident memory under the limit, and the container never killed nor restarted."""
     port = free_port()
@@ -401,11 +401,11 @@ def test_hostile_requests_under_a_memory_limit(image: str) -> None:
     try:
         healthy = [DOCKER, "exec", container, "python", "/srv/deploy/healthcheck.py"]
         wait_until(lambda: run(*healthy).returncode == 0, "the server to be ready")
-        target = hostile.Target(f"http://127.0.0.1:{port}", API_KEY, "shapes-test", image_size=32)
-        outcomes, ordinary = hostile.storm(target, inspect(container)["State"]["Pid"])
-        for outcome, kind in zip(outcomes, hostile.kinds(target), strict=True):
+        target = Target(f"http://127.0.0.1:{port}", API_KEY, "shapes-test", image_size=32)
+        outcomes, ordinary = storm(target, inspect(container)["State"]["Pid"])
+        for outcome, kind in zip(outcomes, kinds(target), strict=True):
             print(f"{outcome.kind}: peak RSS {outcome.peak_rss_bytes / 2**20:.0f} MiB, {dict(outcome.at_once)}")
-            assert not hostile.unexpected(outcome, kind), (outcome.kind, outcome.alone, outcome.at_once)
+            assert not unexpected(outcome, kind), (outcome.kind, outcome.alone, outcome.at_once)
             assert outcome.peak_rss_bytes < MEMORY_LIMIT, outcome.kind
         assert ordinary[0] == 0 and not [status for status in ordinary if status < 0], ordinary
         assert ordinary[200] > 0, ordinary

@@ -14,9 +14,9 @@ import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from app.settings import Settings
+from bench.service import free_port
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
-from tests.service_process import free_port
 from tests.support import LiveServer, infer_body, live_server
 
 # The status each HTTP status is over gRPC (app.grpc.STATUS_CODES, read from the protocol's side here).

@@ -19,8 +19,8 @@ from tritonclient.grpc import service_pb2_grpc
 
 from app.grpc import NEEDS_API_KEY
 from app.settings import Settings
+from bench.service import free_port
 from ensemble_contract.manifest import Manifest
-from tests.service_process import free_port
 from tests.support import LiveServer, Scrape, holding_the_slot, live_server, scrape
 
 API_KEY = "a-long-enough-grpc-test-key"

@@ -33,8 +33,8 @@ from tritonclient.grpc import service_pb2 as pb
 
 from app.core.memory import REQUEST_BASE_BYTES
 from app.settings import Settings
+from bench.service import free_port
 from ensemble_contract.manifest import Manifest
-from tests.service_process import free_port
 from tests.support import LiveServer, live_server
 
 EXAMPLES = 30

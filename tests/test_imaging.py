@@ -13,8 +13,9 @@ from PIL import Image
 
 from app.core.imaging import check_media_type, decode, encode_mask_png, open_image, preprocess
 from app.errors import BadImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from bench.service import encode, picture
 from ensemble_contract.manifest import ImageSpec, ImageTask
-from tests.support import encode, picture, png_header_only
+from tests.support import png_header_only
 
 TARGET = (32, 32)
 MAX_PIXELS = 1_000_000

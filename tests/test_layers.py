@@ -2,8 +2,8 @@
 core (app.core: the data plane, admission, memory, the served model) and the protocol's codec (app.v2), over the
 metrics (app.observability), over the worker group (app.workers: the processes and the files they share), over the
 engine (app.engine: ONNX Runtime, the modes, the machine's resources) and the model directory's contract
-(ensemble_contract). No import runs back up, the fronts do not import each other, and the tests import the
-benchmarks only to test them.
+(ensemble_contract). No import runs back up, the fronts do not import each other, the benchmarks import nothing of
+the tests, and the tests import of the benchmarks only what both use (SHARED) but to test them.
 
     app.http ─┐  app.grpc ─┐          (fronts)
               ├─ app.v2 ───┤          (the protocol's codec)
@@ -38,6 +38,7 @@ ALLOWED: dict[str, set[str]] = {
     "model_build": {"ensemble_contract"},
 }  # fmt: skip
 PACKAGES = ("app", "ensemble_contract", "model_build", "bench", "tests")
+SHARED = {"bench.service", "bench.hostile"}  # the service in a child process, its request bodies, hostile requests
 
 
 def layer_of(module: str) -> str | None:
@@ -71,6 +72,12 @@ def test_no_import_runs_back_up(module: str, path: Path) -> None:
     assert not wrong, f"{module} ({layer}) imports {sorted(wrong)}"
 
 
-def test_only_the_benchmarks_tests_import_the_benchmarks() -> None:
-    importing = {module for module, path in modules("tests") if any(n.startswith("bench") for n in own_imports(path))}
+def test_the_benchmarks_import_no_test_and_the_tests_import_only_the_shared_modules_of_the_benchmarks() -> None:
+    standing = {module for module, path in modules("bench") if any(n.startswith("tests") for n in own_imports(path))}
+    assert not standing, standing
+    importing = {
+        module
+        for module, path in modules("tests")
+        if any(n.split(".")[0] == "bench" and n not in SHARED for n in own_imports(path))
+    }
     assert importing <= {"tests.test_bench"}, importing

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from app.errors import RETRY_AFTER_S
+from bench.service import ServiceProcess, service_process
 from tests.load import LoadResult, Payload, closed_loop, open_loop, warm_up
-from tests.service_process import ServiceProcess, service_process
 
 OVERLOAD_SLOTS, OVERLOAD_QUEUE = 1, 8
 OVERLOAD_FACTOR = 4  # the open loop's rate, times the saturation throughput

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 
 from app.engine.priority import WORKER_NICENESS
-from tests.support import png_bytes
+from bench.service import png_bytes
 
 
 def niceness(native_id: int) -> int:

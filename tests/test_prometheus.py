@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.service import ServiceProcess, free_port, service_process, stop
 from ensemble_contract.modes import Mode
-from tests.service_process import ServiceProcess, free_port, service_process, stop
 from tests.support import LiveServer
 from tests.test_compose import dashboard_queries
 

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from app.settings import Settings
+from bench.service import png_bytes
 from ensemble_contract.manifest import Manifest
-from tests.support import LiveServer, PartialRequest, live_server, png_bytes
+from tests.support import LiveServer, PartialRequest, live_server
 
 BODY_TIMEOUT_S = 1.0
 

@@ -16,10 +16,10 @@ import onnxruntime
 import pytest
 
 from app.settings import Settings
+from bench.service import free_port, run_to_exit
 from ensemble_contract.manifest import FileEntry, Manifest, load_manifest
 from ensemble_contract.modes import Mode
 from tests.onnx_members import FRAGILE_SIZE
-from tests.service_process import free_port, run_to_exit
 from tests.support import LiveServer, infer_body, live_server, scrape
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,9 +25,9 @@ import tritonclient.grpc as triton
 
 from app.core.model import LoadedModel
 from app.settings import Settings
+from bench.service import ServiceProcess, free_port, service_process
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
-from tests.service_process import ServiceProcess, free_port, service_process
 from tests.support import fuse, infer_json, live_server, scrape
 from tests.third_party import TABULAR_FEATURES, export_tabular_members
 

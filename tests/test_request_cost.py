@@ -28,10 +28,10 @@ from app.engine.probe import working_bytes_per_element
 from app.errors import Overloaded, PayloadTooLarge
 from app.settings import Settings
 from app.v2.decoding import DECODED_BYTES_PER_BODY_BYTE
+from bench.service import free_port, png_bytes
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.signature import Signature, TensorSpec
-from tests.service_process import free_port
-from tests.support import LiveServer, infer_body, live_server, png_bytes, png_header_only, scrape
+from tests.support import LiveServer, infer_body, live_server, png_header_only, scrape
 
 API_KEY = "a-request-cost-test-key-of-32-chars"
 ROWS = 4  # MAX_BATCH_ROWS of the bounded server

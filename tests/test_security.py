@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from app.settings import Settings
+from bench.service import free_port, png_bytes
 from ensemble_contract.manifest import Manifest
-from tests.service_process import free_port
-from tests.support import LiveServer, infer_body, live_server, png_bytes
+from tests.support import LiveServer, infer_body, live_server
 
 API_KEY = "a-test-key-of-at-least-16-characters"
 ORIGIN = "https://dashboard.example"

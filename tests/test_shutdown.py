@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service_process import free_port, service_process
-from tests.support import PartialRequest, Scrape, png_bytes
+from bench.service import free_port, png_bytes, service_process
+from tests.support import PartialRequest, Scrape
 
 GRACE_S = 10
 

@@ -14,9 +14,10 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Page, expect, sync_playwright
 
 from app.settings import Settings
+from bench.service import png_bytes
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
-from tests.support import LiveServer, live_server, png_bytes
+from tests.support import LiveServer, live_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless, and quiet: the machine may have no network, and Chromium's background services would try to reach out.

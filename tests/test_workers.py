@@ -26,9 +26,7 @@ import tritonclient.grpc as triton
 from app.engine.resources import usable_cores, usable_memory
 from app.settings import Settings
 from app.workers import WORKER_MEMORY_BYTES, resolve_workers
-from ensemble_contract.manifest import Manifest
-from ensemble_contract.modes import Mode
-from tests.service_process import (
+from bench.service import (
     LOOPBACK,
     REPO,
     ServiceProcess,
@@ -38,6 +36,8 @@ from tests.service_process import (
     service_process,
     stop,
 )
+from ensemble_contract.manifest import Manifest
+from ensemble_contract.modes import Mode
 from tests.support import Scrape, infer_json, scrape
 
 CLIENTS = 8  # keep-alive connections, each its own client

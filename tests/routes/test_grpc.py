@@ -14,9 +14,9 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from app.settings import Settings
+from bench.service import free_port
 from ensemble_contract.manifest import Manifest, load_manifest
 from ensemble_contract.modes import Mode
-from tests.service_process import free_port
 from tests.support import LiveServer, holding_the_slot, infer_json, live_server, scrape
 from tests.third_party import TABULAR_FEATURES
 

@@ -10,9 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from app.main import create_app
+from bench.service import png_bytes
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
-from tests.support import png_bytes
 
 
 def test_alive_and_ready(client: httpx.Client, manifest: Manifest) -> None:

@@ -10,9 +10,10 @@ import pytest
 
 from app.engine.resources import usable_cores
 from app.settings import Settings
+from bench.service import png_bytes
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
-from tests.support import infer_json, live_server, png_bytes, scrape
+from tests.support import infer_json, live_server, scrape
 
 
 def predict(client: httpx.Client, mode: Mode) -> None:

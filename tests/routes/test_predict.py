@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from app.core.imaging import decode, open_image, preprocess
+from bench.service import encode, picture, png_bytes
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
-from tests.support import INT8_ATOL, LiveServer, encode, infer_json, picture, png_bytes, png_header_only
+from tests.support import INT8_ATOL, LiveServer, infer_json, png_header_only
 
 TOLERANCE = 1e-4
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from app.settings import Settings
+from bench.service import png_bytes
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
-from tests.support import copy_without_int8, infer_body, live_server, png_bytes, scrape
+from tests.support import copy_without_int8, infer_body, live_server, scrape
 
 FP32_MODES = [mode.value for mode in Mode if mode is not Mode.FUSED_INT8]
 PNG = {"Content-Type": "image/png"}

@@ -1,8 +1,10 @@
-"""`python -m app` in a child process, for the tests that need the real entry point: signals, exit codes, and the
-server's own resident memory; any other HTTP server in a child process too (the benchmarks' peer servers)."""
+"""The service as a client meets it, for the benchmarks and the tests alike: `python -m app` (or any other HTTP
+server, such as the benchmarks' peers) in a child process on a free loopback port, the v2 JSON request body, and
+pictures to send."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -13,10 +15,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
+from PIL import Image
 
 from app.settings import Settings
+from ensemble_contract.datatypes import of_numpy
 
 START_TIMEOUT_S = 60
 LOOPBACK = "127.0.0.1"
@@ -27,6 +33,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
+
+
+def v2_json_body(inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None, **parameters: Any) -> dict:
+    """A v2 JSON inference request: every input tensor as a JSON list, and the outputs asked for (all if None)."""
+    tensors = [
+        {"name": name, "shape": list(a.shape), "datatype": of_numpy(a.dtype), "data": a.ravel().tolist()}
+        for name, a in inputs.items()
+    ]
+    body: dict[str, Any] = {"inputs": tensors, "parameters": parameters}
+    if outputs:
+        body["outputs"] = [{"name": name} for name in outputs]
+    return body
+
+
+def encode(image: Image.Image, format: str, **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def picture(width: int = 48, height: int = 40, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """A random picture with some structure (a bright square on noise)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    pixels[height // 4 : height // 2, width // 4 : width // 2] = 250
+    return Image.fromarray(pixels).convert(mode)
+
+
+def png_bytes(seed: int = 0) -> bytes:
+    return encode(picture(seed=seed), "PNG")
 
 
 def stop(process: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -41,23 +77,11 @@ def stop(process: subprocess.Popen[bytes], timeout_s: float) -> None:
         process.wait()
 
 
-def resident_bytes(pid: int) -> int | None:
-    """Resident memory of a process (VmRSS), or None where /proc is not available."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def service_environment(model_dir: Path, **settings: object) -> dict[str, str]:
-    """This process's environment without any of the service's variables, then the test's settings."""
+    """This process's environment without any of the service's variables, then the caller's settings."""
     environment = {key: value for key, value in os.environ.items() if key.lower() not in Settings.model_fields}
-    environment |= {"MODEL_DIR": str(model_dir), "HOST": "127.0.0.1", "LOG_LEVEL": "warning"}
-    environment |= {name.upper(): str(value) for name, value in settings.items()}
-    return environment
+    environment |= {"MODEL_DIR": str(model_dir), "HOST": LOOPBACK, "LOG_LEVEL": "warning"}
+    return environment | {name.upper(): str(value) for name, value in settings.items()}
 
 
 class NotReady(RuntimeError):
@@ -85,10 +109,9 @@ class ServiceProcess:
         return httpx.Client(base_url=self.url, timeout=30, **options)  # type: ignore[arg-type]
 
     def rss_bytes(self) -> int:
-        """The server's resident memory (VmRSS)."""
-        rss = resident_bytes(self.process.pid)
-        assert rss is not None, "no VmRSS of the server in /proc"
-        return rss
+        """The server's resident memory (VmRSS; needs /proc)."""
+        lines = Path(f"/proc/{self.process.pid}/status").read_text().splitlines()
+        return int(next(line for line in lines if line.startswith("VmRSS:")).split()[1]) * 1024
 
     def terminate(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -125,10 +148,24 @@ def server_process(
         )
     server = ServiceProcess(process, f"http://{LOOPBACK}:{port}", port, log)
     try:
-        _wait_until_ready(server, ready_path, start_timeout_s)
+        deadline = time.monotonic() + start_timeout_s
+        while not ready(server.url + ready_path):
+            if process.poll() is not None:
+                raise NotReady(f"the server exited with {process.returncode}:\n{server.output()}")
+            if time.monotonic() > deadline:
+                raise NotReady(f"the server was not ready within {start_timeout_s:.0f} s:\n{server.output()}")
+            time.sleep(0.1)
         yield server
     finally:
         stop(process, timeout_s=30)
+
+
+def ready(url: str) -> bool:
+    """Whether `url` answers 200 (within 5 s)."""
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 @contextmanager
@@ -141,18 +178,3 @@ def service_process(
     command = [sys.executable, "-m", "app"]
     with server_process(command, port, log_dir / f"service-{port}.log", env=environment, cores=cores) as service:
         yield service
-
-
-def _wait_until_ready(server: ServiceProcess, path: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(base_url=server.url, timeout=5) as client:
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                raise NotReady(f"the server exited with {server.process.returncode}:\n{server.output()}")
-            try:
-                if client.get(path).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-    raise NotReady(f"the server was not ready within {timeout_s:.0f} s:\n{server.output()}")
