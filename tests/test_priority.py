@@ -26,8 +26,8 @@ def test_worker_threads_run_below_the_event_loop(client: httpx.Client) -> None:
     workers = {
         thread.name: niceness(thread.native_id)
         for thread in threading.enumerate()
-        if thread.native_id and thread.name.split("_")[0] in ("image", "inference", "member")
+        if thread.native_id and thread.name.split("_")[0] in ("convert", "inference", "member")
     }
-    assert {name.split("_")[0] for name in workers} == {"image", "inference", "member"}
+    assert {name.split("_")[0] for name in workers} == {"convert", "inference", "member"}
     assert set(workers.values()) == {WORKER_NICENESS}
     assert niceness(threading.get_native_id()) < WORKER_NICENESS  # the test's own thread, like the event loop
