@@ -255,11 +255,6 @@ def storm(target: Target, pid: int) -> tuple[list[Outcome], Counter[int]]:
     return outcomes, ordinary.statuses
 
 
-def unexpected(outcome: Outcome, kind: Kind) -> set[int]:
-    got = (set(outcome.alone) | set(outcome.at_once)) - {503}
-    return got - kind.expected if kind.expected else {status for status in got if 500 <= status < 600}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", required=True)
