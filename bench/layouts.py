@@ -1,10 +1,8 @@
 """`python -m bench layouts --model-dir DIR`: the service under each inference-slot layout, through HTTP.
 
-One server per layout (`--slots`: INFERENCE_SLOTS; each session's intra-op threads are then cores ÷ slots, the
-service's default), all running side by side on loopback (an idle one costs nothing: spinning is off) and taking
-turns round by round. In each graph mode the model serves (fused, and fused-int8 when it has it), `hey` sends the v2
-JSON request of the model's example input from a few closed-loop clients (saturation) and from many (overload:
-what is refused, and how long the accepted requests wait).
+One server per `--slots` (INFERENCE_SLOTS, threads cores ÷ slots) side by side, taking turns round by round. In
+fused (and fused-int8), `hey` sends the v2 JSON request of the model's example input from a few clients
+(saturation) and from many (overload: what is refused, how long the accepted wait).
 """
 
 from __future__ import annotations
