@@ -1,8 +1,8 @@
 """`python -m bench COMMAND ...`, from the repository root; `--help` on each.
 
 Every command prints its report (markdown) and writes it under --out; `--quick` runs take seconds and exist for the
-smoke tests. Full runs of sweep and scale also rewrite their own section of docs/benchmarks.md (and copy their chart
-and data next to it) unless --no-docs.
+smoke tests. A full sweep also rewrites its section of docs/benchmarks.md (and copies its chart and data next to it)
+unless --no-docs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from app.engine.resources import usable_cores
-from bench import batching, compare, layouts, peers, scale, sweep, workers
+from bench import batching, compare, layouts, peers, sweep, workers
 from bench.common import Budget, Machine, Report, update_section
 from ensemble_contract.modes import Mode
 from model_build.config import PRESETS, TrainingConfig
@@ -58,16 +58,8 @@ def run_sweep(args: argparse.Namespace, out: Path) -> Report:
     return sweep.run(specs, training, args.test_images or test_images, args.reuse_members, timing, args.rounds, out)
 
 
-def run_scale(args: argparse.Namespace, out: Path) -> Report:
-    sizes = args.sizes or ((32,) if args.quick else (48, 96, 192, 384))
-    largest = max(sizes) if args.quick else scale.MAX_SIZE  # quick: no size beyond its own, so no other build
-    timing = budget(args, Budget(3, 30, 2), Budget(1, 5, 1))
-    return scale.run(sizes, args.target_ms, largest, timing, Budget(2, args.runs or 10, 5), args.rounds, out)
-
-
 COMMANDS: dict[str, Command] = {
     "sweep": Command(run_sweep, (5, 2)),
-    "scale": Command(run_scale, (6, 2)),
     "compare": Command(lambda a, out: compare.run(a.model_dir, a.calls or (5 if a.quick else 30), a.rounds,
                                                   a.seconds, out), (5, 2), (1.0, 0.3)),
     "layouts": Command(lambda a, out: layouts.run(a.model_dir, a.slots, a.clients, a.rounds, a.seconds, out),
@@ -113,11 +105,6 @@ def parser() -> argparse.ArgumentParser:
         "--reuse-members", type=Path, action="append", default=[], metavar="MODEL_DIR", help="copy matching members"
     )
     s.add_argument("--from-csv", type=Path, metavar="CSV", help="no build or timing: re-render a run's CSV")
-    s = sub["scale"]
-    s.add_argument("--sizes", type=int, nargs="+", help="input sizes, multiples of 16 (default 48 96 192 384)")
-    s.add_argument(
-        "--target-ms", type=float, default=scale.PUBLISHED_SEPARATE_MS, help="also measure where the loop costs this"
-    )
     sub["compare"].add_argument("--calls", type=int, help="in-process calls a mode a round (default 30)")
     s, slots = sub["layouts"], sorted({1, usable_cores().count})
     s.add_argument("--slots", type=int, nargs="+", default=slots, help="INFERENCE_SLOTS (default 1, cores)")

@@ -1,9 +1,8 @@
 """What every experiment shares: the machine, the service's runtime timed in interleaved rounds, the mean of
-per-round figures with its 95 % interval, markdown tables, charts, and the docs' sections that full runs rewrite."""
+per-round figures with its 95 % interval, markdown tables, and the docs' sections that full runs rewrite."""
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import platform
@@ -15,7 +14,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import onnxruntime as ort
 
@@ -172,15 +171,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows])
 
 
-def write_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def update_section(path: Path, name: str, body: str) -> None:
     """Replaces the text between `<!-- bench:NAME:start -->` and its end marker (appends the section if absent)."""
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
@@ -190,22 +180,3 @@ def update_section(path: Path, name: str, body: str) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.lstrip())
-
-
-def pyplot() -> Any:
-    """matplotlib's pyplot, drawing to files only (imported when a chart is drawn)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # after choosing the backend
-
-    return plt
-
-
-def log_axis(axis: Any) -> None:
-    """A log axis labelled in plain numbers."""
-    from matplotlib.ticker import LogLocator, ScalarFormatter
-
-    axis.set_major_formatter(ScalarFormatter())
-    axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
-    axis.set_minor_formatter(ScalarFormatter())

@@ -34,11 +34,8 @@ from bench.common import (
     Setup,
     interval_check,
     log,
-    log_axis,
-    pyplot,
     table,
     time_in_process,
-    write_csv,
 )
 from ensemble_contract.manifest import Manifest, load_manifest
 from ensemble_contract.modes import Mode
@@ -229,8 +226,17 @@ def measure(
         for config, per_round in time_in_process(setups(spec, dirs[spec.label], root), budget, rounds).items():
             rows.append(_row(spec, manifest, config, per_round))
             log(f"[sweep] {spec.label:>8} {config:<18} p50 {rows[-1].median_ms:.2f} ms, rounds {rows[-1].rounds_ms}")
-        write_csv(csv_path, [row.model_dump() for row in rows])
+        write_csv(csv_path, rows)
     return rows
+
+
+def write_csv(path: Path, rows: Sequence[SweepRow]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(SweepRow.model_fields))
+        writer.writeheader()
+        writer.writerows(row.model_dump() for row in rows)
+    return path
 
 
 def read_rows(path: Path) -> list[SweepRow]:
@@ -314,8 +320,12 @@ def plot(rows: Sequence[SweepRow], path: Path, subtitle: str) -> Path:
     """The published kind of chart: one point per model, median latency (x, log) against mean label accuracy (y),
     coloured by total parameters; an ensemble's separate sessions (spinning on) joined to its fused graph by an
     arrow; the Pareto front as a step line."""
-    plt = pyplot()
+    import matplotlib  # only where a chart is drawn, to files only
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import LogLocator, ScalarFormatter
 
     millions = [r.parameters / 1e6 for r in rows]
     norm, cmap = plt.Normalize(min(millions), max(millions)), plt.get_cmap("viridis")
@@ -343,7 +353,9 @@ def plot(rows: Sequence[SweepRow], path: Path, subtitle: str) -> Path:
     ax.scatter(xs, ys, s=170, facecolors="none", edgecolors="tab:red", linewidths=1.2, zorder=5)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="total parameters (M)")
     ax.set_xscale("log")
-    log_axis(ax.xaxis)
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # in plain numbers
+    ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("median latency, batch 1, spinning on as ONNX Runtime's default (ms, log scale)")
     ax.set_ylabel("mean label accuracy (held out)")
@@ -375,7 +387,7 @@ def render(rows: Sequence[SweepRow], out: Path, what: str, measured_on: str | No
         "The chart plots each model's fused-default latency (a single model: its one session) and, for an ensemble, "
         "its separate-default latency too; the data is [sweep.csv](sweep.csv)."
     )
-    data = write_csv(out / "sweep.csv", [row.model_dump() for row in rows])
+    data = write_csv(out / "sweep.csv", rows)
     chart = plot(rows, out / "sweep.png", f"{rows[0].cpu}, {rows[0].cores} cores, {rows[0].measured_at}")
     return Report(markdown(rows, what, target), figure=chart, data=data, measured_on=measured_on)
 
