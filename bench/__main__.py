@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from app.engine.resources import usable_cores
-from bench import batching, compare, layouts, peers, sweep, workers
+from bench import batching, compare, peers, sweep, workers
 from bench.common import Budget, Machine, Report, update_section
 from ensemble_contract.modes import Mode
 from model_build.config import PRESETS, TrainingConfig
@@ -62,8 +62,6 @@ COMMANDS: dict[str, Command] = {
     "sweep": Command(run_sweep, (5, 2)),
     "compare": Command(lambda a, out: compare.run(a.model_dir, a.calls or (5 if a.quick else 30), a.rounds,
                                                   a.seconds, out), (5, 2), (1.0, 0.3)),
-    "layouts": Command(lambda a, out: layouts.run(a.model_dir, a.slots, a.clients, a.rounds, a.seconds, out),
-                       (3, 2), (5.0, 0.3)),
     "batching": Command(lambda a, out: batching.run(a.model_dir, a.modes, a.rows, a.rounds, a.seconds, out),
                         (5, 2), (3.0, 0.3)),
     "peers": Command(lambda a, out: peers.run(a.model_dir, a.kserve_python, a.triton_python, a.rounds, a.seconds,
@@ -106,9 +104,6 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--from-csv", type=Path, metavar="CSV", help="no build or timing: re-render a run's CSV")
     sub["compare"].add_argument("--calls", type=int, help="in-process calls a mode a round (default 30)")
-    s, slots = sub["layouts"], sorted({1, usable_cores().count})
-    s.add_argument("--slots", type=int, nargs="+", default=slots, help="INFERENCE_SLOTS (default 1, cores)")
-    s.add_argument("--clients", type=int, nargs="+", default=[4, 32], help="hey's clients (default 4 32)")
     s, kserve, triton = sub["peers"], Path(".venv-kserve/bin/python"), Path(".venv-triton/bin/python")
     s.add_argument("--kserve-python", type=Path, default=kserve, help=f"from `make kserve-venv`: {kserve}")
     s.add_argument("--triton-python", type=Path, default=triton, help=f"from `make triton-venv`: {triton}")

@@ -115,19 +115,10 @@ def test_compare_quick_times_every_mode_of_a_users_ensemble_in_process_and_over_
 
 
 def load_rows(text: str) -> list[dict[str, str]]:
-    """The rows of the load tables (layouts, peers), checked for what every row must hold."""
+    """The rows of the load tables (peers, workers), checked for what every row must hold."""
     rows = markdown_rows(text, "server")
     assert rows and all(float(r["goodput /s [95 % CI]"].split()[0]) > 0 and r["failed"] == "0" for r in rows)
     return rows
-
-
-@needs_hey
-def test_layouts_quick_loads_the_service_under_each_slot_layout(model_dir: Path, tmp_path: Path) -> None:
-    text = bench("layouts", "--model-dir", model_dir, "--out", tmp_path, "--slots", "1", "2").stdout
-    layouts = {"1x" + str(usable_cores().count), "2x" + str(max(1, usable_cores().count // 2))}
-    rows = load_rows(text)
-    assert {(r["server"], r["clients"]) for r in rows} == {(layout, c) for layout in layouts for c in ("4", "32")}
-    assert len(rows) == 8 and "fused:\n" in text and "fused-int8:\n" in text  # the test build ships int8
 
 
 @needs_hey
