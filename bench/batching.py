@@ -1,13 +1,10 @@
 """`python -m bench batching --model-dir DIR`: what batching buys, in-process and over HTTP.
 
-In-process, through the service's own scheduler and batching (app.core.auto.closed_loop, what
-DEFAULT_MODE=auto times): in each layout (slots x intra-op threads) and mode, the saturated throughput of one-row
-requests without batching and with batches of up to --rows rows, from as many callers as the slots hold rows, the
-setups taking turns round by round; batched ÷ unbatched per round, with its 95 % interval.
-
-Over HTTP: the service (`python -m app`) in each layout, with the first mode and batching, `hey` sending the v2 JSON
-request of the model's example input (asking for the same outputs as `bench peers`) from twice as many clients as
-its batches hold, in the same rounds: HTTP ÷ in-process, the share of the runtime's throughput that reaches clients.
+In-process, through the service's scheduler (app.core.auto.closed_loop, what DEFAULT_MODE=auto times): in each
+layout (slots x threads) and mode, the saturated throughput of one-row requests unbatched and in batches of up to
+--rows rows, the setups taking turns round by round. Over HTTP: the service in each layout, first mode, batching
+on, `hey` sending the v2 JSON request (as `bench peers` does) from twice as many clients as its batches hold, in
+the same rounds: HTTP ÷ in-process, the share of the runtime's throughput that reaches clients.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
-"""What every experiment shares: the machine a result was measured on, the service's own runtime timed in-process
-in interleaved rounds, the mean of per-round figures with its 95 % interval, markdown tables, charts, and the marked
-sections of docs/benchmarks.md that full runs rewrite."""
+"""What every experiment shares: the machine, the service's runtime timed in interleaved rounds, the mean of
+per-round figures with its 95 % interval, markdown tables, and the docs' sections that full runs rewrite."""
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import platform
@@ -16,7 +14,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import onnxruntime as ort
 
@@ -51,20 +49,17 @@ class Machine:
 
     @classmethod
     def current(cls) -> Machine:
-        cpu = platform.processor() or "unknown"
-        if Path("/proc/cpuinfo").is_file():
-            names = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-            cpu = names[0].split(":", 1)[1].strip() if names else cpu
+        info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+        names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
         load = os.getloadavg() if hasattr(os, "getloadavg") else None
         now = datetime.now(UTC).isoformat(timespec="seconds")
+        cpu = names[0] if names else platform.processor() or "unknown"
         return cls(cpu, usable_cores().count, ort.__version__, platform.python_version(), load, now)
 
     def describe(self) -> str:
         load = "n/a" if self.load_average is None else " ".join(f"{x:.2f}" for x in self.load_average)
-        return (
-            f"{self.cpu}, {self.cores} cores, onnxruntime {self.onnxruntime}, Python {self.python}, "
-            f"load average {load}, {self.measured_at}"
-        )
+        software = f"onnxruntime {self.onnxruntime}, Python {self.python}"
+        return f"{self.cpu}, {self.cores} cores, {software}, load average {load}, {self.measured_at}"
 
 
 @dataclass(frozen=True)
@@ -100,10 +95,9 @@ def interleave(keys: Sequence[K], rounds: int, measure: Callable[[K], V]) -> dic
 
 
 def time_in_process(setups: Mapping[str, Setup], budget: Budget, rounds: int) -> dict[str, list[list[float]]]:
-    """Times each named setup on the model's example input in interleaved rounds, in this process: one
-    EnsembleRuntime per distinct settings (every session the service would open), all loaded before the first round.
-    A pool spins only after its own session ran, so the warm-up calls of each setup absorb the spinning its
-    predecessor leaves. Returns each setup's durations in seconds, one list per round."""
+    """Each named setup's durations (seconds, a list per round) on the model's example input, in interleaved rounds
+    in this process, one runtime per distinct settings, all loaded first. A setup's warm-up calls absorb the spinning
+    its predecessor's pools leave."""
     with ExitStack() as stack:
         runtimes: dict[str, EnsembleRuntime] = {}
         for settings, _ in setups.values():
@@ -122,8 +116,7 @@ def time_in_process(setups: Mapping[str, Setup], budget: Budget, rounds: int) ->
 
 @dataclass(frozen=True)
 class Interval:
-    """The mean of per-round figures with its 95 % t-interval (unbounded with one round; NaN throughout when a round
-    has no figure)."""
+    """The mean of per-round figures with its 95 % t-interval (unbounded with one round; NaN if a round has none)."""
 
     mean: float
     low: float
@@ -151,8 +144,7 @@ class Interval:
 def interval_check(
     name: str, interval: Interval, *, at_least: float | None = None, at_most: float | None = None
 ) -> str:
-    """One line: the figure, and whether its whole interval is on the bound's side (the only way a ratio measured
-    on a noisy machine says anything about the bound)."""
+    """One line: the figure, and whether its whole interval is on the bound's side (all a noisy machine can say)."""
     inside = (at_least is None or interval.low >= at_least) and (at_most is None or interval.high <= at_most)
     bounds = " and ".join(f"{sign} {bound:g}" for sign, bound in ((">=", at_least), ("<=", at_most)) if bound)
     return f"{name}: {interval}, {'the whole interval' if inside else 'not the whole interval'} {bounds}"
@@ -160,8 +152,8 @@ def interval_check(
 
 @dataclass(frozen=True)
 class Report:
-    """What a command measured, in markdown, and the files it wrote besides its report (a chart, its data).
-    `measured_on`: the machine and time of earlier data this report was re-rendered from (else: here, now)."""
+    """What a command measured, in markdown, and the chart and data it wrote; `measured_on`: the machine and time
+    of the earlier data it was re-rendered from (None: here, now)."""
 
     text: str
     figure: Path | None = None
@@ -179,15 +171,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows])
 
 
-def write_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def update_section(path: Path, name: str, body: str) -> None:
     """Replaces the text between `<!-- bench:NAME:start -->` and its end marker (appends the section if absent)."""
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
@@ -197,22 +180,3 @@ def update_section(path: Path, name: str, body: str) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.lstrip())
-
-
-def pyplot() -> Any:
-    """matplotlib's pyplot, drawing to files only (imported when a chart is drawn)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # after choosing the backend
-
-    return plt
-
-
-def log_axis(axis: Any) -> None:
-    """A log axis labelled in plain numbers."""
-    from matplotlib.ticker import LogLocator, ScalarFormatter
-
-    axis.set_major_formatter(ScalarFormatter())
-    axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
-    axis.set_minor_formatter(ScalarFormatter())

@@ -1,11 +1,9 @@
 """`python -m bench compare --model-dir DIR`: fused or separate, for any model directory, on this machine.
 
-Times every mode the directory serves in interleaved rounds (the modes' order rotated each round), twice: in-process
-(the service's own runtime with its default settings) and through the service (`python -m app`) over /v2, the v2
-JSON request of the model's example input sent by `hey` from one client. A round's figure for a mode is the
-10 %-trimmed mean of its calls (robust to outliers, and finer than a median of hey's 0.1 ms readings); a ratio is
-the mean of the rounds' ratios to fused's, with its 95 % t-interval, in bold when the whole interval is on one side
-of 1. About a minute with the defaults.
+Times every mode the directory serves in interleaved rounds, in-process (the service's runtime, default settings)
+and over /v2 (`hey`, one client, the model's example input). A round's figure is the 10 %-trimmed mean of its calls
+(finer than a median of hey's 0.1 ms readings); ratios to fused's are in bold when the whole 95 % interval is on one
+side of 1. About a minute.
 """
 
 from __future__ import annotations
@@ -64,7 +62,8 @@ def verdict(found: Sequence[Ratio]) -> str:
     return f"fused is not beaten; {unclear} cannot be told apart from it in this run (more --rounds)"
 
 
-def run(model_dir: Path, budget: Budget, rounds: int, seconds: float, work: Path) -> Report:
+def run(model_dir: Path, calls: int, rounds: int, seconds: float, work: Path) -> Report:
+    budget = Budget(3, calls, 10)
     manifest = load_manifest(model_dir)
     modes = served_modes(manifest)
     settings = Settings(model_dir=model_dir)

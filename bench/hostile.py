@@ -1,10 +1,7 @@
-"""Every hostile kind of request we know of, and ordinary clients to send beside them. The storm here sends the
-worst of each kind (`kinds`: each with the statuses it must get) alone and 16 at once, ordinary requests beside them
-throughout, and reads the server's peak resident memory per kind; `bench.soak` sends all of them (`kinds` and
-`more_kinds`) for a minute at a container under a memory limit.
-
-tests/test_docker.py runs the storm against the image under a real memory limit (`docker run --memory`); run by
-hand it measures any running service, for instance the image before and after a change (as root, for /proc/PID):
+"""Every hostile kind of request we know of, and ordinary clients to send beside them. The storm sends the worst
+of each kind (`kinds`, with the statuses each must get) alone and 16 at once, ordinary requests throughout, and
+reads the server's peak resident memory per kind (tests/test_docker.py runs it against the image under a memory
+limit); `bench.soak` sends all of them. By hand, against any running service (as root, for /proc/PID):
 
     python -m bench.hostile --url http://127.0.0.1:8000 --pid "$(docker inspect -f '{{.State.Pid}}' CONTAINER)" \\
         --api-key KEY --model shapes-ensemble
@@ -51,8 +48,8 @@ class Target:
         return {"Authorization": f"Bearer {key or self.api_key}"}
 
     def tensor_body(self, rows: int, data: str | None = None, outputs: str = "") -> bytes:
-        """A v2 JSON request of `rows` images of zeros (or the given `data` text), asking for `outputs` (JSON; every
-        output as JSON if none: the costliest encoding)."""
+        """A v2 JSON request of `rows` images of zeros (or `data`), asking for `outputs` (none: every output as JSON,
+        the costliest)."""
         data = data or "[" + ",".join(["0.0"] * (rows * 3 * self.image_size * self.image_size)) + "]"
         shape = f"[{rows},3,{self.image_size},{self.image_size}]"
         body = f'{{"inputs":[{{"name":"image","shape":{shape},"datatype":"FP32","data":{data}}}]'
@@ -99,8 +96,8 @@ def kinds(target: Target) -> list[Kind]:
 
 
 def more_kinds(target: Target) -> list[Kind]:
-    """Malformed JSON, lying headers, stalled connections and the gRPC front (gRPC codes as 1000 + code, beside
-    HTTP statuses): what the service must survive, whatever it answers."""
+    """Malformed JSON, lying headers, stalled connections and the gRPC front (gRPC codes as 1000 + code): what the
+    service must survive, whatever it answers."""
     infer = f"/v2/models/{target.model}/infer"
     strings = target.tensor_body(1, json.dumps(["x" * 20000] + ["a"] * 20000))
     outputs = ",".join(['{"name":"class_probs"}'] * 200_000)
@@ -163,8 +160,8 @@ def held(client: httpx.Client, payload: bytes, hold_s: float) -> int:
 
 
 def slow_upload(client: httpx.Client, target: Target, seconds: float = 3.0) -> int:
-    """Headers announcing 1 MB, then a byte every 0.2 s for `seconds`, then the connection closes: the server
-    must hold only the connection and the bytes it got. 0: closed by the client, as intended."""
+    """Headers announcing 1 MB, then a byte every 0.2 s for `seconds`, then the client closes (0): the server must
+    hold only the connection and the bytes it got."""
     with _connect(client) as connection:
         head = f"POST /predict HTTP/1.1\r\nHost: {client.base_url.host}\r\nContent-Type: image/png\r\n"
         connection.sendall((head + f"Content-Length: {MIB}\r\nAuthorization: Bearer {target.api_key}\r\n\r\n").encode())
@@ -177,8 +174,8 @@ def slow_upload(client: httpx.Client, target: Target, seconds: float = 3.0) -> i
 
 @dataclass
 class Ordinary:
-    """An ordinary client in a loop while the hostile ones run: every request must be answered 200 or a fast 503
-    with Retry-After, never fail in transport. Statuses: those two; any other negated (-500); 0: a transport error."""
+    """An ordinary client in a loop beside the hostile ones: every request must get 200 or a 503 with Retry-After.
+    Statuses: those two; any other negated (-500); 0: a transport error."""
 
     target: Target
     send: Callable[[httpx.Client], httpx.Response]
@@ -253,11 +250,6 @@ def storm(target: Target, pid: int) -> tuple[list[Outcome], Counter[int]]:
         ordinary.stop.set()
         beside.join()
     return outcomes, ordinary.statuses
-
-
-def unexpected(outcome: Outcome, kind: Kind) -> set[int]:
-    got = (set(outcome.alone) | set(outcome.at_once)) - {503}
-    return got - kind.expected if kind.expected else {status for status in got if 500 <= status < 600}
 
 
 def main() -> None:

@@ -4,10 +4,9 @@
     .venv-kserve/bin/python -m bench.peer_servers kserve --model-dir DIR --port PORT
     .venv-triton/bin/python -m bench.peer_servers triton --model-dir DIR --port PORT [--config usual|matched ...]
 
-KServe's environment (`make kserve-venv`) has numpy, FastAPI, uvicorn and ONNX Runtime, and Triton's (`make
-triton-venv`) PyTriton and ONNX Runtime, but neither has this project's packages nor its other dependencies (their
-pins clash with ours). So this module imports only the standard library at its top, each server imports what it
-uses, and the peers read manifest.json as plain JSON.
+The peers' environments (`make kserve-venv`, `make triton-venv`) lack this project's packages (their pins clash
+with ours): this module imports only the standard library at its top, each server what it uses, and the peers read
+manifest.json as plain JSON.
 """
 
 import argparse
@@ -19,10 +18,8 @@ ORT_DATATYPES = {"tensor(float)": "FP32", "tensor(int64)": "INT64", "tensor(doub
 
 
 def serve_naive(model_dir: Path, port: int) -> None:
-    """The server users start from: FastAPI and ONNX Runtime written the straightforward way. One session per member
-    with default options, run one after another inside an `async` endpoint, the outputs combined as the fused graph
-    combines them, those asked for sent back; no fused graph, no thread tuning, no admission control, no
-    validation."""
+    """The server users start from: one default session per member, run one after another in an `async` FastAPI
+    endpoint, the outputs combined as the fused graph combines them; no tuning, admission control or validation."""
     import numpy as np
     import onnxruntime as ort
     import uvicorn
@@ -57,8 +54,7 @@ def serve_naive(model_dir: Path, port: int) -> None:
 
 
 def serve_kserve(model_dir: Path, port: int) -> None:
-    """KServe's Python model server (kserve 0.21) running the model directory's fused graph: a custom `Model` with
-    one ONNX Runtime session, default session options, every output computed and those asked for sent back."""
+    """KServe's Python model server (kserve 0.21): a custom `Model` with one default session of the fused graph."""
     import onnxruntime as ort
     from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
 
@@ -88,10 +84,9 @@ def serve_kserve(model_dir: Path, port: int) -> None:
 def serve_triton(
     model_dir: Path, port: int, *, max_batch: int = 8, instances: int = 1, intra_op_threads: int = 0
 ) -> None:
-    """Triton Inference Server (PyTriton 0.7 bundles a real `tritonserver`: its C++ HTTP front end and dynamic
-    batcher) running the fused graph in ONNX Runtime behind a Python function, as PyTriton serves any model: up to
-    `max_batch` rows an inference, default batcher options (no queue delay: what waits is taken), `instances` model
-    instances, each with its own session of `intra_op_threads` threads (0: ONNX Runtime's default, every core)."""
+    """Triton Inference Server (PyTriton 0.7 bundles a real `tritonserver`, its C++ front end and dynamic batcher)
+    running the fused graph behind a Python function: up to `max_batch` rows an inference, no queue delay,
+    `instances` model instances, each a session of `intra_op_threads` threads (0: ONNX Runtime's default)."""
     import numpy as np
     import onnxruntime as ort
     from pytriton.decorators import batch
@@ -146,16 +141,8 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=1, help="triton: model instances")
     parser.add_argument("--intra-op-threads", type=int, default=0, help="triton: threads a session (0: default)")
     args = parser.parse_args()
-    if args.server == "triton":
-        serve_triton(
-            args.model_dir,
-            args.port,
-            max_batch=args.max_batch,
-            instances=args.instances,
-            intra_op_threads=args.intra_op_threads,
-        )
-    else:
-        SERVERS[args.server](args.model_dir, args.port)
+    triton = {"max_batch": args.max_batch, "instances": args.instances, "intra_op_threads": args.intra_op_threads}
+    SERVERS[args.server](args.model_dir, args.port, **(triton if args.server == "triton" else {}))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,13 @@
 """`python -m bench peers --model-dir DIR`: this service against other servers of the same model, through HTTP.
 
-The peers (bench/peer_servers.py), each in its own virtual environment and left out, saying so, when it is absent:
-- triton: Triton Inference Server through PyTriton (`make triton-venv`), its usual configuration: one model
-  instance with ONNX Runtime's default session options (every core, spinning), the dynamic batcher with up to 8 rows
-  and no queue delay;
-- triton-tuned: the configuration we think fairest to Triton on this machine, what its Model Analyzer would find:
-  one instance per core, one intra-op thread each, the same batcher;
-- kserve: KServe's Python model server with one default ONNX Runtime session (`make kserve-venv`);
-- naive: the server users start from (the members' sessions in a loop with default options, on the event loop).
-Ours runs with its default settings (one worker process), and `ours-workers` with one worker process per core
-(WORKERS=auto, what compose runs), when there is more than one. Every one runs the model directory's fused graph
-(naive: its members) and computes every output. `hey` sends each the same v2 JSON request (the model's example
-input, fused mode, asking for the same outputs: an image model's scores) from 1, 4 and 16 closed-loop clients, the
-servers taking turns round by round. The targets compare ours with each peer round by round: goodput at 16 clients
-and at 4, accepted p99 at 16, p50 at 1; and ours-workers' goodput at 16 with Triton's (at least 1.2x).
+The peers (bench/peer_servers.py; each left out, saying so, when its virtual environment is absent): triton
+(PyTriton, `make triton-venv`: one instance of a default session, the dynamic batcher up to 8 rows), triton-tuned
+(one instance per core of one thread each, as its Model Analyzer would pick), kserve (one default session, `make
+kserve-venv`) and naive (the members' sessions in a loop on the event loop). Ours runs with its defaults, and
+`ours-workers` with a worker per core when there are several. `hey` sends each the same v2 JSON request (fused,
+asking for an image model's scores) from 1, 4 and 16 clients, the servers taking turns round by round. The targets,
+round by round: ours against each peer in goodput at 16 and 4 clients, accepted p99 at 16 and p50 at 1; and
+ours-workers' goodput at 16 at least 1.2x Triton's.
 """
 
 from __future__ import annotations
@@ -87,8 +81,6 @@ def run(model_dir: Path, kserve_python: Path, triton_python: Path, rounds: int, 
 
 
 def targets_met(runs: dict[tuple[Target, int], list[Run]], targets: Sequence[Target]) -> str:
-    """Ours against each peer, round by round: goodput at 16 and 4 clients at least theirs, accepted p99 at 16 and
-    p50 at 1 at most theirs."""
     ours, lines = targets[0], []
     with_workers = next((t for t in targets if t.name == OURS_WORKERS), None)
     for peer in targets[1:]:

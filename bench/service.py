@@ -88,16 +88,6 @@ class NotReady(RuntimeError):
     """A server exited, or did not answer its readiness path in time."""
 
 
-def run_to_exit(
-    model_dir: Path, timeout_s: float = START_TIMEOUT_S, **settings: object
-) -> subprocess.CompletedProcess[str]:
-    """Runs `python -m app` until it exits by itself (a start-up failure); its exit code and output."""
-    environment = service_environment(model_dir, **({"PORT": free_port()} | settings))
-    return subprocess.run(
-        [sys.executable, "-m", "app"], env=environment, cwd=REPO, capture_output=True, text=True, timeout=timeout_s
-    )
-
-
 @dataclass
 class ServiceProcess:
     process: subprocess.Popen[bytes]

@@ -1,6 +1,5 @@
-"""The HTTP side of the serving experiments (compare, layouts, peers): the v2 JSON request of a model's example
-input, Debian's `hey` sending it (compiled, so the client's Python does not weigh on the servers), and servers put
-under the same load in interleaved rounds. The servers are started by bench/service.py."""
+"""The HTTP side of the serving experiments: the v2 JSON request of a model's example input, Debian's `hey` sending
+it (compiled: no client's Python weighs on the servers), and servers under the same load in interleaved rounds."""
 
 from __future__ import annotations
 
@@ -50,15 +49,14 @@ class Run:
 
 
 def requested_outputs(manifest: Manifest) -> list[str] | None:
-    """What the load tests ask for, of every server alike: an image model's scores (what a client of a classifier
-    reads; its mask would make the answer a JSON list of every pixel's scores), else every output (None)."""
+    """What the load tests ask every server for: an image model's scores (its mask would make the answer a JSON
+    list of every pixel's scores), else every output (None)."""
     image = manifest.image
     return [image.scores_output] if image is not None and image.scores_output is not None else None
 
 
 def v2_body(manifest: Manifest, mode: Mode, path: Path, outputs: Sequence[str] | None = None) -> Path:
-    """Writes the v2 JSON inference request of the model's example input, asking for `mode` (and for `outputs`
-    only, when given)."""
+    """Writes the v2 JSON request of the model's example input, in `mode`, asking for `outputs` (None: all)."""
     path.write_text(json.dumps(v2_json_body(manifest.example_inputs(), outputs, mode=mode.value)))
     return path
 
@@ -72,8 +70,7 @@ def hey(
     requests: int | None = None,
     content_type: str = "application/json",
 ) -> Run:
-    """POSTs `body` (of `content_type`) to `url` from `clients` closed-loop workers (each sends its next request when
-    the last is answered), for `seconds`, or `requests` in all."""
+    """POSTs `body` to `url` from `clients` closed-loop workers, for `seconds` or `requests` in all."""
     if shutil.which("hey") is None:
         raise SystemExit("this command needs Debian's `hey` (apt-get install hey)")
     amount = ["-z", f"{seconds}s"] if seconds is not None else ["-n", str(requests)]
@@ -94,8 +91,8 @@ def hey(
 def load_rounds(
     targets: Sequence[Target], clients: Sequence[int], seconds: float, rounds: int
 ) -> dict[tuple[Target, int], list[Run]]:
-    """A few requests to each target (warm-up), then `rounds` interleaved rounds in which each target gets `seconds`
-    of load from each number of `clients` in turn. Returns the runs of each (target, clients), one per round."""
+    """A warm-up, then `rounds` interleaved rounds of `seconds` of load on each target from each number of
+    `clients`; the runs of each (target, clients), one per round."""
     for target in targets:
         hey(target.url, target.body, clients=1, requests=WARMUP_REQUESTS, content_type=target.content_type)
     per_round = interleave(
@@ -107,8 +104,8 @@ def load_rounds(
 
 
 def load_table(runs: dict[tuple[Target, int], list[Run]], targets: Sequence[Target], clients: Sequence[int]) -> str:
-    """Per target and number of clients: goodput (answered requests a second) and the accepted requests' p50 and
-    p99, each the mean over rounds with its 95 % interval, and the first target's figures' ratios in each round."""
+    """Per target and clients: goodput (200s a second), the accepted requests' p50 and p99 (means over rounds with
+    their 95 % intervals), and ratios to the first target's, round by round."""
     first = targets[0]
     rows = []
     for target in targets:

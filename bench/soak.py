@@ -1,19 +1,12 @@
 """`python -m bench.soak`: the service in Docker under a real memory limit, attacked for a minute by every hostile
 kind of request we know of while honest clients keep asking, and what it cost them.
 
-It runs the image (`--build` builds it first, from this checkout, with the test preset's tiny models) with
-`--memory 2g`, WORKERS=2 and an API key on loopback ports; measures the honest clients' latency on a quiet service
-(QUIET_S); then, for SECONDS, ATTACKERS threads send hostile requests (each cycling, from a different start,
-through every kind of bench/hostile.py and a SIGHUP to the container) while the HONEST clients go on. It reports
-what an operator would ask:
-
-    worker restarts        want 0    (ensemble_worker_restarts_total; the container itself must still run)
-    honest failures        want 0    (anything but 200, or 503 with Retry-After, counts)
-    honest p99 / quiet p99 want <= 2
-    peak memory            want under the limit (the container's cgroup memory.peak)
-    attackers' statuses    each kind's, and any 5xx other than 503 is a failure too
-
-Traffic goes to 127.0.0.1 only, bounded in time. Run as root (Docker, and the cgroup file for the peak).
+It runs the image (`--build`: built first from this checkout, with the test preset's models) with `--memory 2g`,
+WORKERS=2 and an API key on loopback ports; times the honest clients on a quiet service (QUIET_S), then, for
+--seconds, ATTACKERS threads cycle through every kind of bench/hostile.py and a SIGHUP to the container while the
+HONEST clients go on. It reports the worker restarts, the honest failures (anything but 200 or a 503 with
+Retry-After), the honest p99 attacked over quiet, the container's peak memory (its cgroup's) and each kind's
+statuses, each with what it should be. Run as root (Docker, and the cgroup file).
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """`python -m bench sweep`: the published experiment, latency against accuracy, separate sessions against fused.
 
-Builds single UNets of several widths and ensembles of them with model_build: every distinct member once, as a model
-directory of its own (`OUT/models/<member>/`, trained at once, as many as the cores hold); an ensemble's directory
-gets copies of its members first, so its build only fuses and scores (`--reuse-members DIR` copies members built
-with the same configuration from elsewhere; up-to-date builds are skipped). Then times every model, through the
-service's own runtime (app.engine.runtime) in this process, in each configuration below, a model's configurations
-in interleaved rounds. Writes sweep.csv, sweep.png (one point per model, median latency against mean label
-accuracy; an ensemble's separate sessions joined to its fused graph by an arrow; the Pareto front) and sweep.md; a
-full run also rewrites its section of docs/benchmarks.md. `--from-csv docs/sweep.csv` re-renders them without a
-build or timing. About 20 minutes on 2 cores.
+Builds single UNets of several widths and ensembles of them with model_build (each distinct member once, trained at
+once, as many as the cores hold; `--reuse-members DIR` copies members built the same way), then times every model in
+each configuration below through the service's runtime, a model's configurations in interleaved rounds. Writes
+sweep.csv, sweep.png (median latency against mean label accuracy, an arrow from an ensemble's separate sessions to
+its fused graph, the Pareto front) and sweep.md; `--from-csv docs/sweep.csv` re-renders them. ~20 min on 2 cores.
 """
 
 from __future__ import annotations
@@ -38,11 +34,8 @@ from bench.common import (
     Setup,
     interval_check,
     log,
-    log_axis,
-    pyplot,
     table,
     time_in_process,
-    write_csv,
 )
 from ensemble_contract.manifest import Manifest, load_manifest
 from ensemble_contract.modes import Mode
@@ -103,30 +96,26 @@ def ensemble(label: str) -> ModelSpec:
         match = _TERM.match(term.strip())
         if not match:
             raise ValueError(f"ensemble {label!r}: {term!r} is not like 'w3' or '2xw3'")
-        count, width = int(match[1] or 1), int(match[2])
-        for _ in range(count):
-            seeds[width] += 1
-            members.append(MemberConfig(width_scale=width, seed=seeds[width]))
+        for _ in range(int(match[1] or 1)):
+            seeds[int(match[2])] += 1
+            members.append(MemberConfig(width_scale=int(match[2]), seed=seeds[int(match[2])]))
     if len(members) < 2:
         raise ValueError(f"ensemble {label!r} has fewer than two members")
     return ModelSpec(label, tuple(members))
 
 
 def _build(spec: ModelSpec, out: Path, training: TrainingConfig, test_images: int, sources: Sequence[Path]) -> None:
-    """Builds `spec` into `out` (no int8 graph: the sweep times fp32), first copying in each member `out` lacks from
-    the first of `sources` (model directories) that has it built the same way."""
+    """Builds `spec` into `out` (fp32 only), first copying in each member `out` lacks from the first of `sources`
+    (model directories) that has it built the same way."""
     from model_build.build import build, is_built  # torch is imported only where a build runs
 
-    config = BuildConfig(
-        name=f"sweep-{spec.dir_name}",
-        members=spec.members,
-        training=training,
-        test_images=test_images,
-        int8=Int8Config(enabled=False),
-    )
+    config = BuildConfig(name=f"sweep-{spec.dir_name}", members=spec.members, training=training,
+                         test_images=test_images, int8=Int8Config(enabled=False))  # fmt: skip
     for member in config.members:
-        target = out / "members" / f"{member.name}.onnx"
-        found = [s / "members" / f"{member.name}.onnx" for s in sources]
+        target, found = (
+            out / "members" / f"{member.name}.onnx",
+            [s / "members" / f"{member.name}.onnx" for s in sources],
+        )
         source = next((path for path in found if is_built(path, config, member)), None)
         if not is_built(target, config, member) and source is not None:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -137,17 +126,15 @@ def _build(spec: ModelSpec, out: Path, training: TrainingConfig, test_images: in
 def build_all(
     specs: Sequence[ModelSpec], training: TrainingConfig, test_images: int, root: Path, reuse: Sequence[Path] = ()
 ) -> dict[str, Path]:
-    """Builds every model of `specs` under `root`; returns each label's model directory. The members train at once,
-    as many as the cores hold at `training.threads` threads each, a process each."""
+    """Builds every model under `root` (the members first, as many at once as the cores hold at `training.threads`
+    threads each, a process each); returns each label's model directory."""
     members = list(dict.fromkeys(m for spec in specs for m in spec.members))
     workers = max(1, min(len(members), usable_cores().count // training.threads))
     build_member = partial(_build, training=training, test_images=test_images, sources=reuse)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        specs_and_dirs = [ModelSpec(m.name, (m,)) for m in members], [root / m.name for m in members]
-        list(pool.map(build_member, *specs_and_dirs))  # list(): a failed build raises here
-    for spec in specs:
-        if spec.is_ensemble:
-            _build(spec, root / spec.dir_name, training, test_images, [root / m.name for m in spec.members])
+        list(pool.map(build_member, [ModelSpec(m.name, (m,)) for m in members], [root / m.name for m in members]))
+    for spec in (s for s in specs if s.is_ensemble):
+        _build(spec, root / spec.dir_name, training, test_images, [root / m.name for m in spec.members])
     return {spec.label: root / spec.dir_name for spec in specs}
 
 
@@ -187,33 +174,26 @@ class SweepRow(BaseModel):
         return " ".join(f"{x:.4f}" for x in value)
 
 
-def read_rows(path: Path) -> list[SweepRow]:
-    with path.open(newline="") as f:
-        return [SweepRow.model_validate({k: v or None for k, v in row.items()}) for row in csv.DictReader(f)]
-
-
 def setups(spec: ModelSpec, model_dir: Path, root: Path) -> dict[str, Setup]:
-    """A model's configurations: a single model runs the same separate or in parallel, so it has no `parallel`; an
-    ensemble also times each member alone."""
+    """A model's configurations: a single model has no `parallel` (it would run as `separate`); an ensemble also
+    times each member alone."""
     found = {
         c.name: (Settings(model_dir=model_dir, spinning=Spinning.ALWAYS if c.spinning else Spinning.OFF), c.mode)
         for c in CONFIGS
         if spec.is_ensemble or c.mode is not Mode.PARALLEL
     }
-    if spec.is_ensemble:
-        for i, member in enumerate(spec.members):
-            found[f"{ALONE}{i}"] = (Settings(model_dir=root / member.name, spinning=Spinning.ALWAYS), Mode.SEQUENTIAL)
+    for i, member in enumerate(spec.members if spec.is_ensemble else ()):
+        found[f"{ALONE}{i}"] = (Settings(model_dir=root / member.name, spinning=Spinning.ALWAYS), Mode.SEQUENTIAL)
     return found
 
 
-def _row(
-    spec: ModelSpec, manifest: Manifest, config: str, rounds: Sequence[Sequence[float]], machine: Machine
-) -> SweepRow:
+def _row(spec: ModelSpec, manifest: Manifest, config: str, rounds: Sequence[Sequence[float]]) -> SweepRow:
     """`rounds`: each round's durations, in seconds."""
     p50, p95, p99 = zip(*(percentiles_ms(seconds, [50, 95, 99]) for seconds in rounds), strict=True)
     metrics = manifest.ensemble_metrics or manifest.members[0].metrics
     if metrics is None:
         raise ValueError(f"{spec.label}: the manifest has no held-out metrics")
+    machine = Machine.current()
     return SweepRow(
         model=spec.label,
         kind="ensemble" if spec.is_ensemble else "single",
@@ -229,32 +209,39 @@ def _row(
         runs=sum(len(seconds) for seconds in rounds),
         rounds_ms=p50,
         training_steps=(manifest.build_config or {}).get("training", {}).get("steps", 0),
-        mean_label_accuracy=metrics.mean_label_accuracy,
-        exact_match_accuracy=metrics.exact_match_accuracy,
-        mean_iou=metrics.mean_iou,
-        cpu=machine.cpu,
-        cores=machine.cores,
-        onnxruntime=machine.onnxruntime,
         load_average_1m=machine.load_average[0] if machine.load_average else None,
-        measured_at=machine.measured_at,
+        **metrics.model_dump(include={"mean_label_accuracy", "exact_match_accuracy", "mean_iou"}),
+        **{name: getattr(machine, name) for name in ("cpu", "cores", "onnxruntime", "measured_at")},
     )
 
 
 def measure(
     specs: Sequence[ModelSpec], dirs: dict[str, Path], root: Path, budget: Budget, rounds: int, csv_path: Path
 ) -> list[SweepRow]:
-    """Times every configuration of every model, a model's configurations in interleaved rounds, one model after
-    another; the CSV is rewritten after each model, so an interruption keeps what was measured."""
+    """Times every model, one after another, its configurations in interleaved rounds; the CSV is rewritten after
+    each model, so an interruption keeps what was measured."""
     rows: list[SweepRow] = []
     for spec in specs:
         manifest = load_manifest(dirs[spec.label])
-        timed = time_in_process(setups(spec, dirs[spec.label], root), budget, rounds)
-        machine = Machine.current()
-        for config, per_round in timed.items():
-            rows.append(_row(spec, manifest, config, per_round, machine))
+        for config, per_round in time_in_process(setups(spec, dirs[spec.label], root), budget, rounds).items():
+            rows.append(_row(spec, manifest, config, per_round))
             log(f"[sweep] {spec.label:>8} {config:<18} p50 {rows[-1].median_ms:.2f} ms, rounds {rows[-1].rounds_ms}")
-        write_csv(csv_path, [row.model_dump() for row in rows])
+        write_csv(csv_path, rows)
     return rows
+
+
+def write_csv(path: Path, rows: Sequence[SweepRow]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(SweepRow.model_fields))
+        writer.writeheader()
+        writer.writerows(row.model_dump() for row in rows)
+    return path
+
+
+def read_rows(path: Path) -> list[SweepRow]:
+    with path.open(newline="") as f:
+        return [SweepRow.model_validate({k: v or None for k, v in row.items()}) for row in csv.DictReader(f)]
 
 
 def _by_model(rows: Sequence[SweepRow]) -> dict[str, dict[str, SweepRow]]:
@@ -272,36 +259,32 @@ def _sum_alone(configs: dict[str, SweepRow]) -> list[float] | None:
 
 def _ratios(configs: dict[str, SweepRow]) -> dict[str, Interval | None]:
     """The sweep's ratios, by column heading: each the mean of the rounds' ratios, with its 95 % interval."""
-
-    def rounds(name: str) -> Sequence[float] | None:
-        return configs[name].rounds_ms if name in configs else None
-
-    pairs = {
-        "separate-default ÷ fused-default": (rounds("separate-default"), rounds("fused-default")),
-        "separate-nospin ÷ fused-nospin": (rounds("separate-nospin"), rounds("fused-nospin")),
-        "parallel ÷ fused-nospin": (rounds("parallel"), rounds("fused-nospin")),
-        "fused-default ÷ sum alone": (rounds("fused-default"), _sum_alone(configs)),
+    rounds: dict[str, Sequence[float] | None] = {name: row.rounds_ms for name, row in configs.items()}
+    rounds["sum alone"] = _sum_alone(configs)
+    pairs = [("separate-default", "fused-default"), ("separate-nospin", "fused-nospin"),
+             ("parallel", "fused-nospin"), ("fused-default", "sum alone")]  # fmt: skip
+    return {
+        f"{n} ÷ {d}": Interval.of_ratios(above, below)
+        if (above := rounds.get(n)) and (below := rounds.get(d))
+        else None
+        for n, d in pairs
     }
-    return {column: Interval.of_ratios(n, d) if n and d else None for column, (n, d) in pairs.items()}
 
 
 def target_lines(rows: Sequence[SweepRow], model: str) -> list[str]:
     """The published claims' bounds on `model`, each holding only where its whole 95 % interval is."""
     ratios = _ratios(_by_model(rows).get(model, {}))
     targets = (
-        (f"{model}: fused ÷ sum of its members alone", "fused-default ÷ sum alone", None, FUSED_OVER_SUM_TARGET),
-        (
-            f"{model}: separate sessions in a loop ÷ fused, spinning on",
-            "separate-default ÷ fused-default",
-            SEPARATE_OVER_FUSED_TARGET,
-            None,
-        ),
-    )
-    lines = []
-    for name, column, low, high in targets:
-        interval = ratios[column]
-        lines.append(interval_check(name, interval, at_least=low, at_most=high) if interval else f"not measured {name}")
-    return lines
+        ("fused ÷ sum of its members alone", "fused-default ÷ sum alone", None, FUSED_OVER_SUM_TARGET),
+        ("separate sessions in a loop ÷ fused, spinning on", "separate-default ÷ fused-default",
+         SEPARATE_OVER_FUSED_TARGET, None),
+    )  # fmt: skip
+    return [
+        interval_check(f"{model}: {name}", interval, at_least=low, at_most=high)
+        if (interval := ratios[column])
+        else f"not measured {model}: {name}"
+        for name, column, low, high in targets
+    ]
 
 
 def markdown(rows: Sequence[SweepRow], header: str, target: str) -> str:
@@ -337,8 +320,12 @@ def plot(rows: Sequence[SweepRow], path: Path, subtitle: str) -> Path:
     """The published kind of chart: one point per model, median latency (x, log) against mean label accuracy (y),
     coloured by total parameters; an ensemble's separate sessions (spinning on) joined to its fused graph by an
     arrow; the Pareto front as a step line."""
-    plt = pyplot()
+    import matplotlib  # only where a chart is drawn, to files only
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import LogLocator, ScalarFormatter
 
     millions = [r.parameters / 1e6 for r in rows]
     norm, cmap = plt.Normalize(min(millions), max(millions)), plt.get_cmap("viridis")
@@ -366,7 +353,9 @@ def plot(rows: Sequence[SweepRow], path: Path, subtitle: str) -> Path:
     ax.scatter(xs, ys, s=170, facecolors="none", edgecolors="tab:red", linewidths=1.2, zorder=5)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="total parameters (M)")
     ax.set_xscale("log")
-    log_axis(ax.xaxis)
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # in plain numbers
+    ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("median latency, batch 1, spinning on as ONNX Runtime's default (ms, log scale)")
     ax.set_ylabel("mean label accuracy (held out)")
@@ -398,7 +387,7 @@ def render(rows: Sequence[SweepRow], out: Path, what: str, measured_on: str | No
         "The chart plots each model's fused-default latency (a single model: its one session) and, for an ensemble, "
         "its separate-default latency too; the data is [sweep.csv](sweep.csv)."
     )
-    data = write_csv(out / "sweep.csv", [row.model_dump() for row in rows])
+    data = write_csv(out / "sweep.csv", rows)
     chart = plot(rows, out / "sweep.png", f"{rows[0].cpu}, {rows[0].cores} cores, {rows[0].measured_at}")
     return Report(markdown(rows, what, target), figure=chart, data=data, measured_on=measured_on)
 

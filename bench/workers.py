@@ -1,13 +1,10 @@
 """`python -m bench workers --model-dir DIR`: the service with one worker process against several, through HTTP.
 
-Three servers side by side on loopback, taking turns round by round (an idle one costs nothing: its pools sleep):
-- `1 worker`: WORKERS=1, the machine's cores (one process, its sessions on every core);
-- `N workers`: WORKERS=N, one per core (what WORKERS=auto picks here);
-- `1 core`: WORKERS=auto under `taskset` on one core (so one worker on one core).
-Each runs its default settings otherwise (batching on). `hey` saturates each with CLIENTS closed-loop clients,
-sending the v2 JSON request of the model's example input (fused, and fused-int8 when the model has it; asking for
-an image model's scores) and, for an image model, /predict's multipart PNG upload. The targets, round by round:
-N workers ÷ 1 worker at least 1.3 in every request kind, and N workers ÷ 1 core at least 1.7 (N = 2).
+Three servers side by side, taking turns round by round: `1 worker` (WORKERS=1), `N workers` (one per core) and
+`1 core` (WORKERS=auto pinned to one core), otherwise at their defaults. `hey` saturates each with CLIENTS clients
+sending the v2 JSON request of the model's example input (fused, and fused-int8 when it has it) and, for an image
+model, /predict's multipart PNG upload. The targets, round by round: N workers ÷ 1 worker at least 1.3 in every kind
+of request, and N workers ÷ 1 core at least 1.7 (N = 2).
 """
 
 from __future__ import annotations

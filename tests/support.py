@@ -35,7 +35,7 @@ from app.engine.runtime import Measured, Tensors
 from app.engine.timing import Timing
 from app.main import create_app
 from app.settings import Settings
-from bench.service import v2_json_body
+from bench.service import REPO, free_port, service_environment, v2_json_body
 from ensemble_contract.datatypes import NUMPY, of_numpy
 from ensemble_contract.manifest import Int8, load_manifest
 from ensemble_contract.modes import Mode
@@ -95,6 +95,16 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
 
 # How far fused-int8's probabilities may be from the fp32 modes' (which agree to 1e-4) on images like the tests'.
 INT8_ATOL = 0.05
+
+
+def run_to_exit(
+    model_dir: Path, timeout_s: float = START_TIMEOUT_S, **settings: object
+) -> subprocess.CompletedProcess[str]:
+    """Runs `python -m app` until it exits by itself (a start-up failure); its exit code and output."""
+    environment = service_environment(model_dir, **({"PORT": free_port()} | settings))
+    return subprocess.run(
+        [sys.executable, "-m", "app"], env=environment, cwd=REPO, capture_output=True, text=True, timeout=timeout_s
+    )
 
 
 def fuse(*args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,6 @@ from app.engine.resources import usable_cores
 from bench.__main__ import COMMANDS, parser
 from bench.common import Budget, Interval, interleave, table, update_section
 from bench.compare import Ratio, trimmed_mean, verdict
-from bench.scale import size_for
 from bench.serving import Run, Target, load_table, v2_body
 from bench.sweep import ensemble, pareto_front, single
 from ensemble_contract.manifest import load_manifest
@@ -103,23 +102,6 @@ def test_sweep_rerenders_the_published_csv(tmp_path: Path) -> None:
     assert [r["model"] for r in rows] == ["w2", "w3", "w4", "w5", "w6", "w7", "2xw2", "3xw2", "2xw3", "w2+w3", "w2+w7"]
 
 
-def test_scale_quick_builds_the_pair_times_both_sides_per_layout_and_charts(tmp_path: Path) -> None:
-    bench("scale", "--out", tmp_path, "--runs", "5")
-    with (tmp_path / "scale.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    cores = usable_cores().count
-    assert {int(r["size"]) for r in rows} == {32}
-    layouts = {(cores, "True"), (cores, "False"), (1, "True")} if cores > 1 else {(1, "True")}
-    assert {(int(r["threads"]), r["spinning"]) for r in rows} == layouts
-    assert all(int(r["runs"]) == 10 and float(r["separate_ms"]) > 0 and float(r["fused_ms"]) > 0 for r in rows)
-    assert all(float(r["ratio_low"]) <= float(r["ratio"]) <= float(r["ratio_high"]) for r in rows)
-    assert (tmp_path / "models" / "32px" / "ensemble.onnx").is_file()
-    assert (tmp_path / "scale.png").stat().st_size > 10_000
-    text = (tmp_path / "scale.md").read_text()
-    assert [r["size (px)"] for r in markdown_rows(text, "size (px)")] == ["**32**"] * len(rows)
-    assert "python -m bench scale" in text and text.count("whole interval >= 1.5") == len(rows)
-
-
 @needs_hey
 def test_compare_quick_times_every_mode_of_a_users_ensemble_in_process_and_over_v2(
     tabular_dir: Path, tmp_path: Path
@@ -133,19 +115,10 @@ def test_compare_quick_times_every_mode_of_a_users_ensemble_in_process_and_over_
 
 
 def load_rows(text: str) -> list[dict[str, str]]:
-    """The rows of the load tables (layouts, peers), checked for what every row must hold."""
+    """The rows of the load tables (peers, workers), checked for what every row must hold."""
     rows = markdown_rows(text, "server")
     assert rows and all(float(r["goodput /s [95 % CI]"].split()[0]) > 0 and r["failed"] == "0" for r in rows)
     return rows
-
-
-@needs_hey
-def test_layouts_quick_loads_the_service_under_each_slot_layout(model_dir: Path, tmp_path: Path) -> None:
-    text = bench("layouts", "--model-dir", model_dir, "--out", tmp_path, "--slots", "1", "2").stdout
-    layouts = {"1x" + str(usable_cores().count), "2x" + str(max(1, usable_cores().count // 2))}
-    rows = load_rows(text)
-    assert {(r["server"], r["clients"]) for r in rows} == {(layout, c) for layout in layouts for c in ("4", "32")}
-    assert len(rows) == 8 and "fused:\n" in text and "fused-int8:\n" in text  # the test build ships int8
 
 
 @needs_hey
@@ -242,19 +215,6 @@ def test_ratio_intervals_are_taken_within_rounds() -> None:
     assert Interval.of([1.0, float("nan")]).brief() == "n/a" and Interval.of_ratios([1.0], [0.0]).brief() == "n/a"
 
 
-def test_size_for_a_target_latency_probes_towards_it() -> None:
-    probed: list[int] = []
-
-    def latency_ms(size: int) -> float:  # grows with the pixels: 170 ms at 400x400
-        probed.append(size)
-        return 170 * (size / 400) ** 2
-
-    assert size_for(170, latency_ms, start=48) == 384  # 157 ms: within 10 % of the target, the search stops
-    assert probed == [48, 96, 192, 384]  # at most a doubling a probe
-    assert size_for(170, lambda size: 170 * (size / 400) ** 2, start=48, largest=256) == 256
-    assert size_for(1.0, lambda size: 10.0, start=64) == 64  # nothing moves it: no probe is repeated
-
-
 def test_pareto_front_keeps_what_nothing_beats_on_both_counts() -> None:
     points = [(5.0, 0.90), (6.0, 0.89), (7.0, 0.93), (7.0, 0.91), (12.0, 0.93), (20.0, 0.95)]
     assert pareto_front(points) == [(5.0, 0.90), (7.0, 0.93), (20.0, 0.95)]
@@ -264,8 +224,8 @@ def test_update_section_replaces_only_its_own_section(tmp_path: Path) -> None:
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nHand-written method.\n")
     update_section(docs, "sweep", table(["a"], [[1.0]]))
-    update_section(docs, "scale", "first")
-    update_section(docs, "scale", "second")
+    update_section(docs, "other", "first")
+    update_section(docs, "other", "second")
     text = docs.read_text()
     assert text.startswith("# Benchmarks\n\nHand-written method.")
     assert "| 1.00 |" in text and "second" in text and "first" not in text

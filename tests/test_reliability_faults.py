@@ -16,11 +16,11 @@ import onnxruntime
 import pytest
 
 from app.settings import Settings
-from bench.service import free_port, run_to_exit
+from bench.service import free_port
 from ensemble_contract.manifest import FileEntry, Manifest, load_manifest
 from ensemble_contract.modes import Mode
 from tests.onnx_members import FRAGILE_SIZE
-from tests.support import LiveServer, infer_body, live_server, scrape
+from tests.support import LiveServer, infer_body, live_server, run_to_exit, scrape
 
 # ---------------------------------------------------------------------------------------------------------------
 # Start-up refuses a broken model directory

@@ -31,14 +31,13 @@ from bench.service import (
     REPO,
     ServiceProcess,
     free_port,
-    run_to_exit,
     service_environment,
     service_process,
     stop,
 )
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
-from tests.support import Scrape, infer_json, scrape
+from tests.support import Scrape, infer_json, run_to_exit, scrape
 
 CLIENTS = 8  # keep-alive connections, each its own client
 REQUESTS_EACH = 10
