@@ -35,7 +35,7 @@ GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 @dataclass(frozen=True)
-class Target:
+class AttackTarget:
     url: str
     api_key: str
     model: str
@@ -72,7 +72,7 @@ class Kind:
     expected: frozenset[int] = frozenset()  # the statuses it may get besides 503 (overload); empty: any but a 5xx
 
 
-def kinds(target: Target) -> list[Kind]:
+def kinds(target: AttackTarget) -> list[Kind]:
     """The worst request of each kind over HTTP, and what each must get."""
     batch = target.tensor_body(target.max_rows)
     too_many_rows = target.tensor_body(560)  # for 48x48 images, the 11.6 MB request that once took 2.5 GB
@@ -95,7 +95,7 @@ def kinds(target: Target) -> list[Kind]:
     ]
 
 
-def more_kinds(target: Target) -> list[Kind]:
+def more_kinds(target: AttackTarget) -> list[Kind]:
     """Malformed JSON, lying headers, stalled connections and the gRPC front (gRPC codes as 1000 + code): what the
     service must survive, whatever it answers."""
     infer = f"/v2/models/{target.model}/infer"
@@ -138,7 +138,7 @@ def more_kinds(target: Target) -> list[Kind]:
     ]
 
 
-def _poster(target: Target) -> Callable[..., Callable[[httpx.Client], int]]:
+def _poster(target: AttackTarget) -> Callable[..., Callable[[httpx.Client], int]]:
     def post(path: str, body: bytes, content_type: str = "application/json", key: str | None = None,
              headers: dict[str, str] | None = None) -> Callable[[httpx.Client], int]:  # fmt: skip
         sent = target.headers(key) | {"Content-Type": content_type} | (headers or {})
@@ -159,7 +159,7 @@ def held(client: httpx.Client, payload: bytes, hold_s: float) -> int:
     return 0
 
 
-def slow_upload(client: httpx.Client, target: Target, seconds: float = 3.0) -> int:
+def slow_upload(client: httpx.Client, target: AttackTarget, seconds: float = 3.0) -> int:
     """Headers announcing 1 MB, then a byte every 0.2 s for `seconds`, then the client closes (0): the server must
     hold only the connection and the bytes it got."""
     with _connect(client) as connection:
@@ -177,7 +177,7 @@ class Ordinary:
     """An ordinary client in a loop beside the hostile ones: every request must get 200 or a 503 with Retry-After.
     Statuses: those two; any other negated (-500); 0: a transport error."""
 
-    target: Target
+    target: AttackTarget
     send: Callable[[httpx.Client], httpx.Response]
     pause_s: float = 0.0
     statuses: Counter[int] = field(default_factory=Counter)
@@ -201,7 +201,7 @@ class Ordinary:
                 time.sleep(self.pause_s)
 
 
-def predicting(target: Target) -> Ordinary:
+def predicting(target: AttackTarget) -> Ordinary:
     """Small /predict uploads, a pause between them."""
     image = png(64, 64)
     return Ordinary(target, lambda c: c.post("/predict", content=image, headers={"Content-Type": "image/png"}), 0.05)
@@ -225,7 +225,7 @@ class Outcome:
     peak_rss_bytes: int
 
 
-def storm(target: Target, pid: int) -> tuple[list[Outcome], Counter[int]]:
+def storm(target: AttackTarget, pid: int) -> tuple[list[Outcome], Counter[int]]:
     """Every kind, alone then AT_ONCE at a time, ordinary requests throughout; each kind's outcome and peak RSS."""
     ordinary = predicting(target)
     beside = threading.Thread(target=ordinary.run)
@@ -260,7 +260,7 @@ def main() -> None:
     parser.add_argument("--model", default="shapes-ensemble")
     parser.add_argument("--image-size", type=int, default=48)
     args = parser.parse_args()
-    outcomes, ordinary = storm(Target(args.url, args.api_key, args.model, args.image_size), args.pid)
+    outcomes, ordinary = storm(AttackTarget(args.url, args.api_key, args.model, args.image_size), args.pid)
     for outcome in outcomes:
         print(f"{outcome.kind:55} peak RSS {outcome.peak_rss_bytes / MIB:7.0f} MiB  alone {dict(outcome.alone)}  "
               f"{AT_ONCE} at once {dict(outcome.at_once)}")  # fmt: skip

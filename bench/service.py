@@ -84,7 +84,7 @@ def service_environment(model_dir: Path, **settings: object) -> dict[str, str]:
     return environment | {name.upper(): str(value) for name, value in settings.items()}
 
 
-class NotReady(RuntimeError):
+class ServerNotReady(RuntimeError):
     """A server exited, or did not answer its readiness path in time."""
 
 
@@ -141,9 +141,9 @@ def server_process(
         deadline = time.monotonic() + start_timeout_s
         while not ready(server.url + ready_path):
             if process.poll() is not None:
-                raise NotReady(f"the server exited with {process.returncode}:\n{server.output()}")
+                raise ServerNotReady(f"the server exited with {process.returncode}:\n{server.output()}")
             if time.monotonic() > deadline:
-                raise NotReady(f"the server was not ready within {start_timeout_s:.0f} s:\n{server.output()}")
+                raise ServerNotReady(f"the server was not ready within {start_timeout_s:.0f} s:\n{server.output()}")
             time.sleep(0.1)
         yield server
     finally:

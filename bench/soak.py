@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.hostile import Kind, Ordinary, Target, kinds, more_kinds
+from bench.hostile import AttackTarget, Kind, Ordinary, kinds, more_kinds
 from bench.service import free_port, ready
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,13 +39,13 @@ def docker(*args: str, timeout: float = 900) -> str:
     return subprocess.run(["docker", *args], check=True, capture_output=True, text=True, timeout=timeout).stdout
 
 
-def honest(target: Target) -> Ordinary:
+def honest(target: AttackTarget) -> Ordinary:
     """Ordinary 1-row v2 requests asking for the scores, in a loop."""
     body = target.tensor_body(1, outputs='{"name":"class_probs"}')
     return Ordinary(target, lambda client: client.post(f"/v2/models/{MODEL}/infer", content=body))
 
 
-def run_honest(target: Target, seconds: float, beside: Callable[[float], None] | None = None) -> list[Ordinary]:
+def run_honest(target: AttackTarget, seconds: float, beside: Callable[[float], None] | None = None) -> list[Ordinary]:
     until = time.monotonic() + seconds
     clients = [honest(target) for _ in range(HONEST)]
     threads = [threading.Thread(target=c.run, args=(until,)) for c in clients]
@@ -58,7 +58,7 @@ def run_honest(target: Target, seconds: float, beside: Callable[[float], None] |
     return clients
 
 
-def attack(every: list[Kind], target: Target, until: float, statuses: dict[str, Counter[int]]) -> None:
+def attack(every: list[Kind], target: AttackTarget, until: float, statuses: dict[str, Counter[int]]) -> None:
     """ATTACKERS threads, each sending every kind in turn from a different start, until `until`."""
     lock = threading.Lock()
 
@@ -98,7 +98,7 @@ def peak_memory_file(container_id: str) -> Path | None:
     return next((path for path in candidates if path.exists()), None)
 
 
-def recovery_s(target: Target, limit_s: float = 120.0) -> float:
+def recovery_s(target: AttackTarget, limit_s: float = 120.0) -> float:
     """How long after the attack a fresh honest request takes to be answered 200 (NaN: not within limit_s)."""
     start, send = time.monotonic(), honest(target).send
     with httpx.Client(base_url=target.url, timeout=60, headers=target.headers()) as client:
@@ -111,7 +111,7 @@ def recovery_s(target: Target, limit_s: float = 120.0) -> float:
     return float("nan")
 
 
-def restarts(target: Target) -> float:
+def restarts(target: AttackTarget) -> float:
     try:
         text = httpx.get(f"{target.url}/metrics", timeout=60).text
     except httpx.TransportError:
@@ -136,7 +136,7 @@ def main() -> None:
         "--env", f"WORKERS={args.workers}", "--env", f"API_KEY={API_KEY}",
         "--publish", f"127.0.0.1:{port}:8000", "--publish", f"127.0.0.1:{grpc_port}:8081", args.image,
     ).strip()  # fmt: skip
-    target = Target(f"http://127.0.0.1:{port}", API_KEY, MODEL, 32, grpc_address=f"127.0.0.1:{grpc_port}")
+    target = AttackTarget(f"http://127.0.0.1:{port}", API_KEY, MODEL, 32, grpc_address=f"127.0.0.1:{grpc_port}")
     sighup = Kind("SIGHUP to the container", lambda _: (docker("kill", "--signal", "HUP", container), 0)[1])
     every = [*kinds(target), *more_kinds(target), sighup]
     try:

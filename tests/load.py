@@ -23,14 +23,14 @@ OPEN_LOOP_MAX_CONNECTIONS = 64
 
 
 @dataclass(frozen=True)
-class Payload:
+class Upload:
     """One multipart upload (field `file`), encoded once and sent as is."""
 
     body: bytes
     content_type: str
 
     @classmethod
-    def gradient(cls, size: int) -> Payload:
+    def gradient(cls, size: int) -> Upload:
         """A large grey gradient (size x size): decoding and resizing it dominate the server's work."""
         buffer = io.BytesIO()
         Image.linear_gradient("L").resize((size, size)).convert("RGB").save(buffer, format="PNG")
@@ -39,7 +39,7 @@ class Payload:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Reply:
     status: int  # 0: no response (connection error or client timeout)
     seconds: float
     retry_after: str | None = None
@@ -61,7 +61,7 @@ class Latency:
 
 @dataclass
 class LoadResult:
-    outcomes: list[Outcome]
+    outcomes: list[Reply]
     duration_s: float
     statuses: dict[str, int] = field(init=False)
     transport_errors: dict[str, int] = field(init=False)
@@ -96,23 +96,23 @@ class LoadResult:
         return sum(o.status == 503 and o.retry_after is None for o in self.outcomes)
 
 
-async def _send(client: httpx.AsyncClient, url: str, payload: Payload, started: float) -> Outcome:
+async def _send(client: httpx.AsyncClient, url: str, payload: Upload, started: float) -> Reply:
     try:
         response = await client.post(url, content=payload.body, headers={"content-type": payload.content_type})
     except httpx.HTTPError as exc:
-        return Outcome(0, time.perf_counter() - started, error=type(exc).__name__)
-    return Outcome(response.status_code, time.perf_counter() - started, response.headers.get("retry-after"))
+        return Reply(0, time.perf_counter() - started, error=type(exc).__name__)
+    return Reply(response.status_code, time.perf_counter() - started, response.headers.get("retry-after"))
 
 
-async def warm_up(base: str, payload: Payload, requests: int) -> None:
+async def warm_up(base: str, payload: Upload, requests: int) -> None:
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
         for _ in range(requests):
             await _send(client, f"{base}/predict", payload, time.perf_counter())
 
 
-async def closed_loop(base: str, payload: Payload, *, concurrency: int, requests: int, max_s: float) -> LoadResult:
+async def closed_loop_load(base: str, payload: Upload, *, concurrency: int, requests: int, max_s: float) -> LoadResult:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    outcomes: list[Outcome] = []
+    outcomes: list[Reply] = []
     tickets = itertools.count()
     async with httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S) as client:
         start = time.perf_counter()
@@ -126,7 +126,7 @@ async def closed_loop(base: str, payload: Payload, *, concurrency: int, requests
         return LoadResult(outcomes, time.perf_counter() - start)
 
 
-async def open_loop(base: str, payload: Payload, *, rate: float, requests: int, max_s: float) -> LoadResult:
+async def open_loop(base: str, payload: Upload, *, rate: float, requests: int, max_s: float) -> LoadResult:
     arrivals = np.cumsum(np.random.default_rng(0).exponential(1 / rate, requests))
     arrivals = arrivals[arrivals <= max_s]
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=OPEN_LOOP_MAX_CONNECTIONS)) as client:

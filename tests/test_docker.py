@@ -31,7 +31,7 @@ import tritonclient.grpc as triton_grpc
 from PIL import Image
 
 from app.settings import Settings
-from bench.hostile import Kind, Outcome, Target, kinds, storm
+from bench.hostile import AttackTarget, Kind, Outcome, kinds, storm
 from bench.service import free_port
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
@@ -406,7 +406,7 @@ def test_hostile_requests_under_a_memory_limit(image: str) -> None:
     try:
         healthy = [DOCKER, "exec", container, "python", "/srv/deploy/healthcheck.py"]
         wait_until(lambda: run(*healthy).returncode == 0, "the server to be ready")
-        target = Target(f"http://127.0.0.1:{port}", API_KEY, "shapes-test", image_size=32)
+        target = AttackTarget(f"http://127.0.0.1:{port}", API_KEY, "shapes-test", image_size=32)
         outcomes, ordinary = storm(target, inspect(container)["State"]["Pid"])
         for outcome, kind in zip(outcomes, kinds(target), strict=True):
             print(f"{outcome.kind}: peak RSS {outcome.peak_rss_bytes / 2**20:.0f} MiB, {dict(outcome.at_once)}")

@@ -23,7 +23,7 @@ import pytest
 
 from app.errors import RETRY_AFTER_S
 from bench.service import ServiceProcess, service_process
-from tests.load import LoadResult, Payload, closed_loop, open_loop, warm_up
+from tests.load import LoadResult, Upload, closed_loop_load, open_loop, warm_up
 
 OVERLOAD_SLOTS, OVERLOAD_QUEUE = 1, 8
 OVERLOAD_FACTOR = 4  # the open loop's rate, times the saturation throughput
@@ -55,14 +55,14 @@ def service(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def payload() -> Payload:
-    return Payload.gradient(OVERLOAD_IMAGE_SIZE)
+def payload() -> Upload:
+    return Upload.gradient(OVERLOAD_IMAGE_SIZE)
 
 
-def saturation(service: ServiceProcess, payload: Payload) -> LoadResult:
+def saturation(service: ServiceProcess, payload: Upload) -> LoadResult:
     """Enough clients to keep the slot and queue busy: the throughput the service can take."""
     return asyncio.run(
-        closed_loop(service.url, payload, concurrency=OVERLOAD_CLIENTS, requests=10_000, max_s=SATURATION_S)
+        closed_loop_load(service.url, payload, concurrency=OVERLOAD_CLIENTS, requests=10_000, max_s=SATURATION_S)
     )
 
 
@@ -74,7 +74,7 @@ def saturation(service: ServiceProcess, payload: Payload) -> LoadResult:
         pytest.param(600, id="soak-10min", marks=pytest.mark.soak),
     ],
 )
-def test_four_times_saturation(service: ServiceProcess, payload: Payload, seconds: int) -> None:
+def test_four_times_saturation(service: ServiceProcess, payload: Upload, seconds: int) -> None:
     asyncio.run(warm_up(service.url, payload, 10))
     busy = saturation(service, payload)
     assert busy.ok > 0 and set(busy.statuses) <= {"200", "503"}, busy.statuses

@@ -146,7 +146,7 @@ def test_slots_with_threads_get_sessions_of_their_own_and_pay_for_their_pools(mo
             threads = max(1, cores // slots)
             assert all(plan.intra_op_threads == threads for m, plan in runtime.plans.items() if m is not Mode.PARALLEL)
             for mode in runtime.modes:
-                assert runtime.infer_measured(feeds, mode).cpu_s > 0
+                assert runtime.infer_measured(feeds, mode).timing.cpu_s > 0
             sets = {id(s) for s in runtime.session_sets}
             assert len(sets) == (1 if threads == 1 else slots)
             if threads > 1:
@@ -154,7 +154,7 @@ def test_slots_with_threads_get_sessions_of_their_own_and_pay_for_their_pools(mo
                 pools = runtime.session_sets[0].pool_threads[Mode.FUSED]
                 big = load_manifest(model_dir).example_inputs(batch=32)  # work enough to be split over the pool
                 before = threads_cpu_seconds(pools)
-                charged = runtime.infer_measured(big, Mode.FUSED).cpu_s
+                charged = runtime.infer_measured(big, Mode.FUSED).timing.cpu_s
                 pools_ran = threads_cpu_seconds(pools) - before
                 assert pools_ran > 0 and charged >= pools_ran
         finally:
