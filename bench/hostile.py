@@ -1,23 +1,26 @@
-"""Every hostile kind of request we know of, and ordinary clients to send beside them. The storm sends the worst
-of each kind (`kinds`, with the statuses each must get) alone and 16 at once, ordinary requests throughout, and
-reads the server's peak resident memory per kind (tests/test_docker.py runs it against the image under a memory
-limit); `bench.soak` sends all of them. By hand, against any running service (as root, for /proc/PID):
+"""Attacking a running service: every hostile kind of request we know of, beside ordinary clients.
 
-    python -m bench.hostile --url http://127.0.0.1:8000 --pid "$(docker inspect -f '{{.State.Pid}}' CONTAINER)" \\
-        --api-key KEY --model shapes-ensemble
+`storm --url URL --pid PID --api-key KEY` sends the worst request of each kind (`kinds`, with the statuses each must
+get) alone, then 16 at once, small /predict uploads throughout, and reads PID's peak resident memory per kind (as root
+for a container's; tests/test_docker.py runs it against the image). `soak [--build]` runs the image (built first from
+this checkout with the test preset) under --memory, times HONEST v2 clients quiet, then while ATTACKERS threads cycle
+through every kind and SIGHUP, and reports what it cost them, each figure with what it should be. Run as root.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import contextlib
+import itertools
 import json
 import math
 import socket
+import statistics
+import subprocess
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +31,17 @@ import numpy as np
 from PIL import Image
 from tritonclient.grpc import service_pb2 as pb
 
+from bench.service import REPO, encode, free_port, ready
+
 AT_ONCE = 16
 TIMEOUT_S = 120
 MIB = 2**20
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
+IMAGE = "onnx-ensemble-serving:soak"
+SOAK_KEY = "a-soak-test-key-of-32-characters!"
+SOAK_MODEL = "shapes-test"  # the test preset's model: 32x32 images
+HONEST, ATTACKERS = 4, 16
+QUIET_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -60,9 +70,7 @@ def png(width: int, height: int) -> bytes:
     """A real PNG of a smooth gradient: it compresses to little and decodes to width x height x 3 bytes."""
     row = np.linspace(0, 255, width, dtype=np.uint8)
     pixels = np.broadcast_to(row[np.newaxis, :, np.newaxis], (height, width, 3))
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    return encode(Image.fromarray(np.ascontiguousarray(pixels)), "PNG", compress_level=1)
 
 
 @dataclass
@@ -172,6 +180,30 @@ def slow_upload(client: httpx.Client, target: AttackTarget, seconds: float = 3.0
     return 0
 
 
+def attack(every: Sequence[Kind], target: AttackTarget, threads: int, until: float = 0.0) -> dict[str, Counter[int]]:
+    """`threads` attackers, each sending every kind in turn from its own start, once at least and until `until`;
+    the statuses by kind (0 also for a transport error, its type then named with the kind)."""
+
+    def attacker(start: int) -> list[tuple[str, int]]:
+        sent = []
+        with httpx.Client(base_url=target.url, timeout=TIMEOUT_S) as client:
+            for turn in itertools.count(start):
+                kind = every[turn % len(every)]
+                try:
+                    sent.append((kind.name, kind.send(client)))
+                except (httpx.TransportError, OSError, subprocess.SubprocessError) as error:
+                    sent.append((f"{kind.name} ({type(error).__name__})", 0))
+                if time.monotonic() >= until:
+                    break
+        return sent
+
+    statuses: dict[str, Counter[int]] = defaultdict(Counter)
+    with ThreadPoolExecutor(threads) as pool:
+        for name, status in itertools.chain.from_iterable(pool.map(attacker, range(threads))):
+            statuses[name][status] += 1
+    return statuses
+
+
 @dataclass
 class Ordinary:
     """An ordinary client in a loop beside the hostile ones: every request must get 200 or a 503 with Retry-After.
@@ -184,9 +216,9 @@ class Ordinary:
     latencies: list[float] = field(default_factory=list)  # of the 200s, in seconds
     stop: threading.Event = field(default_factory=threading.Event)
 
-    def run(self, until: float = math.inf) -> None:
+    def run(self) -> None:
         with httpx.Client(base_url=self.target.url, timeout=TIMEOUT_S, headers=self.target.headers()) as client:
-            while not self.stop.is_set() and time.monotonic() < until:
+            while not self.stop.is_set():
                 start = time.perf_counter()
                 try:
                     response = self.send(client)
@@ -201,20 +233,31 @@ class Ordinary:
                 time.sleep(self.pause_s)
 
 
+@contextlib.contextmanager
+def running(clients: list[Ordinary]) -> Iterator[list[Ordinary]]:
+    """The clients in threads of their own while the block runs."""
+    threads = [threading.Thread(target=client.run) for client in clients]
+    for thread in threads:
+        thread.start()
+    try:
+        yield clients
+    finally:
+        for client in clients:
+            client.stop.set()
+        for thread in threads:
+            thread.join()
+
+
 def predicting(target: AttackTarget) -> Ordinary:
     """Small /predict uploads, a pause between them."""
     image = png(64, 64)
     return Ordinary(target, lambda c: c.post("/predict", content=image, headers={"Content-Type": "image/png"}), 0.05)
 
 
-def peak_rss_bytes(pid: int) -> int:
-    """VmHWM: the process's peak resident memory since it started or since reset_peak."""
-    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-
-
-def reset_peak(pid: int) -> None:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
+def honest(target: AttackTarget) -> Ordinary:
+    """1-row v2 requests asking for the scores."""
+    body = target.tensor_body(1, outputs='{"name":"class_probs"}')
+    return Ordinary(target, lambda client: client.post(f"/v2/models/{target.model}/infer", content=body))
 
 
 @dataclass
@@ -222,49 +265,122 @@ class Outcome:
     kind: str
     alone: Counter[int]
     at_once: Counter[int]
-    peak_rss_bytes: int
+    peak_rss_bytes: int  # VmHWM, reset before the kind
 
 
 def storm(target: AttackTarget, pid: int) -> tuple[list[Outcome], Counter[int]]:
     """Every kind, alone then AT_ONCE at a time, ordinary requests throughout; each kind's outcome and peak RSS."""
-    ordinary = predicting(target)
-    beside = threading.Thread(target=ordinary.run)
-    beside.start()
-    outcomes = []
-    try:
-        with ThreadPoolExecutor(AT_ONCE) as pool:
-            for kind in kinds(target):
-                reset_peak(pid)
-
-                def one(_: int, kind: Kind = kind) -> int:
-                    with httpx.Client(base_url=target.url, timeout=TIMEOUT_S) as client:
-                        try:
-                            return kind.send(client)
-                        except httpx.TransportError:
-                            return 0
-
-                alone = Counter([one(0)])
-                at_once = Counter(pool.map(one, range(AT_ONCE)))
-                outcomes.append(Outcome(kind.name, alone, at_once, peak_rss_bytes(pid)))
-    finally:
-        ordinary.stop.set()
-        beside.join()
+    outcomes, status = [], Path(f"/proc/{pid}/status")
+    with running([predicting(target)]) as [ordinary]:
+        for kind in kinds(target):
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM
+            alone, at_once = (sum(attack([kind], target, n).values(), Counter()) for n in (1, AT_ONCE))
+            peak = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+            outcomes.append(Outcome(kind.name, alone, at_once, int(peak.split()[1]) * 1024))
     return outcomes, ordinary.statuses
 
 
+def docker(*args: str, timeout: float = 900) -> str:
+    return subprocess.run(["docker", *args], check=True, capture_output=True, text=True, timeout=timeout).stdout
+
+
+def p99(clients: list[Ordinary]) -> float:
+    latencies = sorted(x for c in clients for x in c.latencies)
+    return statistics.quantiles(latencies, n=100)[98] if len(latencies) >= 2 else float("nan")
+
+
+def after_attack(target: AttackTarget, container: str, limit_s: float = 120.0) -> tuple[float, bool, float]:
+    """How long a fresh honest request then takes to be answered 200 (NaN: not within limit_s), whether the
+    container still runs, and the worker restarts it counted (NaN: /metrics did not answer)."""
+    start, send, recovered_s = time.monotonic(), honest(target).send, float("nan")
+    with httpx.Client(base_url=target.url, timeout=60, headers=target.headers()) as client:
+        while math.isnan(recovered_s) and time.monotonic() - start < limit_s:
+            with contextlib.suppress(httpx.TransportError):
+                if send(client).status_code == 200:
+                    recovered_s = time.monotonic() - start
+        running_still = json.loads(docker("inspect", container))[0]["State"]["Running"]
+        try:
+            lines = client.get("/metrics").text.splitlines() if running_still else []
+        except httpx.TransportError:
+            lines = []
+    counted = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("ensemble_worker_restarts_total")]
+    return recovered_s, running_still, sum(counted) if lines else float("nan")
+
+
+def soak(args: argparse.Namespace) -> None:
+    if args.build:
+        docker("build", "--build-arg", "MODEL_PRESET=test", "--tag", args.image, str(REPO), timeout=3600)
+    port, grpc_port = free_port(), free_port()
+    container = docker(
+        "run", "--detach", "--rm", "--memory", args.memory, "--memory-swap", args.memory,
+        "--env", f"WORKERS={args.workers}", "--env", f"API_KEY={SOAK_KEY}",
+        "--publish", f"127.0.0.1:{port}:8000", "--publish", f"127.0.0.1:{grpc_port}:8081", args.image,
+    ).strip()  # fmt: skip
+    target = AttackTarget(f"http://127.0.0.1:{port}", SOAK_KEY, SOAK_MODEL, 32, grpc_address=f"127.0.0.1:{grpc_port}")
+    sighup = Kind("SIGHUP to the container", lambda _: (docker("kill", "--signal", "HUP", container), 0)[1])
+    peaks = [f"docker/{container}/memory.peak", f"system.slice/docker-{container}.scope/memory.peak",
+             f"memory/docker/{container}/memory.max_usage_in_bytes"]  # cgroup v2 (cgroupfs, systemd), v1  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not ready(f"{target.url}/readyz"):
+            if time.monotonic() > deadline:
+                raise SystemExit("the service did not become ready: " + docker("logs", container)[-2000:])
+            time.sleep(0.5)
+        with running([honest(target) for _ in range(HONEST)]) as quiet:
+            time.sleep(QUIET_S)
+        peak_file = next((p for p in (Path("/sys/fs/cgroup") / peak for peak in peaks) if p.exists()), None)
+        with running([honest(target) for _ in range(HONEST)]) as attacked:
+            every = [*kinds(target), *more_kinds(target), sighup]
+            attackers = attack(every, target, ATTACKERS, until=time.monotonic() + args.seconds)
+        recovered_s, running_still, restarted = after_attack(target, container)
+    finally:
+        subprocess.run(["docker", "rm", "--force", container], capture_output=True, check=False)
+    failures = sum(n for c in attacked for status, n in c.statuses.items() if status <= 0)
+    answered = sum(sum(c.statuses.values()) for c in attacked)
+    peak = int(peak_file.read_text()) / MIB if peak_file else float("nan")
+    print(f"soak: {args.image}, --memory {args.memory}, WORKERS={args.workers}, {ATTACKERS} attackers and {HONEST} "
+          f"honest clients for {args.seconds:g} s (quiet run {QUIET_S:g} s)")  # fmt: skip
+    print(f"container still running:     {running_still} (want True)")
+    print(f"worker restarts:             {restarted:g} (want 0; nan: /metrics did not answer within 60 s)")
+    print(f"first honest 200 after:      {recovered_s:.2f} s (want ~0)")
+    print(f"honest failures:             {failures} of {answered} (want 0)")
+    print(f"honest p99 attacked / quiet: {p99(attacked) * 1000:.1f} / {p99(quiet) * 1000:.1f} ms = "
+          f"{p99(attacked) / p99(quiet):.2f}x (want <= 2)")  # fmt: skip
+    print(f"peak memory:                 {peak:,.0f} MiB of {args.memory} (want under the limit; {peak_file})")
+    print("honest statuses:", dict(sum((c.statuses for c in attacked), Counter())))
+    bad = 0
+    for name, statuses in sorted(attackers.items()):
+        bad += sum(n for status, n in statuses.items() if 500 <= status < 600 and status != 503)
+        print(f"  {name:34} {dict(statuses)}")
+    print(f"attackers' 5xx other than 503: {bad} (want 0); 0: no answer awaited, gRPC codes shown as 1000 + code")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--pid", type=int, required=True, help="the server's process id, for its peak RSS")
-    parser.add_argument("--api-key", required=True)
-    parser.add_argument("--model", default="shapes-ensemble")
-    parser.add_argument("--image-size", type=int, default=48)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.hostile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    each = commands.add_parser("storm", help="each kind alone and 16 at once: peak resident memory per kind")
+    each.add_argument("--url", required=True)
+    each.add_argument("--pid", type=int, required=True, help="the server's process id, for its peak RSS")
+    each.add_argument("--api-key", required=True)
+    each.add_argument("--model", default="shapes-ensemble")
+    each.add_argument("--image-size", type=int, default=48)
+    every = commands.add_parser("soak", help="the image in Docker under a memory limit, attacked beside honest clients")
+    every.add_argument("--image", default=IMAGE)
+    every.add_argument("--build", action="store_true", help="build the image from this checkout first")
+    every.add_argument("--seconds", type=float, default=60.0)
+    every.add_argument("--memory", default="2g")
+    every.add_argument("--workers", default="2")
     args = parser.parse_args()
-    outcomes, ordinary = storm(AttackTarget(args.url, args.api_key, args.model, args.image_size), args.pid)
-    for outcome in outcomes:
-        print(f"{outcome.kind:55} peak RSS {outcome.peak_rss_bytes / MIB:7.0f} MiB  alone {dict(outcome.alone)}  "
-              f"{AT_ONCE} at once {dict(outcome.at_once)}")  # fmt: skip
-    print(f"ordinary requests meanwhile: {dict(ordinary)}")
+    if args.command == "soak":
+        soak(args)
+    else:
+        outcomes, ordinary = storm(AttackTarget(args.url, args.api_key, args.model, args.image_size), args.pid)
+        for outcome in outcomes:
+            print(f"{outcome.kind:55} peak RSS {outcome.peak_rss_bytes / MIB:7.0f} MiB  alone {dict(outcome.alone)}  "
+                  f"{AT_ONCE} at once {dict(outcome.at_once)}")  # fmt: skip
+        print(f"ordinary requests meanwhile: {dict(ordinary)}")
 
 
 if __name__ == "__main__":
