@@ -1,12 +1,10 @@
-"""The service as a client meets it, for the benchmarks and the tests alike: `python -m app` (or any other HTTP
-server, such as the benchmarks' peers) in a child process on a free loopback port, the v2 JSON request body, and
-pictures to send."""
+"""The service as a client meets it, for the benchmarks and the tests alike: `python -m app` (or a peer) in a child
+process on a free loopback port, the v2 JSON request body, and pictures to send."""
 
 from __future__ import annotations
 
 import io
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -98,17 +96,6 @@ class ServiceProcess:
     def client(self, **options: object) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **options)  # type: ignore[arg-type]
 
-    def rss_bytes(self) -> int:
-        """The server's resident memory (VmRSS; needs /proc)."""
-        lines = Path(f"/proc/{self.process.pid}/status").read_text().splitlines()
-        return int(next(line for line in lines if line.startswith("VmRSS:")).split()[1]) * 1024
-
-    def terminate(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-
-    def wait(self, timeout_s: float) -> int:
-        return self.process.wait(timeout=timeout_s)
-
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
@@ -165,6 +152,6 @@ def service_process(
     """`python -m app` with these settings on a free loopback port, as server_process runs it."""
     port = free_port()
     environment = service_environment(model_dir, PORT=port, **settings)
-    command = [sys.executable, "-m", "app"]
-    with server_process(command, port, log_dir / f"service-{port}.log", env=environment, cores=cores) as service:
+    log = log_dir / f"service-{port}.log"
+    with server_process([sys.executable, "-m", "app"], port, log, env=environment, cores=cores) as service:
         yield service

@@ -57,12 +57,13 @@ def test_sigterm_drains_and_exits_zero(model_dir: Path, tmp_path: Path, workers:
             # The ops port's own requests are not counted: in flight means this upload.
             in_flight_now = "ensemble_http_requests_in_flight"
             wait_for(lambda: Scrape(httpx.get(f"{ops_url}/metrics").text).value(in_flight_now) == 1)
-            service.terminate()
+            service.process.terminate()
             wait_for(lambda: status_of(f"{ops_url}/readyz") == 503)  # the load balancer stops sending
             wait_for(lambda: refuses_connections(service.url))
             in_flight.send(image[100:])
             answer = in_flight.answer()
         assert answer.status == 200, answer.body
         assert set(answer.json()["labels"][0]) >= {"name", "probability", "present"}
-        assert service.wait(GRACE_S + 5) == 0, service.output()  # exits by itself (the timeout only stops a hang)
+        # It exits by itself (the timeout only stops a hang).
+        assert service.process.wait(timeout=GRACE_S + 5) == 0, service.output()
     assert "Traceback" not in service.output()

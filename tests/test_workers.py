@@ -202,8 +202,8 @@ def test_auto_measures_once_and_sigterm_drains_every_worker(model_dir: Path, tmp
         choice = readiness(service)["auto"]
         assert choice is not None
         pids = [w["pid"] for w in workers]
-        service.terminate()
-        assert service.wait(Settings().shutdown_grace_s + 15) == 0
+        service.process.terminate()
+        assert service.process.wait(timeout=Settings().shutdown_grace_s + 15) == 0
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
