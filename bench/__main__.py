@@ -28,17 +28,11 @@ Runner = Callable[[argparse.Namespace, Path], Report]
 
 
 class Command(NamedTuple):
-    """A subcommand: what runs it, its interleaved rounds and the length of each `hey` run (full, --quick; None for
-    the in-process experiments, whose full runs rewrite their section of the docs). Its --help is its module's."""
+    """A subcommand: what runs it, and the length of each `hey` run (full, --quick; None for the in-process
+    experiments, whose full runs rewrite their section of the docs). Its --help is its module's."""
 
     run: Runner
-    rounds: tuple[int, int]
     seconds: tuple[float, float] | None = None
-
-
-def budget(args: argparse.Namespace, full: Budget, quick: Budget) -> Budget:
-    chosen = quick if args.quick else full
-    return Budget(chosen.warmup, args.runs or chosen.runs, chosen.max_seconds)
 
 
 def run_sweep(args: argparse.Namespace, out: Path) -> Report:
@@ -54,19 +48,21 @@ def run_sweep(args: argparse.Namespace, out: Path) -> Report:
     widths = args.widths or ((2, 3) if args.quick else sweep.WIDTHS)
     labels = args.ensembles if args.ensembles is not None else ("2xw2", "w2+w3") if args.quick else sweep.ENSEMBLES
     specs = [sweep.single(w) for w in widths] + [sweep.ensemble(label) for label in labels]
-    timing = budget(args, Budget(10, 60, 12), Budget(3, 20, 5))
+    chosen = Budget(3, 20, 5) if args.quick else Budget(10, 60, 12)
+    timing = Budget(chosen.warmup, args.runs or chosen.runs, chosen.max_seconds)
     return sweep.run(specs, training, args.test_images or test_images, args.reuse_members, timing, args.rounds, out)
 
 
+ROUNDS = (5, 2)  # interleaved rounds: full, --quick
 COMMANDS: dict[str, Command] = {
-    "sweep": Command(run_sweep, (5, 2)),
+    "sweep": Command(run_sweep),
     "compare": Command(lambda a, out: compare.run(a.model_dir, a.calls or (5 if a.quick else 30), a.rounds,
-                                                  a.seconds, out), (5, 2), (1.0, 0.3)),
+                                                  a.seconds, out), (1.0, 0.3)),
     "batching": Command(lambda a, out: batching.run(a.model_dir, a.modes, a.rows, a.rounds, a.seconds, out),
-                        (5, 2), (3.0, 0.3)),
+                        (3.0, 0.3)),
     "peers": Command(lambda a, out: peers.run(a.model_dir, a.kserve_python, a.triton_python, a.rounds, a.seconds,
-                                              out), (5, 2), (5.0, 0.3)),
-    "workers": Command(lambda a, out: workers.run(a.model_dir, a.rounds, a.seconds, out), (5, 2), (5.0, 0.3)),
+                                              out), (5.0, 0.3)),
+    "workers": Command(lambda a, out: workers.run(a.model_dir, a.rounds, a.seconds, out), (5.0, 0.3)),
 }  # fmt: skip
 
 
@@ -81,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
         sub[name] = s = subparsers.add_parser(name, help=summary, description=doc, formatter_class=raw)
         s.add_argument("--quick", action="store_true", help="the smoke tests' form: seconds, not minutes")
         s.add_argument("--out", type=Path, help=f"results directory (default {ARTIFACTS}/{name}[-quick])")
-        s.add_argument("--rounds", type=int, help="interleaved rounds (default {}, quick {})".format(*command.rounds))
+        s.add_argument("--rounds", type=int, help="interleaved rounds (default {}, quick {})".format(*ROUNDS))
         if command.seconds is None:
             s.add_argument("--runs", type=int, help="timed runs per configuration and round")
             s.add_argument("--docs", type=Path, help=f"file whose section to rewrite (default {DOCS}, not --quick)")
@@ -137,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     command = COMMANDS[args.command]
-    args.rounds = args.rounds or command.rounds[args.quick]
+    args.rounds = args.rounds or ROUNDS[args.quick]
     if command.seconds is not None:
         args.seconds = args.seconds or command.seconds[args.quick]
     out: Path = args.out or ARTIFACTS / (args.command + ("-quick" if args.quick else ""))

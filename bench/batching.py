@@ -2,9 +2,9 @@
 
 In-process, through the service's scheduler (app.core.auto.closed_loop, what DEFAULT_MODE=auto times): in each
 layout (slots x threads) and mode, the saturated throughput of one-row requests unbatched and in batches of up to
---rows rows, the setups taking turns round by round. Over HTTP: the service in each layout, first mode, batching
-on, `hey` sending the v2 JSON request (as `bench peers` does) from twice as many clients as its batches hold, in
-the same rounds: HTTP ÷ in-process, the share of the runtime's throughput that reaches clients.
+--rows rows. Over HTTP: the service in each layout, first mode, batching on, `hey` sending the v2 JSON request from
+twice as many clients as its batches hold: HTTP ÷ in-process, the share of the runtime's throughput that reaches
+clients. Every setup takes its turn in each round.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from app.core.scheduler import BatchingPolicy, Scheduler
 from app.engine.resources import usable_cores
 from app.engine.runtime import EnsembleRuntime
 from app.settings import Settings
-from bench.common import Interval, Report, interleave, interval_check, log, table
+from bench.common import Interval, Report, interleave, log, table
 from bench.service import service_process
-from bench.serving import hey, requested_outputs, v2_body
+from bench.serving import Target, hey, requested_outputs, v2_body
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode, served_modes
 
@@ -61,7 +61,6 @@ def run(model_dir: Path, modes: Sequence[Mode] | None, rows: int, rounds: int, s
     setups = [Setup(layout, mode, r) for layout in every_layout for mode in modes for r in (1, rows)]
     over_http = [s for s in setups if s.mode is modes[0] and s.rows == rows]
     body = v2_body(manifest, modes[0], work / "batching.json", requested_outputs(manifest))
-    infer = f"/v2/models/{manifest.name}/infer"
     with ExitStack() as stack:
         runtimes = {}
         for layout in every_layout:
@@ -74,53 +73,48 @@ def run(model_dir: Path, modes: Sequence[Mode] | None, rows: int, rounds: int, s
         for setup in over_http:
             log(f"[batching] starting the service: {setup}")
             settings = {"INFERENCE_SLOTS": setup.layout.slots, "DEFAULT_MODE": setup.mode, "BATCHING_MAX_ROWS": rows}
-            servers[setup] = stack.enter_context(service_process(model_dir, work, **settings)).url + infer
-            hey(servers[setup], body, clients=1, requests=10)
+            url = stack.enter_context(service_process(model_dir, work, **settings)).url
+            hey(servers.setdefault(setup, Target(str(setup), f"{url}/v2/models/{manifest.name}/infer", body)), 1)
 
         def measure(key: tuple[str, Setup]) -> float:
             where, setup = key
             if where == "in-process":
                 return in_process(runtimes[setup.layout], setup, seconds)
-            clients = setup.layout.slots * setup.rows * 2
-            return hey(servers[setup], body, clients=clients, seconds=seconds).goodput
+            return hey(servers[setup], setup.layout.slots * setup.rows * 2, seconds).goodput
 
         keys = [("in-process", s) for s in setups] + [("http", s) for s in over_http]
         log(f"[batching] {rounds} rounds of {len(keys)} measurements of {seconds:g} s")
         figures = interleave(keys, rounds, measure)
-    return Report(report(model_dir, manifest.name, setups, over_http, figures, rows, rounds, seconds))
-
-
-def report(
-    model_dir: Path,
-    name: str,
-    setups: Sequence[Setup],
-    over_http: Sequence[Setup],
-    figures: dict[tuple[str, Setup], list[float]],
-    rows: int,
-    rounds: int,
-    seconds: float,
-) -> str:
-    lines, checks = [], []
-    for setup in (s for s in setups if s.rows > 1):
-        alone = Setup(setup.layout, setup.mode, 1)
-        batched, unbatched = figures["in-process", setup], figures["in-process", alone]
-        gain = Interval.of_ratios(batched, unbatched)
-        lines.append([str(setup.mode), str(setup.layout), Interval.of(unbatched).brief(), Interval.of(batched).brief(),
-                      gain.brief()])  # fmt: skip
-        checks.append(interval_check(f"batched ÷ unbatched, {setup.mode} {setup.layout}", gain, at_least=1.3))
-    best_without = max((s for s in setups if s.rows == 1), key=lambda s: Interval.of(figures["in-process", s]).mean)
-    best_with = max((s for s in setups if s.rows > 1), key=lambda s: Interval.of(figures["in-process", s]).mean)
-    best = Interval.of_ratios(figures["in-process", best_with], figures["in-process", best_without])
-    checks.append(interval_check(f"best batched ({best_with}) ÷ best unbatched ({best_without})", best, at_least=1.3))
-    http_rows = []
-    for setup in over_http:
-        share = Interval.of_ratios(figures["http", setup], figures["in-process", setup])
-        http_rows.append([str(setup), Interval.of(figures["http", setup]).brief(), share.brief()])
-        checks.append(interval_check(f"HTTP ÷ in-process, {setup}", share, at_least=0.7))
     header = (
-        f"Model directory {model_dir} ({name}); {rounds} interleaved rounds of {seconds:g} s per measurement; "
+        f"Model directory {model_dir} ({manifest.name}); {rounds} interleaved rounds of {seconds:g} s per measurement; "
         f"batches of up to {rows} rows against none, in requests a second [95 % CI]."
     )
-    in_process_table = table(["mode", "layout", "unbatched /s", f"batched ({rows}) /s", "batched ÷ unbatched"], lines)
-    http_table = table(["setup", "over HTTP /s", "HTTP ÷ in-process"], http_rows)
-    return "\n\n".join([header, in_process_table, http_table, "\n".join(f"- {c}" for c in checks)])
+    return Report("\n\n".join([header, *tables(setups, over_http, figures, rows)]))
+
+
+def tables(setups: Sequence[Setup], over_http: Sequence[Setup], figures: dict[tuple[str, Setup], list[float]],
+           rows: int) -> list[str]:  # fmt: skip
+    """In-process batched ÷ unbatched per setup, over HTTP ÷ in-process, and the checks."""
+    in_process = {setup: figures["in-process", setup] for setup in setups}
+    lines, http_rows, checks = [], [], []
+    for setup in (s for s in setups if s.rows > 1):
+        unbatched = in_process[Setup(setup.layout, setup.mode, 1)]
+        gain = Interval.of_ratios(in_process[setup], unbatched)
+        cells = (Interval.of(unbatched), Interval.of(in_process[setup]), gain)
+        lines.append([str(setup.mode), str(setup.layout), *(cell.brief() for cell in cells)])
+        checks.append(gain.check(f"batched ÷ unbatched, {setup.mode} {setup.layout}", at_least=1.3))
+    best = {
+        batched: max((s for s in setups if (s.rows > 1) == batched), key=lambda s: Interval.of(in_process[s]).mean)
+        for batched in (False, True)
+    }
+    gain = Interval.of_ratios(in_process[best[True]], in_process[best[False]])
+    checks.append(gain.check(f"best batched ({best[True]}) ÷ best unbatched ({best[False]})", at_least=1.3))
+    for setup in over_http:
+        share = Interval.of_ratios(figures["http", setup], in_process[setup])
+        http_rows.append([str(setup), Interval.of(figures["http", setup]).brief(), share.brief()])
+        checks.append(share.check(f"HTTP ÷ in-process, {setup}", at_least=0.7))
+    return [
+        table(["mode", "layout", "unbatched /s", f"batched ({rows}) /s", "batched ÷ unbatched"], lines),
+        table(["setup", "over HTTP /s", "HTTP ÷ in-process"], http_rows),
+        "\n".join(f"- {c}" for c in checks),
+    ]

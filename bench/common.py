@@ -50,10 +50,10 @@ class Machine:
     @classmethod
     def current(cls) -> Machine:
         info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-        names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+        cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
         load = os.getloadavg() if hasattr(os, "getloadavg") else None
         now = datetime.now(UTC).isoformat(timespec="seconds")
-        cpu = names[0] if names else platform.processor() or "unknown"
+        cpu = cpu or platform.processor() or "unknown"
         return cls(cpu, usable_cores().count, ort.__version__, platform.python_version(), load, now)
 
     def describe(self) -> str:
@@ -137,17 +137,13 @@ class Interval:
         """For a table cell: "1.52 [1.40-1.64]"."""
         return "n/a" if math.isnan(self.mean) else f"{self.mean:.2f} [{self.low:.2f}-{self.high:.2f}]"
 
-    def __str__(self) -> str:
-        return f"{self.mean:.2f} [95% CI {self.low:.2f}-{self.high:.2f}]"
-
-
-def interval_check(
-    name: str, interval: Interval, *, at_least: float | None = None, at_most: float | None = None
-) -> str:
-    """One line: the figure, and whether its whole interval is on the bound's side (all a noisy machine can say)."""
-    inside = (at_least is None or interval.low >= at_least) and (at_most is None or interval.high <= at_most)
-    bounds = " and ".join(f"{sign} {bound:g}" for sign, bound in ((">=", at_least), ("<=", at_most)) if bound)
-    return f"{name}: {interval}, {'the whole interval' if inside else 'not the whole interval'} {bounds}"
+    def check(self, name: str, *, at_least: float | None = None, at_most: float | None = None) -> str:
+        """One line: the figure, and whether its whole interval is on the bound's side (all a noisy machine can
+        say)."""
+        inside = (at_least is None or self.low >= at_least) and (at_most is None or self.high <= at_most)
+        bounds = " and ".join(f"{sign} {bound:g}" for sign, bound in ((">=", at_least), ("<=", at_most)) if bound)
+        whole = "the whole interval" if inside else "not the whole interval"
+        return f"{name}: {self.mean:.2f} [95% CI {self.low:.2f}-{self.high:.2f}], {whole} {bounds}"
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from app.engine.resources import usable_cores
-from bench.common import Interval, Report, interval_check, log
+from bench.common import Interval, Report, log
 from bench.service import free_port, server_process, service_process
-from bench.serving import Run, Target, load_rounds, load_table, requested_outputs, v2_body
+from bench.serving import Run, Target, figures, load_rounds, load_table, requested_outputs, v2_body
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
 
@@ -30,74 +30,58 @@ WORKERS_OVER_TRITON = 1.2  # the goodput at 16 clients ours-workers must have, o
 PEER_START_TIMEOUT_S = 180  # KServe imports a great deal; Triton starts a server and its Python stub
 
 
-def peer_commands(kserve_python: Path, triton_python: Path) -> dict[str, tuple[Path, list[str]]]:
-    """Each peer's interpreter and its arguments to bench.peer_servers (without the model directory and port)."""
-    cores = str(usable_cores().count)
-    return {
-        "triton": (triton_python, ["triton", "--max-batch", "8"]),
-        "triton-tuned": (
-            triton_python,
-            ["triton", "--max-batch", "8", "--instances", cores, "--intra-op-threads", "1"],
-        ),
-        "kserve": (kserve_python, ["kserve"]),
-        "naive": (Path(sys.executable), ["naive"]),
-    }
-
-
 def run(model_dir: Path, kserve_python: Path, triton_python: Path, rounds: int, seconds: float, work: Path) -> Report:
     manifest = load_manifest(model_dir)
-    infer = f"/v2/models/{manifest.name}/infer"
-    peers = peer_commands(kserve_python, triton_python)
-    for name, (python, _) in list(peers.items()):
-        if not python.is_file():
-            log(f"[peers] no {python} (`make {name.split('-')[0]}-venv` makes it): {name} is left out")
-            del peers[name]
+    infer, cores = f"/v2/models/{manifest.name}/infer", usable_cores().count
+    peers = {  # each peer's interpreter and its arguments to bench.peer_servers
+        "triton": (triton_python, ["triton", "--max-batch", "8"]),
+        "triton-tuned": (triton_python, ["triton", "--max-batch", "8", "--instances", str(cores), "--intra-op-threads",
+                                         "1"]),
+        "kserve": (kserve_python, ["kserve"]),
+        "naive": (Path(sys.executable), ["naive"]),
+    }  # fmt: skip
     outputs = requested_outputs(manifest)
     with ExitStack() as stack:
         servers = {"ours": stack.enter_context(service_process(model_dir, work))}
-        if usable_cores().count > 1:
-            servers[OURS_WORKERS] = stack.enter_context(service_process(model_dir, work, WORKERS=usable_cores().count))
+        if cores > 1:
+            servers[OURS_WORKERS] = stack.enter_context(service_process(model_dir, work, WORKERS=cores))
         for name, (python, arguments) in peers.items():
+            if not python.is_file():
+                log(f"[peers] no {python} (`make {name.split('-')[0]}-venv` makes it): {name} is left out")
+                continue
             port = free_port()
             command = [str(python), "-m", "bench.peer_servers", *arguments, "--model-dir", str(model_dir.resolve())]
-            server = server_process(
-                [*command, "--port", str(port)],
-                port,
-                work / f"{name}.log",
-                ready_path=infer.removesuffix("/infer") + "/ready",
-                start_timeout_s=PEER_START_TIMEOUT_S,
-            )
+            server = server_process([*command, "--port", str(port)], port, work / f"{name}.log",
+                                    ready_path=infer.removesuffix("/infer") + "/ready",
+                                    start_timeout_s=PEER_START_TIMEOUT_S)  # fmt: skip
             servers[name] = stack.enter_context(server)
         body = v2_body(manifest, Mode.FUSED, work / "fused.json", outputs)
         targets = [Target(name, server.url + infer, body) for name, server in servers.items()]
         runs = load_rounds(targets, CLIENTS, seconds, rounds)
-    asked = ", ".join(outputs) if outputs else "every output"
     header = (
         f"Model directory {model_dir} ({manifest.name}); servers: {', '.join(servers)}; the request asks for "
-        f"{asked}; {rounds} interleaved rounds of {seconds:g} s of `hey` per server and number of clients. The "
-        "ratios are each server's figure over ours, round by round."
+        f"{', '.join(outputs) if outputs else 'every output'}; {rounds} interleaved rounds of {seconds:g} s of `hey` "
+        "per server and number of clients. The ratios are each server's figure over ours, round by round."
     )
     return Report(f"{header}\n\n{load_table(runs, targets, CLIENTS)}\n\n{targets_met(runs, targets)}")
 
 
 def targets_met(runs: dict[tuple[Target, int], list[Run]], targets: Sequence[Target]) -> str:
+    def ratio(mine: Target, peer: Target, figure: int, clients: int) -> Interval:
+        """Figure 0: goodput, 1: p50, 2: p99; mine over the peer's, round by round."""
+        return Interval.of_ratios(figures(runs[mine, clients])[figure], figures(runs[peer, clients])[figure])
+
     ours, lines = targets[0], []
     with_workers = next((t for t in targets if t.name == OURS_WORKERS), None)
-    for peer in targets[1:]:
-        if peer.name in ("naive", OURS_WORKERS):
-            continue
+    for peer in (t for t in targets[1:] if t.name not in ("naive", OURS_WORKERS)):
         if peer.name.startswith("triton"):
             for clients in (16, 4):
-                goodput = [[r.goodput for r in runs[t, clients]] for t in (ours, peer)]
-                lines.append(interval_check(f"goodput at {clients} ours ÷ {peer.name}", Interval.of_ratios(*goodput),
-                                            at_least=1.0))  # fmt: skip
-            p99 = [[r.percentile_ms(99) for r in runs[t, 16]] for t in (ours, peer)]
-            lines.append(interval_check(f"p99 at 16 ours ÷ {peer.name}", Interval.of_ratios(*p99), at_most=1.0))
+                lines.append(
+                    ratio(ours, peer, 0, clients).check(f"goodput at {clients} ours ÷ {peer.name}", at_least=1)
+                )
+            lines.append(ratio(ours, peer, 2, 16).check(f"p99 at 16 ours ÷ {peer.name}", at_most=1))
             if with_workers is not None:
-                goodput = [[r.goodput for r in runs[t, 16]] for t in (with_workers, peer)]
-                ratio = Interval.of_ratios(*goodput)
                 name = f"goodput at 16 {OURS_WORKERS} ÷ {peer.name}"
-                lines.append(interval_check(name, ratio, at_least=WORKERS_OVER_TRITON))
-        p50 = [[r.percentile_ms(50) for r in runs[t, 1]] for t in (ours, peer)]
-        lines.append(interval_check(f"p50 at 1 ours ÷ {peer.name}", Interval.of_ratios(*p50), at_most=1.0))
+                lines.append(ratio(with_workers, peer, 0, 16).check(name, at_least=WORKERS_OVER_TRITON))
+        lines.append(ratio(ours, peer, 1, 1).check(f"p50 at 1 ours ÷ {peer.name}", at_most=1))
     return "\n".join(f"- {line}" for line in lines)

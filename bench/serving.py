@@ -48,6 +48,11 @@ class Run:
         return percentiles_ms(self.accepted, [percent])[0] if self.accepted else NAN
 
 
+def figures(runs: Sequence[Run]) -> tuple[list[float], list[float], list[float]]:
+    """The runs' goodputs, accepted p50s and p99s (ms), in round order."""
+    return [r.goodput for r in runs], [r.percentile_ms(50) for r in runs], [r.percentile_ms(99) for r in runs]
+
+
 def requested_outputs(manifest: Manifest) -> list[str] | None:
     """What the load tests ask every server for: an image model's scores (its mask would make the answer a JSON
     list of every pixel's scores), else every output (None)."""
@@ -61,31 +66,20 @@ def v2_body(manifest: Manifest, mode: Mode, path: Path, outputs: Sequence[str] |
     return path
 
 
-def hey(
-    url: str,
-    body: Path,
-    *,
-    clients: int,
-    seconds: float | None = None,
-    requests: int | None = None,
-    content_type: str = "application/json",
-) -> Run:
-    """POSTs `body` to `url` from `clients` closed-loop workers, for `seconds` or `requests` in all."""
+def hey(target: Target, clients: int, seconds: float | None = None, requests: int = WARMUP_REQUESTS) -> Run:
+    """POSTs the target's body from `clients` closed-loop workers, for `seconds` (None: `requests` in all)."""
     if shutil.which("hey") is None:
         raise SystemExit("this command needs Debian's `hey` (apt-get install hey)")
     amount = ["-z", f"{seconds}s"] if seconds is not None else ["-n", str(requests)]
-    command = ["hey", *amount, "-c", str(clients), "-m", "POST", "-T", content_type, "-D", str(body)]
-    timeout = 60 + (seconds or 0) * 2 + (requests or 0)
-    output = subprocess.run([*command, "-o", "csv", url], capture_output=True, text=True, timeout=timeout, check=True)
+    command = ["hey", *amount, "-c", str(clients), "-m", "POST", "-T", target.content_type, "-D", str(target.body)]
+    timeout = 60 + (seconds or 0) * 2 + requests
+    output = subprocess.run([*command, "-o", "csv", target.url], capture_output=True, text=True, timeout=timeout,
+                            check=True)  # fmt: skip
     replies = [row for row in csv.DictReader(io.StringIO(output.stdout)) if row.get("status-code", "").isdigit()]
     statuses = [int(row["status-code"]) for row in replies]
     elapsed = seconds or max((float(row["offset"]) + float(row["response-time"]) for row in replies), default=1.0)
-    return Run(
-        accepted=[float(row["response-time"]) for row, status in zip(replies, statuses, strict=True) if status == 200],
-        refused=statuses.count(503),
-        failed=sum(status not in (200, 503) for status in statuses),
-        seconds=elapsed,
-    )
+    accepted = [float(row["response-time"]) for row, status in zip(replies, statuses, strict=True) if status == 200]
+    return Run(accepted, statuses.count(503), sum(status not in (200, 503) for status in statuses), elapsed)
 
 
 def load_rounds(
@@ -94,37 +88,21 @@ def load_rounds(
     """A warm-up, then `rounds` interleaved rounds of `seconds` of load on each target from each number of
     `clients`; the runs of each (target, clients), one per round."""
     for target in targets:
-        hey(target.url, target.body, clients=1, requests=WARMUP_REQUESTS, content_type=target.content_type)
-    per_round = interleave(
-        list(targets),
-        rounds,
-        lambda t: {c: hey(t.url, t.body, clients=c, seconds=seconds, content_type=t.content_type) for c in clients},
-    )
+        hey(target, clients=1)
+    per_round = interleave(list(targets), rounds, lambda t: {c: hey(t, c, seconds) for c in clients})
     return {(t, c): [runs[c] for runs in per_round[t]] for t in targets for c in clients}
 
 
 def load_table(runs: dict[tuple[Target, int], list[Run]], targets: Sequence[Target], clients: Sequence[int]) -> str:
     """Per target and clients: goodput (200s a second), the accepted requests' p50 and p99 (means over rounds with
     their 95 % intervals), and ratios to the first target's, round by round."""
-    first = targets[0]
-    rows = []
-    for target in targets:
-        for c in clients:
-            mine, theirs = runs[target, c], runs[first, c]
-            p50s = [r.percentile_ms(50) for r in mine]
-            rows.append(
-                [
-                    target.name,
-                    c,
-                    Interval.of([r.goodput for r in mine]).brief(),
-                    Interval.of_ratios([r.goodput for r in mine], [r.goodput for r in theirs]).brief(),
-                    Interval.of(p50s).brief(),
-                    Interval.of_ratios(p50s, [r.percentile_ms(50) for r in theirs]).brief(),
-                    Interval.of([r.percentile_ms(99) for r in mine]).brief(),
-                    sum(r.refused for r in mine),
-                    sum(r.failed for r in mine),
-                ]
-            )
+    first, rows = targets[0], []
+    for target, c in ((target, c) for target in targets for c in clients):
+        (goodput, p50, p99), theirs = figures(runs[target, c]), figures(runs[first, c])
+        cells = [Interval.of(goodput), Interval.of_ratios(goodput, theirs[0]), Interval.of(p50)]
+        cells += [Interval.of_ratios(p50, theirs[1]), Interval.of(p99)]
+        failed = [sum(r.refused for r in runs[target, c]), sum(r.failed for r in runs[target, c])]
+        rows.append([target.name, c, *(cell.brief() for cell in cells), *failed])
     headers = ["server", "clients", "goodput /s [95 % CI]", f"goodput ÷ {first.name}", "p50 ms [95 % CI]"]
     headers += [f"p50 ÷ {first.name}", "accepted p99 ms [95 % CI]", "refused (503)", "failed"]
     return table(headers, rows)

@@ -1,10 +1,8 @@
-"""`python -m bench sweep`: the published experiment, latency against accuracy, separate sessions against fused.
+"""`python -m bench sweep`: latency against accuracy across widths and ensembles, separate sessions against fused.
 
-Builds single UNets of several widths and ensembles of them with model_build (each distinct member once, trained at
-once, as many as the cores hold; `--reuse-members DIR` copies members built the same way), then times every model in
-each configuration below through the service's runtime, a model's configurations in interleaved rounds. Writes
-sweep.csv, sweep.png (median latency against mean label accuracy, an arrow from an ensemble's separate sessions to
-its fused graph, the Pareto front) and sweep.md; `--from-csv docs/sweep.csv` re-renders them. ~20 min on 2 cores.
+Builds single UNets and ensembles of them with model_build (`--reuse-members DIR` copies members built the same
+way), times each model's configurations in interleaved rounds through the service's runtime, and writes sweep.csv,
+sweep.png and sweep.md; `--from-csv docs/sweep.csv` re-renders them. ~20 min on 2 cores.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from pydantic import BaseModel, field_serializer, field_validator
@@ -26,17 +23,7 @@ from pydantic import BaseModel, field_serializer, field_validator
 from app.engine.resources import usable_cores
 from app.engine.timing import percentiles_ms
 from app.settings import Settings, Spinning
-from bench.common import (
-    Budget,
-    Interval,
-    Machine,
-    Report,
-    Setup,
-    interval_check,
-    log,
-    table,
-    time_in_process,
-)
+from bench.common import Budget, Interval, Machine, Report, Setup, log, table, time_in_process
 from ensemble_contract.manifest import Manifest, load_manifest
 from ensemble_contract.modes import Mode
 from model_build.config import BuildConfig, Int8Config, MemberConfig, TrainingConfig
@@ -45,7 +32,9 @@ SEPARATE_OVER_FUSED_TARGET = 1.5  # the published 2.14x, with room for a machine
 FUSED_OVER_SUM_TARGET = 1.10  # fusing saves no work: the fused graph costs about its members alone
 WIDTHS = (2, 3, 4, 5, 6, 7)
 ENSEMBLES = ("2xw2", "3xw2", "2xw3", "w2+w3", "w2+w7")
-_TERM = re.compile(r"^(?:(\d+)x)?w(\d+)$")
+ALONE = "alone:"  # alone:<i>: member i of an ensemble by itself (its own model directory), spinning on
+RATIOS = (("separate-default", "fused-default"), ("separate-nospin", "fused-nospin"), ("parallel", "fused-nospin"),
+          ("fused-default", "sum alone"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -65,7 +54,6 @@ CONFIGS = (
     Config("fused-default", Mode.FUSED, True, "one session on the fused graph, spinning on (the default)"),
     Config("fused-nospin", Mode.FUSED, False, "one session on the fused graph, spinning off"),
 )
-ALONE = "alone:"  # alone:<i>: member i of an ensemble by itself (its own model directory), spinning on
 
 
 @dataclass(frozen=True)
@@ -93,8 +81,7 @@ def ensemble(label: str) -> ModelSpec:
     seeds: Counter[int] = Counter()
     members = []
     for term in label.split("+"):
-        match = _TERM.match(term.strip())
-        if not match:
+        if not (match := re.fullmatch(r"(?:(\d+)x)?w(\d+)", term.strip())):
             raise ValueError(f"ensemble {label!r}: {term!r} is not like 'w3' or '2xw3'")
         for _ in range(int(match[1] or 1)):
             seeds[int(match[2])] += 1
@@ -105,41 +92,40 @@ def ensemble(label: str) -> ModelSpec:
 
 
 def _build(spec: ModelSpec, out: Path, training: TrainingConfig, test_images: int, sources: Sequence[Path]) -> None:
-    """Builds `spec` into `out` (fp32 only), first copying in each member `out` lacks from the first of `sources`
+    """Builds `spec` into `out` (fp32 only), first copying in each member it lacks from the first of `sources`
     (model directories) that has it built the same way."""
     from model_build.build import build, is_built  # torch is imported only where a build runs
 
     config = BuildConfig(name=f"sweep-{spec.dir_name}", members=spec.members, training=training,
                          test_images=test_images, int8=Int8Config(enabled=False))  # fmt: skip
     for member in config.members:
-        target, found = (
-            out / "members" / f"{member.name}.onnx",
-            [s / "members" / f"{member.name}.onnx" for s in sources],
-        )
-        source = next((path for path in found if is_built(path, config, member)), None)
-        if not is_built(target, config, member) and source is not None:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
+        path = out / "members" / f"{member.name}.onnx"
+        found = [s / "members" / path.name for s in sources if is_built(s / "members" / path.name, config, member)]
+        if found and not is_built(path, config, member):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(found[0], path)
     build(config, out)
 
 
 def build_all(
     specs: Sequence[ModelSpec], training: TrainingConfig, test_images: int, root: Path, reuse: Sequence[Path] = ()
 ) -> dict[str, Path]:
-    """Builds every model under `root` (the members first, as many at once as the cores hold at `training.threads`
-    threads each, a process each); returns each label's model directory."""
+    """Builds every model under `root`, the members first (a process each, as many as the cores hold at
+    `training.threads` threads each); returns each label's model directory."""
     members = list(dict.fromkeys(m for spec in specs for m in spec.members))
     workers = max(1, min(len(members), usable_cores().count // training.threads))
-    build_member = partial(_build, training=training, test_images=test_images, sources=reuse)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(build_member, [ModelSpec(m.name, (m,)) for m in members], [root / m.name for m in members]))
+        built = [pool.submit(_build, ModelSpec(m.name, (m,)), root / m.name, training, test_images, reuse)
+                 for m in members]  # fmt: skip
+        for future in built:
+            future.result()
     for spec in (s for s in specs if s.is_ensemble):
         _build(spec, root / spec.dir_name, training, test_images, [root / m.name for m in spec.members])
     return {spec.label: root / spec.dir_name for spec in specs}
 
 
 class SweepRow(BaseModel):
-    """One model in one configuration: a line of sweep.csv."""
+    """One model in one configuration: a line of sweep.csv, its columns these fields."""
 
     model: str
     kind: str
@@ -215,33 +201,12 @@ def _row(spec: ModelSpec, manifest: Manifest, config: str, rounds: Sequence[Sequ
     )
 
 
-def measure(
-    specs: Sequence[ModelSpec], dirs: dict[str, Path], root: Path, budget: Budget, rounds: int, csv_path: Path
-) -> list[SweepRow]:
-    """Times every model, one after another, its configurations in interleaved rounds; the CSV is rewritten after
-    each model, so an interruption keeps what was measured."""
-    rows: list[SweepRow] = []
-    for spec in specs:
-        manifest = load_manifest(dirs[spec.label])
-        for config, per_round in time_in_process(setups(spec, dirs[spec.label], root), budget, rounds).items():
-            rows.append(_row(spec, manifest, config, per_round))
-            log(f"[sweep] {spec.label:>8} {config:<18} p50 {rows[-1].median_ms:.2f} ms, rounds {rows[-1].rounds_ms}")
-        write_csv(csv_path, rows)
-    return rows
-
-
 def write_csv(path: Path, rows: Sequence[SweepRow]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(SweepRow.model_fields))
         writer.writeheader()
         writer.writerows(row.model_dump() for row in rows)
     return path
-
-
-def read_rows(path: Path) -> list[SweepRow]:
-    with path.open(newline="") as f:
-        return [SweepRow.model_validate({k: v or None for k, v in row.items()}) for row in csv.DictReader(f)]
 
 
 def _by_model(rows: Sequence[SweepRow]) -> dict[str, dict[str, SweepRow]]:
@@ -251,40 +216,16 @@ def _by_model(rows: Sequence[SweepRow]) -> dict[str, dict[str, SweepRow]]:
     return grouped
 
 
-def _sum_alone(configs: dict[str, SweepRow]) -> list[float] | None:
-    """Per round: the sum of the members' medians alone."""
+def _ratios(configs: dict[str, SweepRow]) -> tuple[list[float] | None, dict[str, Interval | None]]:
+    """Per round, the sum of the members' medians alone (None: none timed); and the ratios of RATIOS, by column
+    heading: each the mean of the rounds' ratios, with its 95 % interval."""
+    rounds: dict[str, Sequence[float]] = {name: row.rounds_ms for name, row in configs.items()}
     alone = [row.rounds_ms for name, row in configs.items() if name.startswith(ALONE)]
-    return [sum(per_round) for per_round in zip(*alone, strict=True)] if alone else None
-
-
-def _ratios(configs: dict[str, SweepRow]) -> dict[str, Interval | None]:
-    """The sweep's ratios, by column heading: each the mean of the rounds' ratios, with its 95 % interval."""
-    rounds: dict[str, Sequence[float] | None] = {name: row.rounds_ms for name, row in configs.items()}
-    rounds["sum alone"] = _sum_alone(configs)
-    pairs = [("separate-default", "fused-default"), ("separate-nospin", "fused-nospin"),
-             ("parallel", "fused-nospin"), ("fused-default", "sum alone")]  # fmt: skip
-    return {
-        f"{n} ÷ {d}": Interval.of_ratios(above, below)
-        if (above := rounds.get(n)) and (below := rounds.get(d))
-        else None
-        for n, d in pairs
-    }
-
-
-def target_lines(rows: Sequence[SweepRow], model: str) -> list[str]:
-    """The published claims' bounds on `model`, each holding only where its whole 95 % interval is."""
-    ratios = _ratios(_by_model(rows).get(model, {}))
-    targets = (
-        ("fused ÷ sum of its members alone", "fused-default ÷ sum alone", None, FUSED_OVER_SUM_TARGET),
-        ("separate sessions in a loop ÷ fused, spinning on", "separate-default ÷ fused-default",
-         SEPARATE_OVER_FUSED_TARGET, None),
-    )  # fmt: skip
-    return [
-        interval_check(f"{model}: {name}", interval, at_least=low, at_most=high)
-        if (interval := ratios[column])
-        else f"not measured {model}: {name}"
-        for name, column, low, high in targets
-    ]
+    sums = [sum(per_round) for per_round in zip(*alone, strict=True)] if alone else None
+    rounds |= {"sum alone": sums} if sums else {}
+    ratios = {f"{n} ÷ {d}": Interval.of_ratios(rounds[n], rounds[d]) if {n, d} <= rounds.keys() else None
+              for n, d in RATIOS}  # fmt: skip
+    return sums, ratios
 
 
 def markdown(rows: Sequence[SweepRow], header: str, target: str) -> str:
@@ -292,19 +233,28 @@ def markdown(rows: Sequence[SweepRow], header: str, target: str) -> str:
     names = [c.name for c in CONFIGS if any(c.name in configs for configs in grouped.values())]
     body = []
     for model, configs in grouped.items():
-        first = next(iter(configs.values()))
+        first, (alone, ratios) = next(iter(configs.values())), _ratios(configs)
         cells: list[object] = [model, f"{first.parameters / 1e6:.2f}", f"{first.mean_label_accuracy:.3f}"]
         cells += [f"{configs[n].median_ms:.2f} ({configs[n].p95_ms:.2f})" if n in configs else "" for n in names]
-        alone = _sum_alone(configs)
         cells.append(statistics.median(alone) if alone else None)
-        cells += [interval.brief() if interval else None for interval in _ratios(configs).values()]
-        body.append(cells)
+        body.append(cells + [interval.brief() if interval else None for interval in ratios.values()])
     headers = ["model", "params (M)", "mean label acc.", *(f"{n} p50 (p95) ms" for n in names)]
-    headers += ["sum of members alone, ms", *(f"{column} [95 % CI]" for column in _ratios({}))]
+    headers += ["sum of members alone, ms", *(f"{n} ÷ {d} [95 % CI]" for n, d in RATIOS)]
     legend = "\n".join(f"- `{c.name}`: {c.summary}" for c in CONFIGS if c.name in names)
-    targets = "\n".join(f"- {line}" for line in target_lines(rows, target))
+    claims = (
+        ("fused ÷ sum of its members alone", "fused-default ÷ sum alone", None, FUSED_OVER_SUM_TARGET),
+        ("separate sessions in a loop ÷ fused, spinning on", "separate-default ÷ fused-default",
+         SEPARATE_OVER_FUSED_TARGET, None),
+    )  # fmt: skip
+    ratios = _ratios(grouped.get(target, {}))[1]
+    checks = [
+        f"- {interval.check(f'{target}: {name}', at_least=low, at_most=high)}"
+        if (interval := ratios[column])
+        else f"- not measured {target}: {name}"
+        for name, column, low, high in claims
+    ]
     against = f"Against the published claims (on `{target}`, batch 1; a bound holds where the whole 95 % interval is):"
-    return "\n\n".join([header, table(headers, body), legend, against, targets])
+    return "\n\n".join([header, table(headers, body), legend, against, "\n".join(checks)])
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -317,9 +267,8 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
 
 
 def plot(rows: Sequence[SweepRow], path: Path, subtitle: str) -> Path:
-    """The published kind of chart: one point per model, median latency (x, log) against mean label accuracy (y),
-    coloured by total parameters; an ensemble's separate sessions (spinning on) joined to its fused graph by an
-    arrow; the Pareto front as a step line."""
+    """One point per model, median latency (x, log) against mean label accuracy (y), coloured by parameters; an
+    arrow from an ensemble's separate sessions (spinning on) to its fused graph; the Pareto front as a step line."""
     import matplotlib  # only where a chart is drawn, to files only
 
     matplotlib.use("Agg")
@@ -332,16 +281,12 @@ def plot(rows: Sequence[SweepRow], path: Path, subtitle: str) -> Path:
     fig, ax = plt.subplots(figsize=(9, 6.5), dpi=110, layout="constrained")
     points: list[tuple[float, float]] = []
     for model, configs in _by_model(rows).items():
-        fused = configs.get("fused-default")
-        if fused is None:
+        if (fused := configs.get("fused-default")) is None:
             continue
-        colour = cmap(norm(fused.parameters / 1e6))
-        at = (fused.median_ms, fused.mean_label_accuracy)
+        colour, at = cmap(norm(fused.parameters / 1e6)), (fused.median_ms, fused.mean_label_accuracy)
         points.append(at)
-        separate = configs.get("separate-default") if fused.kind == "ensemble" else None
-        if separate is not None:
-            start = (separate.median_ms, separate.mean_label_accuracy)
-            points.append(start)
+        if fused.kind == "ensemble" and (separate := configs.get("separate-default")) is not None:
+            points.append(start := (separate.median_ms, separate.mean_label_accuracy))
             ax.scatter(*start, s=60, marker="D", facecolors="white", edgecolors=[colour], linewidths=1.6, zorder=3)
             arrow = {"arrowstyle": "-|>", "color": colour, "lw": 1.4, "shrinkA": 5, "shrinkB": 7, "mutation_scale": 14}
             ax.annotate("", at, start, arrowprops=arrow, zorder=6)
@@ -361,12 +306,12 @@ def plot(rows: Sequence[SweepRow], path: Path, subtitle: str) -> Path:
     ax.set_ylabel("mean label accuracy (held out)")
     ax.set_title(f"Latency vs accuracy: single UNets and ensembles\n{subtitle}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    hollow = {"marker": "D", "markerfacecolor": "white", "color": "grey", "linestyle": ""}
+    grey = {"color": "grey", "linestyle": ""}
     handles = [
-        Line2D([], [], marker="o", color="grey", linestyle="", label="single model"),
-        Line2D([], [], marker="s", color="grey", linestyle="", label="ensemble, fused graph"),
-        Line2D([], [], **hollow, label="ensemble, separate sessions"),
-        Line2D([], [], color="grey", marker=r"$\rightarrow$", linestyle="", markersize=12, label="separate → fused"),
+        Line2D([], [], marker="o", **grey, label="single model"),
+        Line2D([], [], marker="s", **grey, label="ensemble, fused graph"),
+        Line2D([], [], marker="D", markerfacecolor="white", **grey, label="ensemble, separate sessions"),
+        Line2D([], [], marker=r"$\rightarrow$", markersize=12, **grey, label="separate → fused"),
         Line2D([], [], color="tab:red", label="Pareto front (faster and more accurate)"),
     ]
     ax.legend(handles=handles, fontsize=8, loc="best")
@@ -394,12 +339,13 @@ def render(rows: Sequence[SweepRow], out: Path, what: str, measured_on: str | No
 
 def rerender(csv_path: Path, out: Path) -> Report:
     """The report of an earlier run from its CSV, saying what it was measured on."""
-    rows = read_rows(csv_path)
+    with csv_path.open(newline="") as f:
+        rows = [SweepRow.model_validate({k: v or None for k, v in row.items()}) for row in csv.DictReader(f)]
     loads = [r.load_average_1m for r in rows if r.load_average_1m is not None] or [float("nan")]
-    first = rows[0]
+    first, times = rows[0], sorted(r.measured_at for r in rows)
     measured_on = (
-        f"{first.cpu}, {first.cores} cores, onnxruntime {first.onnxruntime}, from {min(r.measured_at for r in rows)} "
-        f"to {max(r.measured_at for r in rows)}, 1-minute load average {min(loads):.2f}-{max(loads):.2f}"
+        f"{first.cpu}, {first.cores} cores, onnxruntime {first.onnxruntime}, from {times[0]} to {times[-1]}, "
+        f"1-minute load average {min(loads):.2f}-{max(loads):.2f}"
     )
     what = f"Sweep models trained {first.training_steps} steps at {first.image_size}x{first.image_size}."
     return render(rows, out, what, measured_on)
@@ -414,9 +360,17 @@ def run(
     rounds: int,
     out: Path,
 ) -> Report:
+    """Builds every model, then times them one after another; the CSV is rewritten after each model, so that an
+    interruption keeps what was measured."""
     log(f"[sweep] building {len(specs)} models into {out / 'models'} (up-to-date ones are skipped)")
     dirs = build_all(specs, training, test_images, out / "models", reuse)
-    rows = measure(specs, dirs, out / "models", budget, rounds, out / "sweep.csv")
+    rows: list[SweepRow] = []
+    for spec in specs:
+        manifest = load_manifest(dirs[spec.label])
+        for config, timed in time_in_process(setups(spec, dirs[spec.label], out / "models"), budget, rounds).items():
+            rows.append(_row(spec, manifest, config, timed))
+            log(f"[sweep] {spec.label:>8} {config:<18} p50 {rows[-1].median_ms:.2f} ms, rounds {rows[-1].rounds_ms}")
+        write_csv(out / "sweep.csv", rows)
     what = (
         f"Sweep models trained {training.steps} steps at {training.image_size}x{training.image_size}, batch "
         f"{training.batch_size}, on {training.threads} thread(s); accuracy on {test_images} held-out images. Each "

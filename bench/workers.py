@@ -14,25 +14,15 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from app.engine.resources import usable_cores
-from bench.common import Interval, Report, interval_check
+from bench.common import Interval, Report
 from bench.service import png_bytes, service_process
-from bench.serving import Run, Target, load_rounds, load_table, requested_outputs, v2_body
+from bench.serving import Run, Target, figures, load_rounds, load_table, requested_outputs, v2_body
 from ensemble_contract.manifest import Manifest, load_manifest
 from ensemble_contract.modes import Mode, served_modes
 
 CLIENTS = 16
 BOUNDARY = "bench-workers-boundary"
 AT_LEAST_PER_KIND, AT_LEAST_SCALING = 1.3, 1.7
-
-
-def multipart_png(path: Path) -> Path:
-    """/predict's body as a browser or curl -F sends it: one file field, a PNG."""
-    head = (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="picture.png"\r\n'
-        "Content-Type: image/png\r\n\r\n"
-    )
-    path.write_bytes(head.encode() + png_bytes() + f"\r\n--{BOUNDARY}--\r\n".encode())
-    return path
 
 
 def request_kinds(manifest: Manifest, work: Path) -> dict[str, tuple[str, Path, str]]:
@@ -43,12 +33,13 @@ def request_kinds(manifest: Manifest, work: Path) -> dict[str, tuple[str, Path, 
         for mode in (Mode.FUSED, Mode.FUSED_INT8)
         if mode in served_modes(manifest)
     }
-    if manifest.image is not None:
-        kinds["/predict PNG"] = (
-            "/predict",
-            multipart_png(work / "picture.multipart"),
-            f"multipart/form-data; boundary={BOUNDARY}",
+    if manifest.image is not None:  # /predict's body as a browser or curl -F sends it: one file field, a PNG
+        head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="picture.png"\r\n'
+        png = work / "picture.multipart"
+        png.write_bytes(
+            f"{head}Content-Type: image/png\r\n\r\n".encode() + png_bytes() + f"\r\n--{BOUNDARY}--\r\n".encode()
         )
+        kinds["/predict PNG"] = ("/predict", png, f"multipart/form-data; boundary={BOUNDARY}")
     return kinds
 
 
@@ -74,17 +65,16 @@ def run(model_dir: Path, rounds: int, seconds: float, work: Path) -> Report:
         "server's figure over 1 worker's, round by round."
     )
     tables = [f"{kind}:\n\n{load_table(runs, targets[kind], [CLIENTS])}" for kind in kinds]
-    checks = targets_met(runs, targets, many)
-    return Report("\n\n".join([header, *tables, checks]))
+    return Report("\n\n".join([header, *tables, targets_met(runs, targets, many)]))
 
 
 def targets_met(runs: dict[tuple[Target, int], list[Run]], targets: dict[str, Sequence[Target]], many: str) -> str:
     lines = []
     for kind, (one, several, one_core) in targets.items():
-        goodput = [[r.goodput for r in runs[t, CLIENTS]] for t in (several, one, one_core)]
-        ratio = Interval.of_ratios(goodput[0], goodput[1])
-        lines.append(interval_check(f"{kind}: {many} ÷ 1 worker", ratio, at_least=AT_LEAST_PER_KIND))
+        goodput = [figures(runs[t, CLIENTS])[0] for t in (several, one, one_core)]
+        lines.append(Interval.of_ratios(goodput[0], goodput[1]).check(f"{kind}: {many} ÷ 1 worker",
+                                                                      at_least=AT_LEAST_PER_KIND))  # fmt: skip
         if kind.endswith(str(Mode.FUSED)):
             scaling = Interval.of_ratios(goodput[0], goodput[2])
-            lines.append(interval_check(f"{kind}: {many} ÷ 1 core", scaling, at_least=AT_LEAST_SCALING))
+            lines.append(scaling.check(f"{kind}: {many} ÷ 1 core", at_least=AT_LEAST_SCALING))
     return "\n".join(f"- {line}" for line in lines)
