@@ -90,6 +90,10 @@ def kinds(target: AttackTarget) -> list[Kind]:
     numbers = b"0," * (10 * MIB - 64)  # just under MAX_UPLOAD_BYTES (20 MiB) with the rest of the JSON
     big_json = b'{"inputs":[{"name":"image","shape":[1],"datatype":"FP32","data":[' + numbers + b"0]}]}"
     infer = f"/v2/models/{target.model}/infer"
+    upload = (
+        f"POST /predict HTTP/1.1\r\nHost: {httpx.URL(target.url).host}\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {MIB}\r\nAuthorization: Bearer {target.api_key}\r\n\r\n"
+    ).encode()  # 1 MB announced
     post = _poster(target)
     return [
         Kind("biggest batch (MAX_BATCH_ROWS rows, JSON in and out)", post(infer, batch), frozenset({200, 413})),
@@ -99,7 +103,7 @@ def kinds(target: AttackTarget) -> list[Kind]:
         Kind("biggest JSON body (just under 20 MiB)", post(infer, big_json), frozenset({413})),
         Kind("wrong key with a 20 MB body", post(infer, big_json, key="x" * 32), frozenset({401})),
         Kind("made-up methods", lambda client: client.request("FOO", "/predict").status_code, frozenset({405})),
-        Kind("slow upload (a byte every 0.2 s)", lambda client: slow_upload(client, target), frozenset({0, 408})),
+        Kind("slow upload (a byte every 0.2 s)", lambda client: held(client, upload, b"\0"), frozenset({0, 408})),
     ]
 
 
@@ -142,7 +146,7 @@ def more_kinds(target: AttackTarget) -> list[Kind]:
         Kind("lying binary_data_size", post(infer, binary_lie, headers={"Inference-Header-Content-Length": "40"})),
         Kind("gRPC 64 rows, 0.2 s deadline", lambda _: grpc_call(message, 0.2)),
         Kind("gRPC message never sent", lambda _: grpc_call(never_sent(3.0), 13.0)),
-        Kind("half a request line, held 3 s", lambda client: held(client, b"POST /v2/mod", 3.0)),
+        Kind("half a request line, held 3 s", lambda client: held(client, b"POST /v2/mod")),
     ]
 
 
@@ -155,27 +159,14 @@ def _poster(target: AttackTarget) -> Callable[..., Callable[[httpx.Client], int]
     return post
 
 
-def _connect(client: httpx.Client) -> socket.socket:
-    return socket.create_connection((client.base_url.host, client.base_url.port or 80), timeout=10)
-
-
-def held(client: httpx.Client, payload: bytes, hold_s: float) -> int:
-    """Sends `payload` (a request cut short) and holds the connection; 0, the server's answer not awaited."""
-    with _connect(client) as connection:
-        connection.sendall(payload)
-        time.sleep(hold_s)
-    return 0
-
-
-def slow_upload(client: httpx.Client, target: AttackTarget, seconds: float = 3.0) -> int:
-    """Headers announcing 1 MB, then a byte every 0.2 s for `seconds`, then the client closes (0): the server must
-    hold only the connection and the bytes it got."""
-    with _connect(client) as connection:
-        head = f"POST /predict HTTP/1.1\r\nHost: {client.base_url.host}\r\nContent-Type: image/png\r\n"
-        connection.sendall((head + f"Content-Length: {MIB}\r\nAuthorization: Bearer {target.api_key}\r\n\r\n").encode())
+def held(client: httpx.Client, head: bytes, drip: bytes = b"", seconds: float = 3.0) -> int:
+    """Sends `head` (a request cut short), then `drip` every 0.2 s for `seconds`, and closes; 0, no answer awaited:
+    the server must hold only the connection and the bytes it got."""
+    with socket.create_connection((client.base_url.host, client.base_url.port or 80), timeout=10) as connection:
+        connection.sendall(head)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            connection.sendall(b"\0")
+            connection.sendall(drip)
             time.sleep(0.2)
     return 0
 

@@ -1,13 +1,8 @@
 """The servers `python -m bench peers` measures this service against, each answering v2 JSON inference requests:
-
-    python -m bench.peer_servers naive --model-dir DIR --port PORT
-    .venv-kserve/bin/python -m bench.peer_servers kserve --model-dir DIR --port PORT
-    .venv-triton/bin/python -m bench.peer_servers triton --model-dir DIR --port PORT [--config usual|matched ...]
-
-The peers' environments (`make kserve-venv`, `make triton-venv`) lack this project's packages (their pins clash
-with ours): this module imports only the standard library at its top, each server what it uses, and the peers read
-manifest.json as plain JSON.
-"""
+`python -m bench.peer_servers naive|kserve|triton --model-dir DIR --port PORT`, kserve and triton with the
+interpreter of `make kserve-venv` or `make triton-venv`. Those lack this project's packages (their pins clash with
+ours): this module imports only the standard library at its top, each server what it uses; they read manifest.json
+as plain JSON."""
 
 import argparse
 import json
@@ -108,7 +103,7 @@ def serve_triton(
 
         return infer
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])  # to describe the tensors
 
     def tensors(described: list[Any]) -> list[Any]:
         """PyTriton's tensors: the shape without the batch dimension, -1 where it is dynamic."""
