@@ -1,9 +1,7 @@
 """`python -m bench compare --model-dir DIR`: fused or separate, for any model directory, on this machine.
 
-Times every mode the directory serves in interleaved rounds, in-process (the service's runtime, default settings)
-and over /v2 (`hey`, one client, the model's example input). A round's figure is the 10 %-trimmed mean of its calls
-(finer than a median of hey's 0.1 ms readings); ratios to fused's are in bold when the whole 95 % interval is on one
-side of 1. About a minute.
+Every mode the directory serves, in interleaved rounds, in-process (the service's runtime) and over /v2 (`hey`, one
+client). A round's figure is the 10 %-trimmed mean of its calls (finer than a median of hey's 0.1 ms readings).
 """
 
 from __future__ import annotations

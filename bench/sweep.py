@@ -37,23 +37,15 @@ RATIOS = (("separate-default", "fused-default"), ("separate-nospin", "fused-nosp
           ("fused-default", "sum alone"))  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Config:
-    """One way to run a model: a mode of the service's runtime, with ONNX Runtime's default spinning or without."""
-
-    name: str
-    mode: Mode
-    spinning: bool
-    summary: str
-
-
-CONFIGS = (
-    Config("separate-default", Mode.SEQUENTIAL, True, "separate sessions in a loop, spinning on (the default)"),
-    Config("separate-nospin", Mode.SEQUENTIAL, False, "separate sessions in a loop, spinning off"),
-    Config("parallel", Mode.PARALLEL, False, "the members at once, cores // members threads each, spinning off"),
-    Config("fused-default", Mode.FUSED, True, "one session on the fused graph, spinning on (the default)"),
-    Config("fused-nospin", Mode.FUSED, False, "one session on the fused graph, spinning off"),
-)
+CONFIGS = {  # each way to run a model: a mode of the service's runtime, ONNX Runtime's default spinning (on) or off
+    "separate-default": (Mode.SEQUENTIAL, True),
+    "separate-nospin": (Mode.SEQUENTIAL, False),
+    "parallel": (Mode.PARALLEL, False),
+    "fused-default": (Mode.FUSED, True),
+    "fused-nospin": (Mode.FUSED, False),
+}
+RUNS = {Mode.SEQUENTIAL: "separate sessions in a loop", Mode.FUSED: "one session on the fused graph",
+        Mode.PARALLEL: "the members at once, cores // members threads each"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -164,9 +156,9 @@ def setups(spec: ModelSpec, model_dir: Path, root: Path) -> dict[str, Setup]:
     """A model's configurations: a single model has no `parallel` (it would run as `separate`); an ensemble also
     times each member alone."""
     found = {
-        c.name: (Settings(model_dir=model_dir, spinning=Spinning.ALWAYS if c.spinning else Spinning.OFF), c.mode)
-        for c in CONFIGS
-        if spec.is_ensemble or c.mode is not Mode.PARALLEL
+        name: (Settings(model_dir=model_dir, spinning=Spinning.ALWAYS if spinning else Spinning.OFF), mode)
+        for name, (mode, spinning) in CONFIGS.items()
+        if spec.is_ensemble or mode is not Mode.PARALLEL
     }
     for i, member in enumerate(spec.members if spec.is_ensemble else ()):
         found[f"{ALONE}{i}"] = (Settings(model_dir=root / member.name, spinning=Spinning.ALWAYS), Mode.SEQUENTIAL)
@@ -230,7 +222,7 @@ def _ratios(configs: dict[str, SweepRow]) -> tuple[list[float] | None, dict[str,
 
 def markdown(rows: Sequence[SweepRow], header: str, target: str) -> str:
     grouped = _by_model(rows)
-    names = [c.name for c in CONFIGS if any(c.name in configs for configs in grouped.values())]
+    names = [name for name in CONFIGS if any(name in configs for configs in grouped.values())]
     body = []
     for model, configs in grouped.items():
         first, (alone, ratios) = next(iter(configs.values())), _ratios(configs)
@@ -240,7 +232,8 @@ def markdown(rows: Sequence[SweepRow], header: str, target: str) -> str:
         body.append(cells + [interval.brief() if interval else None for interval in ratios.values()])
     headers = ["model", "params (M)", "mean label acc.", *(f"{n} p50 (p95) ms" for n in names)]
     headers += ["sum of members alone, ms", *(f"{n} ÷ {d} [95 % CI]" for n, d in RATIOS)]
-    legend = "\n".join(f"- `{c.name}`: {c.summary}" for c in CONFIGS if c.name in names)
+    spinning = {True: "spinning on (the default)", False: "spinning off"}
+    legend = "\n".join(f"- `{n}`: {RUNS[CONFIGS[n][0]]}, {spinning[CONFIGS[n][1]]}" for n in names)
     claims = (
         ("fused ÷ sum of its members alone", "fused-default ÷ sum alone", None, FUSED_OVER_SUM_TARGET),
         ("separate sessions in a loop ÷ fused, spinning on", "separate-default ÷ fused-default",
