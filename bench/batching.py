@@ -1,10 +1,8 @@
 """`python -m bench batching --model-dir DIR`: what batching buys, in-process and over HTTP.
 
-In-process, through the service's scheduler (app.core.auto.closed_loop, what DEFAULT_MODE=auto times): in each
-layout (slots x threads) and mode, the saturated throughput of one-row requests unbatched and in batches of up to
---rows rows. Over HTTP: the service in each layout, first mode, batching on, `hey` sending the v2 JSON request from
-twice as many clients as its batches hold: HTTP ÷ in-process, the share of the runtime's throughput that reaches
-clients. Every setup takes its turn in each round.
+In-process (the scheduler's closed loop, as DEFAULT_MODE=auto times it), each layout and mode's saturated throughput
+of one-row requests, unbatched and in batches of up to --rows; over HTTP (`hey`, twice as many clients as a batch
+holds), the share of it that reaches clients. Every setup takes its turn in each round.
 """
 
 from __future__ import annotations

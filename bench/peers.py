@@ -1,13 +1,8 @@
 """`python -m bench peers --model-dir DIR`: this service against other servers of the same model, through HTTP.
 
-The peers (bench/peer_servers.py; each left out, saying so, when its virtual environment is absent): triton
-(PyTriton, `make triton-venv`: one instance of a default session, the dynamic batcher up to 8 rows), triton-tuned
-(one instance per core of one thread each, as its Model Analyzer would pick), kserve (one default session, `make
-kserve-venv`) and naive (the members' sessions in a loop on the event loop). Ours runs with its defaults, and
-`ours-workers` with a worker per core when there are several. `hey` sends each the same v2 JSON request (fused,
-asking for an image model's scores) from 1, 4 and 16 clients, the servers taking turns round by round. The targets,
-round by round: ours against each peer in goodput at 16 and 4 clients, accepted p99 at 16 and p50 at 1; and
-ours-workers' goodput at 16 at least 1.2x Triton's.
+Ours (and `ours-workers`, a worker per core), triton (`make triton-venv`; triton-tuned: an instance per core),
+kserve (`make kserve-venv`) and naive (bench/peer_servers.py; a peer whose environment is absent is left out) take
+turns round by round under `hey` from 1, 4 and 16 clients sending the same v2 JSON request, fused.
 """
 
 from __future__ import annotations

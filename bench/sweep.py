@@ -44,7 +44,7 @@ CONFIGS = {  # each way to run a model: a mode of the service's runtime, ONNX Ru
     "fused-default": (Mode.FUSED, True),
     "fused-nospin": (Mode.FUSED, False),
 }
-RUNS = {Mode.SEQUENTIAL: "separate sessions in a loop", Mode.FUSED: "one session on the fused graph",
+MODE_SUMMARY = {Mode.SEQUENTIAL: "separate sessions in a loop", Mode.FUSED: "one session on the fused graph",
         Mode.PARALLEL: "the members at once, cores // members threads each"}  # fmt: skip
 
 
@@ -233,7 +233,7 @@ def markdown(rows: Sequence[SweepRow], header: str, target: str) -> str:
     headers = ["model", "params (M)", "mean label acc.", *(f"{n} p50 (p95) ms" for n in names)]
     headers += ["sum of members alone, ms", *(f"{n} ÷ {d} [95 % CI]" for n, d in RATIOS)]
     spinning = {True: "spinning on (the default)", False: "spinning off"}
-    legend = "\n".join(f"- `{n}`: {RUNS[CONFIGS[n][0]]}, {spinning[CONFIGS[n][1]]}" for n in names)
+    legend = "\n".join(f"- `{n}`: {MODE_SUMMARY[CONFIGS[n][0]]}, {spinning[CONFIGS[n][1]]}" for n in names)
     claims = (
         ("fused ÷ sum of its members alone", "fused-default ÷ sum alone", None, FUSED_OVER_SUM_TARGET),
         ("separate sessions in a loop ÷ fused, spinning on", "separate-default ÷ fused-default",

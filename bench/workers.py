@@ -1,10 +1,7 @@
 """`python -m bench workers --model-dir DIR`: the service with one worker process against several, through HTTP.
 
-Three servers side by side, taking turns round by round: `1 worker` (WORKERS=1), `N workers` (one per core) and
-`1 core` (WORKERS=auto pinned to one core), otherwise at their defaults. `hey` saturates each with CLIENTS clients
-sending the v2 JSON request of the model's example input (fused, and fused-int8 when it has it) and, for an image
-model, /predict's multipart PNG upload. The targets, round by round: N workers ÷ 1 worker at least 1.3 in every kind
-of request, and N workers ÷ 1 core at least 1.7 (N = 2).
+`1 worker` (WORKERS=1), `N workers` (one per core) and `1 core` (WORKERS=auto pinned to one core) take turns round
+by round, `hey` saturating each with CLIENTS clients sending v2 JSON (fused, fused-int8) and /predict's PNG upload.
 """
 
 from __future__ import annotations
