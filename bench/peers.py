@@ -14,7 +14,7 @@ from pathlib import Path
 
 from app.engine.resources import usable_cores
 from bench.common import Interval, Report, log
-from bench.service import free_port, server_process, service_process
+from bench.service import ServerNotReady, free_port, server_process, service_process
 from bench.serving import Run, Target, figures, load_rounds, load_table, requested_outputs, v2_body
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
@@ -23,6 +23,9 @@ CLIENTS = (1, 4, 16)
 OURS_WORKERS = "ours-workers"
 WORKERS_OVER_TRITON = 1.2  # the goodput at 16 clients ours-workers must have, over Triton's
 PEER_START_TIMEOUT_S = 180  # KServe imports a great deal; Triton starts a server and its Python stub
+# PyTriton's proxy now and then misses the handshake with its Python backend on a busy machine (the model fails to
+# load: "Connection refused"), a failure of its start-up, not of the server measured: it gets one more start.
+PEER_STARTS = 2
 
 
 def run(model_dir: Path, kserve_python: Path, triton_python: Path, rounds: int, seconds: float, work: Path) -> Report:
@@ -44,12 +47,19 @@ def run(model_dir: Path, kserve_python: Path, triton_python: Path, rounds: int, 
             if not python.is_file():
                 log(f"[peers] no {python} (`make {name.split('-')[0]}-venv` makes it): {name} is left out")
                 continue
-            port = free_port()
             command = [str(python), "-m", "bench.peer_servers", *arguments, "--model-dir", str(model_dir.resolve())]
-            server = server_process([*command, "--port", str(port)], port, work / f"{name}.log",
-                                    ready_path=infer.removesuffix("/infer") + "/ready",
-                                    start_timeout_s=PEER_START_TIMEOUT_S)  # fmt: skip
-            servers[name] = stack.enter_context(server)
+            for attempt in range(1, PEER_STARTS + 1):
+                port = free_port()
+                server = server_process([*command, "--port", str(port)], port, work / f"{name}-{attempt}.log",
+                                        ready_path=infer.removesuffix("/infer") + "/ready",
+                                        start_timeout_s=PEER_START_TIMEOUT_S)  # fmt: skip
+                try:
+                    servers[name] = stack.enter_context(server)
+                    break
+                except ServerNotReady as failed:
+                    if attempt == PEER_STARTS:
+                        raise
+                    log(f"[peers] {name} did not start ({str(failed).splitlines()[0]}): starting it again")
         body = v2_body(manifest, Mode.FUSED, work / "fused.json", outputs)
         targets = [Target(name, server.url + infer, body) for name, server in servers.items()]
         runs = load_rounds(targets, CLIENTS, seconds, rounds)
