@@ -204,6 +204,21 @@ def _rows(feeds: Tensors) -> int:
     return len(next(iter(feeds.values())))
 
 
+def grpc_infer(
+    client: triton_grpc.InferenceServerClient,
+    model: str,
+    batch: np.ndarray,
+    *,
+    name: str = "image",
+    datatype: str = "FP32",
+    **parameters: str,
+) -> triton_grpc.InferResult:
+    """One input over gRPC as tritonclient sends it (raw_input_contents: the client's default)."""
+    tensor = triton_grpc.InferInput(name, list(batch.shape), datatype)
+    tensor.set_data_from_numpy(batch)
+    return client.infer(model, [tensor], parameters=parameters or None)
+
+
 def v2_json_call(url: str, model: str, feeds: Tensors, mode: Mode, outputs: list[str] | None = None) -> Call:
     body = v2_json_body(feeds, outputs, mode=mode.value)
 

@@ -17,7 +17,7 @@ from app.settings import Settings
 from bench.service import free_port
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
-from tests.support import LiveServer, infer_body, live_server
+from tests.support import LiveServer, grpc_infer, infer_body, live_server
 
 # The status each HTTP status is over gRPC (app.grpc.STATUS_CODES, read from the protocol's side here).
 GRPC_OF_HTTP = {
@@ -42,14 +42,6 @@ def fronts(model_dir: Path) -> Iterator[Fronts]:
 def images(manifest: Manifest, rows: int) -> np.ndarray:
     spec = manifest.image
     return np.random.default_rng(rows).normal(size=(rows, 3, spec.height, spec.width)).astype(np.float32)
-
-
-def grpc_infer(
-    client: triton_grpc.InferenceServerClient, model: str, batch: np.ndarray, datatype: str = "FP32", **parameters: str
-) -> triton_grpc.InferResult:
-    tensor = triton_grpc.InferInput("image", list(batch.shape), datatype)
-    tensor.set_data_from_numpy(batch)
-    return client.infer(model, [tensor], parameters=parameters or None)
 
 
 @pytest.mark.parametrize("mode", list(Mode))
@@ -103,7 +95,7 @@ def test_the_same_bad_request_gets_the_same_error(fronts: Fronts, manifest: Mani
         response = http.post(f"/v2/models/{model}/infer", content=json.dumps(body).replace("Infinity", "1e39"))
     assert response.status_code == status, response.text
     with pytest.raises(InferenceServerException) as refused:
-        grpc_infer(client, model, batch, datatype, **parameters)
+        grpc_infer(client, model, batch, datatype=datatype, **parameters)
     assert refused.value.status() == GRPC_OF_HTTP[status]
     assert refused.value.message() == response.json()["error"]
 

@@ -167,11 +167,11 @@ class Scheduler:
             jobs = [job for job in await self._next_batch() if not job.future.done()]  # not withdrawn meanwhile
             if not jobs:
                 continue
-            started = time.perf_counter()
+            started, rows = time.perf_counter(), sum(job.rows for job in jobs)
             for job in jobs:
-                job.started, job.batch_rows = started, sum(j.rows for j in jobs)
+                job.started, job.batch_rows = started, rows
             results, runs, took_s = await loop.run_in_executor(self._executor, _execute, jobs)
-            self._fold(took_s, sum(job.rows for job in jobs))
+            self._fold(took_s, rows)
             if len(runs) > 1:  # the batch failed and its jobs ran alone
                 for job in jobs:
                     job.batch_rows = job.rows

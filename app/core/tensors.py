@@ -123,6 +123,7 @@ class TensorInference:
         self.mode = request.mode
         self._asked: dict[str, bool] = {}
         self._feeds: Tensors = {}
+        self._rows = 0
 
     async def check(self, model: LoadedModel, lease: Lease) -> int:
         request, signature = self.request, model.manifest.signature
@@ -132,7 +133,8 @@ class TensorInference:
         needed = model.cost.request_bytes(request.shapes, self._asked) + decoding
         lease.reserve(needed, "its tensors, their inference and its outputs", advice=self._advice)
         self._feeds = input_arrays(request, specs)
-        return model.cost.rows(request.shapes)
+        self._rows = model.cost.rows(request.shapes)
+        return self._rows
 
     async def feeds(self, model: LoadedModel, lease: Lease) -> tuple[Tensors, float]:
         return self._feeds, 0.0  # converted before it was admitted
@@ -141,7 +143,7 @@ class TensorInference:
         self, model: LoadedModel, mode: Mode, outputs: Tensors, lease: Lease
     ) -> tuple[TensorOutputs, float]:
         sizes = {name: (outputs[name].size, outputs[name].itemsize) for name in self._asked}
-        foreseen = model.cost.output_bytes(model.cost.rows(self.request.shapes), self._asked)
+        foreseen = model.cost.output_bytes(self._rows, self._asked)
         unforeseen = encoded_bytes(sizes, self._asked) - foreseen
         lease.reserve(unforeseen, "its outputs, larger than the signature says", advice=self._advice)
         return TensorOutputs({name: outputs[name] for name in self._asked}, self._asked), 0.0

@@ -17,7 +17,7 @@ from app.settings import Settings
 from bench.service import free_port
 from ensemble_contract.manifest import Manifest, load_manifest
 from ensemble_contract.modes import Mode
-from tests.support import LiveServer, holding_the_slot, infer_json, live_server, scrape
+from tests.support import LiveServer, grpc_infer, holding_the_slot, infer_json, live_server, scrape
 from tests.third_party import TABULAR_FEATURES
 
 API_KEY = "a-long-enough-grpc-test-key"
@@ -35,14 +35,6 @@ def grpc_client(grpc_server: tuple[LiveServer, str]) -> Iterator[triton.Inferenc
     client = triton.InferenceServerClient(grpc_server[1])
     yield client
     client.close()
-
-
-def infer(
-    client: triton.InferenceServerClient, model: str, name: str, batch: np.ndarray, datatype: str, **parameters: str
-) -> triton.InferResult:
-    tensor = triton.InferInput(name, list(batch.shape), datatype)
-    tensor.set_data_from_numpy(batch)  # raw_input_contents: the client's default
-    return client.infer(model, [tensor], parameters=parameters or None)
 
 
 def image_batch(manifest: Manifest, n: int = 2) -> np.ndarray:
@@ -72,7 +64,7 @@ def test_every_mode_over_grpc_equals_the_json_path(
     batch = image_batch(manifest)
     with live.client() as client:
         for mode in Mode:
-            result = infer(grpc_client, manifest.name, "image", batch, "FP32", mode=mode.value)
+            result = grpc_infer(grpc_client, manifest.name, batch, mode=mode.value)
             assert result.get_response(as_json=True)["parameters"]["mode"]["string_param"] == mode.value
             as_json = infer_json(client, manifest.name, batch, mode=mode.value)
             for name in manifest.signature.output_names:
@@ -92,7 +84,7 @@ def test_any_signature_over_grpc_in_every_mode(tabular_dir: Path) -> None:
     ):
         modes = live.dataplane.model.runtime.modes
         for mode in modes:
-            result = infer(grpc_client, manifest.name, "X", rows, "FP32", mode=mode.value)
+            result = grpc_infer(grpc_client, manifest.name, rows, name="X", mode=mode.value)
             as_json = infer_json(client, manifest.name, rows, input_name="X", mode=mode.value)
             for spec in manifest.signature.outputs:
                 expected = np.asarray(as_json[spec.name]["data"], spec.dtype).reshape(as_json[spec.name]["shape"])
@@ -126,17 +118,17 @@ def test_typed_contents_are_accepted_too(grpc_server: tuple[LiveServer, str], ma
     [
         (lambda c, m: c.get_model_metadata("unknown"), "StatusCode.NOT_FOUND", "unknown model 'unknown'"),
         (
-            lambda c, m: infer(c, m.name, "image", image_batch(m)[:, :, :4], "FP32"),
+            lambda c, m: grpc_infer(c, m.name, image_batch(m)[:, :, :4]),
             "INVALID_ARGUMENT",
             "must have shape",
         ),
         (
-            lambda c, m: infer(c, m.name, "image", image_batch(m).astype(np.float64), "FP64"),
+            lambda c, m: grpc_infer(c, m.name, image_batch(m).astype(np.float64), datatype="FP64"),
             "INVALID_ARGUMENT",
             "must be FP32",
         ),
-        (lambda c, m: infer(c, m.name, "image", image_batch(m), "FP32", mode="x"), "INVALID_ARGUMENT", "mode must be"),
-        (lambda c, m: infer(c, m.name, "pixels", image_batch(m), "FP32"), "INVALID_ARGUMENT", "expected inputs"),
+        (lambda c, m: grpc_infer(c, m.name, image_batch(m), mode="x"), "INVALID_ARGUMENT", "mode must be"),
+        (lambda c, m: grpc_infer(c, m.name, image_batch(m), name="pixels"), "INVALID_ARGUMENT", "expected inputs"),
     ],
     ids=["unknown-model", "wrong-shape", "wrong-type", "unknown-mode", "unknown-input"],
 )
@@ -156,9 +148,9 @@ def test_a_full_queue_is_unavailable_with_a_clear_message(
     with holding_the_slot(live, with_ticket=True), live.client() as client:
         assert scrape(client).value("ensemble_inferences_admitted") == 1
         with pytest.raises(InferenceServerException, match=full) as raised:
-            infer(grpc_client, manifest.name, "image", image_batch(manifest), "FP32")
+            grpc_infer(grpc_client, manifest.name, image_batch(manifest))
     assert "UNAVAILABLE" in str(raised.value.status())
-    assert infer(grpc_client, manifest.name, "image", image_batch(manifest), "FP32").as_numpy("class_probs") is not None
+    assert grpc_infer(grpc_client, manifest.name, image_batch(manifest)).as_numpy("class_probs") is not None
 
 
 def test_grpc_requests_are_counted_by_mode_and_protocol(
@@ -167,7 +159,7 @@ def test_grpc_requests_are_counted_by_mode_and_protocol(
     live, _ = grpc_server
     with live.client() as client:
         before = scrape(client)
-        infer(grpc_client, manifest.name, "image", image_batch(manifest), "FP32", mode="parallel")
+        grpc_infer(grpc_client, manifest.name, image_batch(manifest), mode="parallel")
         after = scrape(client)
     for name, labels in (
         ("ensemble_predictions_total", {"mode": "parallel", "protocol": "grpc", "outcome": "ok"}),
