@@ -119,6 +119,22 @@ class Settings(BaseSettings):
         "least), and each slot has sessions of its own when they use several threads. DEFAULT_MODE=auto "
         "chooses the slots itself.",
     )
+    alone_on_every_core: bool = Field(
+        True,
+        description="An inference that starts while no other runs in the worker group (light traffic) runs on "
+        "sessions sized for every core the process may use rather than on its worker's or slot's share: a lone "
+        "request gets the whole machine, many requests get every worker and slot. Costs one more set of sessions "
+        "per worker, loaded only where the layout gives a session fewer threads than that. false: every inference "
+        "runs on its share.",
+    )
+    inline_inference_ms: float = Field(
+        0.2,
+        ge=0,
+        le=10,
+        description="An inference expected to take less than this (by the recent runs' duration per row) runs on "
+        "the event loop instead of an inference thread, whose hand-off would cost about as much as the run: for "
+        "models of microseconds. 0: every inference on an inference thread.",
+    )
     batching_max_rows: int = Field(
         8,
         ge=1,
@@ -284,12 +300,13 @@ class Settings(BaseSettings):
         "timeout (docker stop: 10 s).",
     )
     workers: int | Literal["auto"] = Field(
-        1,
+        "auto",
         description="Worker processes serving the same ports (HTTP, METRICS_PORT, GRPC_PORT), each with its own "
         "sessions, inference slots, batches and admission control on its share of the cores and of the memory "
         "budget; /metrics, /stats, /readyz and model loads cover them all, and a worker that dies is replaced. "
         "auto: one per core the process may use (its cgroup quota or CPU affinity), at most one per "
-        "512 MiB of its memory (its cgroup limit, or the machine's); docker-compose.yml's default. 1: one process.",
+        "512 MiB of its memory (its cgroup limit, or the machine's). 1: one process. With ALONE_ON_EVERY_CORE, a lone "
+        "request still gets every core.",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the server and the service."

@@ -8,6 +8,7 @@ There each worker keeps
   those of dead workers folded into one archive per type by the supervisor (app.observability.metrics.MetricFiles);
 - its status (status-<index>.json): its pid and the model it serves, for /readyz and ensemble_model_info;
 - its recent latencies (recent-<index>-<mode>.f64, see app.observability.stats), which /stats reads from all;
+- its row of the group's load (load.i64, GroupLoad): the inferences it runs now, and how many ran alone or shared;
 and, shared: auto's measurement (auto.json, made once by the first worker to take auto.lock, served by all), the
 last model command (control.json) that SIGHUP makes every worker apply (and that a replacement follows as it
 starts: no model after an unload), and the supervisor's count of workers it replaced (restarts.json).
@@ -24,10 +25,13 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
-from enum import StrEnum
+from enum import IntEnum, StrEnum
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from app.engine.resources import MIB, CoreCount, usable_cores, usable_memory
@@ -35,6 +39,7 @@ from app.engine.resources import MIB, CoreCount, usable_cores, usable_memory
 INDEX_ENV, COUNT_ENV, DIR_ENV = "ENSEMBLE_WORKER_INDEX", "ENSEMBLE_WORKERS", "ENSEMBLE_WORKER_DIR"
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus-client when it is imported
 METRICS_DIR, AUTO_FILE, CONTROL_FILE, RESTARTS_FILE = "metrics", "auto.json", "control.json", "restarts.json"
+LOAD_FILE = "load.i64"
 WORKER_MEMORY_BYTES = 512 * MIB  # WORKERS=auto: at most one worker per this much memory
 
 
@@ -60,6 +65,50 @@ class WorkerStatus(BaseModel):
 
 class Control(BaseModel):
     command: ModelCommand = ModelCommand.LOAD
+
+
+class LoadCell(IntEnum):
+    """The columns of a worker's row in GroupLoad."""
+
+    RUNNING = 0  # inferences it runs now
+    ALONE = 1  # inferences it ran while no other ran in the group
+    SHARED = 2  # inferences it ran beside others
+
+
+class GroupLoad:
+    """How many inferences the worker group runs now, and how many ran alone or beside others: one row of int64
+    cells per worker (in load.i64, or in memory serving alone), each row written by its worker only (its inference
+    threads one at a time) and summed by anyone. An inference that starts while no other runs anywhere in the group
+    runs alone: app.core.model gives it every core rather than its worker's share. Two workers starting at the same
+    instant may both see themselves alone; they then share the cores for one run, which costs time, not results."""
+
+    def __init__(self, cells: np.ndarray, row: int | None) -> None:
+        self._cells, self._row = cells, row
+        self._lock = threading.Lock()
+        if row is not None:  # a replacement takes over a dead worker's row: nothing of its own runs yet
+            cells[row, LoadCell.RUNNING] = 0
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[bool]:
+        """While held, this worker runs one more inference; yields whether it is the only one in the group."""
+        assert self._row is not None, "the supervisor runs no inference"
+        with self._lock:
+            self._cells[self._row, LoadCell.RUNNING] += 1
+            alone = self.running_now() == 1
+        try:
+            yield alone
+        finally:
+            with self._lock:
+                self._cells[self._row, LoadCell.RUNNING] -= 1
+                self._cells[self._row, LoadCell.ALONE if alone else LoadCell.SHARED] += 1
+
+    def running_now(self) -> int:
+        """Inferences running in the group now."""
+        return int(self._cells[:, LoadCell.RUNNING].sum())
+
+    def ran(self, cell: LoadCell) -> int:
+        """Inferences the group ran alone (LoadCell.ALONE) or beside others (SHARED) since it started."""
+        return int(self._cells[:, cell].sum())
 
 
 def _alive(pid: int) -> bool:
@@ -102,6 +151,7 @@ class WorkerGroup:
         """The supervisor's view of a new group of `count` workers, in a private directory it makes (`remove` it)."""
         directory = Path(tempfile.mkdtemp(prefix="ensemble-workers-"))
         (directory / METRICS_DIR).mkdir()
+        np.zeros((count, len(LoadCell)), dtype=np.int64).tofile(directory / LOAD_FILE)
         return cls(count, directory, index=None)
 
     def environment(self, index: int) -> dict[str, str]:
@@ -128,6 +178,14 @@ class WorkerGroup:
     def label(self) -> str:
         """This worker's index as a metric label."""
         return str(self.index)
+
+    @cached_property
+    def load(self) -> GroupLoad:
+        """The group's load: this worker's row to write (none for the supervisor), every row to read."""
+        if self.directory is None:
+            return GroupLoad(np.zeros((1, len(LoadCell)), dtype=np.int64), 0)
+        cells = np.memmap(self.directory / LOAD_FILE, dtype=np.int64, mode="r+", shape=(self.count, len(LoadCell)))
+        return GroupLoad(cells, self.index)
 
     @property
     def cores(self) -> CoreCount:

@@ -76,9 +76,10 @@ def stop(process: subprocess.Popen[bytes], timeout_s: float) -> None:
 
 
 def service_environment(model_dir: Path, **settings: object) -> dict[str, str]:
-    """This process's environment without any of the service's variables, then the caller's settings."""
+    """This process's environment without any of the service's variables, then the caller's settings (one process
+    unless they say WORKERS: the tests' servers are small)."""
     environment = {key: value for key, value in os.environ.items() if key.lower() not in Settings.model_fields}
-    environment |= {"MODEL_DIR": str(model_dir), "HOST": LOOPBACK, "LOG_LEVEL": "warning"}
+    environment |= {"MODEL_DIR": str(model_dir), "HOST": LOOPBACK, "LOG_LEVEL": "warning", "WORKERS": "1"}
     return environment | {name.upper(): str(value) for name, value in settings.items()}
 
 

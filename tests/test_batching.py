@@ -416,3 +416,25 @@ def test_models_whose_rows_cannot_stack_are_never_batched_and_say_why(
         assert [answer.batch_rows for answer in together(server, calls)] == [1, 1, 1]
         with server.client() as client:
             assert client.get("/stats").json()["batching"]["off_because"].startswith(why)
+
+
+@pytest.mark.anyio
+async def test_a_run_known_to_be_shorter_than_a_thread_hand_off_runs_on_the_event_loop() -> None:
+    threads: list[str] = []
+
+    def where(feeds: Tensors) -> Measured:
+        threads.append(threading.current_thread().name)
+        return Measured({"y": feeds["x"]}, Timing(inference_s=0.0, cpu_s=0.0))
+
+    def work() -> Batchable:
+        return Batchable("k", "k", 1, BatchingPolicy(1), {"x": np.zeros((1, 1), np.float32)}, where)
+
+    loop_thread = threading.current_thread().name
+    inline, threaded = Scheduler(1, inline_below_s=60), Scheduler(1)
+    for scheduler in (inline, threaded):
+        for _ in range(3):
+            await scheduler.run(work(), timeout_s=30)
+        scheduler.close()
+    # The first run of a label is not known to be short: it goes to an inference thread, the next ones run inline.
+    assert threads[0].startswith("inference") and threads[1:3] == [loop_thread, loop_thread]
+    assert all(name.startswith("inference") for name in threads[3:])  # INLINE_INFERENCE_MS=0: never inline

@@ -82,7 +82,9 @@ class DataPlane:
         self.model: LoadedModel | None = None
         # A reload keeps the layout, so the slots stay the number the first model was loaded with.
         self.scheduler = Scheduler(
-            model.runtime.slots, lambda mode, rows: metrics.batch_rows.labels(mode).observe(rows)
+            model.runtime.slots,
+            lambda mode, rows: metrics.batch_rows.labels(mode).observe(rows),
+            settings.inline_inference_ms / 1000,
         )
         self.admission = Admission(
             self.scheduler, settings.max_queue, settings.max_queue_wait_ms / 1000, metrics.inferences_admitted.set

@@ -3,15 +3,23 @@
 A request takes the model served when it starts and keeps it to the end (`DataPlane.using`), so a reload that
 switches models in between never mixes two models in one request; the replaced model's sessions are freed when
 its last request finishes.
+
+Light traffic and heavy traffic want different sessions: a lone request runs fastest on every core, many at once
+run fastest side by side, each on its worker's and slot's share. A model keeps both where they differ
+(ALONE_ON_EVERY_CORE): each inference, as it starts, asks the worker group's load (app.workers.GroupLoad) whether
+it is the only one running, and runs on the sessions for every core if so. The choice is made per inference, from
+what runs at that instant, so it follows the load as it changes: no restart, no request refused.
 """
 
 from __future__ import annotations
 
 import logging
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+
+from pydantic import BaseModel, Field
 
 from app.core.auto import AutoChoice, SlotLayout, choose_once
 from app.core.cost import CostModel
@@ -19,22 +27,36 @@ from app.core.scheduler import Batchable, BatchingPolicy
 from app.engine.priority import lower_thread_priority
 from app.engine.probe import working_bytes_per_element
 from app.engine.resources import CoreCount, usable_cores
-from app.engine.runtime import EnsembleRuntime, RuntimeOptions, Tensors
+from app.engine.runtime import EnsembleRuntime, Measured, RuntimeOptions, Tensors, thread_plans
 from app.engine.selector import ModeSelector
 from app.errors import NotAnImageModel, StartupError
 from app.observability.stats import RecentLatencies
 from app.settings import Settings
-from app.workers import WorkerGroup
+from app.workers import GroupLoad, LoadCell, WorkerGroup
 from ensemble_contract.manifest import ImageSpec, Manifest
 from ensemble_contract.modes import AUTO, Mode
 
 logger = logging.getLogger("app")
 
 
+class SessionsNow(BaseModel):
+    """Which sessions inferences run on, why, and how many ran on each (/readyz, /stats)."""
+
+    alone_on_every_core: bool = Field(description="Whether an inference running alone in the group gets every core.")
+    why: str
+    shared: dict[Mode, str] = Field(description="Each mode's session options beside other inferences (the layout's).")
+    alone: dict[Mode, str] | None = Field(description="Each mode's session options alone, when they differ.")
+    running_now: int = Field(description="Inferences running in the worker group now.")
+    runs_alone: int = Field(description="Inferences that ran alone in the group, every worker, since it started.")
+    runs_shared: int = Field(description="Inferences that ran beside others.")
+
+
 @dataclass
 class LoadedModel:
     directory: Path  # MODEL_DIR as it resolved when the model was loaded (an operator may switch a symlink)
-    runtime: EnsembleRuntime
+    runtime: EnsembleRuntime  # sessions on this worker's share of the cores, in its slots' layout
+    alone: EnsembleRuntime | None  # one slot's sessions on every core, for an inference running alone in the group
+    load: GroupLoad
     auto: AutoChoice | None
     selector: ModeSelector
     recent: RecentLatencies
@@ -67,8 +89,34 @@ class LoadedModel:
         its own in all but the batch dimension (alone when the model does not batch)."""
         shapes = tuple((name, array.shape[1:], array.dtype.str) for name, array in sorted(feeds.items()))
         rows = next(iter(feeds.values())).shape[0]
-        infer = partial(self.runtime.infer_measured, mode=mode)
-        return Batchable((id(self), mode, shapes), mode, rows, self.batching, feeds, infer)
+        return Batchable((id(self), mode, shapes), mode, rows, self.batching, feeds, partial(self.infer, mode=mode))
+
+    def infer(self, feeds: Tensors, mode: Mode) -> Measured:
+        """Runs on every core when no other inference runs in the group, on this slot's share otherwise."""
+        with self.load.running() as alone:
+            runtime = self.alone if alone and self.alone is not None else self.runtime
+            return runtime.infer_measured(feeds, mode)
+
+    def sessions_now(self, settings: Settings, cores: CoreCount) -> SessionsNow:
+        if self.alone is not None:
+            why = (
+                f"an inference that starts while no other runs in the worker group runs on all {cores.count} cores; "
+                f"beside others, on its share: {cores.count} cores over {cores.workers} worker(s) of "
+                f"{self.runtime.slots} inference slot(s)"
+            )
+        elif settings.alone_on_every_core:
+            why = "the layout's sessions already run on every core"
+        else:
+            why = "ALONE_ON_EVERY_CORE=false: every inference runs on its worker's and slot's share"
+        return SessionsNow(
+            alone_on_every_core=self.alone is not None,
+            why=why,
+            shared={mode: plan.describe() for mode, plan in self.runtime.plans.items()},
+            alone={mode: plan.describe() for mode, plan in self.alone.plans.items()} if self.alone else None,
+            running_now=self.load.running_now(),
+            runs_alone=self.load.ran(LoadCell.ALONE),
+            runs_shared=self.load.ran(LoadCell.SHARED),
+        )
 
     def members_output(self, output: str) -> str | None:
         """The output stacking each member's `output`, when the fused graph has one."""
@@ -78,12 +126,17 @@ class LoadedModel:
         """One request is done with it; the last one out of a retired model closes its sessions."""
         self.in_flight -= 1
         if self.retired and self.in_flight == 0:
-            self.runtime.close()
+            self.close()
 
     def retire(self) -> None:
         self.retired = True
         if self.in_flight == 0:
-            self.runtime.close()
+            self.close()
+
+    def close(self) -> None:
+        self.runtime.close()
+        if self.alone is not None:
+            self.alone.close()
 
 
 def runtime_options(settings: Settings, cores: int | None = None) -> RuntimeOptions:
@@ -113,18 +166,35 @@ def load_model(settings: Settings, workers: WorkerGroup, layout: SlotLayout | No
         runtime, auto = choose_once(settings, options, workers, [layout] if layout else None)
     else:
         runtime, auto = EnsembleRuntime.load(options), None
+    alone: EnsembleRuntime | None = None
+    try:
+        alone = sessions_alone(settings, options, runtime, workers)
+        working = working_bytes_per_element(directory)
+    except (StartupError, RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        for opened in (runtime, alone):
+            if opened is not None:
+                opened.close()
+        raise exc if isinstance(exc, StartupError) else StartupError(str(exc)) from None
     selector = ModeSelector(settings.default_mode, runtime.modes, auto.mode if auto else None)
     recent = RecentLatencies(settings.stats_window_s, runtime.modes, workers)
-    try:
-        working = working_bytes_per_element(directory)
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
-        runtime.close()
-        raise StartupError(str(exc)) from None
     elements_per_row = sum(array.size for array in runtime.manifest.example_inputs(1).values())
     cost = CostModel(runtime.manifest.signature, settings.max_batch_rows, working, elements_per_row)
     allowed = BatchingPolicy.allowed(settings, runtime.unbatchable)
     batching = allowed.at_most(auto.batching_rows) if auto else allowed
-    return LoadedModel(directory, runtime, auto, selector, recent, cost, batching)
+    return LoadedModel(directory, runtime, alone, workers.load, auto, selector, recent, cost, batching)
+
+
+def sessions_alone(
+    settings: Settings, options: RuntimeOptions, runtime: EnsembleRuntime, workers: WorkerGroup
+) -> EnsembleRuntime | None:
+    """The sessions of an inference running alone in the group: one slot's on every core the process may use, where
+    `runtime`'s layout gives its sessions fewer threads (None there, or with ALONE_ON_EVERY_CORE=false)."""
+    if not settings.alone_on_every_core:
+        return None
+    every_core = replace(options, cores=workers.cores.count, inference_slots=1)
+    if thread_plans(every_core, len(runtime.manifest.members), runtime.modes) == runtime.plans:
+        return None
+    return EnsembleRuntime.load(every_core)
 
 
 def log_model(model: LoadedModel, settings: Settings, cores: CoreCount) -> None:
@@ -154,3 +224,8 @@ def log_model(model: LoadedModel, settings: Settings, cores: CoreCount) -> None:
         cores.describe(),
         "; ".join(f"{mode} {plan.describe()}" for mode, plan in runtime.plans.items()),
     )
+    if model.alone is not None:
+        logger.info(
+            "an inference running alone in the worker group runs on every core: %s",
+            "; ".join(f"{mode} {plan.describe()}" for mode, plan in model.alone.plans.items()),
+        )

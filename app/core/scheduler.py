@@ -5,12 +5,15 @@ Each slot takes the oldest request waiting, and with it, up to its BatchingPolic
 request of the same batch key (the same model, mode, and inputs equal in all but the batch dimension), waiting up
 to the policy's delay for more; their inputs are stacked, run as one inference, and each gets its own rows of the
 outputs back. A batch that fails runs again one request at a time, so that only the request at fault gets the
-error. Inference runs on a dedicated executor with as many threads as slots, so the event loop never blocks; a
-slot is freed when its run finishes, not when a request gives up, so a timed-out inference still counts against
-the limit while it runs. A request whose caller is gone (its task cancelled: the client disconnected, or its gRPC
-deadline passed) leaves the queue at once, and never runs; one whose run has started holds its place until the
-run ends, its memory being in use until then. The runs' duration and rows, which admission control
-(app.core.admission) estimates waits from, are moving averages the scheduler alone writes, on the event loop.
+error. Inference runs on a dedicated executor with as many threads as slots, so the event loop never blocks, except
+a run expected to be shorter than the hand-off to a thread would be worth (INLINE_INFERENCE_MS, by the moving
+average of its label's runs' duration per row; a label not run yet is not expected to be short): it runs on the
+event loop, where a model of microseconds would otherwise spend more time changing threads than computing. A slot is
+freed when its run finishes, not when a request gives up, so a timed-out inference still counts against the limit
+while it runs. A request whose caller is gone (its task cancelled: the client disconnected, or its gRPC deadline
+passed) leaves the queue at once, and never runs; one whose run has started holds its place until the run ends, its
+memory being in use until then. The runs' duration and rows, which admission control (app.core.admission) estimates
+waits from, are moving averages the scheduler alone writes, on the event loop.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -91,11 +95,15 @@ class _Job:
 class Scheduler:
     """Use from the event loop only (the queue and the averages are not locked)."""
 
-    def __init__(self, slots: int, observe_run: Callable[[str, int], None] | None = None) -> None:
+    def __init__(
+        self, slots: int, observe_run: Callable[[str, int], None] | None = None, inline_below_s: float = 0.0
+    ) -> None:
         self.slots = slots
         self.observe_run = observe_run  # told the label and rows of every inference run
+        self.inline_below_s = inline_below_s  # runs expected to be shorter run on the event loop
         self._service_s: float | None = None
         self._rows_per_run = 1.0
+        self._row_s: dict[str, float] = {}  # by label: moving average of a run's duration per row
         self._queue: deque[_Job] = deque()
         self._arrived = asyncio.Event()
         self._slots: list[asyncio.Task[None]] = []
@@ -170,14 +178,19 @@ class Scheduler:
             started, rows = time.perf_counter(), sum(job.rows for job in jobs)
             for job in jobs:
                 job.started, job.batch_rows = started, rows
-            results, runs, took_s = await loop.run_in_executor(self._executor, _execute, jobs)
-            self._fold(took_s, rows)
+            label = jobs[0].work.label
+            inline = self._row_s.get(label, math.inf) * rows < self.inline_below_s
+            if inline:
+                results, runs, took_s = _execute(jobs)
+            else:
+                results, runs, took_s = await loop.run_in_executor(self._executor, _execute, jobs)
+            self._fold(label, took_s, rows)
             if len(runs) > 1:  # the batch failed and its jobs ran alone
                 for job in jobs:
                     job.batch_rows = job.rows
             if self.observe_run is not None:
                 for rows in runs:
-                    self.observe_run(jobs[0].work.label, rows)
+                    self.observe_run(label, rows)
             for job, (value, error) in zip(jobs, results, strict=True):
                 if job.future.done():  # its request gave up
                     continue
@@ -186,11 +199,15 @@ class Scheduler:
                 else:
                     assert value is not None
                     job.future.set_result(value)
+            if inline:
+                await asyncio.sleep(0)  # the event loop's other work before this slot's next run
 
-    def _fold(self, took_s: float, rows: int) -> None:
+    def _fold(self, label: str, took_s: float, rows: int) -> None:
         """Folds a run's duration and rows into the moving averages (here, on the event loop: their one writer)."""
         previous = self._service_s
         self._service_s = took_s if previous is None else previous + SMOOTHING * (took_s - previous)
+        row_s = self._row_s.get(label)
+        self._row_s[label] = took_s / rows if row_s is None else row_s + SMOOTHING * (took_s / rows - row_s)
         self._rows_per_run += SMOOTHING * (rows - self._rows_per_run)
 
     async def _next_batch(self) -> list[_Job]:

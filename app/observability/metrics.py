@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 from app.engine.resources import usable_cores
 from app.engine.runtime import EnsembleRuntime
 from app.engine.timing import Timing
-from app.workers import WorkerGroup, WorkerStatus
+from app.workers import LoadCell, WorkerGroup, WorkerStatus
 
 PREFIX = "ensemble"
 OUTCOMES = ("ok", "bad_input", "overloaded", "timeout", "error")
@@ -130,6 +130,19 @@ class WorkerGroupCollector(Collector):
                 info.add_metric([str(status.worker)], status.info)
         yield info
         yield GaugeMetricFamily(f"{PREFIX}_workers", "Worker processes alive (WORKERS).", value=len(statuses))
+        load = self.workers.load
+        yield GaugeMetricFamily(
+            f"{PREFIX}_inferences_running", "Inferences running in the worker group now.", value=load.running_now()
+        )
+        runs = CounterMetricFamily(
+            f"{PREFIX}_inference_runs",
+            "Inferences run, by whether they ran alone in the worker group (on every core, with ALONE_ON_EVERY_CORE) "
+            "or beside others (on their worker's and slot's share).",
+            labels=["sessions"],
+        )
+        runs.add_metric(["alone"], load.ran(LoadCell.ALONE))
+        runs.add_metric(["shared"], load.ran(LoadCell.SHARED))
+        yield runs
         yield CounterMetricFamily(
             f"{PREFIX}_worker_restarts",
             "Worker processes that died and were replaced.",

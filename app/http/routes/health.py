@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from app.core.auto import AutoChoice
+from app.core.model import SessionsNow
 from app.http.deps import ArrivalDep, DataPlaneDep, ServiceDep
 from app.http.errors import error_responses
 from ensemble_contract.modes import Mode
@@ -30,6 +31,7 @@ class Readiness(BaseModel):
     modes: list[Mode]
     images: bool = Field(description="Whether POST /predict takes images for this model (otherwise: /v2 only).")
     auto: AutoChoice | None = Field(description="DEFAULT_MODE=auto: the choice, why, and every candidate's figures.")
+    sessions: SessionsNow
     workers: list[WorkerServing] = Field(
         description="Every live worker process (one without WORKERS) and what it serves: after a load, each switches."
     )
@@ -55,5 +57,6 @@ async def readyz(service: ServiceDep, dataplane: DataPlaneDep, arrived: ArrivalD
             modes=list(model.runtime.modes),
             images=model.manifest.image is not None,
             auto=model.auto,
+            sessions=model.sessions_now(dataplane.settings, service.workers.cores),
             workers=[WorkerServing(worker=s.worker, pid=s.pid, sha256=s.sha256) for s in service.workers.statuses()],
         )

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from app.core.auto import AutoChoice
 from app.core.dataplane import DataPlane
-from app.core.model import LoadedModel
+from app.core.model import LoadedModel, SessionsNow
 from app.core.service import Service
 from app.engine.resources import usable_memory
 from app.errors import NotFound
@@ -88,6 +88,7 @@ class Stats(BaseModel):
     memory: MemoryStats
     batching: BatchingStats
     auto: AutoChoice | None = Field(description="DEFAULT_MODE=auto: the choice, why, and every candidate's figures.")
+    sessions: SessionsNow
 
 
 def cost_per_million(cost_per_hour: float | None, per_cpu_second: float | None, cores: int) -> float | None:
@@ -136,6 +137,7 @@ def _stats(workers: WorkerGroup, dataplane: DataPlane, model: LoadedModel, summa
         cores_source=cores.describe(),
         cost_per_hour=cost,
         auto=model.auto,
+        sessions=model.sessions_now(dataplane.settings, cores),
         batching=BatchingStats(
             max_rows=model.batching.max_rows,
             delay_ms=round(model.batching.delay_s * 1000, 3),
