@@ -145,14 +145,16 @@ def test_peers_quick_measures_us_against_triton_kserve_and_the_naive_server_when
 
 
 @needs_hey
-def test_workers_quick_measures_one_worker_against_one_per_core_and_one_core(model_dir: Path, tmp_path: Path) -> None:
+def test_workers_quick_measures_the_default_against_each_fixed_number_of_workers(
+    model_dir: Path, tmp_path: Path
+) -> None:
     text = bench("workers", "--model-dir", model_dir, "--out", tmp_path).stdout
-    rows = load_rows(text)
     many = f"{usable_cores().count} workers"
-    assert [r["server"] for r in rows] == ["1 worker", many, "1 core"] * 3  # fused, fused-int8, /predict
-    for kind in ("v2 JSON fused", "v2 JSON fused-int8", "/predict PNG"):
-        assert f"- {kind}: {many} ÷ 1 worker: " in text
-    assert f"- v2 JSON fused: {many} ÷ 1 core: " in text
+    assert [(r["server"], r["clients"]) for r in load_rows(text)] == [
+        (server, clients) for server in ("default", "1 worker", many) for clients in ("1", "4", "16")
+    ]
+    for fixed in ("1 worker", many):  # the targets, one line each, whether met or not
+        assert f"- p50 at 1 default ÷ {fixed}: " in text and f"- goodput at 16 default ÷ {fixed}: " in text
 
 
 @needs_hey
