@@ -6,6 +6,7 @@ uses (of this project, ensemble_contract.datatypes: numpy only); they read manif
 
 import argparse
 import json
+import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,9 @@ def serve_litserve(
         api_path=f"{path}/infer", max_batch_size=max_batch, batch_timeout=LITSERVE_BATCH_TIMEOUT_S,
     )  # fmt: skip
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=instances, healthcheck_path=f"{path}/ready")
+    # LitServe stops its processes on Ctrl+C only: SIGTERM (what `bench peers` sends) must do the same, or its HTTP
+    # server processes outlive it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     server.run(host="127.0.0.1", port=port, log_level="warning", generate_client_file=False)
 
 
