@@ -12,7 +12,7 @@ TRITON_PYTHON ?= /usr/bin/python3.11
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 TORCH := torch==2.13.0
 
-.PHONY: serve test audit models install-runtime install-torch install-build install-fuse install-dev lock kserve-venv triton-venv
+.PHONY: serve test audit models install-runtime install-torch install-build install-fuse install-dev lock kserve-venv triton-venv litserve-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ kserve-venv:
 triton-venv:
 	$(TRITON_PYTHON) -m venv .venv-triton
 	.venv-triton/bin/python -m pip install --quiet --disable-pip-version-check -c bench/triton-constraints.txt nvidia-pytriton onnxruntime
+
+## LitServe, for `bench peers`, in a virtual environment of its own.
+litserve-venv:
+	$(PYTHON) -m venv .venv-litserve
+	.venv-litserve/bin/python -m pip install --quiet --disable-pip-version-check -c bench/litserve-constraints.txt litserve onnxruntime
 
 ## Re-pins every dependency (run after changing pyproject.toml).
 lock:

@@ -60,8 +60,8 @@ COMMANDS: dict[str, Command] = {
                                                   a.seconds, out), (1.0, 0.3)),
     "batching": Command(lambda a, out: batching.run(a.model_dir, a.modes, a.rows, a.rounds, a.seconds, out),
                         (3.0, 0.3)),
-    "peers": Command(lambda a, out: peers.run(a.model_dir, a.kserve_python, a.triton_python, a.rounds, a.seconds,
-                                              out), (5.0, 0.3)),
+    "peers": Command(lambda a, out: peers.run(a.model_dir, {n: getattr(a, f"{n}_python") for n in peers.ENVIRONMENTS},
+                                              a.rounds, a.seconds, out), (5.0, 0.3)),
     "workers": Command(lambda a, out: workers.run(a.model_dir, a.rounds, a.seconds, out), (5.0, 0.3)),
 }  # fmt: skip
 
@@ -100,9 +100,10 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--from-csv", type=Path, metavar="CSV", help="no build or timing: re-render a run's CSV")
     sub["compare"].add_argument("--calls", type=int, help="in-process calls a mode a round (default 30)")
-    s, kserve, triton = sub["peers"], Path(".venv-kserve/bin/python"), Path(".venv-triton/bin/python")
-    s.add_argument("--kserve-python", type=Path, default=kserve, help=f"from `make kserve-venv`: {kserve}")
-    s.add_argument("--triton-python", type=Path, default=triton, help=f"from `make triton-venv`: {triton}")
+    for name, python in ((n, Path(f".venv-{n}/bin/python")) for n in peers.ENVIRONMENTS):
+        sub["peers"].add_argument(
+            f"--{name}-python", type=Path, default=python, help=f"from `make {name}-venv`: {python}"
+        )
     sub["batching"].add_argument("--modes", type=Mode, nargs="+", help="default: every mode the model serves")
     sub["batching"].add_argument("--rows", type=int, default=8, help="the most rows a batch merges (default 8)")
     return p

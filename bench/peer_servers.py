@@ -1,27 +1,50 @@
 """The servers `python -m bench peers` measures this service against, each answering v2 JSON inference requests:
-`python -m bench.peer_servers naive|kserve|triton --model-dir DIR --port PORT`, kserve and triton with the
-interpreter of `make kserve-venv` or `make triton-venv`. Those lack this project's packages (their pins clash with
-ours): this module imports only the standard library at its top, each server what it uses; they read manifest.json
-as plain JSON."""
+`python -m bench.peer_servers naive|kserve|triton|litserve --model-dir DIR --port PORT`, kserve, triton and litserve
+with the interpreter of `make kserve-venv`, `make triton-venv` or `make litserve-venv`. Those lack this project's
+packages (their pins clash with ours): this module imports only the standard library at its top, each server what it
+uses (of this project, ensemble_contract.datatypes: numpy only); they read manifest.json as plain JSON."""
 
 import argparse
 import json
+import signal
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 ORT_DATATYPES = {"tensor(float)": "FP32", "tensor(int64)": "INT64", "tensor(double)": "FP64", "tensor(int32)": "INT32"}
+# LitServe's batcher waits this long for more requests once it has one (0 would spin on its queue, taking a core).
+LITSERVE_BATCH_TIMEOUT_S = 0.001
+
+
+def v2_inputs(body: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A v2 JSON request's input tensors as numpy arrays, and the outputs it asks for (none: every one)."""
+    import numpy as np
+
+    from ensemble_contract.datatypes import NUMPY
+
+    feeds = {t["name"]: np.asarray(t["data"], NUMPY[t["datatype"]]).reshape(t["shape"]) for t in body["inputs"]}
+    return feeds, [o["name"] for o in body.get("outputs") or []]
+
+
+def v2_response(model_name: str, outputs: Mapping[str, Any]) -> dict[str, object]:
+    """The v2 JSON response holding `outputs` (numpy arrays by name)."""
+    from ensemble_contract.datatypes import of_numpy
+
+    tensors = [
+        {"name": k, "shape": list(v.shape), "datatype": of_numpy(v.dtype), "data": v.ravel().tolist()}
+        for k, v in outputs.items()
+    ]
+    return {"model_name": model_name, "outputs": tensors}
 
 
 def serve_naive(model_dir: Path, port: int) -> None:
     """The server users start from: one default session per member, run one after another in an `async` FastAPI
     endpoint, the outputs combined as the fused graph combines them; no tuning, admission control or validation."""
-    import numpy as np
     import onnxruntime as ort
     import uvicorn
     from fastapi import FastAPI
 
     from ensemble_contract.combine import combine
-    from ensemble_contract.datatypes import NUMPY, of_numpy
     from ensemble_contract.manifest import load_manifest
 
     manifest = load_manifest(model_dir)
@@ -35,15 +58,10 @@ def serve_naive(model_dir: Path, port: int) -> None:
 
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, body: dict[str, Any]) -> dict[str, object]:
-        feeds = {t["name"]: np.asarray(t["data"], NUMPY[t["datatype"]]).reshape(t["shape"]) for t in body["inputs"]}
+        feeds, asked = v2_inputs(body)
         members = [dict(zip(names, session.run(names, feeds), strict=True)) for session in sessions]
         combined = combine(members, manifest.combine, manifest.weights)
-        asked = [o["name"] for o in body.get("outputs") or []] or list(combined)
-        outputs = [
-            {"name": k, "shape": list(v.shape), "datatype": of_numpy(v.dtype), "data": v.ravel().tolist()}
-            for k, v in ((k, combined[k]) for k in asked)
-        ]
-        return {"model_name": name, "outputs": outputs}
+        return v2_response(name, {k: combined[k] for k in asked or combined})
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -124,7 +142,32 @@ def serve_triton(
         triton.serve()
 
 
-SERVERS = {"naive": serve_naive, "kserve": serve_kserve, "triton": serve_triton}
+def serve_litserve(
+    model_dir: Path, port: int, *, max_batch: int = 8, instances: int = 1, intra_op_threads: int = 0
+) -> None:
+    """LitServe 0.2 running the fused graph (bench/litserve_api.py) on the v2 path: its batcher up to `max_batch`
+    requests, waiting LITSERVE_BATCH_TIMEOUT_S for them; `instances` inference worker processes
+    (`workers_per_device`, with as many of its HTTP server processes, its default), each a session of
+    `intra_op_threads` threads (0: ONNX Runtime's default). Ready on the v2 path (its health check, moved there)."""
+    import litserve as ls
+
+    from bench.litserve_api import FusedGraph
+
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    path = f"/v2/models/{manifest['name']}"
+    api = FusedGraph(
+        manifest["name"], model_dir / manifest["ensemble"]["path"], intra_op_threads,
+        api_path=f"{path}/infer", max_batch_size=max_batch, batch_timeout=LITSERVE_BATCH_TIMEOUT_S,
+    )  # fmt: skip
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=instances, healthcheck_path=f"{path}/ready")
+    # LitServe stops its processes on Ctrl+C only: SIGTERM (what `bench peers` sends) must do the same, or its HTTP
+    # server processes outlive it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    server.run(host="127.0.0.1", port=port, log_level="warning", generate_client_file=False)
+
+
+SERVERS = {"naive": serve_naive, "kserve": serve_kserve, "triton": serve_triton, "litserve": serve_litserve}
+TUNABLE = ("triton", "litserve")  # the servers taking the three options below
 
 
 def main() -> None:
@@ -132,12 +175,12 @@ def main() -> None:
     parser.add_argument("server", choices=sorted(SERVERS))
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--max-batch", type=int, default=8, help="triton: rows an inference (1: no batching)")
-    parser.add_argument("--instances", type=int, default=1, help="triton: model instances")
-    parser.add_argument("--intra-op-threads", type=int, default=0, help="triton: threads a session (0: default)")
+    parser.add_argument("--max-batch", type=int, default=8, help="triton: rows, litserve: requests a batch")
+    parser.add_argument("--instances", type=int, default=1, help="triton: model instances, litserve: workers")
+    parser.add_argument("--intra-op-threads", type=int, default=0, help="threads a session (0: default)")
     args = parser.parse_args()
-    triton = {"max_batch": args.max_batch, "instances": args.instances, "intra_op_threads": args.intra_op_threads}
-    SERVERS[args.server](args.model_dir, args.port, **(triton if args.server == "triton" else {}))
+    tuning = {"max_batch": args.max_batch, "instances": args.instances, "intra_op_threads": args.intra_op_threads}
+    SERVERS[args.server](args.model_dir, args.port, **(tuning if args.server in TUNABLE else {}))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """`python -m bench peers --model-dir DIR`: this service against other servers of the same model, through HTTP.
 
 Ours (and `ours-workers`, a worker per core), triton (`make triton-venv`; triton-tuned: an instance per core),
-kserve (`make kserve-venv`) and naive (bench/peer_servers.py; a peer whose environment is absent is left out) take
-turns round by round under `hey` from 1, 4 and 16 clients sending the same v2 JSON request, fused.
+kserve (`make kserve-venv`), litserve (`make litserve-venv`: LitServe's batching of up to 8 requests, one worker;
+litserve-tuned: a worker per core, one intra-op thread each) and naive (bench/peer_servers.py; a peer whose
+environment is absent is left out) take turns round by round under `hey` from 1, 4 and 16 clients sending the same
+v2 JSON request, fused.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -26,18 +28,22 @@ PEER_START_TIMEOUT_S = 180  # KServe imports a great deal; Triton starts a serve
 # PyTriton's proxy now and then misses the handshake with its Python backend on a busy machine (the model fails to
 # load: "Connection refused"), a failure of its start-up, not of the server measured: it gets one more start.
 PEER_STARTS = 2
+ENVIRONMENTS = ("kserve", "triton", "litserve")  # the peers in a virtual environment of their own (`make NAME-venv`)
 
 
-def run(model_dir: Path, kserve_python: Path, triton_python: Path, rounds: int, seconds: float, work: Path) -> Report:
+def run(model_dir: Path, pythons: Mapping[str, Path], rounds: int, seconds: float, work: Path) -> Report:
+    """`pythons`: the interpreter of each of ENVIRONMENTS."""
     manifest = load_manifest(model_dir)
     infer, cores = f"/v2/models/{manifest.name}/infer", usable_cores().count
+    tuned = ["--instances", str(cores), "--intra-op-threads", "1"]
     peers = {  # each peer's interpreter and its arguments to bench.peer_servers
-        "triton": (triton_python, ["triton", "--max-batch", "8"]),
-        "triton-tuned": (triton_python, ["triton", "--max-batch", "8", "--instances", str(cores), "--intra-op-threads",
-                                         "1"]),
-        "kserve": (kserve_python, ["kserve"]),
+        "triton": (pythons["triton"], ["triton", "--max-batch", "8"]),
+        "triton-tuned": (pythons["triton"], ["triton", "--max-batch", "8", *tuned]),
+        "kserve": (pythons["kserve"], ["kserve"]),
+        "litserve": (pythons["litserve"], ["litserve", "--max-batch", "8"]),
+        "litserve-tuned": (pythons["litserve"], ["litserve", "--max-batch", "8", *tuned]),
         "naive": (Path(sys.executable), ["naive"]),
-    }  # fmt: skip
+    }
     outputs = requested_outputs(manifest)
     with ExitStack() as stack:
         servers = {"ours": stack.enter_context(service_process(model_dir, work))}

@@ -9,8 +9,11 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 
 from app.core.auto import layouts
@@ -18,15 +21,17 @@ from app.engine.resources import usable_cores
 from bench.__main__ import COMMANDS, parser
 from bench.common import Budget, Interval, interleave, table, update_section
 from bench.compare import Ratio, trimmed_mean, verdict
+from bench.service import free_port, server_process, v2_json_body
 from bench.serving import Run, Target, load_table, v2_body
 from bench.sweep import ensemble, pareto_front, single
-from ensemble_contract.manifest import load_manifest
+from ensemble_contract.manifest import Manifest, load_manifest
 from ensemble_contract.modes import Mode, served_modes
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND_TIMEOUT_S = 300
 KSERVE_PYTHON = ROOT / ".venv-kserve" / "bin" / "python"
 TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
+LITSERVE_PYTHON = ROOT / ".venv-litserve" / "bin" / "python"
 needs_hey = pytest.mark.skipif(shutil.which("hey") is None, reason="no hey (Debian: apt-get install hey)")
 
 
@@ -122,26 +127,48 @@ def load_rows(text: str) -> list[dict[str, str]]:
 
 
 @needs_hey
-def test_peers_quick_measures_us_against_triton_kserve_and_the_naive_server_when_installed(
+def test_peers_quick_measures_us_against_triton_kserve_litserve_and_the_naive_server_when_installed(
     model_dir: Path, tmp_path: Path
 ) -> None:
     done = bench(
         "peers", "--model-dir", model_dir, "--out", tmp_path, "--kserve-python", KSERVE_PYTHON,
-        "--triton-python", TRITON_PYTHON,
+        "--triton-python", TRITON_PYTHON, "--litserve-python", LITSERVE_PYTHON,
     )  # fmt: skip
     tritons = ["triton", "triton-tuned"] if TRITON_PYTHON.is_file() else []
+    litserves = ["litserve", "litserve-tuned"] if LITSERVE_PYTHON.is_file() else []
     with_workers = ["ours-workers"] if usable_cores().count > 1 else []
-    servers = ["ours", *with_workers, *tritons, *(["kserve"] if KSERVE_PYTHON.is_file() else []), "naive"]
+    servers = ["ours", *with_workers, *tritons, *(["kserve"] if KSERVE_PYTHON.is_file() else []), *litserves, "naive"]
     rows = load_rows(done.stdout)
     assert [(r["server"], r["clients"]) for r in rows] == [(s, c) for s in servers for c in ("1", "4", "16")]
     assert ("kserve is left out" in done.stderr) != KSERVE_PYTHON.is_file()
     assert ("triton is left out" in done.stderr) != TRITON_PYTHON.is_file()
+    assert ("litserve is left out" in done.stderr) != LITSERVE_PYTHON.is_file()
     assert "the request asks for class_probs;" in done.stdout  # the same outputs of every server
     for peer in tritons:  # the targets, one line each, whether met or not
         assert f"- goodput at 16 ours ÷ {peer}: " in done.stdout and f"- p99 at 16 ours ÷ {peer}: " in done.stdout
         assert (f"- goodput at 16 ours-workers ÷ {peer}: " in done.stdout) == bool(with_workers)
-    for peer in [*tritons, *(["kserve"] if KSERVE_PYTHON.is_file() else [])]:
+    for peer in [*tritons, *(["kserve"] if KSERVE_PYTHON.is_file() else []), *litserves]:
         assert f"- p50 at 1 ours ÷ {peer}: " in done.stdout
+
+
+@pytest.mark.skipif(not LITSERVE_PYTHON.is_file(), reason="no .venv-litserve (`make litserve-venv` makes it)")
+def test_the_litserve_peer_answers_each_request_of_its_batches_as_we_do(
+    model_dir: Path, manifest: Manifest, client: httpx.Client, tmp_path: Path
+) -> None:
+    # Eight different images sent at once, which LitServe's batcher runs together: each answer is its own request's.
+    path, port = f"/v2/models/{manifest.name}", free_port()
+    bodies = [v2_json_body(manifest.example_inputs(seed=seed), ["class_probs"], mode="fused") for seed in range(8)]
+    command = [LITSERVE_PYTHON, "-m", "bench.peer_servers", "litserve", "--model-dir", model_dir, "--port", port]
+    peer = server_process(list(map(str, command)), port, tmp_path / "litserve.log", ready_path=f"{path}/ready")
+    with peer as litserve, litserve.client() as http, ThreadPoolExecutor(len(bodies)) as pool:
+        theirs = list(pool.map(lambda body: http.post(f"{path}/infer", json=body), bodies))
+    for body, answer in zip(bodies, theirs, strict=True):
+        ours = client.post(f"{path}/infer", json=body)
+        assert answer.status_code == ours.status_code == 200, answer.text
+        mine, their = ours.json()["outputs"], answer.json()["outputs"]
+        described = [[(t["name"], t["shape"], t["datatype"]) for t in outputs] for outputs in (mine, their)]
+        assert described == [[("class_probs", [1, 4], "FP32")]] * 2
+        np.testing.assert_allclose(their[0]["data"], mine[0]["data"], rtol=1e-5, atol=1e-6)
 
 
 @needs_hey
