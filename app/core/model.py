@@ -23,7 +23,7 @@ from app.engine.runtime import EnsembleRuntime, RuntimeOptions, Tensors
 from app.engine.selector import ModeSelector
 from app.errors import NotAnImageModel, StartupError
 from app.observability.stats import RecentLatencies
-from app.settings import Settings
+from app.settings import Engine, Settings
 from app.workers import WorkerGroup
 from ensemble_contract.manifest import ImageSpec, Manifest
 from ensemble_contract.modes import AUTO, Mode
@@ -98,6 +98,7 @@ def runtime_options(settings: Settings, cores: int | None = None) -> RuntimeOpti
         parallel_intra_op_threads=settings.parallel_intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
         spinning=settings.spinning,
+        engine=settings.engine or (Engine.AUTO if settings.default_mode == AUTO else Engine.ONNXRUNTIME),
     )
 
 
@@ -154,3 +155,5 @@ def log_model(model: LoadedModel, settings: Settings, cores: CoreCount) -> None:
         cores.describe(),
         "; ".join(f"{mode} {plan.describe()}" for mode, plan in runtime.plans.items()),
     )
+    for mode, choice in runtime.engines.items():
+        logger.info("engine of %s mode: %s (%s)", mode, choice.engine, choice.reason)
