@@ -39,7 +39,7 @@ from app.settings import Engine, Spinning
 from ensemble_contract.combine import combine
 from ensemble_contract.datatypes import UnsupportedDatatype, of_onnxruntime
 from ensemble_contract.manifest import Manifest, load_manifest
-from ensemble_contract.modes import MODES, Mode, Runs, intra_op_threads, served_modes
+from ensemble_contract.modes import MODES, Mode, intra_op_threads, served_modes
 from ensemble_contract.signature import TensorSpec
 from ensemble_contract.tolerance import disagreement
 
@@ -226,16 +226,15 @@ class EnsembleRuntime:
         def mode_set(mode: Mode, engine: Engine) -> SessionSet:
             """`mode`'s sessions on `engine`, as a set of their own; their pool threads are the threads that appear
             while they open."""
-            spec = MODES[mode]
-            file = spec.graph_file(manifest)  # served_modes keeps only the graphs the directory has
-            paths = [root / file.path] if file is not None else [root / m.file.path for m in manifest.members]
-            tensors = graph_tensors if spec.runs is Runs.GRAPH else member_tensors
+            file = MODES[mode].graph_file(manifest)  # None: a member mode (served_modes has no missing graph)
+            graph = file is not None
+            paths = [root / file.path] if graph else [root / m.file.path for m in manifest.members]
+            tensors = graph_tensors if graph else member_tensors
             if engine is Engine.OPENVINO:  # a shared set's sessions run for every slot at once
                 threads, callers = plans[mode].intra_op_threads, slots if shared else 1
                 sessions, pools = new_threads(lambda: [open_openvino(path, threads, callers) for path in paths])
             else:
                 sessions, pools = new_threads(lambda: [_open(path, plans[mode], tensors) for path in paths])
-            graph = spec.runs is Runs.GRAPH
             return SessionSet({mode: sessions[0]} if graph else {}, {} if graph else {mode: sessions}, {mode: pools})
 
         def session_set() -> SessionSet:
@@ -256,12 +255,12 @@ class EnsembleRuntime:
         runtime.warm_up()
         return runtime
 
-    def _move_to_openvino(self, mode: Mode, engine: Engine, open_openvino: Callable[[], SessionSet]) -> None:
+    def _move_to_openvino(self, mode: Mode, engine: Engine, open_mode: Callable[[], SessionSet]) -> None:
         """Runs `mode` on OpenVINO if its outputs on the example input equal ONNX Runtime's within the manifest's
         tolerance and, with ENGINE=auto, it was faster; records the engine and why."""
         feeds, first = self.manifest.example_inputs(), self.session_sets[0]
         try:
-            candidate = open_openvino()
+            candidate = open_mode()
             got, _ = self._run(candidate, feeds, mode)
         except Exception as exc:  # StartupError from compiling, or OpenVINO's RuntimeError from running
             first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -280,7 +279,7 @@ class EnsembleRuntime:
                 return
             agrees = f"{timed}; {agrees}"
         for index, sessions in enumerate(self.session_sets):
-            sessions.adopt(mode, candidate if index == 0 else open_openvino())
+            sessions.adopt(mode, candidate if index == 0 else open_mode())
         self.engines[mode] = EngineChoice(Engine.OPENVINO, f"ENGINE={engine}: {agrees}")
 
     def _time_ratio(
