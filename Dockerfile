@@ -9,6 +9,7 @@
 #   docker build -t onnx-ensemble-serving .                                       # default preset, ~10 min
 #   docker build --build-arg MODEL_PRESET=test -t onnx-ensemble-serving:test .    # tiny preset
 #   docker build --target builder -t onnx-ensemble-serving:builder .              # the builder stage alone
+#   docker build --build-arg OPENVINO=1 -t onnx-ensemble-serving:openvino .       # with the OpenVINO engine
 #   docker run --rm -p 8000:8000 --read-only --tmpfs /tmp onnx-ensemble-serving
 
 FROM python:3.11-slim AS requirements
@@ -16,6 +17,7 @@ WORKDIR /requirements
 COPY pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 open('runtime.txt', 'w').write('\n'.join(p['dependencies']) + '\n'); \
+open('openvino.txt', 'w').write('\n'.join(p['optional-dependencies']['openvino']) + '\n'); \
 open('build.txt', 'w').write('\n'.join(p['dependencies'] + p['optional-dependencies']['build']) + '\n')"
 
 
@@ -44,8 +46,10 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=igno
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin app
 WORKDIR /srv
 COPY constraints.txt ./
-COPY --from=requirements /requirements/runtime.txt /tmp/
-RUN pip install -c constraints.txt -r /tmp/runtime.txt && rm /tmp/runtime.txt
+COPY --from=requirements /requirements/runtime.txt /requirements/openvino.txt /tmp/
+# OpenVINO (ENGINE=openvino, or auto's second engine) only when asked, `--build-arg OPENVINO=1`: it adds ~180 MB.
+ARG OPENVINO=
+RUN pip install -c constraints.txt -r /tmp/runtime.txt ${OPENVINO:+-r /tmp/openvino.txt} && rm /tmp/*.txt
 # The service only: model_build needs torch. Installed, not run from the source tree: the sources go, the
 # site-packages copy stays (byte-compiled now, since a read-only root file system takes no .pyc later).
 COPY pyproject.toml README.md ./

@@ -49,6 +49,14 @@ class Spinning(StrEnum):
     ALWAYS = "always"
 
 
+class Engine(StrEnum):
+    """What runs a mode's sessions; AUTO is a choice, never what runs."""
+
+    ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
+    AUTO = "auto"
+
+
 class Settings(BaseSettings):
     # An empty variable counts as unset: compose passes `VAR=` for a setting its .env leaves empty.
     model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False, env_ignore_empty=True)
@@ -109,6 +117,14 @@ class Settings(BaseSettings):
         "than sleep. during-runs: between the operators of an inference (10-20 % faster on small convolutions), "
         "stopping when it ends, so that idle pools never take the cores of another mode's or slot's run. always: "
         "ONNX Runtime's default, spinning on after each run too (what the benchmarks call spinning on). off: never.",
+    )
+    engine: Engine | None = Field(
+        None,
+        description="What runs each mode's sessions. onnxruntime. openvino (installed by `pip install .[openvino]`): "
+        "for every mode whose outputs on the example input equal ONNX Runtime's within the manifest's tolerance, "
+        "ONNX Runtime for the others. auto: each mode timed on both at load, OpenVINO kept where it agrees and was "
+        "faster (ONNX Runtime alone when OpenVINO is not installed). Unset: auto with DEFAULT_MODE=auto, else "
+        "onnxruntime. /metrics (ensemble_model_info) and the log say which engine runs each mode.",
     )
     inference_slots: int = Field(
         1,

@@ -162,6 +162,12 @@ class Manifest(StrictModel):
     ensemble: FileEntry
     ensemble_metrics: Metrics | None = None
     int8: Int8
+    tolerance: float | None = Field(
+        None,
+        gt=0,
+        description="How far another engine's float outputs may be from ONNX Runtime's, relative, for the service to "
+        "run it (ensemble_contract.tolerance); None: the datatype's, as the build checks the fused graph.",
+    )
     opset: int
     versions: dict[str, str]
     build_config: dict[str, object] = Field(default_factory=dict)

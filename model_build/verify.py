@@ -9,9 +9,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ensemble_contract.combine import Combination, Rule, combine
+from ensemble_contract.tolerance import relative_difference, tolerance_of
 
-# |fused - reference| <= tolerance * max(1, |reference|); votes must be equal.
-TOLERANCE = {"FP16": 1e-2, "FP32": 1e-4, "FP64": 1e-4}
 Feeds = Mapping[str, np.ndarray]
 
 
@@ -57,10 +56,8 @@ def check_fused_matches_members(
             if not np.array_equal(got[name], value):
                 raise FusedMismatchError(f"fused vote {name!r} differs from the members' majority")
             continue
-        reference = value.astype(np.float64)
-        difference = float((np.abs(got[name] - reference) / np.maximum(1, np.abs(reference))).max(initial=0))
-        tolerance = TOLERANCE[{np.float16: "FP16", np.float32: "FP32"}.get(value.dtype.type, "FP64")]
-        if difference > tolerance:
+        difference = relative_difference(got[name], value)
+        if difference > tolerance_of(value.dtype):
             raise FusedMismatchError(f"fused output {name!r} differs from the members' combination by {difference:.2e}")
         worst = max(worst, difference)
     return worst

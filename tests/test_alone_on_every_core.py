@@ -56,8 +56,8 @@ def test_a_lone_inference_runs_on_every_core_and_one_beside_others_on_its_share(
     with two_slots.client() as client:
         sessions = client.get("/readyz").json()["sessions"]
         assert sessions["alone_on_every_core"] and f"all {cores} cores" in sessions["why"]
-        assert sessions["shared"]["fused"].startswith("intra_op=1 ")
-        assert sessions["alone"]["fused"].startswith(f"intra_op={cores} ")
+        assert sessions["shared"]["fused"].startswith("onnxruntime intra_op=1 ")
+        assert sessions["alone"]["fused"].startswith(f"onnxruntime intra_op={cores} ")
         alone = infer_json(client, manifest.name, batch, mode="fused")
         model = two_slots.dataplane.model
         assert model is not None

@@ -31,7 +31,7 @@ from app.engine.runtime import EnsembleRuntime, Measured, RuntimeOptions, Tensor
 from app.engine.selector import ModeSelector
 from app.errors import NotAnImageModel, StartupError
 from app.observability.stats import RecentLatencies
-from app.settings import Settings
+from app.settings import Engine, Settings
 from app.workers import GroupLoad, LoadCell, WorkerGroup
 from ensemble_contract.manifest import ImageSpec, Manifest
 from ensemble_contract.modes import AUTO, Mode
@@ -44,8 +44,10 @@ class SessionsNow(BaseModel):
 
     alone_on_every_core: bool = Field(description="Whether an inference running alone in the group gets every core.")
     why: str
-    shared: dict[Mode, str] = Field(description="Each mode's session options beside other inferences (the layout's).")
-    alone: dict[Mode, str] | None = Field(description="Each mode's session options alone, when they differ.")
+    shared: dict[Mode, str] = Field(
+        description="Each mode's engine and session options beside other inferences (the layout's)."
+    )
+    alone: dict[Mode, str] | None = Field(description="Each mode's engine and session options alone, if they differ.")
     running_now: int = Field(description="Inferences running in the worker group now.")
     runs_alone: int = Field(description="Inferences that ran alone in the group, every worker, since it started.")
     runs_shared: int = Field(description="Inferences that ran beside others.")
@@ -111,8 +113,8 @@ class LoadedModel:
         return SessionsNow(
             alone_on_every_core=self.alone is not None,
             why=why,
-            shared={mode: plan.describe() for mode, plan in self.runtime.plans.items()},
-            alone={mode: plan.describe() for mode, plan in self.alone.plans.items()} if self.alone else None,
+            shared=self.runtime.describe_sessions(),
+            alone=self.alone.describe_sessions() if self.alone else None,
             running_now=self.load.running_now(),
             runs_alone=self.load.ran(LoadCell.ALONE),
             runs_shared=self.load.ran(LoadCell.SHARED),
@@ -151,6 +153,7 @@ def runtime_options(settings: Settings, cores: int | None = None) -> RuntimeOpti
         parallel_intra_op_threads=settings.parallel_intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
         spinning=settings.spinning,
+        engine=settings.engine or (Engine.AUTO if settings.default_mode == AUTO else Engine.ONNXRUNTIME),
     )
 
 
@@ -222,10 +225,12 @@ def log_model(model: LoadedModel, settings: Settings, cores: CoreCount) -> None:
         ", ".join(member.name for member in manifest.members),
         settings.default_mode,
         cores.describe(),
-        "; ".join(f"{mode} {plan.describe()}" for mode, plan in runtime.plans.items()),
+        "; ".join(f"{mode} {sessions}" for mode, sessions in runtime.describe_sessions().items()),
     )
+    for mode, choice in runtime.engines.items():
+        logger.info("engine of %s mode: %s (%s)", mode, choice.engine, choice.reason)
     if model.alone is not None:
         logger.info(
             "an inference running alone in the worker group runs on every core: %s",
-            "; ".join(f"{mode} {plan.describe()}" for mode, plan in model.alone.plans.items()),
+            "; ".join(f"{mode} {sessions}" for mode, sessions in model.alone.describe_sessions().items()),
         )

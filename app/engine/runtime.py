@@ -1,12 +1,16 @@
-"""The model runtime: ONNX Runtime sessions for the fused graphs and for the members, and the modes.
+"""The model runtime: sessions for the fused graphs and for the members, and the modes.
 
 Every mode takes the same feeds and returns the fused graph's outputs by name, so the protocols never know
 which mode ran. Graph modes run one session; member modes run one session per member and combine their outputs
 with ensemble_contract.combine, the function the build checks the fused graph against. Sequential and parallel
 have their own member sessions, because their thread budgets differ (parallel: the members share the cores).
 
-Every session takes its working memory from one arena per process (ONNX Runtime's shared environment allocator),
-so that the arenas of four modes' sessions do not each grow to the largest batch: the process's memory grows
+Each mode's sessions run on ONNX Runtime or, where ENGINE allows it, on OpenVINO (app.engine.engines): at load, a mode
+keeps OpenVINO only where its outputs on the example input equal ONNX Runtime's within the manifest's tolerance and,
+with ENGINE=auto, where it ran faster in a fraction of a second of runs taking turns with ONNX Runtime's.
+
+Every ONNX Runtime session takes its working memory from one arena per process (its shared environment allocator), so
+that the arenas of four modes' sessions do not each grow to the largest batch: the process's memory grows
 with the requests running at once, which the memory budget bounds (app.core.memory), not with the number of modes.
 """
 
@@ -16,38 +20,43 @@ import queue
 import statistics
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from app.engine.cpu import new_threads, threads_cpu_seconds, timed_cpu
+from app.engine.engines import EngineChoice, Session, open_openvino, openvino_missing
 from app.engine.priority import lower_thread_priority
 from app.engine.timing import Timing
 from app.errors import StartupError
-from app.settings import Spinning
+from app.settings import Engine, Spinning
 from ensemble_contract.combine import combine
 from ensemble_contract.datatypes import UnsupportedDatatype, of_onnxruntime
 from ensemble_contract.manifest import Manifest, load_manifest
-from ensemble_contract.modes import MODES, Mode, Runs, intra_op_threads, served_modes
+from ensemble_contract.modes import MODES, Mode, intra_op_threads, served_modes
 from ensemble_contract.signature import TensorSpec
+from ensemble_contract.tolerance import disagreement
 
 PROVIDERS = ("CPUExecutionProvider",)
 ORT_ERRORS_ONLY = 3
 # Rows computed in a batch of two and alone agree within this, relative to the output's scale, or not at all.
 ROW_TOLERANCE = 1e-5
+ENGINE_TRIAL_S = 0.2  # ENGINE=auto: each mode's runs on the two engines, taking turns, at most this long
+ENGINE_TRIAL_RUNS = 3, 25  # ... and at least, at most this many runs on each
 Tensors = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """What EnsembleRuntime.load reads: the model directory, the layout (inference slots on this process's cores)
-    and ONNX Runtime's thread options. Made from the settings by app.core.model.runtime_options; a layout is a
-    copy with other slots (dataclasses.replace)."""
+    """What EnsembleRuntime.load reads: the model directory, the layout (inference slots on this process's cores),
+    the sessions' thread options and the engine (ENGINE resolved). Made from the settings by
+    app.core.model.runtime_options; a layout is a copy with other slots (dataclasses.replace)."""
 
     model_dir: Path
     cores: int  # what the sessions are sized by: the process's cores, or its share of them with worker processes
@@ -57,11 +66,13 @@ class RuntimeOptions:
     parallel_intra_op_threads: int | None
     inter_op_threads: int
     spinning: Spinning
+    engine: Engine
 
 
 @dataclass(frozen=True)
 class ThreadPlan:
-    """The ONNX Runtime thread options of one mode's sessions."""
+    """The thread options of one mode's sessions (OpenVINO's: the intra-op threads; it neither spins nor has
+    inter-op threads)."""
 
     intra_op_threads: int
     inter_op_threads: int
@@ -129,9 +140,9 @@ class SessionSet:
     """The sessions one inference slot runs: one per graph mode, the members' per member mode, and the threads
     of their ONNX Runtime pools (none when every session runs on its caller's thread)."""
 
-    graphs: dict[Mode, ort.InferenceSession]
-    members: dict[Mode, list[ort.InferenceSession]]
-    pool_threads: dict[Mode, frozenset[int]]  # each mode's sessions' pools (ONNX Runtime's threads)
+    graphs: dict[Mode, Session]
+    members: dict[Mode, list[Session]]
+    pool_threads: dict[Mode, frozenset[int]]  # each mode's sessions' pools (the threads its engine started)
     _charged: dict[Mode, float] = field(default_factory=dict)
 
     def charge_pool_cpu(self, mode: Mode) -> float:
@@ -143,6 +154,15 @@ class SessionSet:
         total = threads_cpu_seconds(threads)
         charged, self._charged[mode] = total - self._charged.get(mode, 0.0), total
         return charged
+
+    def adopt(self, mode: Mode, other: SessionSet) -> None:
+        """Runs `mode` on `other`'s sessions (and charges their pools) from now on."""
+        if mode in other.graphs:
+            self.graphs[mode] = other.graphs[mode]
+        else:
+            self.members[mode] = other.members[mode]
+        self.pool_threads[mode] = other.pool_threads[mode]
+        self._charged.pop(mode, None)
 
 
 @dataclass(frozen=True)
@@ -161,10 +181,16 @@ class EnsembleRuntime:
     whatever calls it); with one thread a session runs on its caller's thread and every slot shares one set."""
 
     def __init__(
-        self, manifest: Manifest, session_sets: Sequence[SessionSet], plans: Mapping[Mode, ThreadPlan], slots: int
+        self,
+        manifest: Manifest,
+        session_sets: Sequence[SessionSet],
+        plans: Mapping[Mode, ThreadPlan],
+        slots: int,
+        engines: Mapping[Mode, EngineChoice],
     ) -> None:
         self.manifest = manifest
         self.plans = dict(plans)
+        self.engines = dict(engines)  # what runs each mode's sessions, and why
         self.slots = slots
         self.modes = served_modes(manifest)
         self.session_sets = tuple(session_sets)
@@ -180,9 +206,14 @@ class EnsembleRuntime:
             len(manifest.members) * slots, thread_name_prefix="member", initializer=lower_thread_priority
         )
 
+    def describe_sessions(self) -> dict[Mode, str]:
+        """Each mode's engine and thread options, e.g. 'onnxruntime intra_op=2 inter_op=1 spinning=during-runs'."""
+        return {mode: f"{self.engines[mode].engine} {plan.describe()}" for mode, plan in self.plans.items()}
+
     @classmethod
     def load(cls, options: RuntimeOptions) -> EnsembleRuntime:
-        """Verifies the model directory, opens every session and warms each mode up; StartupError if any fails."""
+        """Verifies the model directory, opens every session on ONNX Runtime, moves the modes that ENGINE lets run on
+        OpenVINO to it, and warms each mode up; StartupError if any fails."""
         root = options.model_dir
         try:
             manifest = load_manifest(root)
@@ -193,30 +224,82 @@ class EnsembleRuntime:
         graph_tensors = (*manifest.signature.inputs, *manifest.signature.outputs)
         member_tensors = (*manifest.signature.inputs, *(manifest.signature.output(n) for n in manifest.member_outputs))
 
-        def session_set() -> SessionSet:
-            """One set; each mode's pool threads are the threads that appear while its sessions open."""
-            graphs, members, pools = {}, {}, {}
-            for mode in modes:
-                spec = MODES[mode]
-                if spec.runs is Runs.GRAPH:
-                    file = spec.graph_file(manifest)
-                    assert file is not None  # served_modes keeps only the graphs the directory has
-                    graphs[mode], pools[mode] = new_threads(
-                        lambda file=file, mode=mode: _open(root / file.path, plans[mode], graph_tensors)
-                    )
-                else:
-                    members[mode], pools[mode] = new_threads(
-                        lambda mode=mode: [
-                            _open(root / m.file.path, plans[mode], member_tensors) for m in manifest.members
-                        ]
-                    )
-            return SessionSet(graphs, members, pools)
-
         slots = options.inference_slots
         shared = all(plan.intra_op_threads == 1 for plan in plans.values())
-        runtime = cls(manifest, [session_set() for _ in range(1 if shared else slots)], plans, slots)
+
+        def mode_set(mode: Mode, engine: Engine) -> SessionSet:
+            """`mode`'s sessions on `engine`, as a set of their own; their pool threads are the threads that appear
+            while they open."""
+            file = MODES[mode].graph_file(manifest)  # None: a member mode (served_modes has no missing graph)
+            graph = file is not None
+            paths = [root / file.path] if graph else [root / m.file.path for m in manifest.members]
+            tensors = graph_tensors if graph else member_tensors
+            if engine is Engine.OPENVINO:  # a shared set's sessions run for every slot at once
+                threads, callers = plans[mode].intra_op_threads, slots if shared else 1
+                sessions, pools = new_threads(lambda: [open_openvino(path, threads, callers) for path in paths])
+            else:
+                sessions, pools = new_threads(lambda: [_open(path, plans[mode], tensors) for path in paths])
+            return SessionSet({mode: sessions[0]} if graph else {}, {} if graph else {mode: sessions}, {mode: pools})
+
+        def session_set() -> SessionSet:
+            every = SessionSet({}, {}, {})
+            for mode in modes:
+                every.adopt(mode, mode_set(mode, Engine.ONNXRUNTIME))
+            return every
+
+        missing = None if options.engine is Engine.ONNXRUNTIME else openvino_missing()
+        if missing is not None and options.engine is Engine.OPENVINO:
+            raise StartupError(f"ENGINE=openvino: {missing}")
+        onnxruntime = EngineChoice(Engine.ONNXRUNTIME, f"ENGINE={options.engine}" + (f": {missing}" if missing else ""))
+        sets = [session_set() for _ in range(1 if shared else slots)]
+        runtime = cls(manifest, sets, plans, slots, dict.fromkeys(modes, onnxruntime))
+        if options.engine is not Engine.ONNXRUNTIME and missing is None:
+            for mode in modes:
+                runtime._move_to_openvino(mode, options.engine, partial(mode_set, mode, Engine.OPENVINO))
         runtime.warm_up()
         return runtime
+
+    def _move_to_openvino(self, mode: Mode, engine: Engine, open_mode: Callable[[], SessionSet]) -> None:
+        """Runs `mode` on OpenVINO if its outputs on the example input equal ONNX Runtime's within the manifest's
+        tolerance and, with ENGINE=auto, it was faster; records the engine and why."""
+        feeds, first = self.manifest.example_inputs(), self.session_sets[0]
+        try:
+            candidate = open_mode()
+            got, _ = self._run(candidate, feeds, mode)
+        except Exception as exc:  # StartupError from compiling, or OpenVINO's RuntimeError from running
+            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+            self.engines[mode] = EngineChoice(Engine.ONNXRUNTIME, f"openvino failed: {first_line}")
+            return
+        worst, differs = disagreement(got, self._run(first, feeds, mode)[0], self.manifest.tolerance)
+        if differs is not None:
+            self.engines[mode] = EngineChoice(Engine.ONNXRUNTIME, f"openvino refused: {differs}")
+            return
+        agrees = f"outputs within {worst:.1e} of onnxruntime's"
+        if engine is Engine.AUTO:
+            ratio, runs = self._time_ratio(mode, first, candidate, feeds)
+            timed = f"openvino took {ratio:.2f} of onnxruntime's time (medians of {runs} runs each, taking turns)"
+            if ratio >= 1:
+                self.engines[mode] = EngineChoice(Engine.ONNXRUNTIME, f"ENGINE={engine}: {timed}; {agrees}")
+                return
+            agrees = f"{timed}; {agrees}"
+        for index, sessions in enumerate(self.session_sets):
+            sessions.adopt(mode, candidate if index == 0 else open_mode())
+        self.engines[mode] = EngineChoice(Engine.OPENVINO, f"ENGINE={engine}: {agrees}")
+
+    def _time_ratio(
+        self, mode: Mode, reference: SessionSet, candidate: SessionSet, feeds: Mapping[str, np.ndarray]
+    ) -> tuple[float, int]:
+        """The candidate's median time per run of `mode` over the reference's, and the runs each made: turn by turn
+        (so that a slow spell of the machine hits both), for ENGINE_TRIAL_S or ENGINE_TRIAL_RUNS."""
+        times: tuple[list[float], list[float]] = ([], [])
+        least, most = ENGINE_TRIAL_RUNS
+        deadline = time.perf_counter() + ENGINE_TRIAL_S
+        while len(times[0]) < least or (len(times[0]) < most and time.perf_counter() < deadline):
+            for sessions, seconds in zip((reference, candidate), times, strict=True):
+                start = time.perf_counter()
+                self._run(sessions, feeds, mode)
+                seconds.append(time.perf_counter() - start)
+        return statistics.median(times[1]) / statistics.median(times[0]), len(times[0])
 
     def infer(self, feeds: Mapping[str, np.ndarray], mode: Mode) -> Tensors:
         """Every output of the fused graph, by name, computed in `mode` (what the benchmarks and auto's windows
@@ -252,7 +335,7 @@ class EnsembleRuntime:
             return dict(zip(names, sessions.graphs[mode].run(names, feeds), strict=True)), 0.0
         names = list(self.manifest.member_outputs)
 
-        def run(session: ort.InferenceSession) -> tuple[Tensors, float]:
+        def run(session: Session) -> tuple[Tensors, float]:
             return timed_cpu(lambda: dict(zip(names, session.run(names, feeds), strict=True)))
 
         concurrent = MODES[mode].concurrent_members

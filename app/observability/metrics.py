@@ -108,6 +108,7 @@ def model_info(runtime: EnsembleRuntime) -> dict[str, str]:
         "cores": str(cores.count),
         "cores_source": cores.source,
         **{f"{mode.replace('-', '_')}_session": plan.describe() for mode, plan in runtime.plans.items()},
+        **{f"{mode.replace('-', '_')}_engine": choice.engine.value for mode, choice in runtime.engines.items()},
     }
 
 
@@ -122,7 +123,8 @@ class WorkerGroupCollector(Collector):
         statuses = self.workers.statuses()
         info = InfoMetricFamily(
             f"{PREFIX}_model",
-            "The model each worker serves (its sha256 changes with a reload) and the session options of each mode.",
+            "The model each worker serves (its sha256 changes with a reload), and each mode's session options and "
+            "engine (onnxruntime or openvino).",
             labels=["worker"],
         )
         for status in statuses:

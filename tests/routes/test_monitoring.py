@@ -83,6 +83,7 @@ def test_model_info(client: httpx.Client, manifest: Manifest) -> None:
     assert labels["members"] == ",".join(member.name for member in manifest.members)
     assert f"spinning={Settings().spinning}" in labels["parallel_session"]
     assert labels["inference_slots"] == "1"
+    assert labels["fused_engine"] == "onnxruntime"  # ENGINE unset, DEFAULT_MODE fixed
 
 
 def test_stats_per_mode(client: httpx.Client) -> None:
