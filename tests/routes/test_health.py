@@ -19,7 +19,11 @@ def test_alive_and_ready(client: httpx.Client, manifest: Manifest) -> None:
     assert client.get("/healthz").json() == {"status": "alive"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {
+    answer = ready.json()
+    sessions = answer.pop("sessions")  # 1 slot: its sessions already on every core
+    assert sessions["alone"] is None and sessions["why"] == "the layout's sessions already run on every core"
+    assert set(sessions["shared"]) == set(Mode) and sessions["shared"]["fused"].startswith("onnxruntime intra_op=")
+    assert answer == {
         "status": "ready",
         "model": manifest.name,
         "sha256": manifest.ensemble.sha256,
