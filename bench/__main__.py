@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from app.engine.resources import usable_cores
-from bench import batching, compare, peers, sweep, workers
+from bench import batching, compare, frontend, peers, sweep, workers
 from bench.common import Budget, Machine, Report, update_section
 from ensemble_contract.modes import Mode
 from model_build.config import PRESETS, TrainingConfig
@@ -33,6 +33,7 @@ class Command(NamedTuple):
 
     run: Runner
     seconds: tuple[float, float] | None = None
+    model_dir: Path | None = DEFAULT_MODEL_DIR  # --model-dir's default, None: the command builds its own model
 
 
 def run_sweep(args: argparse.Namespace, out: Path) -> Report:
@@ -63,6 +64,8 @@ COMMANDS: dict[str, Command] = {
     "peers": Command(lambda a, out: peers.run(a.model_dir, a.kserve_python, a.triton_python, a.rounds, a.seconds,
                                               out), (5.0, 0.3)),
     "workers": Command(lambda a, out: workers.run(a.model_dir, a.rounds, a.seconds, out), (5.0, 0.3)),
+    "frontend": Command(lambda a, out: frontend.run(a.model_dir, a.triton_python, a.rounds, a.seconds, out),
+                        (5.0, 0.3), model_dir=None),
 }  # fmt: skip
 
 
@@ -83,7 +86,8 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--docs", type=Path, help=f"file whose section to rewrite (default {DOCS}, not --quick)")
             s.add_argument("--no-docs", action="store_true", help="rewrite no markdown file, even on a full run")
         else:
-            s.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help=f"default {DEFAULT_MODEL_DIR}")
+            default = command.model_dir or "a trivial ensemble it builds (bench.trivial)"
+            s.add_argument("--model-dir", type=Path, default=command.model_dir, help=f"default {default}")
             s.add_argument("--seconds", type=float, help="each `hey` run (default {:g} s, quick {:g} s)".format(
                 *command.seconds))  # fmt: skip
     s = sub["sweep"]
@@ -102,7 +106,8 @@ def parser() -> argparse.ArgumentParser:
     sub["compare"].add_argument("--calls", type=int, help="in-process calls a mode a round (default 30)")
     s, kserve, triton = sub["peers"], Path(".venv-kserve/bin/python"), Path(".venv-triton/bin/python")
     s.add_argument("--kserve-python", type=Path, default=kserve, help=f"from `make kserve-venv`: {kserve}")
-    s.add_argument("--triton-python", type=Path, default=triton, help=f"from `make triton-venv`: {triton}")
+    for s in (sub["peers"], sub["frontend"]):
+        s.add_argument("--triton-python", type=Path, default=triton, help=f"from `make triton-venv`: {triton}")
     sub["batching"].add_argument("--modes", type=Mode, nargs="+", help="default: every mode the model serves")
     sub["batching"].add_argument("--rows", type=int, default=8, help="the most rows a batch merges (default 8)")
     return p

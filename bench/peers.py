@@ -14,7 +14,7 @@ from pathlib import Path
 
 from app.engine.resources import usable_cores
 from bench.common import Interval, Report, log
-from bench.service import ServerNotReady, free_port, server_process, service_process
+from bench.service import ServerNotReady, ServiceProcess, free_port, server_process, service_process
 from bench.serving import Run, Target, figures, load_rounds, load_table, requested_outputs, v2_body
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
@@ -26,15 +26,15 @@ PEER_START_TIMEOUT_S = 180  # KServe imports a great deal; Triton starts a serve
 # PyTriton's proxy now and then misses the handshake with its Python backend on a busy machine (the model fails to
 # load: "Connection refused"), a failure of its start-up, not of the server measured: it gets one more start.
 PEER_STARTS = 2
+TRITON = ("triton", "--max-batch", "8")  # bench.peer_servers' arguments for Triton with its dynamic batching
 
 
 def run(model_dir: Path, kserve_python: Path, triton_python: Path, rounds: int, seconds: float, work: Path) -> Report:
     manifest = load_manifest(model_dir)
     infer, cores = f"/v2/models/{manifest.name}/infer", usable_cores().count
     peers = {  # each peer's interpreter and its arguments to bench.peer_servers
-        "triton": (triton_python, ["triton", "--max-batch", "8"]),
-        "triton-tuned": (triton_python, ["triton", "--max-batch", "8", "--instances", str(cores), "--intra-op-threads",
-                                         "1"]),
+        "triton": (triton_python, TRITON),
+        "triton-tuned": (triton_python, [*TRITON, "--instances", str(cores), "--intra-op-threads", "1"]),
         "kserve": (kserve_python, ["kserve"]),
         "naive": (Path(sys.executable), ["naive"]),
     }  # fmt: skip
@@ -44,22 +44,8 @@ def run(model_dir: Path, kserve_python: Path, triton_python: Path, rounds: int, 
         if cores > 1:
             servers[OURS_WORKERS] = stack.enter_context(service_process(model_dir, work, WORKERS=cores))
         for name, (python, arguments) in peers.items():
-            if not python.is_file():
-                log(f"[peers] no {python} (`make {name.split('-')[0]}-venv` makes it): {name} is left out")
-                continue
-            command = [str(python), "-m", "bench.peer_servers", *arguments, "--model-dir", str(model_dir.resolve())]
-            for attempt in range(1, PEER_STARTS + 1):
-                port = free_port()
-                server = server_process([*command, "--port", str(port)], port, work / f"{name}-{attempt}.log",
-                                        ready_path=infer.removesuffix("/infer") + "/ready",
-                                        start_timeout_s=PEER_START_TIMEOUT_S)  # fmt: skip
-                try:
-                    servers[name] = stack.enter_context(server)
-                    break
-                except ServerNotReady as failed:
-                    if attempt == PEER_STARTS:
-                        raise
-                    log(f"[peers] {name} did not start ({str(failed).splitlines()[0]}): starting it again")
+            if (peer := start_peer(stack, name, python, arguments, model_dir, work)) is not None:
+                servers[name] = peer
         body = v2_body(manifest, Mode.FUSED, work / "fused.json", outputs)
         targets = [Target(name, server.url + infer, body) for name, server in servers.items()]
         runs = load_rounds(targets, CLIENTS, seconds, rounds)
@@ -69,6 +55,38 @@ def run(model_dir: Path, kserve_python: Path, triton_python: Path, rounds: int, 
         "per server and number of clients. The ratios are each server's figure over ours, round by round."
     )
     return Report(f"{header}\n\n{load_table(runs, targets, CLIENTS)}\n\n{targets_met(runs, targets)}")
+
+
+def start_peer(
+    stack: ExitStack,
+    name: str,
+    python: Path,
+    arguments: Sequence[str],
+    model_dir: Path,
+    work: Path,
+    *,
+    cores: set[int] | None = None,
+) -> ServiceProcess | None:
+    """bench.peer_servers with `arguments` under `python` (on `cores` only, if given), ready, and stopped when
+    `stack` closes; None, said in the log, when that interpreter is absent (`make <peer>-venv` makes it)."""
+    if not python.is_file():
+        log(f"[peers] no {python} (`make {name.split('-')[0]}-venv` makes it): {name} is left out")
+        return None
+    command = [str(python), "-m", "bench.peer_servers", *arguments, "--model-dir", str(model_dir.resolve())]
+    ready_path = f"/v2/models/{load_manifest(model_dir).name}/ready"
+
+    def started(attempt: int) -> ServiceProcess:
+        port = free_port()
+        return stack.enter_context(server_process([*command, "--port", str(port)], port, work / f"{name}-{attempt}.log",
+                                                  ready_path=ready_path, cores=cores,
+                                                  start_timeout_s=PEER_START_TIMEOUT_S))  # fmt: skip
+
+    for attempt in range(1, PEER_STARTS):
+        try:
+            return started(attempt)
+        except ServerNotReady as failed:
+            log(f"[peers] {name} did not start ({str(failed).splitlines()[0]}): starting it again")
+    return started(PEER_STARTS)
 
 
 def targets_met(runs: dict[tuple[Target, int], list[Run]], targets: Sequence[Target]) -> str:
