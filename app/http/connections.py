@@ -5,7 +5,7 @@ pile up nor keep a working client or a probe out.
 Uvicorn bounds neither: its keep-alive timeout starts after an answer and stops at the next request's first byte,
 so a client that sends half a request line holds its connection for ever; and its limit_concurrency counts idle
 connections and answers 503 to every request, probes included, once they fill it. Requests in flight are bounded
-apart, by MAX_CONCURRENCY (app.http.middleware.ConcurrencyLimit).
+apart, by MAX_CONCURRENCY (app.http.middleware.Gate).
 """
 
 from __future__ import annotations
