@@ -93,7 +93,8 @@ def serve(settings: Settings, workers: WorkerGroup) -> None:
         log_config=log_config(settings.log_level),
         timeout_graceful_shutdown=settings.shutdown_grace_s,
         server_header=False,  # no `server: uvicorn` in every response
-        http=ConnectionLimits.of(settings).protocol(),  # HEADER_TIMEOUT_S, MAX_CONNECTIONS; requests: the middleware
+        loop=settings.event_loop,
+        http=ConnectionLimits.of(settings).protocol(settings.http_parser),  # connections; requests: the middleware
     )
     allow_open_files(settings)  # after uvicorn.Config, which configures the logging it may warn on
     server = DrainingServer(config, app.state.service)

@@ -21,16 +21,7 @@ from app.engine.resources import usable_memory
 from app.grpc import GrpcServer
 from app.http.deps import admits_inference, requires_api_key
 from app.http.errors import install_error_handlers
-from app.http.middleware import (
-    Authentication,
-    BodyLimits,
-    CancelOnDisconnect,
-    ConcurrencyLimit,
-    EarlyRefusal,
-    QuietStartupFailure,
-    RequestContext,
-    RouteTable,
-)
+from app.http.middleware import BodyLimits, CancelOnDisconnect, Gate, QuietStartupFailure, RequestContext, RouteTable
 from app.http.ops import OpsServer
 from app.http.routes import health, monitoring, predict, ui, v2, v2_repository
 from app.observability.metrics import ServiceMetrics
@@ -102,14 +93,12 @@ def create_app(
     install_error_handlers(app)
     for router in (predict.router, v2.router, v2_repository.router, health.router, monitoring.router, ui.router):
         app.include_router(router)
-    # The last one added is the outermost: a request takes a place among those in flight, then meets the API key,
-    # before anything else reads it; the watch for its client leaving surrounds all that may wait.
+    # The last one added is the outermost: a request passes the gate (a place among those in flight, the API key,
+    # early refusal) before anything reads it; the watch for its client leaving surrounds all that may wait.
     routes = RouteTable(app, (requires_api_key, admits_inference))
     probes = [app.url_path_for(name) for name in ("healthz", "readyz", "live", "ready")]
     app.add_middleware(BodyLimits, service=service)
-    app.add_middleware(EarlyRefusal, service=service, routes=routes)
-    app.add_middleware(Authentication, service=service, routes=routes)
-    app.add_middleware(ConcurrencyLimit, service=service, routes=routes, probes=probes)
+    app.add_middleware(Gate, service=service, routes=routes, probes=probes)
     app.add_middleware(CancelOnDisconnect)
     if settings.cors_origins:  # otherwise no CORS header: browsers allow same-origin only
         app.add_middleware(

@@ -22,6 +22,8 @@ DEFAULT_MIN_IMAGE_PIXELS = 4_000_000
 MIN_API_KEY_LENGTH = 16
 MAX_WORKERS = 256
 ORIGIN = re.compile(r"https?://[^/\s]+/?")
+HttpParser = Literal["httptools", "h11"]
+EventLoop = Literal["uvloop", "asyncio"]
 
 
 def _describe(error: Any) -> str:
@@ -257,6 +259,16 @@ class Settings(BaseSettings):
         description="Longest time a client may take to send a request's headers, from the opening of its connection "
         "or from the previous answer on a kept-alive one; beyond, the connection is closed without an answer (on "
         "PORT and METRICS_PORT). The rest of a body answered before it was read (a refusal) gets BODY_TIMEOUT_S.",
+    )
+    http_parser: HttpParser = Field(
+        "httptools",
+        description="How the HTTP servers (PORT, METRICS_PORT) parse requests: httptools (compiled, llhttp) or h11 "
+        "(pure Python: more CPU per request). Both within HEADER_TIMEOUT_S, BODY_TIMEOUT_S and "
+        "MAX_CONNECTIONS, their headers within 16 KiB.",
+    )
+    event_loop: EventLoop = Field(
+        "uvloop",
+        description="The event loop of each process: uvloop (libuv's, compiled) or the standard library's asyncio.",
     )
     cost_per_hour: float | None = Field(
         None,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from app.engine.resources import usable_cores
-from bench import batching, compare, peers, sweep, workers
+from bench import batching, compare, frontend, peers, sweep, workers
 from bench.common import Budget, Machine, Report, update_section
 from ensemble_contract.modes import Mode
 from model_build.config import PRESETS, TrainingConfig
@@ -33,6 +33,7 @@ class Command(NamedTuple):
 
     run: Runner
     seconds: tuple[float, float] | None = None
+    model_dir: Path | None = DEFAULT_MODEL_DIR  # --model-dir's default, None: the command builds its own model
 
 
 def run_sweep(args: argparse.Namespace, out: Path) -> Report:
@@ -63,6 +64,8 @@ COMMANDS: dict[str, Command] = {
     "peers": Command(lambda a, out: peers.run(a.model_dir, {n: getattr(a, f"{n}_python") for n in peers.ENVIRONMENTS},
                                               a.rounds, a.seconds, out), (5.0, 0.3)),
     "workers": Command(lambda a, out: workers.run(a.model_dir, a.rounds, a.seconds, out), (5.0, 0.3)),
+    "frontend": Command(lambda a, out: frontend.run(a.model_dir, a.triton_python, a.rounds, a.seconds, out),
+                        (5.0, 0.3), model_dir=None),
 }  # fmt: skip
 
 
@@ -83,7 +86,8 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--docs", type=Path, help=f"file whose section to rewrite (default {DOCS}, not --quick)")
             s.add_argument("--no-docs", action="store_true", help="rewrite no markdown file, even on a full run")
         else:
-            s.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help=f"default {DEFAULT_MODEL_DIR}")
+            default = command.model_dir or "a trivial ensemble it builds (bench.trivial)"
+            s.add_argument("--model-dir", type=Path, default=command.model_dir, help=f"default {default}")
             s.add_argument("--seconds", type=float, help="each `hey` run (default {:g} s, quick {:g} s)".format(
                 *command.seconds))  # fmt: skip
     s = sub["sweep"]
@@ -101,9 +105,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--from-csv", type=Path, metavar="CSV", help="no build or timing: re-render a run's CSV")
     sub["compare"].add_argument("--calls", type=int, help="in-process calls a mode a round (default 30)")
     for name, python in ((n, Path(f".venv-{n}/bin/python")) for n in peers.ENVIRONMENTS):
-        sub["peers"].add_argument(
-            f"--{name}-python", type=Path, default=python, help=f"from `make {name}-venv`: {python}"
-        )
+        takers = [sub["peers"], sub["frontend"]] if name == "triton" else [sub["peers"]]
+        for s in takers:
+            s.add_argument(f"--{name}-python", type=Path, default=python, help=f"from `make {name}-venv`: {python}")
     sub["batching"].add_argument("--modes", type=Mode, nargs="+", help="default: every mode the model serves")
     sub["batching"].add_argument("--rows", type=int, default=8, help="the most rows a batch merges (default 8)")
     return p

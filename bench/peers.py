@@ -16,7 +16,7 @@ from pathlib import Path
 
 from app.engine.resources import usable_cores
 from bench.common import Interval, Report, log
-from bench.service import ServerNotReady, free_port, server_process, service_process
+from bench.service import ServerNotReady, ServiceProcess, free_port, server_process, service_process
 from bench.serving import Run, Target, figures, load_rounds, load_table, requested_outputs, v2_body
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
@@ -29,6 +29,7 @@ PEER_START_TIMEOUT_S = 180  # KServe imports a great deal; Triton starts a serve
 # load: "Connection refused"), a failure of its start-up, not of the server measured: it gets one more start.
 PEER_STARTS = 2
 ENVIRONMENTS = ("kserve", "triton", "litserve")  # the peers in a virtual environment of their own (`make NAME-venv`)
+TRITON = ("triton", "--max-batch", "8")  # bench.peer_servers' arguments for Triton with its dynamic batching
 
 
 def run(model_dir: Path, pythons: Mapping[str, Path], rounds: int, seconds: float, work: Path) -> Report:
@@ -37,8 +38,8 @@ def run(model_dir: Path, pythons: Mapping[str, Path], rounds: int, seconds: floa
     infer, cores = f"/v2/models/{manifest.name}/infer", usable_cores().count
     tuned = ["--instances", str(cores), "--intra-op-threads", "1"]
     peers = {  # each peer's interpreter and its arguments to bench.peer_servers
-        "triton": (pythons["triton"], ["triton", "--max-batch", "8"]),
-        "triton-tuned": (pythons["triton"], ["triton", "--max-batch", "8", *tuned]),
+        "triton": (pythons["triton"], TRITON),
+        "triton-tuned": (pythons["triton"], [*TRITON, *tuned]),
         "kserve": (pythons["kserve"], ["kserve"]),
         "litserve": (pythons["litserve"], ["litserve", "--max-batch", "8"]),
         "litserve-tuned": (pythons["litserve"], ["litserve", "--max-batch", "8", *tuned]),
@@ -48,22 +49,8 @@ def run(model_dir: Path, pythons: Mapping[str, Path], rounds: int, seconds: floa
     with ExitStack() as stack:
         servers = {"ours": stack.enter_context(service_process(model_dir, work, WORKERS="auto"))}
         for name, (python, arguments) in peers.items():
-            if not python.is_file():
-                log(f"[peers] no {python} (`make {name.split('-')[0]}-venv` makes it): {name} is left out")
-                continue
-            command = [str(python), "-m", "bench.peer_servers", *arguments, "--model-dir", str(model_dir.resolve())]
-            for attempt in range(1, PEER_STARTS + 1):
-                port = free_port()
-                server = server_process([*command, "--port", str(port)], port, work / f"{name}-{attempt}.log",
-                                        ready_path=infer.removesuffix("/infer") + "/ready",
-                                        start_timeout_s=PEER_START_TIMEOUT_S)  # fmt: skip
-                try:
-                    servers[name] = stack.enter_context(server)
-                    break
-                except ServerNotReady as failed:
-                    if attempt == PEER_STARTS:
-                        raise
-                    log(f"[peers] {name} did not start ({str(failed).splitlines()[0]}): starting it again")
+            if (peer := start_peer(stack, name, python, arguments, model_dir, work)) is not None:
+                servers[name] = peer
         body = v2_body(manifest, Mode.FUSED, work / "fused.json", outputs)
         targets = [Target(name, server.url + infer, body) for name, server in servers.items()]
         runs = load_rounds(targets, CLIENTS, seconds, rounds)
@@ -73,6 +60,38 @@ def run(model_dir: Path, pythons: Mapping[str, Path], rounds: int, seconds: floa
         "per server and number of clients. The ratios are each server's figure over ours, round by round."
     )
     return Report(f"{header}\n\n{load_table(runs, targets, CLIENTS)}\n\n{targets_met(runs, targets)}")
+
+
+def start_peer(
+    stack: ExitStack,
+    name: str,
+    python: Path,
+    arguments: Sequence[str],
+    model_dir: Path,
+    work: Path,
+    *,
+    cores: set[int] | None = None,
+) -> ServiceProcess | None:
+    """bench.peer_servers with `arguments` under `python` (on `cores` only, if given), ready, and stopped when
+    `stack` closes; None, said in the log, when that interpreter is absent (`make <peer>-venv` makes it)."""
+    if not python.is_file():
+        log(f"[peers] no {python} (`make {name.split('-')[0]}-venv` makes it): {name} is left out")
+        return None
+    command = [str(python), "-m", "bench.peer_servers", *arguments, "--model-dir", str(model_dir.resolve())]
+    ready_path = f"/v2/models/{load_manifest(model_dir).name}/ready"
+
+    def started(attempt: int) -> ServiceProcess:
+        port = free_port()
+        return stack.enter_context(server_process([*command, "--port", str(port)], port, work / f"{name}-{attempt}.log",
+                                                  ready_path=ready_path, cores=cores,
+                                                  start_timeout_s=PEER_START_TIMEOUT_S))  # fmt: skip
+
+    for attempt in range(1, PEER_STARTS):
+        try:
+            return started(attempt)
+        except ServerNotReady as failed:
+            log(f"[peers] {name} did not start ({str(failed).splitlines()[0]}): starting it again")
+    return started(PEER_STARTS)
 
 
 def targets_met(runs: dict[tuple[Target, int], list[Run]], targets: Sequence[Target]) -> str:

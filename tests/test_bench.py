@@ -184,6 +184,16 @@ def test_workers_quick_measures_the_default_against_each_fixed_number_of_workers
 
 
 @needs_hey
+def test_frontend_quick_builds_the_trivial_ensemble_and_measures_each_lever(tmp_path: Path) -> None:
+    done = bench("frontend", "--out", tmp_path, "--triton-python", TRITON_PYTHON)
+    servers = ["ours", "asyncio", "h11", *(["triton"] if TRITON_PYTHON.is_file() else [])]
+    rows = load_rows(done.stdout)
+    assert [(r["server"], r["clients"]) for r in rows] == [(s, c) for s in servers for c in ("1", "16")]
+    assert load_manifest(tmp_path / "trivial").name == "trivial"
+    assert ("triton is left out" in done.stderr) != TRITON_PYTHON.is_file()
+
+
+@needs_hey
 def test_batching_quick_compares_batched_and_unbatched_in_process_and_over_http(
     model_dir: Path, tmp_path: Path
 ) -> None:

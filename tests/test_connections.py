@@ -54,10 +54,14 @@ def crowded(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield served
 
 
-@pytest.fixture(scope="module")
-def strict(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """A client gets one second to send a request's headers, and two for the rest of a body it was answered."""
-    with serving(model_dir, tmp_path_factory.mktemp("strict"), HEADER_TIMEOUT_S=1, BODY_TIMEOUT_S=2) as served:
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def strict(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Served]:
+    """A client gets one second to send a request's headers, and two for the rest of a body it was answered; with
+    either HTTP parser, since each has its own bounded protocol (app.http.connections)."""
+    settings = {"HEADER_TIMEOUT_S": 1, "BODY_TIMEOUT_S": 2, "HTTP_PARSER": request.param}
+    with serving(model_dir, tmp_path_factory.mktemp("strict"), **settings) as served:
         yield served
 
 
@@ -196,6 +200,17 @@ def test_headers_that_trickle_in_are_cut_off(strict: Served) -> None:
     with socket.create_connection((LOOPBACK, strict.process.port), timeout=WAIT_S) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         assert closed_while_trickling(sock, b"X-Slow: one line at a time\r\n")
+
+
+def test_headers_past_16_kib_get_400(strict: Served) -> None:
+    """Headers that keep coming past 16 KiB are answered 400 and their connection closed (h11 bounds them itself,
+    the httptools protocol as h11 does), long before HEADER_TIMEOUT_S."""
+    with socket.create_connection((LOOPBACK, strict.process.port), timeout=WAIT_S) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: ")
+        for _ in range(16):  # the last KiB crosses the bound: nothing is left unread when the server closes
+            sock.sendall(b"a" * 1024)
+            time.sleep(0.01)
+        assert sock.recv(12) == b"HTTP/1.1 400"
 
 
 def test_the_rest_of_a_refused_body_gets_body_timeout(strict: Served) -> None:

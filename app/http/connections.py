@@ -5,7 +5,7 @@ pile up nor keep a working client or a probe out.
 Uvicorn bounds neither: its keep-alive timeout starts after an answer and stops at the next request's first byte,
 so a client that sends half a request line holds its connection for ever; and its limit_concurrency counts idle
 connections and answers 503 to every request, probes included, once they fill it. Requests in flight are bounded
-apart, by MAX_CONCURRENCY (app.http.middleware.ConcurrencyLimit).
+apart, by MAX_CONCURRENCY (app.http.middleware.Gate).
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ from typing import Any, Literal
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from app.settings import Settings
+from app.settings import HttpParser, Settings
 
 logger = logging.getLogger("app")
 Awaited = Literal["headers", "body"]
+Reading = Literal["idle", "headers", "body"]  # where the parser is in the client's request
+MAX_HEADER_BYTES = 16 * 1024  # a request line and headers, at most: h11's own bound
 # Open files a process needs besides its HTTP connections: the models, gRPC's connections, the workers' shared
 # files, pipes.
 OTHER_FILES = 1024
@@ -36,16 +39,15 @@ class ConnectionLimits:
     def __init__(self, max_connections: int, header_timeout_s: float, body_timeout_s: float) -> None:
         self.max_connections = max_connections
         self.timeouts_s: dict[Awaited, float] = {"headers": header_timeout_s, "body": body_timeout_s}
-        self.waiting: dict[LimitedH11Protocol, None] = {}  # in the order they began to wait
+        self.waiting: dict[LimitedConnection, None] = {}  # in the order they began to wait
 
     @classmethod
     def of(cls, settings: Settings) -> ConnectionLimits:
         return cls(settings.max_connections, settings.header_timeout_s, settings.body_timeout_s)
 
-    def protocol(self) -> Callable[..., asyncio.Protocol]:
-        """uvicorn.Config's `http`: uvicorn's h11 protocol within these limits (h11 whichever other implementation
-        is installed, since only this one is bounded)."""
-        return functools.partial(LimitedH11Protocol, limits=self)
+    def protocol(self, parser: HttpParser) -> Callable[..., asyncio.Protocol]:
+        """uvicorn.Config's `http`: uvicorn's protocol with `parser` (HTTP_PARSER) within these limits."""
+        return functools.partial(PROTOCOLS[parser], limits=self)
 
     def make_room(self) -> bool:
         """Closes the connection that has waited longest for its client, if one waits; whether one did."""
@@ -56,11 +58,18 @@ class ConnectionLimits:
         return True
 
 
-class LimitedH11Protocol(H11Protocol):
-    """Uvicorn's h11 protocol, which closes a connection whose client it has waited for too long: HEADER_TIMEOUT_S
-    for a request's headers (from the connection's opening, or from the previous answer), BODY_TIMEOUT_S for the
-    rest of a body answered before it was read (h11 reads and drops it); and which makes room for a connection
-    beyond MAX_CONNECTIONS by closing the one that has waited longest, or when none waits, the new one."""
+class LimitedConnection(asyncio.Protocol):
+    """The limits of a connection, whichever parser uvicorn's protocol uses (a mixin before it): closes a
+    connection whose client it has waited for too long, HEADER_TIMEOUT_S for a request's headers (from the
+    connection's opening, or from the previous answer), BODY_TIMEOUT_S for the rest of a body answered before it
+    was read (which uvicorn reads and drops); and makes room for a connection beyond MAX_CONNECTIONS by closing the
+    one that has waited longest, or when none waits, the new one. What the connection waits for, `_awaited`, is
+    the parser's to say."""
+
+    # uvicorn's protocols' own
+    transport: asyncio.Transport
+    connections: set[asyncio.Protocol]
+    loop: asyncio.AbstractEventLoop
 
     def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -68,7 +77,7 @@ class LimitedH11Protocol(H11Protocol):
         self.awaited: Awaited | None = None
         self.deadline: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections and not self.limits.make_room():
             self.close()
@@ -80,7 +89,7 @@ class LimitedH11Protocol(H11Protocol):
         self._follow()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        super().on_response_complete()  # type: ignore[misc]
         self._follow()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -92,6 +101,10 @@ class LimitedH11Protocol(H11Protocol):
         self._stop_waiting()
         self.connections.discard(self)  # counted out now: uvicorn hears of the close only on a later turn of the loop
         self.transport.close()
+
+    def _awaited(self) -> Awaited | None:
+        """What the connection waits for from its client, if it waits for the client (not for the app)."""
+        raise NotImplementedError
 
     def _follow(self) -> None:
         """Starts the clock when the connection begins to wait for its client, and stops it when the wait ends: the
@@ -105,8 +118,17 @@ class LimitedH11Protocol(H11Protocol):
             self.deadline = self.loop.call_later(self.limits.timeouts_s[awaited], self.close)
             self.limits.waiting[self] = None
 
+    def _stop_waiting(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.awaited, self.deadline = None, None
+        self.limits.waiting.pop(self, None)
+
+
+class LimitedH11Protocol(LimitedConnection, H11Protocol):
+    """Uvicorn's h11 protocol within the limits (h11 bounds a request's headers to 16 KiB itself)."""
+
     def _awaited(self) -> Awaited | None:
-        """What the connection waits for from its client, if it waits for the client (not for the app)."""
         theirs, ours = self.conn.their_state, self.conn.our_state
         if theirs is h11.IDLE:
             return "headers"
@@ -114,11 +136,50 @@ class LimitedH11Protocol(H11Protocol):
             return "body"
         return None
 
-    def _stop_waiting(self) -> None:
-        if self.deadline is not None:
-            self.deadline.cancel()
-        self.awaited, self.deadline = None, None
-        self.limits.waiting.pop(self, None)
+
+class LimitedHttpToolsProtocol(LimitedConnection, HttpToolsProtocol):
+    """Uvicorn's httptools protocol within the limits, which follows where the parser is in the client's request,
+    and answers 400 (and closes) to headers past MAX_HEADER_BYTES, as h11 does: llhttp has no such bound, and
+    uvicorn's protocol would hold whatever headers a client sends within HEADER_TIMEOUT_S."""
+
+    def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
+        super().__init__(*args, limits=limits, **kwargs)
+        self.reading: Reading = "idle"
+        self.header_bytes = 0  # received since the request's headers began, while they were incomplete
+
+    def data_received(self, data: bytes) -> None:
+        if self.reading != "body":
+            self.header_bytes += len(data)
+        super().data_received(data)
+        if self.reading != "body" and self.header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+            self._stop_waiting()
+            self.send_400_response(f"Request headers larger than {MAX_HEADER_BYTES} bytes.")
+
+    def on_message_begin(self) -> None:
+        self.reading = "headers"
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self.reading, self.header_bytes = "body", 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.reading = "idle"
+        super().on_message_complete()
+
+    def _awaited(self) -> Awaited | None:
+        answered = self.cycle is None or self.cycle.response_complete
+        if self.reading != "body" and answered and not self.pipeline:
+            return "headers"
+        if self.reading == "body" and answered:
+            return "body"
+        return None
+
+
+PROTOCOLS: dict[HttpParser, type[LimitedConnection]] = {
+    "h11": LimitedH11Protocol,
+    "httptools": LimitedHttpToolsProtocol,
+}
 
 
 def allow_open_files(settings: Settings) -> None:

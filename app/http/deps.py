@@ -57,12 +57,12 @@ async def get_lease(request: Request) -> Lease:
 
 async def requires_api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
     """Marks a route as needing API_KEY, and declares the bearer key in OpenAPI. The key itself is checked from
-    the headers before the body is read, by app.http.middleware.Authentication, which finds routes by this marker."""
+    the headers before the body is read, by app.http.middleware.Gate, which finds routes by this marker."""
     del credentials
 
 
 async def admits_inference() -> None:
-    """Marks a route as an inference request, which app.http.middleware.EarlyRefusal refuses as its headers arrive
+    """Marks a route as an inference request, which app.http.middleware.Gate refuses as its headers arrive
     when admission control would refuse it anyway."""
 
 

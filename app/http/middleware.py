@@ -1,11 +1,12 @@
-"""ASGI middleware: request context and accounting, a request whose client has gone cancelled, a bound on the
-requests in flight, the API key checked before anything is read, limits on request bodies (size, time, and their
-memory), early refusal under overload, a quiet start-up failure.
+"""ASGI middleware: request context and accounting, a request whose client has gone cancelled, the refusals a
+request's headers decide (a bound on the requests in flight, the API key, early refusal under overload), limits on
+request bodies (size, time, and their memory), a quiet start-up failure. Each layer costs every request a call, and
+often a wrapped receive or send: the refusals share one.
 
-Each receives the server's Service at construction. The middleware that act on some routes only (the API key,
-early refusal) or answer in a route's error shape look the request up in a table of the app's routes made from the
-routes as FastAPI resolves them: the routes say what they need (their marker dependencies, app.http.deps) and the
-shape of their errors (their route class), not a list of paths here.
+Each receives the server's Service at construction. The refusals that concern some routes only (the API key,
+early refusal), and answer in a route's error shape, look the request up in a table of the app's routes made from
+the routes as FastAPI resolves them: the routes say what they need (their marker dependencies, app.http.deps) and
+the shape of their errors (their route class), not a list of paths here.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ class RouteTable:
 
 
 async def refuse(scope: Scope, receive: Receive, send: Send, error: ServiceError, shape: Shape) -> None:
-    """Answers with the error now, without reading the body: uvicorn drops whatever the client still sends
-    (h11 ignores a request's data once its answer is complete), so the connection ends cleanly or stays usable."""
+    """Answers with the error now, without reading the body: uvicorn drops whatever the client still sends once
+    the answer is complete (either parser), so the connection ends cleanly or stays usable."""
     request_id = scope.get("state", {}).get("request_id")
     response = error_response(shape, error.status, error.code, error.message, request_id, error.headers)
     await response(scope, receive, send)
@@ -108,7 +109,7 @@ class RequestContext:
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
         self.metrics = service.metrics
-        self.worker = service.workers.label
+        self.served_here = service.metrics.worker_http_requests.labels(service.workers.label)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -142,7 +143,7 @@ class RequestContext:
             route = getattr(scope.get("route"), "path", "unmatched")
             method = scope["method"] if scope["method"] in METHODS else "other"
             self.metrics.http_requests.labels(route, method, f"{status // 100}xx").inc()
-            self.metrics.worker_http_requests.labels(self.worker).inc()
+            self.served_here.inc()
 
 
 class DisconnectWatch:
@@ -218,17 +219,30 @@ class CancelOnDisconnect:
             watch.stop()
 
 
-class ConcurrencyLimit:
-    """At most MAX_CONCURRENCY requests in flight in this process, from their headers to their answer; beyond, 503
-    `overloaded` with Retry-After in the route's error shape, before anything is read. The probes (`probes`: their
-    paths) are never refused nor counted, so that an orchestrator does not take a busy instance for a dead one.
+class Gate:
+    """Refuses a request from its headers, before anything reads its body, in its route's error shape (one layer
+    that finds the route once, each check its own method, in this order):
 
-    Idle connections hold none of these places: app.http.connections bounds them apart (MAX_CONNECTIONS, with
-    HEADER_TIMEOUT_S), so that connections sending nothing cannot keep requests out."""
+    - beyond MAX_CONCURRENCY requests in flight in this process, from their headers to their answer: 503
+      `overloaded` with Retry-After;
+    - with API_KEY set, a route marked `requires_api_key` without the right bearer token: 401, so that a wrong key
+      costs no more than that;
+    - an inference request (a route marked `admits_inference`) that admission control would refuse anyway (queue
+      full, or its expected wait over MAX_QUEUE_WAIT_MS): 503 and Retry-After (early refusal), so that refusing
+      costs no decoding or parsing and under overload the cores stay with the inferences. A request for another
+      model than the one served goes on, to its 404.
+
+    A refusal goes out before the body is read and keeps the connection alive: uvicorn reads whatever the client
+    still uploads and drops it, so an uploading client gets its answer and its connection ends cleanly (closing it
+    instead would reset the connection under its feet). The probes (`probes`: their paths) are never refused nor
+    counted, so that an orchestrator does not take a busy instance for a dead one. Idle connections hold none of
+    the places in flight: app.http.connections bounds them apart (MAX_CONNECTIONS, with HEADER_TIMEOUT_S), so that
+    connections sending nothing cannot keep requests out.
+    """
 
     def __init__(self, app: ASGIApp, service: Service, routes: RouteTable, probes: Collection[str]) -> None:
         self.app = app
-        self.limit = service.settings.max_concurrency
+        self.service = service
         self.routes = routes
         self.probes = frozenset(probes)
         self.in_flight = 0
@@ -237,12 +251,10 @@ class ConcurrencyLimit:
         if scope["type"] != "http" or scope["path"] in self.probes:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
-            refused = Overloaded(
-                f"{self.in_flight} requests are in flight, the most this server takes at once (MAX_CONCURRENCY); "
-                "retry later"
-            )
-            await refuse(scope, receive, send, refused, self.routes.match(scope).shape)
+        route = self.routes.match(scope)
+        refused = self._overloaded() or self._unauthorized(scope, route) or self._refused_early(route)
+        if refused is not None:
+            await refuse(scope, receive, send, refused, route.shape)
             return
         self.in_flight += 1
         try:
@@ -250,26 +262,34 @@ class ConcurrencyLimit:
         finally:
             self.in_flight -= 1
 
+    def _overloaded(self) -> ServiceError | None:
+        if self.in_flight < self.service.settings.max_concurrency:
+            return None
+        return Overloaded(
+            f"{self.in_flight} requests are in flight, the most this server takes at once (MAX_CONCURRENCY); "
+            "retry later"
+        )
 
-class Authentication:
-    """With API_KEY set, checks the bearer token of a request to a route marked `requires_api_key` from its headers,
-    before anything reads its body: a wrong key costs no more than a 401."""
+    def _unauthorized(self, scope: Scope, route: RouteMatch) -> ServiceError | None:
+        settings = self.service.settings
+        if settings.api_key is None or requires_api_key not in route.markers:
+            return None
+        try:
+            verify_api_key(settings, Headers(scope=scope).get("authorization"))
+        except Unauthorized as refused:
+            return refused
+        return None
 
-    def __init__(self, app: ASGIApp, service: Service, routes: RouteTable) -> None:
-        self.app = app
-        self.settings = service.settings
-        self.routes = routes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.settings.api_key is not None:
-            route = self.routes.match(scope)
-            if requires_api_key in route.markers:
-                try:
-                    verify_api_key(self.settings, Headers(scope=scope).get("authorization"))
-                except Unauthorized as refused:
-                    await refuse(scope, receive, send, refused, route.shape)
-                    return
-        await self.app(scope, receive, send)
+    def _refused_early(self, route: RouteMatch) -> ServiceError | None:
+        dataplane = self.service.dataplane
+        if admits_inference not in route.markers or dataplane is None or dataplane.model is None:
+            return None
+        if route.parameters.get("model_name") not in (None, dataplane.model.manifest.name):
+            return None
+        refused = dataplane.admission.refusal()
+        if refused is not None:
+            self.service.metrics.early_refusals.inc()
+        return refused
 
 
 class BodyLimits:
@@ -331,36 +351,6 @@ class BodyLimits:
             return message
 
         return limited_receive
-
-
-class EarlyRefusal:
-    """Refuses an inference request with 503 and Retry-After as soon as its headers arrive, when admission
-    control would refuse it anyway (queue full, or its expected wait over MAX_QUEUE_WAIT_MS), so that refusing
-    costs no decoding or parsing: under overload the cores stay with the inferences.
-
-    The answer goes out before the body is read, and keeps the connection alive: uvicorn then reads whatever
-    the client still uploads and drops it (h11 ignores a request's data once its answer is complete), so the
-    client gets its 503 while uploading and its connection ends cleanly; closing it instead would reset the
-    connection under an uploading client's feet. A request for another model than the one served goes on,
-    to its 404.
-    """
-
-    def __init__(self, app: ASGIApp, service: Service, routes: RouteTable) -> None:
-        self.app = app
-        self.service = service
-        self.routes = routes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        dataplane = self.service.dataplane if scope["type"] == "http" else None
-        if dataplane is not None and dataplane.model is not None:
-            route = self.routes.match(scope)
-            served = route.parameters.get("model_name") in (None, dataplane.model.manifest.name)
-            refused = dataplane.admission.refusal() if served and admits_inference in route.markers else None
-            if refused is not None:
-                self.service.metrics.early_refusals.inc()
-                await refuse(scope, receive, send, refused, route.shape)
-                return
-        await self.app(scope, receive, send)
 
 
 class QuietStartupFailure:

@@ -58,7 +58,7 @@ class OpsServer:
             log_level=settings.log_level,
             access_log=False,
             server_header=False,
-            http=ConnectionLimits.of(settings).protocol(),  # its own connections, with the main port's limits
+            http=ConnectionLimits.of(settings).protocol(settings.http_parser),  # the main port's limits
         )
         self._server = _Embedded(config)
         self._task: asyncio.Task[None] | None = None
