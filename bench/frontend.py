@@ -1,8 +1,9 @@
 """`python -m bench frontend`: the service's own cost per request, on one core, with each lever of its front end.
 
 On a trivial ensemble (bench.trivial, built unless --model-dir names another), whose inference costs microseconds:
-`ours` (the defaults: uvloop, httptools), `asyncio` (EVENT_LOOP=asyncio) and `h11` (HTTP_PARSER=h11), each one
-lever off, and `triton` (`make triton-venv`; left out when absent) take turns round by round under `hey` from 1 and
+`ours` (the defaults: uvloop, httptools, a run this short on the event loop), `asyncio` (EVENT_LOOP=asyncio), `h11`
+(HTTP_PARSER=h11) and `threaded` (INLINE_INFERENCE_MS=0: every run handed to an inference thread), each one lever
+off, and `triton` (`make triton-venv`; left out when absent) take turns round by round under `hey` from 1 and
 CLIENTS clients sending the same v2 JSON request. Every server runs on one core and `hey` on the others, so that a
 server's goodput is its requests a second per core.
 """
@@ -27,6 +28,7 @@ LEVERS: dict[str, dict[str, str]] = {  # each server of ours: the settings it ch
     "ours": {},
     "asyncio": {"EVENT_LOOP": "asyncio"},
     "h11": {"HTTP_PARSER": "h11"},
+    "threaded": {"INLINE_INFERENCE_MS": "0"},
 }
 
 

@@ -186,7 +186,7 @@ def test_workers_quick_measures_the_default_against_each_fixed_number_of_workers
 @needs_hey
 def test_frontend_quick_builds_the_trivial_ensemble_and_measures_each_lever(tmp_path: Path) -> None:
     done = bench("frontend", "--out", tmp_path, "--triton-python", TRITON_PYTHON)
-    servers = ["ours", "asyncio", "h11", *(["triton"] if TRITON_PYTHON.is_file() else [])]
+    servers = ["ours", "asyncio", "h11", "threaded", *(["triton"] if TRITON_PYTHON.is_file() else [])]
     rows = load_rows(done.stdout)
     assert [(r["server"], r["clients"]) for r in rows] == [(s, c) for s in servers for c in ("1", "16")]
     assert load_manifest(tmp_path / "trivial").name == "trivial"
