@@ -9,7 +9,7 @@
 #   docker build -t onnx-ensemble-serving .                                       # default preset, ~10 min
 #   docker build --build-arg MODEL_PRESET=test -t onnx-ensemble-serving:test .    # tiny preset
 #   docker build --target builder -t onnx-ensemble-serving:builder .              # the builder stage alone
-#   docker build --build-arg OPENVINO=1 -t onnx-ensemble-serving:openvino .       # with the OpenVINO engine
+#   docker build --build-arg OPENVINO= -t onnx-ensemble-serving:small .           # without the OpenVINO engine
 #   docker run --rm -p 8000:8000 --read-only --tmpfs /tmp onnx-ensemble-serving
 
 FROM python:3.11-slim AS requirements
@@ -47,8 +47,8 @@ RUN useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent --
 WORKDIR /srv
 COPY constraints.txt ./
 COPY --from=requirements /requirements/runtime.txt /requirements/openvino.txt /tmp/
-# OpenVINO (ENGINE=openvino, or auto's second engine) only when asked, `--build-arg OPENVINO=1`: it adds ~180 MB.
-ARG OPENVINO=
+# OpenVINO, the second engine ENGINE=auto chooses from, unless `--build-arg OPENVINO=` leaves it out (~180 MB less).
+ARG OPENVINO=1
 RUN pip install -c constraints.txt -r /tmp/runtime.txt ${OPENVINO:+-r /tmp/openvino.txt} && rm /tmp/*.txt
 # The service only: model_build needs torch. Installed, not run from the source tree: the sources go, the
 # site-packages copy stays (byte-compiled now, since a read-only root file system takes no .pyc later).

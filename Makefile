@@ -18,7 +18,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 install-runtime: $(BIN)/python
-	$(PIP) -e .
+	$(PIP) -e ".[openvino]"
 
 install-torch: $(BIN)/python
 	$(PIP) --no-deps --retries 2 --timeout 15 --index-url $(TORCH_INDEX_URL) "$(TORCH)"

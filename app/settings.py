@@ -120,13 +120,13 @@ class Settings(BaseSettings):
         "stopping when it ends, so that idle pools never take the cores of another mode's or slot's run. always: "
         "ONNX Runtime's default, spinning on after each run too (what the benchmarks call spinning on). off: never.",
     )
-    engine: Engine | None = Field(
-        None,
-        description="What runs each mode's sessions. onnxruntime. openvino (installed by `pip install .[openvino]`): "
-        "for every mode whose outputs on the example input equal ONNX Runtime's within the manifest's tolerance, "
-        "ONNX Runtime for the others. auto: each mode timed on both at load, OpenVINO kept where it agrees and was "
-        "faster (ONNX Runtime alone when OpenVINO is not installed). Unset: auto with DEFAULT_MODE=auto, else "
-        "onnxruntime. /metrics (ensemble_model_info) and the log say which engine runs each mode.",
+    engine: Engine = Field(
+        Engine.AUTO,
+        description="What runs each mode's sessions. onnxruntime. openvino (installed by `pip install .[openvino]`, "
+        "in the image and `make serve`): for every mode whose outputs on the example input equal ONNX Runtime's "
+        "within the manifest's tolerance, ONNX Runtime for the others. auto: each mode timed on both at load, "
+        "OpenVINO kept where it agrees and was faster (ONNX Runtime alone when OpenVINO is not installed). /metrics "
+        "(ensemble_model_info), /readyz and the log say which engine runs each mode.",
     )
     inference_slots: int = Field(
         1,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from app.engine.resources import usable_cores
 from bench.common import Interval, Report, log
-from bench.service import ServerNotReady, ServiceProcess, free_port, server_process, service_process
+from bench.service import DEFAULTS, ServerNotReady, ServiceProcess, free_port, server_process, service_process
 from bench.serving import Run, Target, figures, load_rounds, load_table, requested_outputs, v2_body
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
@@ -47,7 +47,7 @@ def run(model_dir: Path, pythons: Mapping[str, Path], rounds: int, seconds: floa
     }
     outputs = requested_outputs(manifest)
     with ExitStack() as stack:
-        servers = {"ours": stack.enter_context(service_process(model_dir, work, WORKERS="auto"))}
+        servers = {"ours": stack.enter_context(service_process(model_dir, work, **DEFAULTS))}
         for name, (python, arguments) in peers.items():
             if (peer := start_peer(stack, name, python, arguments, model_dir, work)) is not None:
                 servers[name] = peer

@@ -75,11 +75,18 @@ def stop(process: subprocess.Popen[bytes], timeout_s: float) -> None:
         process.wait()
 
 
+# What a server started here runs unless its caller says otherwise: one process (the tests' servers are small) on
+# ONNX Runtime alone (ENGINE=auto's choice between engines is a timing, which would make a test's engine vary); the
+# benchmarks of the service as users get it pass DEFAULTS.
+SMALL_SERVER = {"WORKERS": "1", "ENGINE": "onnxruntime"}
+DEFAULTS = {"WORKERS": "auto", "ENGINE": "auto"}  # the service's own defaults (app.settings), over SMALL_SERVER's
+
+
 def service_environment(model_dir: Path, **settings: object) -> dict[str, str]:
-    """This process's environment without any of the service's variables, then the caller's settings (one process
-    unless they say WORKERS: the tests' servers are small)."""
+    """This process's environment without any of the service's variables, then SMALL_SERVER's, then the caller's
+    settings."""
     environment = {key: value for key, value in os.environ.items() if key.lower() not in Settings.model_fields}
-    environment |= {"MODEL_DIR": str(model_dir), "HOST": LOOPBACK, "LOG_LEVEL": "warning", "WORKERS": "1"}
+    environment |= {"MODEL_DIR": str(model_dir), "HOST": LOOPBACK, "LOG_LEVEL": "warning", **SMALL_SERVER}
     return environment | {name.upper(): str(value) for name, value in settings.items()}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from app.engine.resources import usable_cores
 from bench.common import Interval, Report
-from bench.service import service_process
+from bench.service import DEFAULTS, service_process
 from bench.serving import Run, Target, figures, load_rounds, load_table, requested_outputs, v2_body
 from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
@@ -28,10 +28,10 @@ def run(model_dir: Path, rounds: int, seconds: float, work: Path) -> Report:
     cores = usable_cores().count
     with ExitStack() as stack:
         servers = {
-            DEFAULT: stack.enter_context(service_process(model_dir, work, WORKERS="auto")),
-            "1 worker": stack.enter_context(service_process(model_dir, work, WORKERS=1)),
+            DEFAULT: stack.enter_context(service_process(model_dir, work, **DEFAULTS)),
+            "1 worker": stack.enter_context(service_process(model_dir, work, **DEFAULTS | {"WORKERS": "1"})),
             f"{cores} workers": stack.enter_context(
-                service_process(model_dir, work, WORKERS=cores, ALONE_ON_EVERY_CORE="false")
+                service_process(model_dir, work, **DEFAULTS | {"WORKERS": str(cores), "ALONE_ON_EVERY_CORE": "false"})
             ),
         }
         body = v2_body(manifest, Mode.FUSED, work / "fused.json", requested_outputs(manifest))

@@ -3,6 +3,7 @@ of third-party graphs fused by the real `fuse` command, and real uvicorn servers
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -32,6 +33,9 @@ def pytest_configure(config: pytest.Config) -> None:
     home = Path(tempfile.mkdtemp(prefix="hypothesis-"))
     config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
     set_hypothesis_home_dir(home)
+    # The in-process servers run ONNX Runtime alone, as bench.service's SMALL_SERVER does for the others, unless the
+    # run says otherwise: ENGINE=auto's choice is a timing, which would make a test's engine vary from run to run.
+    os.environ.setdefault("ENGINE", "onnxruntime")
 
 
 @pytest.fixture(scope="session")

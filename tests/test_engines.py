@@ -18,7 +18,7 @@ from app.errors import StartupError
 from app.observability.metrics import model_info
 from app.settings import Engine, Settings
 from ensemble_contract.manifest import load_manifest
-from ensemble_contract.modes import AUTO, Mode
+from ensemble_contract.modes import Mode
 from ensemble_contract.tolerance import disagreement
 
 
@@ -96,9 +96,3 @@ def test_without_openvino_auto_runs_onnxruntime_and_openvino_stops_the_start(
         StartupError, match=r"ENGINE=openvino: openvino is not installed \(pip install \.\[openvino\]\)"
     ):
         load(model_dir, engine=Engine.OPENVINO)
-
-
-def test_engine_unset_is_auto_with_default_mode_auto_and_onnxruntime_otherwise() -> None:
-    assert runtime_options(Settings()).engine is Engine.ONNXRUNTIME
-    assert runtime_options(Settings(default_mode=AUTO)).engine is Engine.AUTO
-    assert runtime_options(Settings(default_mode=AUTO, engine=Engine.ONNXRUNTIME)).engine is Engine.ONNXRUNTIME

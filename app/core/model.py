@@ -31,7 +31,7 @@ from app.engine.runtime import EnsembleRuntime, Measured, RuntimeOptions, Tensor
 from app.engine.selector import ModeSelector
 from app.errors import NotAnImageModel, StartupError
 from app.observability.stats import RecentLatencies
-from app.settings import Engine, Settings
+from app.settings import Settings
 from app.workers import GroupLoad, LoadCell, WorkerGroup
 from ensemble_contract.manifest import ImageSpec, Manifest
 from ensemble_contract.modes import AUTO, Mode
@@ -153,7 +153,7 @@ def runtime_options(settings: Settings, cores: int | None = None) -> RuntimeOpti
         parallel_intra_op_threads=settings.parallel_intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
         spinning=settings.spinning,
-        engine=settings.engine or (Engine.AUTO if settings.default_mode == AUTO else Engine.ONNXRUNTIME),
+        engine=settings.engine,
     )
 
 
