@@ -28,6 +28,7 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from app.core.service import Service
+from app.engine.runtime import usable_manifest
 from app.errors import StartupError
 from app.http.connections import ConnectionLimits, allow_open_files
 from app.http.listen import listening_socket
@@ -75,8 +76,22 @@ def main() -> None:
     workers = WorkerGroup.from_env()  # a worker's, as its supervisor started it (WORKERS resolved), or a group of one
     if not workers.shared and (count := resolve_workers(settings.workers)) > 1:
         logging.config.dictConfig(log_config(settings.log_level))
-        sys.exit(Supervisor(settings, WorkerGroup.supervising(count)).run())
+        sys.exit(Supervisor(settings, supervised_group(settings, count)).run())
     serve(settings, workers)
+
+
+def supervised_group(settings: Settings, count: int) -> WorkerGroup:
+    """The supervisor's group of `count` workers, once the model directory looks usable: a missing model stops the
+    service with one line here, not with one from each worker."""
+    try:
+        usable_manifest(settings.model_dir, verify_files=False)  # each worker verifies the files as it loads them
+        return WorkerGroup.supervising(count)
+    except StartupError as exc:
+        reason = str(exc)
+    except OSError as exc:  # a read-only file system and no tmpfs for TMPDIR
+        reason = f"the worker processes need a writable temporary directory (TMPDIR): {exc.strerror}"
+    print(f"cannot start: {reason}", file=sys.stderr)
+    sys.exit(STARTUP_FAILURE)
 
 
 def serve(settings: Settings, workers: WorkerGroup) -> None:

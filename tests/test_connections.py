@@ -36,13 +36,14 @@ class Served:
 
     process: ServiceProcess
     ops_port: int
+    parser: object  # HTTP_PARSER
 
 
 @contextmanager
 def serving(model_dir: Path, log_dir: Path, **settings: object) -> Iterator[Served]:
     ops_port = free_port()
     with service_process(model_dir, log_dir, METRICS_PORT=ops_port, **settings) as process:
-        yield Served(process, ops_port)
+        yield Served(process, ops_port, settings.get("HTTP_PARSER", Settings.model_fields["http_parser"].default))
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +211,28 @@ def test_headers_past_16_kib_get_400(strict: Served) -> None:
         for _ in range(16):  # the last KiB crosses the bound: nothing is left unread when the server closes
             sock.sendall(b"a" * 1024)
             time.sleep(0.01)
-        assert sock.recv(12) == b"HTTP/1.1 400"
+        assert json_error(sock) == (400, "bad_request")
+
+
+def test_what_is_not_http_gets_a_json_400_and_a_made_up_method_a_405(strict: Served) -> None:
+    """A request line that is not HTTP gets the service's JSON error from either parser; a made-up method gets 405
+    from the app where the parser passes it on (h11), and 400 from llhttp (httptools), which knows only the
+    registered methods."""
+    with socket.create_connection((LOOPBACK, strict.process.port), timeout=WAIT_S) as sock:
+        sock.sendall(b"this is not HTTP\r\n\r\n")
+        assert json_error(sock) == (400, "bad_request")
+    response = httpx.request("FOO", f"{strict.process.url}/predict", timeout=WAIT_S)
+    assert response.status_code == (400 if strict.parser == "httptools" else 405)
+    assert response.json()["error"]["code"] == ("bad_request" if strict.parser == "httptools" else "method_not_allowed")
+
+
+def json_error(sock: socket.socket) -> tuple[int, str]:
+    """The status and the error code of the answer the server sent before it closed the connection."""
+    answer = b""
+    while chunk := sock.recv(4096):
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["error"]["code"]
 
 
 def test_the_rest_of_a_refused_body_gets_body_timeout(strict: Served) -> None:

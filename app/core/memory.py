@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from app.engine.resources import MIB, rss_bytes, usable_memory
+from app.engine.resources import MIB, charged_bytes, usable_memory
 from app.errors import Overloaded, PayloadTooLarge
 
 # What serving a request holds beside what its data becomes (the protocol's objects, its headers, its answer's
@@ -27,7 +27,7 @@ def default_budget_bytes(arena_bytes: int, workers: int) -> int:
     """Half of what the process may use (its share, with `workers` processes) beyond what it holds now, once its
     model is loaded, and beyond the `arena_bytes` ONNX Runtime's arena may keep after the largest request (1 MiB at
     least): the other half is room for what the budget does not count, as what the heap keeps of freed objects."""
-    return max(MIB, (usable_memory().bytes // workers - rss_bytes() - arena_bytes) // 2)
+    return max(MIB, (usable_memory().bytes // workers - charged_bytes() - arena_bytes) // 2)
 
 
 class MemoryBudget:

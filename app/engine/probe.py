@@ -26,7 +26,7 @@ def measure(model_dir: Path) -> float:
     """Bytes of working memory per input element; 0 for a model whose inputs have no batch dimension."""
     import onnxruntime as ort
 
-    from app.engine.resources import rss_bytes
+    from app.engine.resources import charged_bytes
     from ensemble_contract.manifest import load_manifest
 
     manifest = load_manifest(model_dir, verify_files=False)  # the service has verified it
@@ -39,9 +39,9 @@ def measure(model_dir: Path) -> float:
     session = ort.InferenceSession(str(model_dir / manifest.ensemble.path), options, providers=["CPUExecutionProvider"])
     session.run(None, one)
     _return_free_heap()
-    before = rss_bytes()
+    before = charged_bytes()
     session.run(None, probe)
-    return max(0.0, (rss_bytes() - before) / extra)
+    return max(0.0, (charged_bytes() - before) / extra)
 
 
 def _return_free_heap() -> None:

@@ -100,10 +100,12 @@ def usable_memory() -> MemorySize:
     return memory_size()
 
 
-def rss_bytes() -> int:
-    """This process's resident memory (VmRSS); 0 where /proc has none."""
+def charged_bytes() -> int:
+    """The memory this process holds and cannot give back: its resident anonymous and shared pages (RssAnon +
+    RssShmem), what a cgroup's limit charges it. VmRSS would count the libraries' mapped files too (OpenVINO's are
+    over 100 MiB), page cache the kernel reclaims under that limit. 0 where /proc has none."""
     try:
-        line = next(line for line in STATUS.read_text().splitlines() if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
+        lines = STATUS.read_text().splitlines()
+    except OSError:
         return 0
-    return int(line.split()[1]) * 1024
+    return sum(int(line.split()[1]) * 1024 for line in lines if line.startswith(("RssAnon:", "RssShmem:")))

@@ -174,6 +174,14 @@ class Measured:
     timing: Timing
 
 
+def usable_manifest(root: Path, *, verify_files: bool = True) -> Manifest:
+    """The model directory's manifest (each file checked against it, with verify_files); StartupError saying why not."""
+    try:
+        return load_manifest(root, verify_files=verify_files)
+    except Exception as exc:  # ManifestError, or an unreadable directory
+        raise StartupError(f"model directory {root} is unusable: {exc}") from None
+
+
 class EnsembleRuntime:
     """Owns the sessions; `infer` runs one batch in the mode asked for. Thread-safe, for up to `slots` callers
     at once (the scheduler's inference slots): each takes a session set for the length of its call.
@@ -215,10 +223,7 @@ class EnsembleRuntime:
         """Verifies the model directory, opens every session on ONNX Runtime, moves the modes that ENGINE lets run on
         OpenVINO to it, and warms each mode up; StartupError if any fails."""
         root = options.model_dir
-        try:
-            manifest = load_manifest(root)
-        except Exception as exc:  # ManifestError, or an unreadable directory
-            raise StartupError(f"model directory {root} is unusable: {exc}") from None
+        manifest = usable_manifest(root)
         modes = served_modes(manifest)
         plans = thread_plans(options, len(manifest.members), modes)
         graph_tensors = (*manifest.signature.inputs, *manifest.signature.outputs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import resource
 from collections.abc import Callable
@@ -95,6 +96,15 @@ class LimitedConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """The parser's refusal of what is not an HTTP request (a malformed request line, a method llhttp does not
+        know, headers past MAX_HEADER_BYTES) as the service's JSON error, where uvicorn's protocols answer plain
+        text; the connection closes, as it would there."""
+        body = json.dumps({"error": {"code": "bad_request", "message": msg, "request_id": None}}).encode()
+        head = f"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        self.transport.write(head.encode() + b"connection: close\r\n\r\n" + body)
+        self.transport.close()
 
     def close(self) -> None:
         """Closes the connection without an answer: its client has sent no complete request to answer."""
