@@ -26,7 +26,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2 as pb
 
-from app.core.auth import verify_api_key
+from app.core.auth import Access, Keys
 from app.core.cost import message_bytes
 from app.core.repository import ModelState
 from app.core.service import Service
@@ -47,7 +47,10 @@ from app.v2.codec import (
 
 logger = logging.getLogger("app")
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-NEEDS_API_KEY = frozenset({"ModelInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"})
+ACCESS = {  # the calls that need a key, and which
+    "ModelInfer": Access.INFERENCE,
+    **dict.fromkeys(("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"), Access.MODEL_CONTROL),
+}
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
@@ -158,9 +161,10 @@ class Calls:
     A call its client cancels, or whose deadline passes, is cancelled where it waits (grpc cancels its task: its
     queue place and memory are given back on the way out; a wait for its message ends), and counted as CANCELLED."""
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics, servicer: InferenceServicer) -> None:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, keys: Keys, servicer: InferenceServicer) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.keys = keys
         self.in_flight = 0
         handlers = {}
         for method in SERVICE.methods:
@@ -200,8 +204,8 @@ class Calls:
             )
         self.in_flight += 1
         try:
-            if rpc.name in NEEDS_API_KEY:
-                verify_api_key(settings, dict(context.invocation_metadata() or ()).get("authorization"))
+            if (access := ACCESS.get(rpc.name)) is not None:
+                self.keys.verify(access, dict(context.invocation_metadata() or ()).get("authorization"))
             request = await self._read(rpc, context)
             return await rpc.serve(request, arrived)
         finally:
@@ -255,7 +259,7 @@ class GrpcServer:
                 ("grpc.so_reuseport", int(service.workers.shared)),
             ],
         )
-        calls = Calls(settings, service.metrics, InferenceServicer(service))
+        calls = Calls(settings, service.metrics, service.keys, InferenceServicer(service))
         self._server.add_generic_rpc_handlers((calls.handler,))
 
     async def start(self) -> None:

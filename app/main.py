@@ -13,13 +13,14 @@ from prometheus_client import CollectorRegistry
 from starlette.formparsers import MultiPartParser
 from starlette.middleware.cors import CORSMiddleware
 
+from app.core.auth import Keys
 from app.core.dataplane import DataPlane
 from app.core.model import load_model, log_model
 from app.core.repository import ModelRepository
 from app.core.service import Service
 from app.engine.resources import usable_memory
 from app.grpc import GrpcServer
-from app.http.deps import admits_inference, requires_api_key
+from app.http.deps import admits_inference, requires_api_key, requires_model_control_key
 from app.http.errors import install_error_handlers
 from app.http.middleware import BodyLimits, CancelOnDisconnect, Gate, QuietStartupFailure, RequestContext, RouteTable
 from app.http.ops import OpsServer
@@ -48,7 +49,7 @@ def create_app(
     settings = settings or Settings.from_env()
     workers = workers or WorkerGroup.from_env()
     metrics = ServiceMetrics(registry, workers) if registry is not None else ServiceMetrics.for_process(workers)
-    service = Service(settings, metrics, workers)
+    service = Service(settings, metrics, workers, Keys(settings))
     # An upload stays in memory, where the memory budget counts it, rather than spooled to /tmp past 1 MB
     # (Starlette's default): /tmp is a small tmpfs in the container, and in memory all the same.
     MultiPartParser.spool_max_size = settings.max_upload_bytes
@@ -93,9 +94,9 @@ def create_app(
     install_error_handlers(app)
     for router in (predict.router, v2.router, v2_repository.router, health.router, monitoring.router, ui.router):
         app.include_router(router)
-    # The last one added is the outermost: a request passes the gate (a place among those in flight, the API key,
+    # The last one added is the outermost: a request passes the gate (a place among those in flight, its key,
     # early refusal) before anything reads it; the watch for its client leaving surrounds all that may wait.
-    routes = RouteTable(app, (requires_api_key, admits_inference))
+    routes = RouteTable(app, (requires_api_key, requires_model_control_key, admits_inference))
     probes = [app.url_path_for(name) for name in ("healthz", "readyz", "live", "ready")]
     app.add_middleware(BodyLimits, service=service)
     app.add_middleware(Gate, service=service, routes=routes, probes=probes)

@@ -31,8 +31,33 @@ def _describe(error: Any) -> str:
     if not error["loc"]:
         return str(error["msg"]).removeprefix("Value error, ")
     name = ".".join(map(str, error["loc"])).upper()
-    shown = "(hidden)" if name.startswith("API_KEY") else repr(error["input"])
+    shown = "(hidden)" if name in SECRETS else repr(error["input"])
     return f"{name}={shown}: {error['msg']}"
+
+
+SECRETS = ("API_KEY", "MODEL_CONTROL_KEY")  # never shown in an error
+
+
+def valid_key(value: str) -> str:
+    """A key as API_KEY, API_KEYS_FILE's lines and MODEL_CONTROL_KEY take it; ValueError saying why not."""
+    if len(value) < MIN_API_KEY_LENGTH or not value.isprintable() or " " in value:
+        raise ValueError(f"a key must be at least {MIN_API_KEY_LENGTH} printable characters without spaces")
+    return value
+
+
+def read_keys(path: Path) -> tuple[str, ...]:
+    """API_KEYS_FILE's keys: one a line, blank lines and `#` comments skipped; ValueError (or OSError) if the file
+    holds no key or an invalid one (named by its line, never shown)."""
+    keys = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if (key := line.strip()) and not key.startswith("#"):
+            try:
+                keys.append(valid_key(key))
+            except ValueError as exc:
+                raise ValueError(f"line {number}: {exc}") from None
+    if not keys:
+        raise ValueError("no key in it")
+    return tuple(keys)
 
 
 def is_loopback(host: str) -> bool:
@@ -303,16 +328,28 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(
         None,
-        description=f"If set, POST /predict, POST /v2/models/{{name}}/infer and the model repository calls (and their "
-        f"gRPC twins) need `Authorization: Bearer <key>` (at least {MIN_API_KEY_LENGTH} characters); without it, "
+        description=f"If set (or API_KEYS_FILE), POST /predict and POST /v2/models/{{name}}/infer (and gRPC "
+        f"ModelInfer) need `Authorization: Bearer <key>` (at least {MIN_API_KEY_LENGTH} characters); without it, "
         "401 (gRPC: UNAUTHENTICATED). Unset: no authentication. Probes, metadata, /stats and /metrics stay open.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="A file of inference keys, one a line (`#` comments), each valid beside API_KEY: read again "
+        "whenever it is replaced, so that a key rotates without a restart (docs/operations.md). A version that "
+        "cannot be read or holds an invalid key is logged and the previous keys stay valid.",
+    )
+    model_control_key: SecretStr | None = Field(
+        None,
+        description="The key the model repository calls (and their gRPC twins) need with MODEL_CONTROL=explicit, "
+        "as `Authorization: Bearer <key>`; no inference key opens them. Required with MODEL_CONTROL=explicit "
+        "unless HOST is a loopback address.",
     )
     model_control: Literal["none", "explicit"] = Field(
         "none",
         description="`explicit`: the model repository calls (POST /v2/repository/index, .../load, .../unload, their "
         "gRPC twins) and SIGHUP reload or unload the model. `none`: they answer 403 (gRPC: PERMISSION_DENIED) and "
-        "SIGHUP is ignored, so nobody who reaches the port can unload the model. `explicit` needs API_KEY unless "
-        "HOST is a loopback address.",
+        "SIGHUP is ignored, so nobody who reaches the port can unload the model. `explicit` needs "
+        "MODEL_CONTROL_KEY unless HOST is a loopback address.",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -348,16 +385,22 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             raise StartupError(f"invalid configuration: {'; '.join(map(_describe, exc.errors()))}") from None
 
-    @field_validator("api_key")
+    @field_validator("api_key", "model_control_key")
     @classmethod
     def _long_enough(cls, key: SecretStr | None) -> SecretStr | None:
-        value = "" if key is None else key.get_secret_value()
-        if key is not None and (len(value) < MIN_API_KEY_LENGTH or not value.isprintable() or " " in value):
-            raise ValueError(
-                f"must be at least {MIN_API_KEY_LENGTH} printable characters without spaces "
-                "(unset it to leave the endpoints open)"
-            )
+        if key is not None:
+            valid_key(key.get_secret_value())
         return key
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _readable_keys(cls, path: Path | None) -> Path | None:
+        if path is not None:
+            try:
+                read_keys(path)
+            except OSError as exc:
+                raise ValueError(f"cannot read it: {exc.strerror}") from None
+        return path
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -393,11 +436,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _model_control_guarded(self) -> Settings:
-        if self.model_control == "explicit" and self.api_key is None and not is_loopback(self.host):
+        if self.model_control == "explicit" and self.model_control_key is None and not is_loopback(self.host):
             raise ValueError(
-                f"MODEL_CONTROL=explicit lets any caller unload the model: set API_KEY too, or listen on a loopback "
-                f"HOST (127.0.0.1), not {self.host!r}"
+                "MODEL_CONTROL=explicit lets any caller unload the model: set MODEL_CONTROL_KEY too (an inference "
+                f"key does not open model control), or listen on a loopback HOST (127.0.0.1), not {self.host!r}"
             )
+        control, inference = self.model_control_key, self.api_key
+        if control is not None and inference is not None and control.get_secret_value() == inference.get_secret_value():
+            raise ValueError("MODEL_CONTROL_KEY must differ from API_KEY: whoever may infer would control the model")
         return self
 
     @field_validator("workers")

@@ -117,16 +117,21 @@ def serve_triton(
 
         @batch
         def infer(**inputs: Any) -> dict[str, Any]:
-            return dict(zip(names, session.run(names, inputs), strict=True))
+            results = session.run(names, inputs)
+            return {
+                name: array.reshape(len(array), 1) if array.ndim == 1 else array
+                for name, array in zip(names, results, strict=True)
+            }
 
         return infer
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])  # to describe the tensors
 
     def tensors(described: list[Any]) -> list[Any]:
-        """PyTriton's tensors: the shape without the batch dimension, -1 where it is dynamic."""
+        """PyTriton's tensors: the shape without the batch dimension, -1 where it is dynamic; a tensor of the batch
+        dimension alone ([N], as a classifier's labels) as [N, 1], since Triton's batched tensors need dims."""
         dtypes = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(double)": np.float64}
-        shapes = [tuple(d if isinstance(d, int) else -1 for d in t.shape[1:]) for t in described]
+        shapes = [tuple(d if isinstance(d, int) else -1 for d in t.shape[1:]) or (1,) for t in described]
         return [Tensor(name=t.name, dtype=dtypes[t.type], shape=s) for t, s in zip(described, shapes, strict=True)]
 
     config = TritonConfig(http_address="127.0.0.1", http_port=port, allow_grpc=False, allow_metrics=False)

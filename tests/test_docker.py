@@ -162,13 +162,16 @@ def compose_stack(name: str, **variables: str) -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def stack(image: str) -> Iterator[Stack]:
     """The stack as docs/operations.md sets it up on a VM: an API key, Caddy with TLS in front (its own CA, for a
-    bare IP), the app's ports published on loopback only, one core's quota."""
+    bare IP, with ACME_EMAIL left empty as an uncommented .env.example line leaves it), a body limit above the
+    default, the app's ports published on loopback only, one core's quota."""
     with compose_stack(
         "main",
         API_KEY=API_KEY,
         COMPOSE_PROFILES="tls",
         APP_BIND="127.0.0.1",
         SITE_ADDRESS="127.0.0.1",
+        ACME_EMAIL="",
+        MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
         TLS_PORT=str(free_port()),
         HTTP_PORT=str(free_port()),
         APP_CPUS="1",
@@ -250,6 +253,22 @@ def test_https_through_the_proxy(stack: Stack, caddy_root: Path) -> None:
         assert client.post("/predict", files=red_png(), timeout=30).status_code == 401
     with pytest.raises(httpx.ConnectError):  # an untrusted certificate is refused: the CA is Caddy's own
         httpx.get(f"https://{stack.tls_address}/readyz", timeout=10)
+
+
+UPLOAD_LIMIT = 25 * 2**20  # the stack's MAX_UPLOAD_BYTES: above Caddy's former fixed 20 MB
+
+
+def test_the_proxy_passes_what_the_app_takes(stack: Stack, caddy_root: Path) -> None:
+    """MAX_UPLOAD_BYTES bounds a body at the proxy as at the app: 21 MiB, over the default 20 MiB, reach the app,
+    which answers that they are no image; over the limit, the answer is a refusal."""
+    trust = ssl.create_default_context(cafile=str(caddy_root))
+    headers = {**AUTHORIZED, "Content-Type": "image/png"}
+    with httpx.Client(base_url=f"https://{stack.tls_address}", verify=trust, timeout=60) as client:
+        wait_until(lambda: client.get("/readyz").status_code == 200, "the proxy to reach the app")
+        taken = client.post("/predict", content=b"\0" * (21 * 2**20), headers=headers)
+        assert (taken.status_code, taken.json()["error"]["code"]) == (400, "bad_image"), taken.text
+        refused = client.post("/predict", content=b"\0" * (UPLOAD_LIMIT + 1), headers=headers)
+        assert refused.status_code == 413, refused.text
 
 
 def test_curl_trusts_the_proxy_with_the_ca_root(stack: Stack, caddy_root: Path) -> None:
@@ -368,7 +387,7 @@ def test_a_mounted_model_directory_is_what_is_served(image: str, users_model: Pa
     ("environment", "status", "message"),
     [
         (["MAX_QUEUE=lots"], 2, "cannot start: invalid configuration: MAX_QUEUE='lots'"),
-        (["MODEL_CONTROL=explicit"], 2, "MODEL_CONTROL=explicit lets any caller unload the model: set API_KEY"),
+        (["MODEL_CONTROL=explicit"], 2, "MODEL_CONTROL=explicit lets any caller unload the model: set MODEL_CONTROL"),
         (["MODEL_DIR=/mnt/models"], 3, "no manifest.json in /mnt/models"),
     ],
 )

@@ -17,7 +17,7 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from app.grpc import NEEDS_API_KEY
+from app.grpc import ACCESS
 from app.settings import Settings
 from bench.service import free_port
 from ensemble_contract.manifest import Manifest
@@ -34,12 +34,14 @@ SAFETY_S = 60  # a client deadline no passing test reaches: a server that never 
 
 @pytest.fixture(scope="module")
 def guarded(model_dir: Path) -> Iterator[tuple[LiveServer, str]]:
-    """An API key, a 1 s BODY_TIMEOUT_S, one inference slot and a queue that takes a whole flood."""
+    """An API key and a model control key, a 1 s BODY_TIMEOUT_S, one inference slot and a queue that takes a whole
+    flood."""
     port = free_port()
     settings = Settings(
         model_dir=model_dir,
         grpc_port=port,
         api_key=API_KEY,
+        model_control_key="the-model-control-key-of-this-test",
         body_timeout_s=1,
         inference_slots=1,
         max_queue=FLOOD_THREADS * CALLS_PER_THREAD,
@@ -79,7 +81,7 @@ def infer_request(manifest: Manifest, rows: int) -> pb.ModelInferRequest:
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-key-of-length"], ids=["no-key", "wrong-key"])
-@pytest.mark.parametrize("method", sorted(NEEDS_API_KEY))
+@pytest.mark.parametrize("method", sorted(ACCESS))
 def test_the_key_is_checked_before_the_message_is_read(
     guarded: tuple[LiveServer, str], method: str, authorization: str | None
 ) -> None:

@@ -51,12 +51,14 @@ def test_the_pieces_select_the_deployments_pods() -> None:
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
 
 
-def test_ports_probes_and_settings_are_the_services_own() -> None:
+def test_ports_probes_and_settings_are_the_services_own(tmp_path: Path) -> None:
     resources = base()
     container = resources["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     env = {variable["name"]: variable["value"] for variable in container["env"] if "value" in variable}
     assert {variable["name"].lower() for variable in container["env"]} <= set(Settings.model_fields)
-    settings = Settings(**{name.lower(): value for name, value in env.items()})  # valid values too
+    secret = tmp_path / "api-keys"  # the Secret's file, as the kubelet would mount it
+    secret.write_text("a-key-of-the-secret-0123456789\n")
+    settings = Settings(**{name.lower(): value for name, value in env.items()} | {"api_keys_file": secret})
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"http": settings.port, "grpc": settings.grpc_port, "metrics": settings.metrics_port}
     assert {port["name"] for port in resources["Service"]["spec"]["ports"]} == set(ports)
@@ -92,18 +94,24 @@ def test_custom_resources_have_what_their_controllers_read() -> None:
     kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
 
 
-def secret_env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    variables = container["env"]
-    return {v["name"]: v["valueFrom"]["secretKeyRef"] for v in variables if "secretKeyRef" in v.get("valueFrom", {})}
+def key_file(spec: dict[str, Any], container: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """API_KEYS_FILE's path, and the Secret volume mounted where it points."""
+    path = next(v["value"] for v in container["env"] if v["name"] == "API_KEYS_FILE")
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    return path.removeprefix(mount["mountPath"] + "/"), volume["secret"]
 
 
-def test_the_api_key_comes_from_a_secret_and_model_control_stays_off() -> None:
-    container = base()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
-    assert secret_env(container) == {"API_KEY": {"name": "onnx-ensemble-serving", "key": "api-key"}}
-    assert "optional" not in secret_env(container)["API_KEY"]  # no pod starts without the key
-    assert "MODEL_CONTROL" not in {variable["name"] for variable in container["env"]}  # the default: none
-    kserve = load(ROOT / "kserve" / "inferenceservice.yaml")["spec"]["predictor"]["containers"][0]
-    assert secret_env(kserve) == secret_env(container)
+def test_the_inference_keys_come_from_a_secret_and_model_control_stays_off() -> None:
+    spec = base()["Deployment"]["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    name, secret = key_file(spec, container)
+    assert secret == {"secretName": "onnx-ensemble-serving", "items": [{"key": "api-keys", "path": name}]}
+    assert "optional" not in secret  # no pod starts without the keys
+    variables = {variable["name"] for variable in container["env"]}
+    assert "MODEL_CONTROL" not in variables and "API_KEY" not in variables  # model control: the default, none
+    predictor = load(ROOT / "kserve" / "inferenceservice.yaml")["spec"]["predictor"]
+    assert key_file(predictor, predictor["containers"][0]) == (name, secret)
 
 
 def test_the_prometheus_rule_is_the_compose_stacks_recording_rules() -> None:

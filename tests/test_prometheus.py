@@ -6,6 +6,7 @@ Needs Debian's `prometheus` package (/usr/bin/prometheus, promtool); .ci/run ins
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from bench.service import ServiceProcess, free_port, service_process, stop
 from ensemble_contract.modes import Mode
@@ -41,6 +43,28 @@ def test_repo_config_and_rules_are_valid() -> None:
         target = PROMETHEUS_DIR / ("prometheus.yml" if command == "config" else "rules.yml")
         result = subprocess.run([PROMTOOL, "check", command, str(target)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+RULES = yaml.safe_load((PROMETHEUS_DIR / "rules.yml").read_text())["groups"]
+ALERTS = {rule["alert"]: rule["expr"] for group in RULES for rule in group["rules"] if "alert" in rule}
+
+
+@needs_promtool
+def test_every_alert_fires_in_its_unit_test_and_has_a_runbook_line() -> None:
+    """promtool runs alerts.test.yml, in which every alert of rules.yml fires at least once (and stays quiet on a
+    healthy instance); docs/operations.md says what each one means and what to do."""
+    tests = PROMETHEUS_DIR / "alerts.test.yml"
+    result = subprocess.run([PROMTOOL, "test", "rules", str(tests)], capture_output=True, text=True, cwd=PROMETHEUS_DIR)
+    assert result.returncode == 0, result.stdout + result.stderr
+    cases = [case for test in yaml.safe_load(tests.read_text())["tests"] for case in test["alert_rule_test"]]
+    assert {case["alertname"] for case in cases if case["exp_alerts"]} == set(ALERTS)
+    operations = (REPO / "docs" / "operations.md").read_text()
+    assert [name for name in ALERTS if f"`{name}`" not in operations] == []
+
+
+def alert_metrics() -> set[str]:
+    """The service's metrics the alerts read: not `up`, which Prometheus makes, nor a recording rule's (`mode:…`)."""
+    return set(re.findall(r"(?<![:\w])((?:ensemble|process)_\w+)", " ".join(ALERTS.values())))
 
 
 @pytest.fixture
@@ -165,7 +189,7 @@ def test_prometheus_computes_latency_quantiles_of_every_mode(server: LiveServer,
 def test_every_panel_of_the_dashboard_returns_data(model_dir: Path, tmp_path: Path) -> None:
     """deploy/grafana's dashboard, query by query, against Prometheus scraping a server of two worker processes (as
     compose runs it) under compare traffic (with COST_PER_HOUR, which the cost panel needs): every panel, the
-    per-worker one too, has data from the one scrape target."""
+    per-worker one too, has data from the one scrape target, and so has every series the alerts read."""
     with (
         service_process(model_dir, tmp_path, WORKERS=2, MAX_QUEUE=1, COST_PER_HOUR=0.5) as costed,
         scraping(costed, tmp_path) as api,
@@ -175,3 +199,5 @@ def test_every_panel_of_the_dashboard_returns_data(model_dir: Path, tmp_path: Pa
             assert time.monotonic() < deadline, f"panels without data: {missing}"
             compare_traffic(costed)
             time.sleep(0.5)
+        # Every series the alerts read is there too, as the workers export it.
+        assert [name for name in sorted(alert_metrics()) if not finite_values_by_mode(api, f"count({name})")] == []

@@ -99,7 +99,7 @@ def test_a_broken_model_directory_stops_start_up_with_one_clear_line(
     ("settings", "shown", "hidden"),
     [
         ({"MAX_QUEUE": "-1"}, "MAX_QUEUE='-1': Input should be greater than or equal to 0", None),
-        ({"API_KEY": "short-secret"}, "API_KEY=(hidden): Value error, must be at least 16", "short-secret"),
+        ({"API_KEY": "short-secret"}, "API_KEY=(hidden): Value error, a key must be at least 16", "short-secret"),
         ({"PORT": "8123", "METRICS_PORT": "8123"}, "PORT, METRICS_PORT and GRPC_PORT must all differ", None),
         ({"CORS_ORIGINS": "https://a.example/app"}, "'https://a.example/app' is not an origin", None),
     ],

@@ -227,10 +227,12 @@ def test_an_unload_and_a_load_reach_every_worker(builds: Builds, tmp_path: Path)
                 assert np.allclose(probabilities(fresh), expected_probabilities(builds.a), rtol=1e-5)
 
 
-def test_the_repository_needs_the_api_key_when_one_is_set(builds: Builds) -> None:
+def test_the_repository_needs_the_model_control_key_which_no_inference_key_opens(builds: Builds) -> None:
     builds.point_at(builds.a)
-    key = "a-long-enough-reload-test-key"
-    settings = Settings(model_dir=builds.current, api_key=key, model_control="explicit")
+    inference, control = "a-long-enough-inference-key", "a-long-enough-model-control-key"
+    settings = Settings(
+        model_dir=builds.current, api_key=inference, model_control_key=control, model_control="explicit"
+    )
     with live_server(settings) as live, live.client() as client:
         for path in (
             "/v2/repository/index",
@@ -238,7 +240,10 @@ def test_the_repository_needs_the_api_key_when_one_is_set(builds: Builds) -> Non
             f"/v2/repository/models/{NAME}/unload",
         ):
             assert client.post(path).status_code == 401, path
-        assert client.post("/v2/repository/index", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+            assert client.post(path, headers={"Authorization": f"Bearer {inference}"}).status_code == 401, path
+        assert client.post("/v2/repository/index", headers={"Authorization": f"Bearer {control}"}).status_code == 200
+        refused = client.post(f"/v2/models/{NAME}/infer", json={}, headers={"Authorization": f"Bearer {control}"})
+        assert refused.status_code == 401  # nor does the control key open inference
         assert live.dataplane.model is not None
 
 

@@ -116,9 +116,16 @@ def test_model_control_is_off_by_default() -> None:
 def test_model_control_without_a_key_is_refused_off_loopback(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
     monkeypatch.setenv("MODEL_CONTROL", "explicit")
     monkeypatch.setenv("HOST", host)
-    with pytest.raises(StartupError, match=r"MODEL_CONTROL=explicit lets any caller unload the model: set API_KEY"):
+    refusal = r"MODEL_CONTROL=explicit lets any caller unload the model: set MODEL_CONTROL_KEY"
+    with pytest.raises(StartupError, match=refusal):
         Settings.from_env()
     monkeypatch.setenv("API_KEY", "a-key-of-at-least-16-characters")
+    with pytest.raises(StartupError, match=refusal):  # an inference key does not open model control
+        Settings.from_env()
+    monkeypatch.setenv("MODEL_CONTROL_KEY", "a-key-of-at-least-16-characters")
+    with pytest.raises(StartupError, match="MODEL_CONTROL_KEY must differ from API_KEY"):
+        Settings.from_env()
+    monkeypatch.setenv("MODEL_CONTROL_KEY", "another-key-of-at-least-16-characters")
     assert Settings.from_env().model_control == "explicit"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,8 +212,24 @@ def test_auto_measures_once_and_sigterm_drains_every_worker(model_dir: Path, tmp
     assert output.count("auto: serving the choice another worker measured") == 1, output
 
 
-def test_a_start_up_failure_stops_every_worker_with_its_status(tmp_path: Path) -> None:
+def test_a_missing_model_stops_the_start_before_any_worker_with_one_line(tmp_path: Path) -> None:
     result = run_to_exit(tmp_path / "nothing-here", WORKERS=2)
+    assert result.returncode == 3, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        f"cannot start: model directory {tmp_path / 'nothing-here'} is unusable: no manifest.json in "
+        f"{tmp_path / 'nothing-here'}: build the models first (make models), or point MODEL_DIR at a directory made "
+        "by `python -m model_build build` or `fuse`"
+    ]
+
+
+def test_a_start_up_failure_stops_every_worker_with_its_status(model_dir: Path, tmp_path: Path) -> None:
+    """A failure only the workers meet (a model file altered since the manifest was written: each worker checks the
+    files as it loads them) stops the group with the worker's status."""
+    altered = tmp_path / "altered"
+    shutil.copytree(model_dir, altered)
+    member = next((altered / "members").glob("*.onnx"))
+    member.write_bytes(member.read_bytes()[:-1] + b"\0")
+    result = run_to_exit(altered, WORKERS=2)
     assert result.returncode == 3, result.stderr
     assert "before any served: stopping" in result.stderr
 

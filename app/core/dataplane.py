@@ -94,7 +94,7 @@ class DataPlane:
             budget, settings.max_request_bytes, metrics.memory_reserved.set, base_bytes=REQUEST_BASE_BYTES
         )
         metrics.memory_budget.set(self.memory.total_bytes)
-        metrics.describe_machine(settings.cost_per_hour)
+        metrics.describe_machine(settings)
         self.switch(model)
         # The fronts' conversions (decoding an image, drawing a mask) run off the event loop, a few at a time (they
         # are CPU-bound too).

@@ -56,8 +56,16 @@ async def get_lease(request: Request) -> Lease:
 
 
 async def requires_api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-    """Marks a route as needing API_KEY, and declares the bearer key in OpenAPI. The key itself is checked from
-    the headers before the body is read, by app.http.middleware.Gate, which finds routes by this marker."""
+    """Marks a route as needing an inference key (API_KEY, API_KEYS_FILE), and declares the bearer key in OpenAPI.
+    The key itself is checked from the headers before the body is read, by app.http.middleware.Gate, which finds
+    routes by this marker (app.core.auth)."""
+    del credentials
+
+
+async def requires_model_control_key(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    """Marks a model repository route as needing MODEL_CONTROL_KEY, checked as requires_api_key's key is."""
     del credentials
 
 
@@ -72,4 +80,5 @@ RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
 LeaseDep = Annotated[Lease, Depends(get_lease)]
 ArrivalDep = Annotated[float, Depends(get_arrival)]
 Authorized = Depends(requires_api_key)
+ControlAuthorized = Depends(requires_model_control_key)
 AdmitsInference = Depends(admits_inference)

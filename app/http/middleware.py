@@ -26,12 +26,12 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.auth import verify_api_key
+from app.core.auth import Access
 from app.core.cost import BODY_COPIES
 from app.core.memory import Lease
 from app.core.service import Service
 from app.errors import BodyTimeout, Overloaded, PayloadTooLarge, ServiceError, StartupError, Unauthorized
-from app.http.deps import admits_inference, requires_api_key
+from app.http.deps import admits_inference, requires_api_key, requires_model_control_key
 from app.http.errors import ProtocolRoute, Shape, error_response, internal_message
 
 logger = logging.getLogger("app")
@@ -60,6 +60,7 @@ class RouteMatch:
 
 
 NO_ROUTE = RouteMatch(frozenset(), {}, "service")
+ACCESS = {requires_api_key: Access.INFERENCE, requires_model_control_key: Access.MODEL_CONTROL}  # marker: the key
 
 
 class RouteTable:
@@ -225,8 +226,8 @@ class Gate:
 
     - beyond MAX_CONCURRENCY requests in flight in this process, from their headers to their answer: 503
       `overloaded` with Retry-After;
-    - with API_KEY set, a route marked `requires_api_key` without the right bearer token: 401, so that a wrong key
-      costs no more than that;
+    - a route marked `requires_api_key` or `requires_model_control_key` without a bearer token that opens it, when
+      keys are set (app.core.auth): 401, so that a wrong key costs no more than that;
     - an inference request (a route marked `admits_inference`) that admission control would refuse anyway (queue
       full, or its expected wait over MAX_QUEUE_WAIT_MS): 503 and Retry-After (early refusal), so that refusing
       costs no decoding or parsing and under overload the cores stay with the inferences. A request for another
@@ -271,11 +272,11 @@ class Gate:
         )
 
     def _unauthorized(self, scope: Scope, route: RouteMatch) -> ServiceError | None:
-        settings = self.service.settings
-        if settings.api_key is None or requires_api_key not in route.markers:
+        access = next((ACCESS[marker] for marker in route.markers if marker in ACCESS), None)
+        if access is None or not self.service.keys.required(access):
             return None
         try:
-            verify_api_key(settings, Headers(scope=scope).get("authorization"))
+            self.service.keys.verify(access, Headers(scope=scope).get("authorization"))
         except Unauthorized as refused:
             return refused
         return None

@@ -30,9 +30,10 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from app.engine.resources import usable_cores
+from app.engine.resources import usable_cores, usable_memory
 from app.engine.runtime import EnsembleRuntime
 from app.engine.timing import Timing
+from app.settings import Settings
 from app.workers import LoadCell, WorkerGroup, WorkerStatus
 
 PREFIX = "ensemble"
@@ -284,6 +285,19 @@ class ServiceMetrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+        self.memory_limit = Gauge(
+            f"{PREFIX}_memory_limit_bytes",
+            "What this process may use: its cgroup's memory limit, or the machine's memory (with workers, each "
+            "worker's share is this divided by ensemble_workers).",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.latency_budget = Gauge(
+            f"{PREFIX}_latency_budget_seconds",
+            "LATENCY_BUDGET_MS in seconds: the p99 the operator wants (the alert EnsembleLatencyOverBudget).",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.cost_per_hour = Gauge(
             f"{PREFIX}_cost_per_hour",
             "COST_PER_HOUR, what the machine costs an hour (absent when unset): cost per million predictions = "
@@ -317,12 +331,14 @@ class ServiceMetrics:
         self.inference_seconds.labels(mode).observe(timing.inference_s)
         self.cpu_seconds.labels(mode).observe(timing.cpu_s)
 
-    def describe_machine(self, cost_per_hour: float | None) -> None:
-        """The cores and what they cost, which a reload does not change."""
+    def describe_machine(self, settings: Settings) -> None:
+        """The cores, the memory, what they cost and the latency budget, which a reload does not change."""
         cores = usable_cores()
         self.cores.labels(cores.source).set(cores.count)
-        if cost_per_hour is not None:
-            self.cost_per_hour.set(cost_per_hour)
+        self.memory_limit.set(usable_memory().bytes)
+        self.latency_budget.set(settings.latency_budget_ms / 1000)
+        if settings.cost_per_hour is not None:
+            self.cost_per_hour.set(settings.cost_per_hour)
 
     def describe_model(self, runtime: EnsembleRuntime, auto_candidates: Mapping[tuple[str, str, int], bool]) -> None:
         """Every served mode's series at zero from the start, and auto's candidates (mode, layout, batching rows),

@@ -10,13 +10,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.core.repository import ModelLoad, RepositoryEntry
-from app.http.deps import OPTIONAL_BEARER, Authorized, RepositoryDep
+from app.http.deps import OPTIONAL_BEARER, ControlAuthorized, RepositoryDep
 from app.http.errors import ProtocolRoute, error_responses
 
 router = APIRouter(
     prefix="/v2/repository",
     tags=["Model repository (v2)"],
-    dependencies=[Authorized],
+    dependencies=[ControlAuthorized],
     responses=error_responses(401, 403, 500, 503, protocol=True),
     route_class=ProtocolRoute,
 )
