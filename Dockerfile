@@ -37,8 +37,10 @@ RUN pip install -c constraints.txt -r /tmp/build.txt
 COPY ensemble_contract/ ensemble_contract/
 COPY model_build/ model_build/
 ARG MODEL_PRESET=default
+# Another seed (the first member's) trains other weights from the same recipe: another model, another sha256.
+ARG MODEL_SEED=
 COPY models/ models/
-RUN python -m model_build build --preset "$MODEL_PRESET" --out "models/$MODEL_PRESET"
+RUN python -m model_build build --preset "$MODEL_PRESET" ${MODEL_SEED:+--seed "$MODEL_SEED"} --out "models/$MODEL_PRESET"
 
 
 FROM python:3.11-slim AS runtime

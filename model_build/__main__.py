@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
         help="test: tiny, seconds (for the test suite); default: what the service serves",
     )
     build_cmd.add_argument("--out", type=Path, help="output directory (default: models/<preset>)")
+    build_cmd.add_argument(
+        "--seed", type=int, help="the first member's seed, the others' following it (default: the preset's, 1, 2, ...)"
+    )
     fuse_cmd = commands.add_parser(
         "fuse",
         help="fuse ONNX members you bring into a servable model directory",
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             from model_build.build import build  # torch: only the build of our UNets needs it
 
-            build(PRESETS[args.preset], args.out or Path("models") / args.preset)
+            build(PRESETS[args.preset].seeded(args.seed), args.out or Path("models") / args.preset)
         else:
             fuse_files(
                 FuseRequest(

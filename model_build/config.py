@@ -85,6 +85,14 @@ class BuildConfig(BaseModel):
     def image_spec(self) -> ImageSpec:
         return image_spec(self.training.image_size)
 
+    def seeded(self, first: int | None) -> BuildConfig:
+        """The same build with its members seeded `first`, `first` + 1, ... (None: the preset's own seeds): another
+        set of weights, and so another model sha256, from the same recipe."""
+        if first is None:
+            return self
+        members = tuple(member.model_copy(update={"seed": first + i}) for i, member in enumerate(self.members))
+        return self.model_copy(update={"members": members})
+
     def member_fingerprint(self, member: MemberConfig) -> str:
         """Changes whenever anything that shapes this member's weights or its export changes."""
         payload = {"member": member.model_dump(), "training": self.training.model_dump(), "opset": self.opset}

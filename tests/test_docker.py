@@ -452,3 +452,42 @@ def test_docker_stop_shuts_the_server_down_cleanly(image: str) -> None:
         assert (state["Status"], state["ExitCode"]) == ("exited", 0)  # 137 (SIGKILL) had it ignored SIGTERM
     finally:
         run(DOCKER, "rm", "--force", container)
+
+
+def ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+    except httpx.TransportError:  # the new container is not listening yet
+        return False
+
+
+def test_a_release_is_upgraded_to_and_rolled_back_from(image: str) -> None:
+    """deploy/release as docs/operations.md runs it: the first release, a second with other weights (MODEL_SEED:
+    another model, another sha256), the upgrade to it, and the rollback, after which the app serves the first
+    release's model again. It leaves the test preset's tag on the first release, the `image` fixture's."""
+    with compose_stack("release") as stack:
+        compose = [*compose_command(), "--project-name", stack.project, "--file", str(REPO / "docker-compose.yml")]
+
+        def release(*args: str, **variables: str) -> str:
+            environment = {**stack.env, "COMPOSE": " ".join(compose), **variables}
+            result = run(str(REPO / "deploy" / "release"), *args, env=environment, cwd=REPO, timeout=BUILD_TIMEOUT_S)
+            assert result.returncode == 0, f"release {' '.join(args)}: {result.stderr[-3000:]}"
+            return result.stdout.strip()
+
+        def served() -> str:
+            """The sha256 the app serves once it is ready (`deploy` returns once the new container has started)."""
+            wait_until(lambda: ready(stack.app_url), "the app to be ready")
+            return httpx.get(f"{stack.app_url}/readyz", timeout=30).json()["sha256"]
+
+        first = release("build")
+        second = release("build", MODEL_SEED="7")
+        assert first != second and first.split("-")[0] == second.split("-")[0]  # one version, two models
+        assert served().startswith(first.split("-")[-1])
+        release("deploy", second)
+        assert served().startswith(second.split("-")[-1])
+        release("deploy", first)  # the rollback
+        assert served().startswith(first.split("-")[-1])
+        assert {first, second} <= set(release("list").splitlines())
+    assert docker("image", "inspect", "--format", "{{.Id}}", IMAGE) == docker(
+        "image", "inspect", "--format", "{{.Id}}", f"onnx-ensemble-serving:{first}"
+    )
