@@ -5,6 +5,7 @@
     combine      how the members' outputs become the ensemble's: the reference every mode and the build check use
     manifest     manifest.json's schema, the directory's layout, checksums, image pre- and post-processing
     modes        the registry of ensembling modes: what each runs, its thread policy, its description
+    picture      a picture as an image model takes it: the service's /predict and clients' /v2 tensors alike
 
-It imports neither torch nor onnx nor the service: numpy and pydantic only.
+It imports neither torch nor onnx nor the service: numpy, pydantic and Pillow only.
 """

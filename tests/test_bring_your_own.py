@@ -105,9 +105,9 @@ def test_vision_predict_answers_labels_with_probabilities_in_every_mode(
 ) -> None:
     manifest = load_manifest(vision_dir)
     image = picture(width=90, height=70, seed=3)
-    from app.core.imaging import preprocess
+    from ensemble_contract.picture import input_batch
 
-    feeds = {"input": preprocess(image, manifest.image)}
+    feeds = {"input": input_batch(image, manifest.image)}
     logits = run_members(vision_dir, manifest, feeds)["logits"][0]
     probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     top = np.argsort(-probabilities)[:5]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -269,6 +270,32 @@ def test_the_proxy_passes_what_the_app_takes(stack: Stack, caddy_root: Path) -> 
         assert (taken.status_code, taken.json()["error"]["code"]) == (400, "bad_image"), taken.text
         refused = client.post("/predict", content=b"\0" * (UPLOAD_LIMIT + 1), headers=headers)
         assert refused.status_code == 413, refused.text
+
+
+def client_blocks() -> list[str]:
+    """The Python blocks of docs/api.md's "Python clients", in order."""
+    section = (REPO / "docs" / "api.md").read_text().split("## Python clients", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+
+
+def test_the_documented_python_clients_agree_through_the_proxy(
+    stack: Stack, caddy_root: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/api.md's client blocks, run as they are with the key and Caddy's CA: /predict with a file, /v2 binary
+    over HTTP and gRPC with the tensor the manifest's preprocessing makes, all three the same probabilities."""
+    trust = ssl.create_default_context(cafile=str(caddy_root))
+    with httpx.Client(base_url=f"https://{stack.tls_address}", verify=trust) as client:
+        wait_until(lambda: client.get("/readyz").status_code == 200, "the proxy to reach the app")
+    names = {"ADDRESS": stack.tls_address, "API_KEY": API_KEY, "CA": str(caddy_root), "MODEL_DIR": model_dir}
+    monkeypatch.chdir(REPO)  # the blocks name docs/example.png as a reader in the checkout would
+    blocks = client_blocks()
+    assert len(blocks) == 3
+    for block in blocks:
+        exec(compile(block, "docs/api.md", "exec"), names)  # the documentation's own code, as a reader runs it
+    labels = names["manifest"].image.labels
+    predicted = np.array([names["predict_probabilities"][label] for label in labels])
+    assert np.allclose(names["http_probabilities"], predicted, atol=1e-3)
+    assert np.allclose(names["grpc_probabilities"], names["http_probabilities"], atol=1e-6)
 
 
 def test_curl_trusts_the_proxy_with_the_ca_root(stack: Stack, caddy_root: Path) -> None:

@@ -11,10 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from app.core.imaging import check_media_type, decode, encode_mask_png, open_image, preprocess
+from app.core.imaging import check_media_type, decode, encode_mask_png, open_image
 from app.errors import BadImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from bench.service import encode, picture
 from ensemble_contract.manifest import ImageSpec, ImageTask
+from ensemble_contract.picture import input_batch
 from tests.support import png_header_only
 
 TARGET = (32, 32)
@@ -120,7 +121,7 @@ def test_other_media_types_are_unsupported(content_type: str) -> None:
 
 def test_preprocess_follows_the_manifest_contract() -> None:
     image = Image.new("RGB", (64, 48), (255, 51, 0))
-    batch = preprocess(image, SPEC)
+    batch = input_batch(image, SPEC)
     assert batch.shape == (1, 3, 24, 32)
     assert batch.dtype == np.float32
     assert batch.flags.c_contiguous
@@ -131,7 +132,7 @@ def test_preprocess_follows_the_manifest_contract() -> None:
 def test_preprocess_stretches_any_aspect_ratio() -> None:
     left_red_right_blue = Image.new("RGB", (200, 10), (0, 0, 255))
     left_red_right_blue.paste((255, 0, 0), (0, 0, 100, 10))
-    batch = preprocess(
+    batch = input_batch(
         left_red_right_blue, SPEC.model_copy(update={"height": 8, "width": 8, "mean": (0.5,) * 3, "std": (0.5,) * 3})
     )
     assert batch[0, 0, :, 0].min() > 0.9  # left column red
@@ -177,6 +178,6 @@ def test_any_size_and_aspect_gives_the_model_shape(format: str, width: int, heig
     except BadImage:
         assert cut  # only a truncated file may fail
         return
-    batch = preprocess(image, SPEC)
+    batch = input_batch(image, SPEC)
     assert batch.shape == (1, 3, SPEC.height, SPEC.width)
     assert np.isfinite(batch).all()

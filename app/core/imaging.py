@@ -1,9 +1,6 @@
-"""Pictures in and out: decoding an upload, turning it into the model's input, encoding a class mask.
-
-The preprocessing contract comes only from the manifest's ImageSpec: RGB, stretched to width x height
-(bilinear), then ImageSpec.normalise, the function the build step trains and scores with. Transparent
-pixels are composited on white (the synthetic training images have no alpha), EXIF orientation is
-applied, 16-bit grayscale is scaled to 8 bits.
+"""Pictures in and out: an upload's media type, its header read and its pixels decoded within bounds, and a class
+mask encoded. What a decoded picture becomes for the model is the contract's (ensemble_contract.picture), which
+clients building /v2 tensors call too.
 """
 
 from __future__ import annotations
@@ -11,17 +8,15 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from app.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
-from ensemble_contract.manifest import ImageSpec
+from ensemble_contract.picture import upright_rgb
 
 # Pillow format names we decode, and the media types that announce them.
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp")  # the documented ones
 ACCEPTED_MEDIA_TYPES = frozenset({*MEDIA_TYPES, "image/jpg", "image/x-ms-bmp"})  # and aliases clients send
-WHITE = (255, 255, 255, 255)
-SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 
 # Mask colours: background black, then well-separated colours (repeated if there are more classes).
 _PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
@@ -71,25 +66,9 @@ def decode(image: Image.Image) -> Image.Image:
     """An opened image as an upright 8-bit RGB picture; BadImage if its pixel data cannot be decoded."""
     try:
         image.load()
-        return _to_rgb(ImageOps.exif_transpose(image))
+        return upright_rgb(image)
     except Exception as exc:  # truncated or corrupt pixel data: the client's fault, never a 500
         raise BadImage(f"the image cannot be decoded ({type(exc).__name__}: {exc})") from None
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in SIXTEEN_BIT_MODES:  # Pillow's own conversion would clip at 255, not scale
-        scaled = np.asarray(image, dtype=np.float32) / 257
-        image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
-    if image.has_transparency_data:
-        background = Image.new("RGBA", image.size, WHITE)
-        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
-
-
-def preprocess(image: Image.Image, spec: ImageSpec, dtype: np.dtype | type = np.float32) -> np.ndarray:
-    """An RGB picture as the model's input batch of one, in the spec's layout, as `dtype`."""
-    resized = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-    return spec.normalise(np.asarray(resized, dtype=np.uint8)[np.newaxis], dtype)
 
 
 def encode_mask_png(mask: np.ndarray, classes: int) -> bytes:

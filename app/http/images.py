@@ -24,6 +24,7 @@ from app.engine.runtime import Tensors
 from app.errors import InferenceFailed
 from ensemble_contract.manifest import ImageSpec
 from ensemble_contract.modes import Mode, ModeChoice
+from ensemble_contract.picture import input_batch
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class ImageRequest:
         decoded = time.perf_counter()
         input_spec = model.manifest.signature.input(image.input)
         assert input_spec is not None  # the manifest's validator checks it
-        batch = imaging.preprocess(decoded_image, image, input_spec.dtype)
+        batch = input_batch(decoded_image, image, input_spec.dtype)
         return {image.input: batch}, decoded - start, time.perf_counter() - decoded
 
 

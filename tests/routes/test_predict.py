@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.core.imaging import decode, open_image, preprocess
+from app.core.imaging import decode, open_image
 from bench.service import encode, picture, png_bytes
 from ensemble_contract.manifest import Manifest
 from ensemble_contract.modes import Mode
+from ensemble_contract.picture import input_batch
 from tests.support import INT8_ATOL, LiveServer, infer_json, png_header_only
 
 TOLERANCE = 1e-4
@@ -116,7 +117,7 @@ def test_mask_is_the_argmax_of_the_mask_probabilities(client: httpx.Client, mani
     png = Image.open(io.BytesIO(base64.b64decode(mask["png_base64"])))
     assert (png.format, png.mode, png.size) == ("PNG", "P", (spec.width, spec.height))
     # The same picture through the protocol that takes tensors: one preprocessing, one model, one answer.
-    batch = preprocess(decode(open_image(data, max_pixels=10**6, target_size=(spec.width, spec.height))), spec)
+    batch = input_batch(decode(open_image(data, max_pixels=10**6, target_size=(spec.width, spec.height))), spec)
     outputs = infer_json(client, manifest.name, batch, outputs=["mask_probs"])
     mask_probs = np.asarray(outputs["mask_probs"]["data"], dtype=np.float32).reshape(outputs["mask_probs"]["shape"])
     np.testing.assert_array_equal(np.asarray(png), mask_probs[0].argmax(axis=0))
