@@ -26,6 +26,9 @@ HttpParser = Literal["httptools", "h11"]
 EventLoop = Literal["uvloop", "asyncio"]
 
 
+SECRETS = ("API_KEY", "MODEL_CONTROL_KEY")  # never shown in an error
+
+
 def _describe(error: Any) -> str:
     """'MAX_QUEUE=-1: Input should be ...', never showing a secret's value nor the whole environment."""
     if not error["loc"]:
@@ -33,9 +36,6 @@ def _describe(error: Any) -> str:
     name = ".".join(map(str, error["loc"])).upper()
     shown = "(hidden)" if name in SECRETS else repr(error["input"])
     return f"{name}={shown}: {error['msg']}"
-
-
-SECRETS = ("API_KEY", "MODEL_CONTROL_KEY")  # never shown in an error
 
 
 def valid_key(value: str) -> str:

@@ -22,6 +22,13 @@ Give --task (and the image options) to serve POST /predict for image members; /v
 """
 
 
+def _seed(value: str) -> int:
+    seed = int(value)
+    if seed < 0:
+        raise argparse.ArgumentTypeError("a seed is 0 or more")
+    return seed
+
+
 def _triple(value: str) -> tuple[float, float, float]:
     parts = tuple(float(v) for v in value.split(","))
     if len(parts) != 3:
@@ -67,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     build_cmd.add_argument("--out", type=Path, help="output directory (default: models/<preset>)")
     build_cmd.add_argument(
-        "--seed", type=int, help="the first member's seed, the others' following it (default: the preset's, 1, 2, ...)"
+        "--seed", type=_seed, help="the first member's seed, the next ones following (default: the preset's, 1, 2, ...)"
     )
     fuse_cmd = commands.add_parser(
         "fuse",

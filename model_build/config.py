@@ -90,7 +90,10 @@ class BuildConfig(BaseModel):
         set of weights, and so another model sha256, from the same recipe."""
         if first is None:
             return self
-        members = tuple(member.model_copy(update={"seed": first + i}) for i, member in enumerate(self.members))
+        members = tuple(
+            MemberConfig.model_validate(member.model_dump() | {"seed": first + index})
+            for index, member in enumerate(self.members)
+        )
         return self.model_copy(update={"members": members})
 
     def member_fingerprint(self, member: MemberConfig) -> str:

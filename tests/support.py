@@ -211,12 +211,14 @@ def grpc_infer(
     *,
     name: str = "image",
     datatype: str = "FP32",
+    headers: dict[str, str] | None = None,
     **parameters: str,
 ) -> triton_grpc.InferResult:
-    """One input over gRPC as tritonclient sends it (raw_input_contents: the client's default)."""
+    """One input over gRPC as tritonclient sends it (raw_input_contents: the client's default), with `headers` as
+    the call's metadata."""
     tensor = triton_grpc.InferInput(name, list(batch.shape), datatype)
     tensor.set_data_from_numpy(batch)
-    return client.infer(model, [tensor], parameters=parameters or None)
+    return client.infer(model, [tensor], parameters=parameters or None, headers=headers)
 
 
 def v2_json_call(url: str, model: str, feeds: Tensors, mode: Mode, outputs: list[str] | None = None) -> Call:

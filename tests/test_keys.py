@@ -16,7 +16,7 @@ from app.errors import StartupError
 from app.settings import Settings
 from bench.service import ServiceProcess, free_port, service_process
 from ensemble_contract.manifest import Manifest
-from tests.support import infer_body
+from tests.support import grpc_infer, infer_body
 
 OLD, NEW = "the-old-key-of-this-rotation", "the-new-key-of-this-rotation"
 REQUESTS = 6  # per check: spread over both workers
@@ -51,11 +51,9 @@ def statuses(service: ServiceProcess, manifest: Manifest, key: str) -> set[int]:
 def grpc_ready(grpc_port: int, manifest: Manifest, key: str) -> str:
     """gRPC ModelInfer with the key: 'OK' or the status code it was refused with."""
     image = np.zeros((1, 3, manifest.image.height, manifest.image.width), np.float32)
-    tensor = triton.InferInput("image", list(image.shape), "FP32")
-    tensor.set_data_from_numpy(image)
     with triton.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
         try:
-            client.infer(manifest.name, [tensor], headers={"authorization": f"Bearer {key}"})
+            grpc_infer(client, manifest.name, image, headers={"authorization": f"Bearer {key}"})
         except triton.InferenceServerException as refused:
             return str(refused.status())
     return "OK"
