@@ -1,10 +1,10 @@
 """The image and the compose stack, for real: build (test preset), `docker-compose up` with an API key and the TLS
-profile, predict through the published port and through Caddy (HTTPS and gRPC over TLS), Prometheus scraping the
-app, the load generator, the CPU quota, a user's model directory mounted into a second stack, start-up failures
-that say what to fix, and a clean `docker stop`.
+profile, predict through the published port and through Caddy (HTTPS and gRPC over TLS), the documented Python
+clients, Prometheus scraping the app, the load generator, the CPU quota, start-up failures that say what to fix,
+hostile requests under a memory limit, and a clean `docker stop`. (docs/operations.md's VM recipe, releases and a
+user's mounted model directory are tests/test_vm_recipe.py's.)
 
-Runs as root where a Docker engine answers and the base images exist: on these machines,
-`../shared/tools/docker-standins .` sets that up (.ci/run does). Skipped anywhere else.
+Runs as root where a Docker engine answers and the base images exist (tests/dockerhost.py); skipped elsewhere.
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ import io
 import json
 import os
 import re
-import shutil
 import socket
 import ssl
-import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,70 +28,30 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from PIL import Image
 
-from app.settings import Settings
 from bench.hostile import AttackTarget, Kind, Outcome, kinds, storm
 from bench.service import free_port
-from ensemble_contract.manifest import load_manifest
 from ensemble_contract.modes import Mode
+from tests.dockerhost import (
+    BUILD_TIMEOUT_S,
+    DOCKER,
+    compose_command,
+    docker,
+    inspect,
+    needs_docker,
+    run,
+    users_environment,
+    wait_until,
+)
 from tests.support import infer_body
-from tests.third_party import TABULAR_FEATURES
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "onnx-ensemble-serving:test"  # docker-compose.yml's image name with MODEL_PRESET=test
-BASE_IMAGES = ("python:3.11-slim", "prom/prometheus:v2.53.0", "caddy:2.8")
 MODES = {mode.value for mode in Mode}  # the test build ships the int8 graph: every mode is served
-DEADLINE_S = 180  # guards against hanging, not a performance expectation
 API_KEY = "a-compose-test-key-of-32-characters"
 AUTHORIZED = {"Authorization": f"Bearer {API_KEY}"}
 CADDY_ROOT = "/data/caddy/pki/authorities/local/root.crt"
-BUILD_TIMEOUT_S = 1200  # a first build downloads every dependency
 
-# Debian's client matches Debian's engine (docker-standins); otherwise whichever `docker` is on PATH.
-DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else shutil.which("docker") or "docker"
-
-
-def run(*command: str, timeout: float = DEADLINE_S, **options: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **options)
-
-
-def compose_command() -> list[str]:
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    return [DOCKER, "compose"]
-
-
-def why_not_runnable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (the Docker engine here is root's)"
-    if shutil.which(DOCKER) is None or run(DOCKER, "info").returncode != 0:
-        return "no Docker engine answers: run ../shared/tools/docker-standins . as root"
-    if run(*compose_command(), "version").returncode != 0:
-        return "neither docker-compose nor the docker compose plugin is installed"
-    missing = [image for image in BASE_IMAGES if run(DOCKER, "image", "inspect", image).returncode != 0]
-    if missing:
-        return f"base images {missing} are missing and there is no registry: run ../shared/tools/docker-standins ."
-    return None
-
-
-REASON = why_not_runnable()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
-
-
-def docker(*args: str, timeout: float = DEADLINE_S) -> str:
-    result = run(DOCKER, *args, timeout=timeout)
-    assert result.returncode == 0, f"docker {' '.join(args)}: {result.stdout[-3000:]}{result.stderr[-3000:]}"
-    return result.stdout.strip()
-
-
-def inspect(container: str) -> dict[str, Any]:
-    return json.loads(docker("inspect", container))[0]
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(1)
+pytestmark = needs_docker
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +99,7 @@ def compose_stack(name: str, **variables: str) -> Iterator[Stack]:
     """`docker-compose up -d` of the app (test preset) and Prometheus on free ports, with the given variables, as
     a user's environment or .env would set them; `down -v` whatever happens."""
     env = {
-        **{key: value for key, value in os.environ.items() if key.lower() not in Settings.model_fields},
+        **users_environment(),
         "MODEL_PRESET": "test",  # selects the image the `image` fixture built
         "APP_PORT": str(free_port()),
         "APP_GRPC_PORT": str(free_port()),
@@ -388,28 +345,6 @@ def test_prometheus_scrapes_the_app_and_sees_the_load_generator(stack: Stack) ->
     wait_until(lambda: modes_counted() == MODES, "Prometheus to count the load generator's requests of every mode")
 
 
-@pytest.fixture(scope="module")
-def users_model(tabular_dir: Path) -> Iterator[Path]:
-    """A copy of a user's fused ensemble (third-party tabular members) that the container's user can read."""
-    with tempfile.TemporaryDirectory(prefix="user-models-") as mount:
-        target = Path(mount) / "my-ensemble"
-        shutil.copytree(tabular_dir, target)
-        for path in (Path(mount), *Path(mount).rglob("*")):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        yield target
-
-
-def test_a_mounted_model_directory_is_what_is_served(image: str, users_model: Path) -> None:
-    variables = {"MODEL_MOUNT": str(users_model.parent), "MODEL_DIR": f"/mnt/models/{users_model.name}"}
-    with compose_stack("user", **variables) as user, httpx.Client(base_url=user.app_url, timeout=30) as client:
-        ready = client.get("/readyz").json()
-        assert (ready["model"], ready["sha256"]) == ("tabular", load_manifest(users_model).ensemble.sha256)
-        rows = np.zeros((2, TABULAR_FEATURES), np.float32)
-        response = client.post("/v2/models/tabular/infer", json=infer_body(rows, ["label"], input_name="X"))
-        assert response.status_code == 200, response.text
-        assert response.json()["outputs"][0]["shape"] == [2]
-
-
 @pytest.mark.parametrize(
     ("environment", "status", "message"),
     [
@@ -479,42 +414,3 @@ def test_docker_stop_shuts_the_server_down_cleanly(image: str) -> None:
         assert (state["Status"], state["ExitCode"]) == ("exited", 0)  # 137 (SIGKILL) had it ignored SIGTERM
     finally:
         run(DOCKER, "rm", "--force", container)
-
-
-def ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-    except httpx.TransportError:  # the new container is not listening yet
-        return False
-
-
-def test_a_release_is_upgraded_to_and_rolled_back_from(image: str) -> None:
-    """deploy/release as docs/operations.md runs it: the first release, a second with other weights (MODEL_SEED:
-    another model, another sha256), the upgrade to it, and the rollback, after which the app serves the first
-    release's model again. It leaves the test preset's tag on the first release, the `image` fixture's."""
-    with compose_stack("release") as stack:
-        compose = [*compose_command(), "--project-name", stack.project, "--file", str(REPO / "docker-compose.yml")]
-
-        def release(*args: str, **variables: str) -> str:
-            environment = {**stack.env, "COMPOSE": " ".join(compose), **variables}
-            result = run(str(REPO / "deploy" / "release"), *args, env=environment, cwd=REPO, timeout=BUILD_TIMEOUT_S)
-            assert result.returncode == 0, f"release {' '.join(args)}: {result.stderr[-3000:]}"
-            return result.stdout.strip()
-
-        def served() -> str:
-            """The sha256 the app serves once it is ready (`deploy` returns once the new container has started)."""
-            wait_until(lambda: ready(stack.app_url), "the app to be ready")
-            return httpx.get(f"{stack.app_url}/readyz", timeout=30).json()["sha256"]
-
-        first = release("build")
-        second = release("build", MODEL_SEED="7")
-        assert first != second and first.split("-")[0] == second.split("-")[0]  # one version, two models
-        assert served().startswith(first.split("-")[-1])
-        release("deploy", second)
-        assert served().startswith(second.split("-")[-1])
-        release("deploy", first)  # the rollback
-        assert served().startswith(first.split("-")[-1])
-        assert {first, second} <= set(release("list").splitlines())
-    assert docker("image", "inspect", "--format", "{{.Id}}", IMAGE) == docker(
-        "image", "inspect", "--format", "{{.Id}}", f"onnx-ensemble-serving:{first}"
-    )
