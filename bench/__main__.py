@@ -20,6 +20,7 @@ from bench import batching, compare, frontend, peers, sweep, workers
 from bench.common import Budget, Machine, Report, update_section
 from ensemble_contract.modes import Mode
 from model_build.config import PRESETS, TrainingConfig
+from model_build.folder import read_folder
 
 DOCS = Path("docs/benchmarks.md")
 ARTIFACTS = Path("artifacts/bench")
@@ -51,7 +52,9 @@ def run_sweep(args: argparse.Namespace, out: Path) -> Report:
     specs = [sweep.single(w) for w in widths] + [sweep.ensemble(label) for label in labels]
     chosen = Budget(3, 20, 5) if args.quick else Budget(10, 60, 12)
     timing = Budget(chosen.warmup, args.runs or chosen.runs, chosen.max_seconds)
-    return sweep.run(specs, training, args.test_images or test_images, args.reuse_members, timing, args.rounds, out)
+    folder = read_folder(args.data) if args.data else None
+    test_images = max(1, len(folder.indices("test"))) if folder else args.test_images or test_images
+    return sweep.run(specs, sweep.Training(training, test_images, folder), args.reuse_members, timing, args.rounds, out)
 
 
 ROUNDS = (5, 2)  # interleaved rounds: full, --quick
@@ -103,6 +106,12 @@ def parser() -> argparse.ArgumentParser:
         "--reuse-members", type=Path, action="append", default=[], metavar="MODEL_DIR", help="copy matching members"
     )
     s.add_argument("--from-csv", type=Path, metavar="CSV", help="no build or timing: re-render a run's CSV")
+    s.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="your labelled images (docs/build.md), not the shapes; no docs rewritten",
+    )
     sub["compare"].add_argument("--calls", type=int, help="in-process calls a mode a round (default 30)")
     for name, python in ((n, Path(f".venv-{n}/bin/python")) for n in peers.ENVIRONMENTS):
         takers = [sub["peers"], sub["frontend"]] if name == "triton" else [sub["peers"]]
@@ -141,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.rounds = args.rounds or ROUNDS[args.quick]
     if command.seconds is not None:
         args.seconds = args.seconds or command.seconds[args.quick]
+    if getattr(args, "data", None) is not None:
+        args.no_docs = True  # the published section is the shapes' experiment; yours stays in --out
     out: Path = args.out or ARTIFACTS / (args.command + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     publish(args, argv, out, command.run(args, out))

@@ -1,8 +1,10 @@
 """`python -m bench sweep`: latency against accuracy across widths and ensembles, separate sessions against fused.
 
-Builds single UNets and ensembles of them with model_build (`--reuse-members DIR` copies members built the same
-way), times each model's configurations in interleaved rounds through the service's runtime, and writes sweep.csv,
-sweep.png and sweep.md; `--from-csv docs/sweep.csv` re-renders them. ~20 min on 2 cores.
+Builds single UNets and ensembles of them with model_build, on the synthetic shapes or on your labelled images
+(`--data DIR`, the layout of docs/build.md; accuracy on its test split), `--reuse-members DIR` copying members built
+the same way; times each model's configurations in interleaved rounds through the service's runtime, and writes
+sweep.csv, sweep.png and sweep.md, which ends with the models on the Pareto front and what the fused graph saves;
+`--from-csv docs/sweep.csv` re-renders them. ~20 min on 2 cores.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from app.settings import Settings, Spinning
 from bench.common import Budget, Interval, Machine, Report, Setup, log, table, time_in_process
 from ensemble_contract.manifest import Manifest, load_manifest
 from ensemble_contract.modes import Mode
-from model_build.config import BuildConfig, Int8Config, MemberConfig, TrainingConfig
+from model_build.config import BuildConfig, FolderData, Int8Config, MemberConfig, TrainingConfig
+from model_build.folder import LabelledFolder
 
 SEPARATE_OVER_FUSED_TARGET = 1.5  # the published 2.14x, with room for a machine of another kind
 FUSED_OVER_SUM_TARGET = 1.10  # fusing saves no work: the fused graph costs about its members alone
@@ -83,36 +86,54 @@ def ensemble(label: str) -> ModelSpec:
     return ModelSpec(label, tuple(members))
 
 
-def _build(spec: ModelSpec, out: Path, training: TrainingConfig, test_images: int, sources: Sequence[Path]) -> None:
+@dataclass(frozen=True)
+class Training:
+    """How every model of a sweep is trained and scored: on what, how long, on how many held-out images."""
+
+    config: TrainingConfig
+    test_images: int
+    folder: LabelledFolder | None = None  # None: the synthetic shapes
+
+    @property
+    def data(self) -> FolderData | None:
+        return None if self.folder is None else FolderData.of(self.folder)
+
+
+def _build(spec: ModelSpec, out: Path, training: Training, sources: Sequence[Path]) -> None:
     """Builds `spec` into `out` (fp32 only), first copying in each member it lacks from the first of `sources`
     (model directories) that has it built the same way."""
     from model_build.build import build, is_built  # torch is imported only where a build runs
 
-    config = BuildConfig(name=f"sweep-{spec.dir_name}", members=spec.members, training=training,
-                         test_images=test_images, int8=Int8Config(enabled=False))  # fmt: skip
+    config = BuildConfig(
+        name=f"sweep-{spec.dir_name}",
+        members=spec.members,
+        training=training.config,
+        data=training.data,
+        test_images=training.test_images,
+        int8=Int8Config(enabled=False),
+    )
     for member in config.members:
         path = out / "members" / f"{member.name}.onnx"
         found = [s / "members" / path.name for s in sources if is_built(s / "members" / path.name, config, member)]
         if found and not is_built(path, config, member):
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(found[0], path)
-    build(config, out)
+    build(config, out, training.folder)
 
 
 def build_all(
-    specs: Sequence[ModelSpec], training: TrainingConfig, test_images: int, root: Path, reuse: Sequence[Path] = ()
+    specs: Sequence[ModelSpec], training: Training, root: Path, reuse: Sequence[Path] = ()
 ) -> dict[str, Path]:
     """Builds every model under `root`, the members first (a process each, as many as the cores hold at
-    `training.threads` threads each); returns each label's model directory."""
+    `training.config.threads` threads each); returns each label's model directory."""
     members = list(dict.fromkeys(m for spec in specs for m in spec.members))
-    workers = max(1, min(len(members), usable_cores().count // training.threads))
+    workers = max(1, min(len(members), usable_cores().count // training.config.threads))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        built = [pool.submit(_build, ModelSpec(m.name, (m,)), root / m.name, training, test_images, reuse)
-                 for m in members]  # fmt: skip
+        built = [pool.submit(_build, ModelSpec(m.name, (m,)), root / m.name, training, reuse) for m in members]
         for future in built:
             future.result()
     for spec in (s for s in specs if s.is_ensemble):
-        _build(spec, root / spec.dir_name, training, test_images, [root / m.name for m in spec.members])
+        _build(spec, root / spec.dir_name, training, [root / m.name for m in spec.members])
     return {spec.label: root / spec.dir_name for spec in specs}
 
 
@@ -135,7 +156,7 @@ class SweepRow(BaseModel):
     training_steps: int
     mean_label_accuracy: float
     exact_match_accuracy: float
-    mean_iou: float
+    mean_iou: float | None  # None: trained without masks
     cpu: str
     cores: int
     onnxruntime: str
@@ -247,7 +268,33 @@ def markdown(rows: Sequence[SweepRow], header: str, target: str) -> str:
         for name, column, low, high in claims
     ]
     against = f"Against the published claims (on `{target}`, batch 1; a bound holds where the whole 95 % interval is):"
-    return "\n\n".join([header, table(headers, body), legend, against, "\n".join(checks)])
+    return "\n\n".join([header, table(headers, body), legend, against, "\n".join(checks), verdict(rows)])
+
+
+def verdict(rows: Sequence[SweepRow]) -> str:
+    """The closing line: the models on the Pareto front (single models, ensembles' fused graphs and separate
+    sessions), and what each ensemble's fused graph saves against its separate sessions."""
+    points: dict[tuple[float, float], str] = {}
+    savings = []
+    for model, configs in _by_model(rows).items():
+        if (fused := configs.get("fused-default")) is None:
+            continue
+        ensemble = fused.kind == "ensemble"
+        points[(fused.median_ms, fused.mean_label_accuracy)] = f"`{model}` fused" if ensemble else f"`{model}`"
+        if ensemble and (separate := configs.get("separate-default")) is not None:
+            points.setdefault((separate.median_ms, separate.mean_label_accuracy), f"`{model}` separate")
+            ratio = Interval.of_ratios(separate.rounds_ms, fused.rounds_ms)
+            if ratio.mean > 0:
+                savings.append(f"`{model}` {1 - 1 / ratio.mean:.0%} (separate ÷ fused {ratio.brief()})")
+    front = [points[point] for point in pareto_front(list(points))]
+    ensembles = [name for name in front if name.endswith(("fused", "separate"))]
+    lines = [
+        f"**On this data and this machine**, the Pareto front (no other model both faster and more accurate): "
+        f"{', '.join(front)}; " + (f"ensembles on it: {', '.join(ensembles)}." if ensembles else "no ensemble on it.")
+    ]
+    if savings:
+        lines.append(f"The fused graph saves of the separate sessions' median time: {'; '.join(savings)}.")
+    return " ".join(lines)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -346,8 +393,7 @@ def rerender(csv_path: Path, out: Path) -> Report:
 
 def run(
     specs: Sequence[ModelSpec],
-    training: TrainingConfig,
-    test_images: int,
+    training: Training,
     reuse: Sequence[Path],
     budget: Budget,
     rounds: int,
@@ -356,7 +402,7 @@ def run(
     """Builds every model, then times them one after another; the CSV is rewritten after each model, so that an
     interruption keeps what was measured."""
     log(f"[sweep] building {len(specs)} models into {out / 'models'} (up-to-date ones are skipped)")
-    dirs = build_all(specs, training, test_images, out / "models", reuse)
+    dirs = build_all(specs, training, out / "models", reuse)
     rows: list[SweepRow] = []
     for spec in specs:
         manifest = load_manifest(dirs[spec.label])
@@ -364,9 +410,12 @@ def run(
             rows.append(_row(spec, manifest, config, timed))
             log(f"[sweep] {spec.label:>8} {config:<18} p50 {rows[-1].median_ms:.2f} ms, rounds {rows[-1].rounds_ms}")
         write_csv(out / "sweep.csv", rows)
+    config, folder = training.config, training.folder
+    on = "the synthetic shapes" if folder is None else f"`{folder.root.name}` ({len(folder.examples)} images)"
+    held_out = f"{training.test_images} held-out images" if folder is None else "its test split"
     what = (
-        f"Sweep models trained {training.steps} steps at {training.image_size}x{training.image_size}, batch "
-        f"{training.batch_size}, on {training.threads} thread(s); accuracy on {test_images} held-out images. Each "
+        f"Sweep models trained on {on}, {config.steps} steps at {config.size[0]}x{config.size[1]}, batch "
+        f"{config.batch_size}, on {config.threads} thread(s); accuracy on {held_out}. Each "
         "model's configurations run through the service's runtime in one process, one runtime per spinning setting, "
         f"timed in {rounds} interleaved rounds (the order rotated each round): per round {budget.warmup} warm-up runs, "
         f"then {budget.runs} timed runs (at most {budget.max_seconds:g} s), batch 1."

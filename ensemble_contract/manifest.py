@@ -126,11 +126,12 @@ class FileEntry(StrictModel):
 
 
 class Metrics(StrictModel):
-    """Held-out metrics of our shapes models: per-label accuracy averaged, all labels right, mean IoU."""
+    """Held-out metrics of our UNets: per-label accuracy averaged, all labels right, mean IoU (of models trained on
+    masks)."""
 
     mean_label_accuracy: float = Field(ge=0, le=1)
     exact_match_accuracy: float = Field(ge=0, le=1)
-    mean_iou: float = Field(ge=0, le=1)
+    mean_iou: float | None = Field(None, ge=0, le=1)
     images: int = Field(gt=0)
 
 

@@ -31,10 +31,14 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def stretched(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """An upright RGB picture resized to height x width (bilinear, the aspect ratio not kept), as uint8 pixels."""
+    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
 def input_batch(image: Image.Image, spec: ImageSpec, dtype: np.dtype | type = np.float32) -> np.ndarray:
     """An upright RGB picture as the model's input batch of one, in the spec's layout, as `dtype`."""
-    resized = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-    return spec.normalise(np.asarray(resized, dtype=np.uint8)[np.newaxis], dtype)
+    return spec.normalise(stretched(image, spec.height, spec.width)[np.newaxis], dtype)
 
 
 def image_tensor(model_dir: Path, picture: Path | bytes) -> np.ndarray:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from ensemble_contract.combine import Rule
 from ensemble_contract.manifest import ImageTask
-from model_build.config import MAX_ACCURACY_LOSS, PRESETS
+from model_build.config import MAX_ACCURACY_LOSS, PRESETS, BuildConfig, FolderData, MemberConfig
 from model_build.directory import log
+from model_build.folder import LabelledFolder, read_folder
 from model_build.fuse import FusionError
 from model_build.user_members import FuseRequest, fuse_files, labels_option
 from model_build.verify import FusedMismatchError
@@ -27,6 +28,17 @@ def _seed(value: str) -> int:
     if seed < 0:
         raise argparse.ArgumentTypeError("a seed is 0 or more")
     return seed
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("give 1 or more")
+    return number
+
+
+def _positive_list(value: str) -> list[int]:
+    return [_positive(part) for part in value.split(",")]
 
 
 def _triple(value: str) -> tuple[float, float, float]:
@@ -72,9 +84,28 @@ def _parser() -> argparse.ArgumentParser:
         default="default",
         help="test: tiny, seconds (for the test suite); default: what the service serves",
     )
-    build_cmd.add_argument("--out", type=Path, help="output directory (default: models/<preset>)")
+    build_cmd.add_argument("--out", type=Path, help="output directory (default: models/<preset or DIR name>)")
     build_cmd.add_argument(
         "--seed", type=_seed, help="the first member's seed, the next ones following (default: the preset's, 1, 2, ...)"
+    )
+    build_cmd.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="train on your labelled images (DIR/images, DIR/labels.csv, DIR/masks optional: docs/build.md) instead "
+        "of the synthetic shapes; the preset gives what the options below leave",
+    )
+    build_cmd.add_argument("--name", help="the ensemble's name (default: the preset's, or DIR's name)")
+    build_cmd.add_argument(
+        "--widths", type=_positive_list, metavar="W1,W2,...", help="the members' width scales, one member each"
+    )
+    build_cmd.add_argument("--members", type=_positive, help="members of each width (default: the preset's ensemble)")
+    build_cmd.add_argument("--image-size", type=_size, metavar="HxW", help="training and serving size, multiples of 16")
+    build_cmd.add_argument("--steps", type=_positive, help="training steps of each member")
+    build_cmd.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue members from the checkpoints an interrupted build of the same configuration left in OUT",
     )
     fuse_cmd = commands.add_parser(
         "fuse",
@@ -151,13 +182,49 @@ def _image_options(args: argparse.Namespace) -> dict[str, object] | None:
     return options
 
 
+def _build_config(args: argparse.Namespace, folder: LabelledFolder | None) -> BuildConfig:
+    """The preset, with what the command line changes."""
+    preset = PRESETS[args.preset]
+    config = preset.model_dump()
+    training = config["training"]
+    if args.widths or args.members:
+        widths = args.widths or [2]
+        members = [MemberConfig(width_scale=w, seed=1) for w in widths for _ in range(args.members or 1)]
+        config["members"] = [member.model_dump() | {"seed": i + 1} for i, member in enumerate(members)]
+    if args.image_size:
+        if folder is None and args.image_size[0] != args.image_size[1]:
+            raise ValueError("the synthetic shapes are square: give --image-size N")
+        training["image_size"], training["image_width"] = args.image_size
+    if args.steps:
+        training["steps"] = args.steps
+    if folder is not None:
+        config["name"] = folder.root.name
+        config["data"] = FolderData.of(folder).model_dump()
+        config["test_images"] = max(1, len(folder.indices("test")))
+    if args.name:
+        config["name"] = args.name
+    return BuildConfig.model_validate(config).seeded(args.seed)
+
+
+def _build(args: argparse.Namespace) -> None:
+    folder = None
+    if args.data is not None:
+        log(f"reading {args.data}: every image, label and mask, before anything trains")
+        folder = read_folder(args.data)
+        for line in folder.describe():
+            log(line)
+    config = _build_config(args, folder)
+    from model_build.build import build  # torch, which only the build of our UNets needs: once the data is read
+
+    default_out = Path("models") / (folder.root.name if folder is not None else args.preset)
+    build(config, args.out or default_out, folder, args.resume)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "build":
-            from model_build.build import build  # torch: only the build of our UNets needs it
-
-            build(PRESETS[args.preset].seeded(args.seed), args.out or Path("models") / args.preset)
+            _build(args)
         else:
             fuse_files(
                 FuseRequest(
@@ -172,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_accuracy_loss=args.max_accuracy_loss,
                 )
             )
-    except (FusionError, FusedMismatchError, FileNotFoundError) as exc:
+    except (FusionError, FusedMismatchError, FileNotFoundError, ValueError) as exc:  # DatasetError, ValidationError
         log(f"error: {exc}")
         return 1
     return 0

@@ -1,6 +1,6 @@
-"""The build pipeline of our UNets: train members, export them, fuse them, check the fusion, score everything,
-write the manifest (layout: ensemble_contract.manifest). `fuse` (model_build.user_members) does the second half
-for members a user brings.
+"""The build pipeline of our UNets: train members (on the synthetic shapes or a user's folder), export them, fuse
+them, check the fusion, score everything, write the manifest (layout: ensemble_contract.manifest). `fuse`
+(model_build.user_members) does the second half for members a user brings.
 """
 
 from __future__ import annotations
@@ -23,15 +23,20 @@ from ensemble_contract.manifest import (
     load_manifest,
 )
 from ensemble_contract.signature import generated_inputs
-from model_build.config import CLASS_PROBS, IMAGE_INPUT, BuildConfig, Int8Config, MemberConfig, image_spec
+from model_build.config import CLASS_PROBS, IMAGE_INPUT, BuildConfig, Int8Config, MemberConfig
+from model_build.curve import write_curve
+from model_build.data import Batch, TrainingData
 from model_build.directory import log, versions, write_ensemble, write_int8
 from model_build.evaluate import score_model
 from model_build.export import export_member
+from model_build.folder import DatasetError, read_folder
 from model_build.fuse import member_signature, plan
-from model_build.shapes import LABELS, Batch, held_out_set, make_batch
+from model_build.shapes import ShapesData
 from model_build.timing import Stopwatch, timed
-from model_build.train import train_member
+from model_build.train import Checkpoint, train_member
 from model_build.unet import UNet, parameter_count
+
+TRAINING_DIR = "training"  # each member's training curve (CSV and PNG), beside the models
 
 RANDOM_CHECK_INPUTS = 8
 
@@ -45,13 +50,29 @@ def is_built(path: Path, config: BuildConfig, member: MemberConfig) -> bool:
     return path.is_file() and _member_metadata(path).get("fingerprint") == config.member_fingerprint(member)
 
 
-def _train_and_export(config: BuildConfig, member: MemberConfig, path: Path, progress_position: int) -> str:
-    """One member from seed to ONNX file; runs in a worker process when members train at once.
+def training_data(config: BuildConfig) -> TrainingData:
+    """What `config` trains on: the shapes, or the folder it names, as it was when the build was configured."""
+    if config.data is None:
+        return ShapesData()
+    folder = read_folder(Path(config.data.path))
+    if folder.sha256 != config.data.sha256:
+        raise DatasetError(folder.root, ["its files changed since this build was configured: build again"])
+    return folder
 
-    Returns where its time went, for the build log."""
-    trained = train_member(member, config.training, progress_position)
+
+def _train_and_export(
+    config: BuildConfig, member: MemberConfig, path: Path, progress_position: int, data: TrainingData, resume: bool
+) -> str:
+    """One member from seed (or, with `resume`, its checkpoint) to ONNX file; runs in a worker process when members
+    train at once. Returns where its time went, for the build log."""
+    spec = config.image_spec
+    training_dir = path.parent.parent / TRAINING_DIR
+    training_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = Checkpoint(training_dir / f"{member.name}.checkpoint.pt", config.member_fingerprint(member))
+    trained = train_member(member, config.training, spec, data, progress_position, checkpoint, resume)
+    write_curve(training_dir, member.name, trained)
     exporting = Stopwatch.start()
-    unet = UNet(member.width_scale, len(LABELS))
+    unet = UNet(member.width_scale, len(spec.labels))
     unet.load_state_dict(trained.weights)
     metadata = {
         "name": member.name,
@@ -61,11 +82,12 @@ def _train_and_export(config: BuildConfig, member: MemberConfig, path: Path, pro
         "fingerprint": config.member_fingerprint(member),
         "image": config.image_spec.model_dump_json(),
     }
-    export_member(unet, path, config.training.image_size, config.opset, metadata)
+    export_member(unet, path, config.training.size, config.opset, metadata, spec.mask_output is not None)
+    checkpoint.path.unlink(missing_ok=True)  # the member is built: nothing left to resume
     return f"{member.name}: {trained.describe()}, exported in {exporting.describe()}"
 
 
-def _build_members(config: BuildConfig, members_dir: Path) -> list[Path]:
+def _build_members(config: BuildConfig, members_dir: Path, data: TrainingData, resume: bool) -> list[Path]:
     """Trains and exports the members whose file is missing or was built from another config.
 
     With parallel_training the members train at once in separate processes, one core each."""
@@ -80,11 +102,13 @@ def _build_members(config: BuildConfig, members_dir: Path) -> list[Path]:
     log(f"training {len(todo)} member(s) for {config.training.steps} steps at {config.training.image_size}px")
     with timed("training and export"):
         if not config.parallel_training or len(todo) < 2:
-            reports = [_train_and_export(config, m, path, i) for i, (m, path) in enumerate(todo)]
+            reports = [_train_and_export(config, m, path, i, data, resume) for i, (m, path) in enumerate(todo)]
         else:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=len(todo), mp_context=context) as pool:
-                futures = [pool.submit(_train_and_export, config, m, path, i) for i, (m, path) in enumerate(todo)]
+                futures = [
+                    pool.submit(_train_and_export, config, m, path, i, data, resume) for i, (m, path) in enumerate(todo)
+                ]
                 reports = [f.result() for f in futures]
         for report in reports:
             log(report)
@@ -92,22 +116,25 @@ def _build_members(config: BuildConfig, members_dir: Path) -> list[Path]:
     return paths
 
 
-def _write_int8(config: Int8Config, out: Path, test: Batch, test_inputs: np.ndarray) -> Int8:
-    """The int8 graph, calibrated on training seeds' images, kept when it loses at most config.max_accuracy_loss
-    of mean label accuracy on the held-out set."""
-    if not config.enabled:
-        return write_int8(out, None, None, config.max_accuracy_loss).model_copy(update={"note": "int8 turned off"})
-    spec = image_spec(test.images.shape[1])
-    calibration = {IMAGE_INPUT: spec.normalise(make_batch(range(config.calibration_images), spec.height).images)}
+def _write_int8(config: BuildConfig, out: Path, test: Batch, test_inputs: np.ndarray, data: TrainingData) -> Int8:
+    """The int8 graph, calibrated on training images, kept when it loses at most max_accuracy_loss of mean label
+    accuracy on the held-out set."""
+    int8: Int8Config = config.int8
+    if not int8.enabled:
+        return write_int8(out, None, None, int8.max_accuracy_loss).model_copy(update={"note": "int8 turned off"})
+    spec = config.image_spec
+    calibration_images = data.calibration_set(config.training.size, int8.calibration_images).images
+    calibration = {IMAGE_INPUT: spec.normalise(calibration_images)}
 
     def mean_label_accuracy(path: Path) -> dict[str, float]:
         return {"mean_label_accuracy": score_model(path, test, test_inputs).mean_label_accuracy}
 
-    return write_int8(out, calibration, mean_label_accuracy, config.max_accuracy_loss)
+    return write_int8(out, calibration, mean_label_accuracy, int8.max_accuracy_loss)
 
 
-def build(config: BuildConfig, out: Path) -> Manifest:
-    """Builds everything `config` asks for into `out`, reusing what an earlier build of it left there."""
+def build(config: BuildConfig, out: Path, data: TrainingData | None = None, resume: bool = False) -> Manifest:
+    """Builds everything `config` asks for into `out`, reusing what an earlier build of it left there (with
+    `resume`, the members' checkpoints too). `data`: what `config` trains on, when the caller has already read it."""
     config_json = config.model_dump(mode="json")
     try:
         existing = load_manifest(out)
@@ -118,10 +145,11 @@ def build(config: BuildConfig, out: Path) -> Manifest:
         pass
     total = Stopwatch.start()
     out.mkdir(parents=True, exist_ok=True)
-    member_paths = _build_members(config, out / MEMBERS_DIR)
+    data = data or training_data(config)
+    member_paths = _build_members(config, out / MEMBERS_DIR, data, resume)
     spec = config.image_spec
-    with timed(f"drawing {config.test_images} held-out images"):
-        test = held_out_set(config.training.image_size, config.test_images)
+    with timed(f"reading {config.test_images} held-out images at most"):
+        test = data.test_set(config.training.size, config.test_images)
         test_inputs = spec.normalise(test.images)
     with timed("fusion and its numeric check"):
         models = [onnx.load(p) for p in member_paths]
@@ -135,7 +163,7 @@ def build(config: BuildConfig, out: Path) -> Manifest:
         check = {IMAGE_INPUT: np.concatenate([random_inputs[IMAGE_INPUT], test_inputs[:32]])}
         ensemble = write_ensemble(out, models, member_paths, fusion, None, check)
     with timed("scoring the members and the ensemble"):
-        log(f"scoring on {config.test_images} held-out images")
+        log(f"scoring on {len(test.presence)} held-out images")
         members = []
         for member, path in zip(config.members, member_paths, strict=True):
             metrics = score_model(path, test, test_inputs)
@@ -153,7 +181,7 @@ def build(config: BuildConfig, out: Path) -> Manifest:
         ensemble_metrics = score_model(out / ensemble.path, test, test_inputs)
         log(f"ensemble: {_describe(ensemble_metrics)}")
     with timed("int8 (calibration, quantisation, scoring)"):
-        int8 = _write_int8(config.int8, out, test, test_inputs)
+        int8 = _write_int8(config, out, test, test_inputs, data)
     manifest = Manifest(
         name=config.name,
         signature=fusion.signature,
@@ -173,7 +201,5 @@ def build(config: BuildConfig, out: Path) -> Manifest:
 
 
 def _describe(metrics: Metrics) -> str:
-    return (
-        f"mean label accuracy {metrics.mean_label_accuracy:.3f}, exact match {metrics.exact_match_accuracy:.3f}, "
-        f"mean IoU {metrics.mean_iou:.3f}"
-    )
+    iou = "" if metrics.mean_iou is None else f", mean IoU {metrics.mean_iou:.3f}"
+    return f"mean label accuracy {metrics.mean_label_accuracy:.3f}, exact match {metrics.exact_match_accuracy:.3f}{iou}"

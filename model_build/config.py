@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ensemble_contract.manifest import ImageSpec, ImageTask
 from model_build.shapes import LABELS
+
+if TYPE_CHECKING:
+    from model_build.folder import LabelledFolder
 
 # Our UNet members' tensors (a user's members keep their own names).
 IMAGE_INPUT = "image"
@@ -18,19 +22,20 @@ MASK_PROBS = "mask_probs"  # [N, 1 + labels, H, W], softmax per pixel; class 0 i
 MAX_ACCURACY_LOSS = 0.01  # one point of mean label accuracy: more, and the build does not ship the int8 graph
 
 
-def image_spec(size: int) -> ImageSpec:
-    """How our members see a picture, and what their outputs mean."""
+def image_spec(size: tuple[int, int], labels: tuple[str, ...] = LABELS, masks: bool = True) -> ImageSpec:
+    """How our members see a picture (height, width), and what their outputs mean: a mask output only for members
+    trained on masks."""
     return ImageSpec(
         input=IMAGE_INPUT,
-        height=size,
-        width=size,
+        height=size[0],
+        width=size[1],
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         task=ImageTask.MULTILABEL,
-        labels=LABELS,
+        labels=labels,
         scores_output=CLASS_PROBS,
-        mask_output=MASK_PROBS,
-        mask_classes=("background", *LABELS),
+        mask_output=MASK_PROBS if masks else None,
+        mask_classes=("background", *labels) if masks else (),
     )
 
 
@@ -39,7 +44,8 @@ class TrainingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image_size: int = Field(64, ge=16, le=512, multiple_of=16)
+    image_size: int = Field(64, ge=16, le=512, multiple_of=16)  # the height, and the width unless image_width
+    image_width: int | None = Field(None, ge=16, le=512, multiple_of=16)
     batch_size: int = Field(16, ge=1, le=256)
     steps: int = Field(1500, ge=4)
     learning_rate: float = Field(3e-3, gt=0)
@@ -47,6 +53,11 @@ class TrainingConfig(BaseModel):
     weight_decay: float = Field(1e-4, ge=0)
     classification_loss_weight: float = Field(2.0, ge=0)
     threads: int = Field(1, ge=1, le=64)
+    validations: int = Field(10, ge=1)  # times the validation set is scored (if the data has one): the best is kept
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image_size, self.image_width or self.image_size
 
 
 class MemberConfig(BaseModel):
@@ -70,11 +81,27 @@ class Int8Config(BaseModel):
     max_accuracy_loss: float = Field(MAX_ACCURACY_LOSS, ge=0, le=1)
 
 
+class FolderData(BaseModel):
+    """A user's folder of labelled images (model_build.folder), as the build recorded it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    sha256: str
+    labels: tuple[str, ...]
+    masks: bool
+
+    @classmethod
+    def of(cls, folder: LabelledFolder) -> FolderData:
+        return cls(path=str(folder.root), sha256=folder.sha256, labels=folder.labels, masks=folder.has_masks)
+
+
 class BuildConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = "shapes-ensemble"
     members: tuple[MemberConfig, ...] = Field(min_length=1)
+    data: FolderData | None = None  # None: the synthetic shapes
     training: TrainingConfig = TrainingConfig()
     test_images: int = Field(500, ge=1)
     int8: Int8Config = Int8Config()
@@ -83,7 +110,9 @@ class BuildConfig(BaseModel):
 
     @property
     def image_spec(self) -> ImageSpec:
-        return image_spec(self.training.image_size)
+        if self.data is None:
+            return image_spec(self.training.size)
+        return image_spec(self.training.size, self.data.labels, self.data.masks)
 
     def seeded(self, first: int | None) -> BuildConfig:
         """The same build with its members seeded `first`, `first` + 1, ... (None: the preset's own seeds): another
@@ -99,6 +128,8 @@ class BuildConfig(BaseModel):
     def member_fingerprint(self, member: MemberConfig) -> str:
         """Changes whenever anything that shapes this member's weights or its export changes."""
         payload = {"member": member.model_dump(), "training": self.training.model_dump(), "opset": self.opset}
+        if self.data is not None:
+            payload["data"] = self.data.model_dump()
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,4 +1,4 @@
-"""Exports a trained member to ONNX: input `image`, outputs class and mask probabilities, dynamic batch axis."""
+"""Exports a trained member to ONNX: input `image`, outputs class (and mask) probabilities, dynamic batch axis."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ from model_build.config import CLASS_PROBS, IMAGE_INPUT, MASK_PROBS
 from model_build.unet import Probabilities, UNet
 
 
-def export_member(unet: UNet, path: Path, image_size: int, opset: int, metadata: dict[str, str]) -> None:
+def export_member(
+    unet: UNet, path: Path, size: tuple[int, int], opset: int, metadata: dict[str, str], with_mask: bool = True
+) -> None:
     """Writes the member to `path` as one self-contained ONNX file carrying `metadata` in its metadata_props."""
-    model = Probabilities(unet).eval()
-    example = torch.zeros(2, 3, image_size, image_size)
+    model = Probabilities(unet, with_mask).eval()
+    example = torch.zeros(2, 3, *size)
     # The exporter reports its progress on stdout and warns of optional packages; the build shows its own.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -29,7 +31,7 @@ def export_member(unet: UNet, path: Path, image_size: int, opset: int, metadata:
             (example,),
             dynamo=True,
             input_names=[IMAGE_INPUT],
-            output_names=[CLASS_PROBS, MASK_PROBS],
+            output_names=[CLASS_PROBS, MASK_PROBS] if with_mask else [CLASS_PROBS],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
             opset_version=opset,
             external_data=False,

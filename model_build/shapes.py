@@ -15,17 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from model_build.data import Batch
+
 LABELS = ("circle", "square", "triangle", "cross")
 SUPERSAMPLING = 4
 MIN_VISIBLE_FRACTION = 0.002
 TEST_SET_SEED = 20_260_000  # training seeds are small integers and never reach it
-
-
-@dataclass(frozen=True)
-class Batch:
-    images: np.ndarray  # uint8 [N, H, W, 3]
-    masks: np.ndarray  # uint8 [N, H, W], class index per pixel
-    presence: np.ndarray  # float32 [N, len(LABELS)]
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -134,3 +129,31 @@ def training_seeds(member_seed: int, step: int, batch_size: int) -> range:
 def held_out_set(size: int, count: int = 500) -> Batch:
     """The held-out set: fixed seeds that training never draws."""
     return make_batch(range(TEST_SET_SEED, TEST_SET_SEED + count), size)
+
+
+@dataclass(frozen=True)
+class ShapesData:
+    """The shapes as a build's TrainingData: square images only, and no validation set (the last weights are
+    kept: with images never seen twice, the last are the best)."""
+
+    labels: tuple[str, ...] = LABELS
+    has_masks: bool = True
+
+    @staticmethod
+    def _side(size: tuple[int, int]) -> int:
+        height, width = size
+        if height != width:
+            raise ValueError(f"the shapes are square; got {height}x{width}")
+        return height
+
+    def training_batch(self, member_seed: int, step: int, batch_size: int, size: tuple[int, int]) -> Batch:
+        return make_batch(training_seeds(member_seed, step, batch_size), self._side(size))
+
+    def validation_set(self, size: tuple[int, int]) -> Batch | None:
+        return None
+
+    def test_set(self, size: tuple[int, int], count: int) -> Batch:
+        return held_out_set(self._side(size), count)
+
+    def calibration_set(self, size: tuple[int, int], count: int) -> Batch:
+        return make_batch(range(count), self._side(size))

@@ -88,14 +88,18 @@ class UNet(nn.Module):
 
 
 class Probabilities(nn.Module):
-    """What is exported: the UNet with its logits turned into probabilities."""
+    """What is exported: the UNet with its logits turned into probabilities (without the mask's when the UNet
+    was trained without masks: its mask head learnt nothing)."""
 
-    def __init__(self, unet: UNet) -> None:
+    def __init__(self, unet: UNet, with_mask: bool = True) -> None:
         super().__init__()
         self.unet = unet
+        self.with_mask = with_mask
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         class_logits, mask_logits = self.unet(image)
+        if not self.with_mask:
+            return (torch.sigmoid(class_logits),)
         return torch.sigmoid(class_logits), torch.softmax(mask_logits, dim=1)
 
 

@@ -81,6 +81,18 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(1)
 
 
+def oom_kills(pid: int) -> int:
+    """The processes the kernel killed for memory in the cgroup of process `pid` (a container's), from the cgroup's
+    own count: cgroup v1's memory.oom_control, v2's memory.events."""
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    v1 = [line.split(":", 2)[2] for line in lines if line.split(":", 2)[1] == "memory"]
+    if v1:
+        counts = Path(f"/sys/fs/cgroup/memory{v1[0]}/memory.oom_control").read_text()
+    else:
+        counts = Path(f"/sys/fs/cgroup{lines[0].split(':', 2)[2]}/memory.events").read_text()
+    return next(int(line.split()[1]) for line in counts.splitlines() if line.startswith("oom_kill "))
+
+
 def ready(url: str, **options: Any) -> bool:
     """Whether the service at `url` answers /readyz with 200 (False while a new container is not listening yet)."""
     try:

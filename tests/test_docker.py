@@ -38,6 +38,7 @@ from tests.dockerhost import (
     docker,
     inspect,
     needs_docker,
+    oom_kills,
     run,
     users_environment,
     wait_until,
@@ -376,8 +377,9 @@ def unexpected(outcome: Outcome, kind: Kind) -> set[int]:
 
 def test_hostile_requests_under_a_memory_limit(image: str) -> None:
     """The worst request of each kind (bench/hostile.py), alone and 16 at once, against the image in a real
-    cgroup memory limit with no swap: refused with the right status, ordinary requests answered throughout, the
-    peak resident memory under the limit, and the container never killed nor restarted."""
+    cgroup memory limit with no swap: refused with the right status, ordinary requests answered throughout, no
+    process of the container killed for memory (the cgroup's own count: each process's peak RSS, printed, counts
+    mapped library files the kernel reclaims under the limit), and the container never restarted."""
     port = free_port()
     limit = str(MEMORY_LIMIT)
     container = docker(
@@ -388,11 +390,12 @@ def test_hostile_requests_under_a_memory_limit(image: str) -> None:
         healthy = [DOCKER, "exec", container, "python", "/srv/deploy/healthcheck.py"]
         wait_until(lambda: run(*healthy).returncode == 0, "the server to be ready")
         target = AttackTarget(f"http://127.0.0.1:{port}", API_KEY, "shapes-test", image_size=32)
-        outcomes, ordinary = storm(target, inspect(container)["State"]["Pid"])
+        pid = inspect(container)["State"]["Pid"]
+        outcomes, ordinary = storm(target, pid)
         for outcome, kind in zip(outcomes, kinds(target), strict=True):
             print(f"{outcome.kind}: peak RSS {outcome.peak_rss_bytes / 2**20:.0f} MiB, {dict(outcome.at_once)}")
             assert not unexpected(outcome, kind), (outcome.kind, outcome.alone, outcome.at_once)
-            assert outcome.peak_rss_bytes < MEMORY_LIMIT, outcome.kind
+        assert oom_kills(pid) == 0
         assert ordinary[0] == 0 and not [status for status in ordinary if status < 0], ordinary
         assert ordinary[200] > 0, ordinary
         state = inspect(container)

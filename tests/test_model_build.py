@@ -20,7 +20,7 @@ from model_build.build import _write_int8, build
 from model_build.config import CLASS_PROBS, IMAGE_INPUT, MASK_PROBS, PRESETS, Int8Config
 from model_build.directory import largest_loss
 from model_build.evaluate import score_model
-from model_build.shapes import LABELS, held_out_set
+from model_build.shapes import LABELS, ShapesData, held_out_set
 
 MEMBERS_CLASS_PROBS = CLASS_PROBS + "_members"
 
@@ -114,7 +114,8 @@ def test_an_int8_graph_that_loses_too_much_is_not_shipped(model_dir: Path, manif
     strict = Int8Config.model_construct(
         enabled=True, calibration_images=4, max_accuracy_loss=-1.0
     )  # any loss is too much
-    int8 = _write_int8(strict, out, test, manifest.image.normalise(test.images))
+    config = PRESETS["test"].model_copy(update={"int8": strict})
+    int8 = _write_int8(config, out, test, manifest.image.normalise(test.images), ShapesData())
     assert int8.file is None and int8.note.startswith("not kept")
     assert not (out / manifest.int8.file.path).exists()
 
