@@ -39,8 +39,9 @@ models:
 	else $(MAKE) --no-print-directory install-build && $(BIN)/python -m model_build build --preset default --out $(MODEL_DIR); fi
 
 ## Installs, builds the default models if missing, starts the service on http://127.0.0.1:8000.
-## The service alone when the models are built, else `models` (torch's CPU build first, then the build extra).
-serve: $(if $(wildcard $(MODEL_DIR)/manifest.json),install-runtime,models)
+## `models` first when they are missing (torch's CPU build, then the build extra), then the service's install
+## (OpenVINO, the second engine, included), whether or not the models were built now.
+serve: $(if $(wildcard $(MODEL_DIR)/manifest.json),,models) install-runtime
 	MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m app
 
 ## Installs everything and runs the linter and the whole test suite.
