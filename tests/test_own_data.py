@@ -169,7 +169,8 @@ def test_the_sweep_on_a_users_images_names_its_pareto_front(
     report = (tmp_path / "sweep.md").read_text()
     assert "trained on `garden` (200 images)" in report and "accuracy on its test split" in report
     closing = next(line for line in report.splitlines() if line.startswith("**On this data and this machine**"))
-    assert "the Pareto front" in closing and "`w2`" in report
+    # Which model is on the front is a matter of timing (quick runs, a noisy machine); that one is named is not.
+    assert re.search(r"the Pareto front \(no other model both faster and more accurate\): `(w2|2xw2)`", closing)
     assert "The fused graph saves of the separate sessions' median time: `2xw2`" in closing, closing
 
 
