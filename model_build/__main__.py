@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ensemble_contract.combine import Rule
 from ensemble_contract.manifest import ImageTask
-from model_build.config import MAX_ACCURACY_LOSS, PRESETS, BuildConfig, FolderData, MemberConfig
+from model_build.config import MAX_ACCURACY_LOSS, PRESETS, BuildConfig, FolderData
 from model_build.directory import log
 from model_build.folder import LabelledFolder, read_folder
 from model_build.fuse import FusionError
@@ -188,9 +188,8 @@ def _build_config(args: argparse.Namespace, folder: LabelledFolder | None) -> Bu
     config = preset.model_dump()
     training = config["training"]
     if args.widths or args.members:
-        widths = args.widths or [2]
-        members = [MemberConfig(width_scale=w, seed=1) for w in widths for _ in range(args.members or 1)]
-        config["members"] = [member.model_dump() | {"seed": i + 1} for i, member in enumerate(members)]
+        widths = [width for width in args.widths or [2] for _ in range(args.members or 1)]
+        config["members"] = [{"width_scale": width, "seed": i + 1} for i, width in enumerate(widths)]
     if args.image_size:
         if folder is None and args.image_size[0] != args.image_size[1]:
             raise ValueError("the synthetic shapes are square: give --image-size N")

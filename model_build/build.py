@@ -67,7 +67,7 @@ def _train_and_export(
     train at once. Returns where its time went, for the build log."""
     spec = config.image_spec
     training_dir = path.parent.parent / TRAINING_DIR
-    training_dir.mkdir(parents=True, exist_ok=True)
+    training_dir.mkdir(parents=True, exist_ok=True)  # the checkpoints' and the curves'
     checkpoint = Checkpoint(training_dir / f"{member.name}.checkpoint.pt", config.member_fingerprint(member))
     trained = train_member(member, config.training, spec, data, progress_position, checkpoint, resume)
     write_curve(training_dir, member.name, trained)
@@ -80,7 +80,7 @@ def _train_and_export(
         "seed": str(member.seed),
         "parameters": str(parameter_count(unet)),
         "fingerprint": config.member_fingerprint(member),
-        "image": config.image_spec.model_dump_json(),
+        "image": spec.model_dump_json(),
     }
     export_member(unet, path, config.training.size, config.opset, metadata, spec.mask_output is not None)
     checkpoint.path.unlink(missing_ok=True)  # the member is built: nothing left to resume
@@ -144,8 +144,8 @@ def build(config: BuildConfig, out: Path, data: TrainingData | None = None, resu
     except ManifestError:
         pass
     total = Stopwatch.start()
+    data = data or training_data(config)  # a folder is checked whole before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    data = data or training_data(config)
     member_paths = _build_members(config, out / MEMBERS_DIR, data, resume)
     spec = config.image_spec
     with timed(f"reading {config.test_images} held-out images at most"):

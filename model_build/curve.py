@@ -12,8 +12,7 @@ from model_build.train import Trained
 
 
 def write_curve(directory: Path, member: str, trained: Trained) -> Path:
-    """Writes the curve's CSV and PNG; the PNG's path."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Writes the curve's CSV and PNG into `directory`; the PNG's path."""
     validation = dict(trained.validation)
     with (directory / f"{member}.csv").open("w", newline="") as rows:
         writer = csv.writer(rows)

@@ -15,8 +15,9 @@ import csv
 import hashlib
 import io
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,13 @@ class LabelledFolder:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_cache": None}
 
-    def indices(self, split: str) -> list[int]:
-        return [i for i, example in enumerate(self.examples) if example.split == split]
+    @cached_property
+    def _splits(self) -> dict[str, tuple[int, ...]]:
+        """Each split's examples, found once: training asks for the train split at every step."""
+        return {split: tuple(i for i, e in enumerate(self.examples) if e.split == split) for split in SPLITS}
+
+    def indices(self, split: str) -> tuple[int, ...]:
+        return self._splits[split]
 
     def counts(self, split: str) -> dict[str, int]:
         """Images per label in a split: what the build reports as the classes' balance."""
@@ -123,7 +129,7 @@ class LabelledFolder:
         with Image.open(self.root / MASKS / mask_name(example.file)) as mask:
             return pixels, np.asarray(mask.resize((width, height), Image.Resampling.NEAREST), np.uint8)
 
-    def batch(self, indices: list[int], size: tuple[int, int]) -> Batch:
+    def batch(self, indices: Sequence[int], size: tuple[int, int]) -> Batch:
         loaded = [self._load(i, size) for i in indices]
         masks = np.stack([mask for _, mask in loaded]) if self.has_masks else None  # type: ignore[misc]
         presence = np.array([self.examples[i].presence for i in indices], np.float32)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ensemble_contract.manifest import ImageSpec
 from model_build.config import MemberConfig, TrainingConfig
 from model_build.data import Batch, TrainingData
+from model_build.evaluate import score
 from model_build.unet import UNet
 
 VALIDATION_BATCH = 64
@@ -35,13 +36,13 @@ def _loss(unet: UNet, batch: Batch, spec: ImageSpec, classification_weight: floa
 
 
 @torch.no_grad()
-def mean_label_accuracy(unet: UNet, batch: Batch, spec: ImageSpec) -> float:
-    """The score the build reports (model_build.evaluate), of the model in training, on a validation set."""
+def mean_label_accuracy(unet: UNet, images: torch.Tensor, truth: Batch) -> float:
+    """The score the build reports (model_build.evaluate.score), of the model in training, on the validation set
+    (`images`: its normalised pictures)."""
     unet.eval()
-    images = _images(batch, spec)
-    logits = torch.cat([unet(chunk)[0] for chunk in images.split(VALIDATION_BATCH)]).numpy()
+    probabilities = torch.cat([torch.sigmoid(unet(chunk)[0]) for chunk in images.split(VALIDATION_BATCH)]).numpy()
     unet.train()
-    return float(((logits >= 0) == (batch.presence >= 0.5)).mean())
+    return score(probabilities, None, truth).mean_label_accuracy
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ def train_member(
         total_steps=training.steps,
         pct_start=max(training.warmup_fraction, 2 / training.steps),
     )
-    validation_set = data.validation_set(training.size)
+    held_out = data.validation_set(training.size)
+    scored_on = None if held_out is None else (_images(held_out, spec), held_out)  # normalised once
     every = max(1, training.steps // training.validations)
     losses: list[float] = []
     validation: list[tuple[int, float]] = []
@@ -141,8 +143,8 @@ def train_member(
         schedule.step()
         losses.append(loss.item())
         last = step == training.steps - 1
-        if validation_set is not None and ((step + 1) % every == 0 or last):
-            validation.append((step, mean_label_accuracy(unet, validation_set, spec)))
+        if scored_on is not None and ((step + 1) % every == 0 or last):
+            validation.append((step, mean_label_accuracy(unet, *scored_on)))
             if best is None or validation[-1][1] > best[0]:
                 best = (validation[-1][1], step, {k: v.detach().clone() for k, v in unet.state_dict().items()})
         if checkpoint is not None and (step + 1) % every == 0 and not last:

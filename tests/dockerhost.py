@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,30 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"gave up waiting for {what}"
         time.sleep(1)
+
+
+@dataclass
+class Published:
+    """Where a compose project of docker-compose.yml publishes its ports on this machine, from the variables in
+    `env` that set them (APP_PORT, APP_GRPC_PORT, PROMETHEUS_PORT, TLS_PORT)."""
+
+    env: dict[str, str]
+
+    @property
+    def app_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['APP_PORT']}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.env['APP_GRPC_PORT']}"
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['PROMETHEUS_PORT']}"
+
+    @property
+    def tls_address(self) -> str:
+        return f"127.0.0.1:{self.env['TLS_PORT']}"
 
 
 def oom_kills(pid: int) -> int:

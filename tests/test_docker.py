@@ -34,6 +34,7 @@ from ensemble_contract.modes import Mode
 from tests.dockerhost import (
     BUILD_TIMEOUT_S,
     DOCKER,
+    Published,
     compose_command,
     docker,
     inspect,
@@ -63,27 +64,10 @@ def image() -> str:
 
 
 @dataclass
-class Stack:
+class Stack(Published):
     """A project of the repo's docker-compose.yml."""
 
     project: str
-    env: dict[str, str]
-
-    @property
-    def app_url(self) -> str:
-        return f"http://127.0.0.1:{self.env['APP_PORT']}"
-
-    @property
-    def grpc_address(self) -> str:
-        return f"127.0.0.1:{self.env['APP_GRPC_PORT']}"
-
-    @property
-    def prometheus_url(self) -> str:
-        return f"http://127.0.0.1:{self.env['PROMETHEUS_PORT']}"
-
-    @property
-    def tls_address(self) -> str:
-        return f"127.0.0.1:{self.env['TLS_PORT']}"
 
     def compose(self, *args: str, check: bool = True) -> str:
         command = [*compose_command(), "--project-name", self.project, "--file", str(REPO / "docker-compose.yml")]

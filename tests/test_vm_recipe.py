@@ -37,7 +37,16 @@ import pytest
 
 from bench.service import free_port
 from ensemble_contract.manifest import load_manifest
-from tests.dockerhost import BUILD_TIMEOUT_S, compose_command, needs_docker, ready, run, users_environment, wait_until
+from tests.dockerhost import (
+    BUILD_TIMEOUT_S,
+    Published,
+    compose_command,
+    needs_docker,
+    ready,
+    run,
+    users_environment,
+    wait_until,
+)
 from tests.support import infer_body
 from tests.third_party import TABULAR_FEATURES
 
@@ -112,24 +121,16 @@ def commands(block: str) -> list[Commands]:
 
 
 @dataclass
-class Reader:
-    """A reader typing the recipe: on the VM (a directory) and on their machine (a checkout)."""
+class Reader(Published):
+    """A reader typing the recipe: on the VM (a directory) and on their machine (a checkout), in the environment
+    `env`, which publishes the stack's ports."""
 
     vm_home: Path
     checkout: Path
-    environment: dict[str, str]
 
     @property
     def vm(self) -> Path:
         return self.vm_home / "onnx-ensemble-serving"
-
-    @property
-    def app_url(self) -> str:
-        return f"http://127.0.0.1:{self.environment['APP_PORT']}"
-
-    @property
-    def tls_url(self) -> str:
-        return f"https://127.0.0.1:{self.environment['TLS_PORT']}"
 
     def type(self, block: list[Commands], **variables: str) -> str:
         """Runs a block's commands as a reader's shell would (stopping at the first that fails); their output."""
@@ -141,7 +142,7 @@ class Reader:
             result = subprocess.run(
                 ["bash", "-e", "-c", STAND_INS + commands.text],
                 cwd=where,
-                env={**self.environment, **variables},
+                env={**self.env, **variables},
                 capture_output=True,
                 text=True,
                 timeout=BUILD_TIMEOUT_S,
@@ -184,7 +185,7 @@ def reader(tmp_path: Path) -> Iterator[Reader]:
         "COMPOSE_PROFILES": "tls",
         **{port: str(free_port()) for port in ports},
     }
-    reader = Reader(tmp_path / "vm", checkout, environment)
+    reader = Reader(env=environment, vm_home=tmp_path / "vm", checkout=checkout)
     try:
         yield reader
     finally:
@@ -232,7 +233,7 @@ def test_the_vm_recipe_runs_as_written(reader: Reader, tabular_dir: Path) -> Non
     trust = ssl.create_default_context(cafile=str(reader.vm / "caddy-root.crt"))
     key = {"Authorization": f"Bearer {settings['API_KEY']}"}
     body = infer_body(np.zeros((2, TABULAR_FEATURES), np.float32), ["label"], input_name="X")
-    with httpx.Client(base_url=reader.tls_url, verify=trust, headers=key, timeout=30) as client:
+    with httpx.Client(base_url=f"https://{reader.tls_address}", verify=trust, headers=key, timeout=30) as client:
         answer = client.post("/v2/models/tabular/infer", json=body)
         assert answer.status_code == 200, answer.text
         assert answer.json()["outputs"][0]["shape"] == [2]
